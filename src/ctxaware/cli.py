@@ -1,0 +1,73 @@
+"""The ``ctxaware`` command: one subcommand per step of the method.
+
+Each subcommand lives in the module that implements it and exposes ``main(argv) -> int``; this file only
+dispatches (one hop) and turns a `CtxawareError` into one line on stderr with exit code 2. ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from ctxaware.errors import CtxawareError
+
+# command -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS = {
+    "demo": ("ctxaware.demo", "run the paper's headline measurements on the default model in a few minutes"),
+    "render": ("ctxaware.chat", "show a conversation's tokens and the role of each token"),
+    "nih": ("ctxaware.nih", "needle-in-a-haystack with and without the chat template"),
+    "attention": ("ctxaware.attention", "attention allocation per role, with vs. without the chat template"),
+    "heads": ("ctxaware.retrieval_heads", "find retrieval heads (paper eq. 3) and save them as JSON"),
+    "eval": ("ctxaware.evaluate", "context-dependent QA, knowledge conflict and MT-Bench evaluation"),
+    "score": ("ctxaware.score", "context-dependency score of every assistant turn of a dataset (eq. 2)"),
+    "select": ("ctxaware.selection", "threshold scores and write the [IND]-marked dataset"),
+    "analyze": ("ctxaware.analyze", "layer agreement and instruction-length analyses of scores"),
+    "train": ("ctxaware.train", "instruction fine-tuning, vanilla or with the indicator"),
+    "experiment": ("ctxaware.experiment", "score -> select -> train -> evaluate, end to end"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: ctxaware [--debug] COMMAND [options]   (ctxaware COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from ctxaware import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ctxaware: unknown command {name!r}; commands are: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except CtxawareError as e:
+        if debug:
+            raise
+        print(f"ctxaware {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctxaware {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Typed dataclass configs from YAML files with CLI overrides (in the spirit of TRL's ``TrlParser``).
+
+Every command has one config dataclass. Each field carries ``metadata={"help": ...}``; its default lives
+in the dataclass and nowhere else. Precedence: dataclass default < ``--config FILE.yaml`` < CLI flags.
+Unknown keys, in YAML or on the command line, are errors that list the valid ones.
+
+CLI conventions: ``--max-new-tokens 50`` (dashes or underscores), lists as ``--lengths 200,1000``,
+booleans as ``--chat`` / ``--no-chat``, ``none`` for an optional value. A field with
+``metadata={"positional": True}`` is a positional argument (a list field takes one or more values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from ctxaware.errors import CtxawareError
+
+T = TypeVar("T")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Coerce a YAML or CLI value to the field type ``tp``."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise CtxawareError(f"{name} must not be empty; give a value of type {getattr(base, '__name__', base)}")
+    origin = get_origin(base)
+    try:
+        if origin is list:
+            (item_tp,) = get_args(base) or (str,)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            return [_convert(v, item_tp, name) for v in value]
+        if origin is Literal:
+            choices = get_args(base)
+            if value not in choices:
+                raise CtxawareError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+            return value
+        if origin is dict or base is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping")
+            return value
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if base in (int, float, str):
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return base(value)
+        if base is Any:
+            return value
+    except CtxawareError:
+        raise
+    except (TypeError, ValueError, json.JSONDecodeError) as e:
+        raise CtxawareError(f"{name}={value!r} is not a valid {getattr(base, '__name__', base)} ({e})") from None
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser whose options are the fields of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description or (cls.__doc__ or "").strip().split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML file with values for any of the options below", default=None)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        if f.metadata.get("positional"):
+            nargs = "+" if get_origin(tp) is list else None
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                nargs = "*" if get_origin(tp) is list else "?"
+            parser.add_argument(f.name, nargs=nargs, help=help_)
+            continue
+        names = [_flag(f.name)]
+        if "-" in names[0][2:]:
+            names.append("--" + f.name)
+        if tp is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=f"{help_} (default: {default})")
+        else:
+            choices = get_args(tp) if get_origin(tp) is Literal else None
+            parser.add_argument(*names, dest=f.name, choices=choices, help=f"{help_} (default: {default})")
+    return parser
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CtxawareError(f"config file {p} does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CtxawareError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CtxawareError(f"config file {p} must hold a mapping of option names to values")
+    return data
+
+
+def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Build ``cls`` from a mapping, converting types; unknown keys are an error listing the valid ones."""
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in dataclasses.fields(cls) if f.init}
+    norm = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(norm) - valid)
+    if unknown:
+        raise CtxawareError(
+            f"unknown option(s) {', '.join(unknown)} in {source}; valid options are: {', '.join(sorted(valid))}"
+        )
+    kwargs = {k: _convert(v, hints[k], k) for k, v in norm.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise CtxawareError(f"{source}: {e}") from None
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, prog: str = "ctxaware") -> T:
+    """Parse ``argv`` into ``cls``: dataclass defaults, then ``--config`` YAML, then CLI flags."""
+    parser = build_parser(cls, prog)
+    try:
+        ns, extra = parser.parse_known_args(argv)
+    except SystemExit as e:
+        raise SystemExit(2 if e.code else 0) from None
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    cli = vars(ns)
+    config_path = cli.pop("config", None)
+    values: dict[str, Any] = load_yaml(config_path) if config_path else {}
+    values.update(cli)
+    return from_dict(cls, values, source=config_path or "command line")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-able dict of a config, for result metadata and fingerprints."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Options every command that loads a model shares (fields are inherited by each command's config).
+
+    Parameters:
+        model: built-in name (``default`` = smollm2-135m-instruct, ``gemma3-270m``), a ``.gguf`` file, a saved
+            model directory or a hub id.
+        revision: hub branch, tag or commit, for intermediate checkpoints.
+        dtype: ``auto`` (float32 on CPU, bfloat16 on capable GPUs), ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        attn_implementation: ``sdpa``, ``eager``, ``flex_attention`` or ``flash_attention_2``.
+        trust_remote_code: run modelling code from the hub repository (off unless you trust it).
+    """
+
+    model: str = dataclasses.field(default="default", metadata={"help": "built-in name, .gguf file, model directory or hub id"})
+    revision: str | None = dataclasses.field(default=None, metadata={"help": "hub branch, tag or commit"})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    attn_implementation: str = dataclasses.field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention"})
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": "run model code from the hub"})
+
+    def load(self, model: str | None = None):
+        """``(model, tokenizer)`` for ``model`` (default: this config's ``model``)."""
+        from ctxaware.models import load_model
+
+        return load_model(
+            model or self.model,
+            revision=self.revision,
+            dtype=self.dtype,
+            device=self.device,
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+        )
