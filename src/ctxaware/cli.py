@@ -32,7 +32,11 @@ COMMANDS = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: ctxaware [--debug] COMMAND [options]   (ctxaware COMMAND --help for its options)", "", "commands:"]
+    lines = [
+        "usage: ctxaware [--debug] COMMAND [options]   (ctxaware COMMAND --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -56,7 +56,9 @@ def show_generation(model, tok) -> None:
     _section("2. answer through the shared generation engine (greedy)")
     msgs = user_prompt(f"{DEMO_CONTEXT}\n{DEMO_QUESTION}")
     prompts = [render(msgs, tok, "chat"), render(msgs, tok, "plain", response_prefix="Answer:")]
-    for name, g in zip(("chat", "plain + 'Answer:'"), generate(model, tok, prompts, max_new_tokens=24, progress=False)):
+    for name, g in zip(
+        ("chat", "plain + 'Answer:'"), generate(model, tok, prompts, max_new_tokens=24, progress=False)
+    ):
         print(f"[{name}] {g.text.strip()!r}  ({len(g.token_ids)} tokens, {g.stop_reason})")
 
 
@@ -65,8 +67,10 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     print(f"ctxaware demo: loading {cfg.model} ...")
     model, tok = cfg.load()
-    print(f"loaded {model.name_or_path} ({model.config.num_hidden_layers} layers, "
-          f"{model.config.num_attention_heads} heads) on {model.device} in {time.time() - t0:.1f}s")
+    print(
+        f"loaded {model.name_or_path} ({model.config.num_hidden_layers} layers, "
+        f"{model.config.num_attention_heads} heads) on {model.device} in {time.time() - t0:.1f}s"
+    )
     show_rendering(model, tok)
     show_generation(model, tok)
     print(f"\ndone in {time.time() - t0:.0f}s")

@@ -89,7 +89,9 @@ class ResultsWriter:
             old = json.loads(meta_path.read_text())
             if old.get("fingerprint") != self.fingerprint:
                 changed = sorted(
-                    k for k in set(old.get("config", {})) | set(config) if old.get("config", {}).get(k) != config.get(k)
+                    k
+                    for k in set(old.get("config", {})) | set(config)
+                    if old.get("config", {}).get(k) != config.get(k)
                 )
                 raise CtxawareError(
                     f"{self.dir} holds results of a different configuration (differs in: {', '.join(changed) or '?'}); "
@@ -120,7 +122,9 @@ class ResultsWriter:
         try:
             return tuple(json.dumps(row[k], sort_keys=True) for k in self.key_fields)
         except KeyError as e:
-            raise CtxawareError(f"result row lacks key field {e}; rows need {', '.join(self.key_fields)}") from None
+            raise CtxawareError(
+                f"result row lacks key field {e}; rows need {', '.join(self.key_fields)}"
+            ) from None
 
     def done(self, row_or_key: dict) -> bool:
         return self.key(row_or_key) in self._done

@@ -1,0 +1,307 @@
+"""Reach into the attention function: per-head logit biases, role-reduced attention rows, early stop.
+
+This is the one mechanism under attention allocation (paper Fig. 3-4), retrieval heads (eq. 3), steering
+(eq. 1) and the context-dependency score (eq. 2). It never needs ``output_attentions=True`` or eager
+attention on every layer:
+
+* Transformers calls ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v, mask, ...)``
+  inside every attention module with post-RoPE queries and keys. `intercepted(model, ...)` registers one
+  wrapper per base implementation (``ctxaware+sdpa``, ``ctxaware+eager``, ``ctxaware+flex_attention``),
+  points the model's config at it for the duration of the ``with`` block and restores it in ``finally``.
+  Layers without work pass straight through to the base function.
+* **Bias** (steering): a `BiasFn` returns, for a layer, the heads to bias and an additive logit bias of
+  shape (B, h, 1, K). Only those heads are recomputed with a float mask; the others keep the fast path.
+  On FlexAttention the bias goes in as a ``score_mod`` term (transformers' ``position_bias``).
+* **Capture**: for chosen layers, softmax rows of chosen query positions only, reduced at once against
+  key groups (e.g. one-hot roles): ``probs (B, H, r, K) @ groups (B, K, G) -> (B, H, r, G)``, in chunks of
+  rows, so memory is O(rows_chunk x K) per layer, linear in the sequence length.
+* **Early stop**: after the deepest captured layer the wrapper raises `StopForward`, so later layers (and
+  the LM head) never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from ctxaware.errors import CtxawareError
+
+PREFIX = "ctxaware+"
+SUPPORTED = ("sdpa", "eager", "flex_attention")
+
+# (layer_idx, query (B,H,Q,d), key (B,Hkv,K,d)) -> (heads, bias (B, len(heads), 1|Q, K)) or None
+BiasFn = Callable[[int, torch.Tensor, torch.Tensor], "tuple[list[int], torch.Tensor] | None"]
+
+
+class StopForward(Exception):
+    """Raised inside the forward pass once every captured layer is done."""
+
+
+@dataclass
+class Capture:
+    """What to capture: ``rows`` (B, R) query indices (``-1`` = padding row), ``groups`` (B, K, G) key groups.
+
+    After the forward pass ``results[layer]`` is a (B, H, R, G) float32 tensor of attention mass per group.
+    """
+
+    layers: list[int]
+    rows: torch.Tensor
+    groups: torch.Tensor
+    chunk: int = 256
+    stop_early: bool = True
+    results: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    base: str
+    bias: BiasFn | None
+    capture: Capture | None
+    fired: set[int] = field(default_factory=set)
+    biased: set[int] = field(default_factory=set)
+
+
+class _GroupedProxy:
+    """The attention module as seen by the base function when K/V are already expanded to query heads."""
+
+    def __init__(self, module) -> None:
+        self._m = module
+        self.num_key_value_groups = 1
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, K, d) -> (B, Hkv * n_rep, K, d): the key of every query head."""
+    if n_rep == 1:
+        return x
+    b, h, k, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, k, d).reshape(b, h * n_rep, k, d)
+
+
+def additive_mask(
+    mask, query: torch.Tensor, key: torch.Tensor, sliding_window: int | None = None
+) -> torch.Tensor:
+    """The layer's mask as a float additive mask (B|1, 1, Q, K); a ``None`` mask means causal (+window)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    neg = torch.finfo(torch.float32).min
+    if mask is None:
+        qpos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]  # absolute query positions
+        kpos = torch.arange(k_len, device=query.device)[None, :]
+        allowed = kpos <= qpos
+        if sliding_window:
+            allowed &= kpos > qpos - sliding_window
+        return torch.where(allowed, 0.0, neg)[None, None]
+    if not isinstance(mask, torch.Tensor):
+        raise CtxawareError(
+            "attention capture needs sdpa or eager attention; load the model with --attn-implementation sdpa"
+        )
+    mask = mask[:, :, :, :k_len]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, neg)
+    return mask.float().clamp(min=neg)
+
+
+def _module_eager(module) -> Callable:
+    """The model family's own eager attention function (some handle sinks or soft-capping)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def _base_fn(base: str, module) -> Callable:
+    return _module_eager(module) if base == "eager" else AttentionInterface._global_mapping[base]
+
+
+def _capture_rows(cap: Capture, module, query, key, mask, bias, kwargs) -> None:
+    """Softmax rows for ``cap.rows`` at this layer, reduced against ``cap.groups``; shape (B, H, R, G)."""
+    layer = module.layer_idx
+    keys = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, K, d)
+    full = additive_mask(mask, query, key, kwargs.get("sliding_window"))  # (B|1, 1, Q, K)
+    scaling = kwargs.get("scaling") or module.head_dim**-0.5
+    softcap = kwargs.get("softcap")
+    B, H, R = query.shape[0], query.shape[1], cap.rows.shape[1]
+    groups = cap.groups.to(query.device, torch.float32)  # (B, K, G)
+    out = torch.zeros(B, H, R, groups.shape[-1], dtype=torch.float32, device=query.device)
+    for a in range(0, R, cap.chunk):
+        rows = cap.rows[:, a : a + cap.chunk].to(query.device)  # (B, r)
+        safe = rows.clamp(min=0)
+        q = torch.gather(
+            query, 2, safe[:, None, :, None].expand(B, H, -1, query.shape[-1])
+        ).float()  # (B, H, r, d)
+        logits = (q @ keys.transpose(-1, -2)) * scaling  # (B, H, r, K)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        m = full.expand(B, -1, -1, -1)
+        logits = logits + torch.gather(m, 2, safe[:, None, :, None].expand(B, 1, -1, m.shape[-1]))
+        if bias is not None:
+            heads, b = bias
+            b = (
+                b.float().expand(B, len(heads), 1, -1)
+                if b.shape[2] == 1
+                else torch.gather(b.float(), 2, safe[:, None, :, None].expand(B, len(heads), -1, b.shape[-1]))
+            )
+            logits[:, heads] = logits[:, heads] + b
+        probs = torch.softmax(logits, dim=-1)  # (B, H, r, K)
+        red = probs @ groups[:, None]  # (B, H, r, G)
+        out[:, :, a : a + rows.shape[1]] = red * (rows >= 0)[:, None, :, None]
+    cap.results[layer] = out
+
+
+def _biased_call(base: str, fn, module, query, key, value, mask, heads, bias, kwargs):
+    """Run the base attention with ``bias`` on ``heads`` only; the other heads keep the unbiased path."""
+    H = query.shape[1]
+    keys, values = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // value.shape[1])
+    proxy = _GroupedProxy(module)
+    idx = torch.tensor(heads, device=query.device)
+    q_s, k_s, v_s = query[:, idx], keys[:, idx], values[:, idx]
+    if base == "flex_attention":
+        pb = bias.expand(query.shape[0], len(heads), query.shape[2], key.shape[2])  # a view: no copy
+        out_s, _ = fn(proxy, q_s, k_s, v_s, mask, position_bias=pb, **kwargs)
+    else:
+        m = additive_mask(mask, query, key, kwargs.get("sliding_window")) + bias.float()  # (B, h, Q|1→Q, K)
+        m = m.to(query.dtype) if query.dtype != torch.float32 else m
+        kw = {k: v for k, v in kwargs.items() if k != "is_causal"}
+        out_s, _ = fn(proxy, q_s, k_s, v_s, m, is_causal=False, **kw)
+    if len(heads) == H:
+        return out_s, None
+    rest = [h for h in range(H) if h not in set(heads)]
+    ridx = torch.tensor(rest, device=query.device)
+    out_r, _ = fn(proxy, query[:, ridx], keys[:, ridx], values[:, ridx], mask, **kwargs)
+    out = torch.empty(
+        *out_s.shape[:2], H, out_s.shape[-1], dtype=out_s.dtype, device=out_s.device
+    )  # (B, Q, H, d)
+    out[:, :, idx], out[:, :, ridx] = out_s, out_r
+    return out, None
+
+
+def _make_wrapper(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        st: _State | None = getattr(module, "_ctxaware_state", None)
+        fn = _base_fn(base, module)
+        if st is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        layer = module.layer_idx
+        st.fired.add(layer)
+        bias = st.bias(layer, query, key) if st.bias is not None else None
+        cap = st.capture
+        if cap is not None and layer in cap.layers:
+            _capture_rows(cap, module, query, key, attention_mask, bias, kwargs)
+            if cap.stop_early and layer == max(cap.layers):
+                raise StopForward
+        if bias is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        st.biased.add(layer)
+        heads, b = bias
+        return _biased_call(base, fn, module, query, key, value, attention_mask, heads, b, kwargs)
+
+    return attention
+
+
+for _base in SUPPORTED:
+    AttentionInterface.register(PREFIX + _base, _make_wrapper(_base))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PREFIX + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder, in layer order (each has ``layer_idx``)."""
+    mods = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "head_dim") and hasattr(m, "q_proj")
+    ]
+    if not mods:
+        raise CtxawareError(
+            f"cannot find attention modules with layer_idx in {type(model).__name__}; ctxaware supports "
+            "decoder models whose attention calls transformers' AttentionInterface (Llama, Qwen, Mistral, Gemma, ...)"
+        )
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _configs(model) -> list:
+    seen, out = set(), []
+    for m in [model, *model.modules()]:
+        cfg = getattr(m, "config", None)
+        if cfg is not None and id(cfg) not in seen and hasattr(cfg, "_attn_implementation"):
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+@contextlib.contextmanager
+def intercepted(model, *, bias: BiasFn | None = None, capture: Capture | None = None) -> Iterator[_State]:
+    """Route the model's attention through ctxaware's wrapper for the duration of the block."""
+    impl = model.config._attn_implementation
+    base = impl[len(PREFIX) :] if impl.startswith(PREFIX) else impl
+    if base not in SUPPORTED:
+        raise CtxawareError(
+            f"attention implementation {impl!r} cannot be intercepted; load the model with "
+            f"--attn-implementation one of {', '.join(SUPPORTED)}"
+        )
+    mods = attention_modules(model)
+    if any(getattr(m, "_ctxaware_state", None) is not None for m in mods):
+        raise CtxawareError(
+            "this model is already intercepted (nested steer/capture); combine them in one block"
+        )
+    state = _State(base, bias, capture)
+    configs = _configs(model)
+    old = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = PREFIX + base
+        for m in mods:
+            m._ctxaware_state = state
+        yield state
+    finally:
+        for m in mods:
+            m._ctxaware_state = None
+        for c, o in zip(configs, old):
+            c._attn_implementation = o
+
+
+def decoder(model):
+    """The decoder stack without the LM head (``model.model`` for *ForCausalLM), for capture-only passes."""
+    return getattr(model, "model", model)
+
+
+@torch.inference_mode()
+def capture_attention(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers: list[int],
+    rows: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    bias: BiasFn | None = None,
+    chunk: int = 256,
+) -> dict[int, torch.Tensor]:
+    """Attention mass of query ``rows`` on key ``groups`` at ``layers``: ``{layer: (B, H, R, G)}``.
+
+    Runs the decoder only up to ``max(layers)`` (no LM head, no KV cache). ``rows`` (B, R) indexes the
+    sequence (``-1`` marks a padding row whose result is zero); ``groups`` (B, T, G) assigns keys to groups.
+    """
+    n = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else None
+    for layer in layers:
+        if layer < 0 or (n is not None and layer >= n):
+            raise CtxawareError(f"layer {layer} does not exist; the model has layers 0..{(n or 1) - 1}")
+    cap = Capture(sorted(set(layers)), rows, groups, chunk=chunk)
+    with intercepted(model, bias=bias, capture=cap):
+        try:
+            decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    missing = [layer for layer in cap.layers if layer not in cap.results]
+    if missing:
+        raise CtxawareError(
+            f"attention capture never reached layers {missing}; the model's attention was not hooked"
+        )
+    return cap.results
