@@ -80,7 +80,7 @@ def resolve_model(spec: str) -> ModelSource:
         if not (p / "config.json").is_file():
             raise CtxawareError(f"{spec} is a directory without config.json; point to a saved Hugging Face model")
         return ModelSource(spec, "local", str(p), p.name)
-    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise CtxawareError(
             f"unknown model {spec!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, "
             "a model directory or a hub id like org/name"

@@ -1,0 +1,74 @@
+"""Model loading (GGUF safetensors cache, specs, errors), the indicator token and the CLI's error contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ctxaware.errors import CtxawareError
+from ctxaware.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
+from ctxaware.models import _gguf_cache_dir, _smollm2_gguf, load_model, resolve_model
+
+
+def test_gguf_cache_is_fast_and_identical(smollm2):
+    model, tok = smollm2  # the fixture loaded it once, so the safetensors cache exists now
+    assert (_gguf_cache_dir(_smollm2_gguf()) / "model.safetensors").is_file()
+    t0 = time.time()
+    again, _ = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+    assert time.time() - t0 < 10  # measured ~3 s on 2 cores vs ~25 s for the GGUF dequantisation
+    ids = torch.tensor([tok("The capital of France is").input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_greedy_is_forced(smollm2):
+    model, _ = smollm2
+    assert model.generation_config.do_sample is False
+
+
+@pytest.mark.parametrize("spec", ["no-such-model", "./missing/dir", "/tmp/none.gguf"])
+def test_unknown_model_specs(spec):
+    with pytest.raises(CtxawareError):
+        resolve_model(spec)
+
+
+def test_hub_ids_resolve_without_network():
+    src = resolve_model("TinyLlama/TinyLlama_v1.1")
+    assert src.kind == "hub" and src.name == "TinyLlama_v1.1"
+
+
+def test_indicator_token_mean_init_and_idempotent(smollm2_tok):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = False
+    tok = smollm2_tok
+    before = len(tok)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    tid = add_indicator_token(model, tok)
+    assert tok.convert_tokens_to_ids(DEFAULT_INDICATOR) == tid
+    assert torch.allclose(model.get_input_embeddings().weight[tid], emb.mean(0), atol=1e-6)
+    assert tok("a [IND]", add_special_tokens=False).input_ids[-1] == tid
+    size = model.get_input_embeddings().weight.shape[0]
+    assert add_indicator_token(model, tok) == tid
+    assert model.get_input_embeddings().weight.shape[0] == size
+    assert len(tok) == before + (0 if before > tid else 1)
+
+
+def test_append_indicator_idempotent():
+    assert append_indicator("What is X?") == "What is X? [IND]"
+    assert append_indicator("What is X? [IND]") == "What is X? [IND]"
+
+
+def test_cli_errors_are_one_line_exit_2():
+    p = subprocess.run(
+        [sys.executable, "-m", "ctxaware.cli", "render", "--model", "no-such-model"], capture_output=True, text=True
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "unknown model" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "ctxaware.cli", "render", "--bogus", "1"], capture_output=True, text=True)
+    assert p.returncode == 2
