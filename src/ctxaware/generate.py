@@ -8,19 +8,31 @@ Greedy means greedy: the call passes its own `GenerationConfig`, so a checkpoint
 
 ``batch_context`` is the seam for interventions: a callable ``(batch) -> context manager`` entered around
 each batch's ``model.generate``; attention steering uses it to install its per-batch emphasis mask.
+
+``prefix_cache=True`` reuses computation between prompts that share a prefix (NIH, paper App. A.2: all
+400 tests cut the same haystack from the same start). Prompts are sorted lexicographically, which is a
+depth-first walk of their prefix trie; one batch-1 KV cache follows that walk, cropped back to the common
+prefix with the previous prompt and extended by the rest, so every distinct prefix is prefilled once.
+Each prompt's cache (all tokens but the last) is snapshotted, the snapshots of a batch are left-padded and
+stacked, and ``model.generate`` decodes the batch from them: same greedy decoding, a fraction of the
+prefill. ``callback(indices, generations)`` is called after every batch, so callers can write results as
+they go.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ctxaware.chat import Rendered
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,7 +64,9 @@ class _StopOnStrings(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = []
         for row in input_ids[:, self.prompt_len :]:
-            text = self.tokenizer.decode(row[-16:], skip_special_tokens=True)  # stops are short: the tail suffices
+            text = self.tokenizer.decode(
+                row[-16:], skip_special_tokens=True
+            )  # stops are short: the tail suffices
             done.append(any(s in text for s in self.stops))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -95,6 +109,69 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixChain:
+    """A batch-1 KV cache that walks the prefix trie of lexicographically sorted prompts.
+
+    ``advance(ids)`` crops the cache back to the longest common prefix with the previous prompt and
+    prefills only the rest; ``computed`` counts the tokens actually prefilled.
+    """
+
+    def __init__(self, model) -> None:
+        self.model, self.cache, self.ids, self.computed = model, DynamicCache(), [], 0
+        self.device = next(model.parameters()).device
+
+    def advance(self, target: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Make the cache hold exactly ``target``; return its (keys, values) per layer, each (1, H, T, D)."""
+        c = _common_prefix(self.ids, target)
+        if c < len(self.ids):
+            self.cache.crop(c - len(self.ids))  # negative: drop that many tokens (views, never in place)
+        if len(target) > c:
+            new = torch.tensor([list(target[c:])], dtype=torch.long, device=self.device)  # (1, m)
+            pos = torch.arange(c, len(target), device=self.device)[None]  # (1, m)
+            self.model(
+                input_ids=new, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            )
+            self.computed += len(target) - c
+        self.ids = list(target)
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def batch_cache(self, seqs: Sequence[Sequence[int]], width: int) -> DynamicCache:
+        """Left-padded cache of every prompt but its last token: shape (B, H, width - 1, D) per layer."""
+        snaps = [self.advance(s[:-1]) for s in seqs]
+        T, layers = width - 1, []
+        for li in range(len(snaps[0])):
+            k0, v0 = snaps[0][li]
+            K = k0.new_zeros((len(seqs), k0.shape[1], T, k0.shape[3]))  # (B, H, T, Dk)
+            V = v0.new_zeros((len(seqs), v0.shape[1], T, v0.shape[3]))  # (B, H, T, Dv)
+            for r, snap in enumerate(snaps):
+                k, v = snap[li]
+                K[r, :, T - k.shape[2] :] = k[0]
+                V[r, :, T - v.shape[2] :] = v[0]
+            layers.append((K, V))
+        return DynamicCache(ddp_cache_data=layers)
+
+
+def _finish(row: list[int], n_prompt: int, tokenizer, stop: Sequence[str], eos_ids: set) -> Generation:
+    new: list[int] = []
+    reason = "length"
+    for t in row:
+        if t in eos_ids:
+            reason = "eos"
+            break
+        new.append(t)
+    text, stopped = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+    return Generation(text, new, n_prompt, "stop" if stopped else reason)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -107,48 +184,71 @@ def generate(
     batch_context: Callable[[Batch], contextlib.AbstractContextManager] | None = None,
     progress: bool = True,
     desc: str = "generating",
+    prefix_cache: bool = False,
+    callback: Callable[[list[int], list[Generation]], None] | None = None,
+    stats: dict | None = None,
 ) -> list[Generation]:
     """Greedy continuations of ``prompts`` (in input order).
 
     Prompts are sorted by length into batches of ``batch_size`` to waste little padding; ``stop`` strings
-    end a row early and are cut from its text.
+    end a row early and are cut from its text. ``prefix_cache`` sorts them lexicographically instead and
+    prefills shared prefixes once (see the module docstring; it is off under ``batch_context``, whose
+    interventions expect whole-prompt forwards). ``callback(indices, generations)`` runs after each batch;
+    ``stats`` (a dict), when given, receives ``prompt_tokens`` and ``prefill_tokens``.
     """
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: -len(_ids(prompts[i])))
+    seqs = [_ids(p) for p in prompts]
+    use_prefix = prefix_cache and batch_context is None and all(len(s) >= 2 for s in seqs)
+    if prefix_cache and not use_prefix:
+        logger.info(
+            "prefix reuse is off for this call (batch_context given or a prompt shorter than 2 tokens)"
+        )
+    if use_prefix:
+        order = sorted(range(len(seqs)), key=seqs.__getitem__)  # a depth-first walk of the prefix trie
+    else:
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    chain = PrefixChain(model) if use_prefix else None
     out: list[Generation | None] = [None] * len(prompts)
     cfg = greedy_config(model, tokenizer, max_new_tokens)
     eos_ids = set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id])
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        seqs = [_ids(prompts[i]) for i in idx]
-        ids, mask = left_pad(seqs, cfg.pad_token_id, device)
+        ids, mask = left_pad([seqs[i] for i in idx], cfg.pad_token_id, device)
         criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, ids.shape[1])]) if stop else None
-        ctx = batch_context(Batch(ids, mask, [prompts[i] for i in idx], idx)) if batch_context else contextlib.nullcontext()
+        extra = {"past_key_values": chain.batch_cache([seqs[i] for i in idx], ids.shape[1])} if chain else {}
+        ctx = (
+            batch_context(Batch(ids, mask, [prompts[i] for i in idx], idx))
+            if batch_context
+            else contextlib.nullcontext()
+        )
         with ctx:
             seq = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=criteria
+                input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=criteria, **extra
             )
-        for row, i in zip(seq[:, ids.shape[1] :].tolist(), idx):
-            new: list[int] = []
-            reason = "length"
-            for t in row:
-                if t in eos_ids:
-                    reason = "eos"
-                    break
-                new.append(t)
-            text, stopped = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
-            if stopped:
-                reason = "stop"
-            out[i] = Generation(text, new, len(_ids(prompts[i])), reason)
+        gens = [
+            _finish(row, len(seqs[i]), tokenizer, stop, eos_ids)
+            for row, i in zip(seq[:, ids.shape[1] :].tolist(), idx)
+        ]
+        for i, g in zip(idx, gens):
+            out[i] = g
+        if callback is not None:
+            callback(list(idx), gens)
         bar.update(len(idx))
     bar.close()
+    if stats is not None:
+        total = sum(map(len, seqs))
+        stats.update(prompt_tokens=total, prefill_tokens=chain.computed + len(seqs) if chain else total)
     return out  # type: ignore[return-value]
 
 
 @torch.inference_mode()
 def continuation_logprobs(
-    model, tokenizer, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], batch_size: int = 8
+    model,
+    tokenizer,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    batch_size: int = 8,
 ) -> list[float]:
     """Sum of log-probabilities of each continuation given its context (for multiple-choice scoring)."""
     device = next(model.parameters()).device
@@ -158,7 +258,9 @@ def continuation_logprobs(
         ctx, cont = contexts[start : start + batch_size], continuations[start : start + batch_size]
         full = [list(a) + list(b) for a, b in zip(ctx, cont)]
         ids, mask = left_pad(full, pad, device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # (B, T, V)
+        logp = torch.log_softmax(
+            model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1
+        )  # (B, T, V)
         T = ids.shape[1]
         for r, c in enumerate(cont):
             pos = torch.arange(T - len(c), T, device=device)  # positions of the continuation tokens

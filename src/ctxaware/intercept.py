@@ -157,30 +157,26 @@ def _capture_rows(cap: Capture, module, query, key, mask, bias, kwargs) -> None:
 
 
 def _biased_call(base: str, fn, module, query, key, value, mask, heads, bias, kwargs):
-    """Run the base attention with ``bias`` on ``heads`` only; the other heads keep the unbiased path."""
-    H = query.shape[1]
-    keys, values = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // value.shape[1])
-    proxy = _GroupedProxy(module)
+    """Run the base attention, then recompute ``heads`` with ``bias`` added to their logits.
+
+    The unbiased call keeps the model's fast path (GQA-native, ``is_causal``); only the biased heads pay
+    for an explicit float mask, and they read their own KV heads (``head // n_rep``) without repeating all.
+    """
+    out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
+    n_rep = query.shape[1] // key.shape[1]
     idx = torch.tensor(heads, device=query.device)
-    q_s, k_s, v_s = query[:, idx], keys[:, idx], values[:, idx]
+    q_s, k_s, v_s = query[:, idx], key[:, idx // n_rep], value[:, idx // n_rep]  # (B, h, Q|K, d)
+    proxy = _GroupedProxy(module)
     if base == "flex_attention":
         pb = bias.expand(query.shape[0], len(heads), query.shape[2], key.shape[2])  # a view: no copy
         out_s, _ = fn(proxy, q_s, k_s, v_s, mask, position_bias=pb, **kwargs)
     else:
-        m = additive_mask(mask, query, key, kwargs.get("sliding_window")) + bias.float()  # (B, h, Q|1→Q, K)
-        m = m.to(query.dtype) if query.dtype != torch.float32 else m
+        m = additive_mask(mask, query, key, kwargs.get("sliding_window")) + bias.float()  # (B, h, Q, K)
+        if query.dtype != torch.float32:  # fp16 would turn float32's min into -inf (NaN on masked rows)
+            m = m.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         kw = {k: v for k, v in kwargs.items() if k != "is_causal"}
-        out_s, _ = fn(proxy, q_s, k_s, v_s, m, is_causal=False, **kw)
-    if len(heads) == H:
-        return out_s, None
-    rest = [h for h in range(H) if h not in set(heads)]
-    ridx = torch.tensor(rest, device=query.device)
-    out_r, _ = fn(proxy, query[:, ridx], keys[:, ridx], values[:, ridx], mask, **kwargs)
-    out = torch.empty(
-        *out_s.shape[:2], H, out_s.shape[-1], dtype=out_s.dtype, device=out_s.device
-    )  # (B, Q, H, d)
-    out[:, :, idx], out[:, :, ridx] = out_s, out_r
-    return out, None
+        out_s, _ = fn(proxy, q_s, k_s, v_s, m, is_causal=False, **kw)  # (B, Q, h, d)
+    return out.index_copy(2, idx, out_s.to(out.dtype)), None  # out of place: autograd may have saved ``out``
 
 
 def _make_wrapper(base: str) -> Callable:
@@ -294,9 +290,12 @@ def capture_attention(
         if layer < 0 or (n is not None and layer >= n):
             raise CtxawareError(f"layer {layer} does not exist; the model has layers 0..{(n or 1) - 1}")
     cap = Capture(sorted(set(layers)), rows, groups, chunk=chunk)
+    pos = None
+    if attention_mask is not None:  # left padding: positions count real tokens only, as in generate()
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     with intercepted(model, bias=bias, capture=cap):
         try:
-            decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
         except StopForward:
             pass
     missing = [layer for layer in cap.layers if layer not in cap.results]

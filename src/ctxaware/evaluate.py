@@ -1,0 +1,386 @@
+"""``ctxaware eval TASK...``: context-dependent QA, knowledge conflict and MT-Bench (paper Sec. 4.1.3, Table 4).
+
+For every model (or ``checkpoint-*`` directory) x condition (chat template on/off, ``[IND]`` on/off) x task:
+render the task's prompt with `chat.render`, generate greedily with `generate.generate` (100 new tokens,
+cut at the end of the first complete sentence, App. A.3), score with `metrics`, write one JSONL row per
+example through `results.ResultsWriter` (rerun = resume) and a Table-4-style summary (Markdown + JSON).
+
+Plain mode (no chat template) ends the prompt with the response prefix ``Answer:``: without any prefix
+SmolLM2-135M-Instruct emits EOS at once and every score would be zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from ctxaware.chat import render
+from ctxaware.config import ModelConfig, parse_config
+from ctxaware.errors import CtxawareError
+from ctxaware.generate import continuation_logprobs, generate
+from ctxaware.indicator import append_indicator
+from ctxaware.metrics import METRICS_BY_KIND, aggregate, conflict_scores, first_sentence, qa_scores
+from ctxaware.results import ResultsWriter, SkipCounter, write_json_atomic
+from ctxaware.stats import fmt
+from ctxaware.tasks import Example, Task, default_data_dir, get_task, load_examples, sample
+
+STOPS = (". ", ".\n", "? ", "?\n", "! ", "!\n")  # end of the first sentence (generation stops early)
+
+
+@dataclasses.dataclass
+class EvalConfig(ModelConfig):
+    """Evaluate context awareness (SQuAD, QuAC, DROP), context reliance (counterfactual sets, NQ-Swap,
+    MemoTrap) and instruction following (MT-Bench) with and without the chat template.
+
+    Parameters:
+        tasks: task names (see `ctxaware.tasks.TASKS`). ``model`` may list several models separated by
+            commas, or be a directory of ``checkpoint-*`` subdirectories (a sweep, evaluated in order).
+        modes: ``chat`` (the model's template) and/or ``plain`` (no template, ``plain_prefix`` starts the answer).
+        indicator: append ``[IND]`` to every user prompt (paper Sec. 3.2; the "+ Indicator" rows of Table 4).
+        prompt_style: ``paper`` (Tables 5-6) or ``simple`` ("{context} {question}", for UltraChat-tuned models).
+        limit / seed: evaluate a seeded random sample of ``limit`` examples per task (smaller limits are subsets).
+        judge: ``local`` (a local HF model, offline, not comparable to GPT-4) or ``http`` (``judge_url``).
+    """
+
+    tasks: list[str] = dataclasses.field(default_factory=list, metadata={"help": "tasks to run", "positional": True})
+    modes: list[str] = dataclasses.field(default_factory=lambda: ["chat", "plain"], metadata={"help": "chat and/or plain"})
+    indicator: bool = dataclasses.field(default=False, metadata={"help": "append [IND] to every prompt"})
+    prompt_style: str = dataclasses.field(default="paper", metadata={"help": "paper (Tables 5-6) or simple"})
+    plain_prefix: str = dataclasses.field(default="Answer:", metadata={"help": "response prefix in plain mode"})
+    source: str = dataclasses.field(default="local", metadata={"help": "local (shared files) or hub"})
+    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "shared data dir (default ../shared/data)"})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "examples per task (seeded sample)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "sampling seed"})
+    max_new_tokens: int = dataclasses.field(default=100, metadata={"help": "new tokens for QA and conflict tasks"})
+    mt_bench_max_new_tokens: int = dataclasses.field(default=512, metadata={"help": "new tokens per MT-Bench turn"})
+    batch_size: int = dataclasses.field(default=8, metadata={"help": "generation batch size"})
+    judge: str = dataclasses.field(default="local", metadata={"help": "MT-Bench judge: local or http"})
+    judge_url: str | None = dataclasses.field(default=None, metadata={"help": "OpenAI-compatible base URL"})
+    judge_model: str = dataclasses.field(default="gpt-4", metadata={"help": "model name sent to the judge URL"})
+    judge_api_key_env: str = dataclasses.field(default="OPENAI_API_KEY", metadata={"help": "env var with the key"})
+    judge_local_model: str = dataclasses.field(default="default", metadata={"help": "local judge model spec"})
+    judge_retries: int = dataclasses.field(default=3, metadata={"help": "judge retries (exponential back-off)"})
+    steer: str | None = dataclasses.field(default=None, metadata={"help": "heads JSON {layer: [heads]} to steer"})
+    alpha: float = dataclasses.field(default=0.01, metadata={"help": "steering scale for non-user tokens"})
+    output: str = dataclasses.field(default="runs/eval", metadata={"help": "output directory"})
+
+
+# --- models and conditions ---------------------------------------------------------------------------
+
+
+def expand_models(spec: str) -> list[str]:
+    """Comma-separated specs; a directory of ``checkpoint-*`` subdirectories expands to them by step."""
+    out: list[str] = []
+    for s in (x.strip() for x in spec.split(",") if x.strip()):
+        p = Path(s)
+        ckpts = sorted(p.glob("checkpoint-*"), key=lambda c: int(re.sub(r"\D", "", c.name) or 0)) if p.is_dir() else []
+        out += [str(c) for c in ckpts if c.is_dir()] if ckpts and not (p / "config.json").is_file() else [s]
+    return out
+
+
+def condition_name(mode: str, indicator: bool) -> str:
+    return mode + ("+ind" if indicator else "")
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.strip("/"))[-80:]
+
+
+# --- prompts and scoring -----------------------------------------------------------------------------
+
+
+def build_prompt(task: Task, ex: Example, tok, mode: str, style: str, indicator: bool, plain_prefix: str | None):
+    """The rendered prompt of one example: template, optional ``[IND]``, chat template or plain + prefix."""
+    content = task.prompt(ex, style)
+    if indicator:
+        content = append_indicator(content)
+    msgs = [{"role": "user", "content": content}]
+    if mode == "chat":
+        return render(msgs, tok, "chat")
+    if mode == "plain":
+        return render(msgs, tok, "plain", response_prefix=plain_prefix or None)
+    raise CtxawareError(f"mode {mode!r} is not one of chat, plain")
+
+
+def score_example(task: Task, ex: Example, prediction: str) -> dict:
+    if task.kind == "conflict":
+        return conflict_scores(prediction, ex.answers, ex.memory_answers)
+    return qa_scores(prediction, ex.answers, ex.spans)
+
+
+def _row_base(task: Task, ex: Example, prompt_text: str) -> dict:
+    return {"id": ex.id, "task": task.name, "prompt": prompt_text, "gold": ex.answers,
+            **({"memory_answers": ex.memory_answers} if ex.memory_answers else {})}
+
+
+def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> None:
+    """QA and conflict tasks: generate in chunks, score, write each chunk (so a killed run loses little)."""
+    prefix = cfg.plain_prefix if mode == "plain" else None
+    chunk = max(1, cfg.batch_size) * 4
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        prompts = [build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix) for ex in part]
+        gens = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, stop=STOPS,
+                        batch_size=cfg.batch_size, batch_context=batch_context, desc=f"{task.name}/{mode}")
+        for ex, r, g in zip(part, prompts, gens):
+            pred = first_sentence(g.text)
+            writer.write({**_row_base(task, ex, r.text), "output": g.text, "prediction": pred,
+                          "stop_reason": g.stop_reason, "scores": score_example(task, ex, pred)})
+
+
+def run_choice(model, tok, task, todo, writer, cfg, mode) -> None:
+    """MemoTrap: the class whose continuation has the highest summed log-probability is the answer."""
+    for ex in todo:
+        r = build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, None)
+        conts = [tok(c, add_special_tokens=False)["input_ids"] for c in ex.classes]
+        lps = continuation_logprobs(model, tok, [r.input_ids] * len(conts), conts, batch_size=cfg.batch_size)
+        pick = max(range(len(lps)), key=lps.__getitem__)
+        writer.write({**_row_base(task, ex, r.text), "classes": ex.classes, "label": ex.label, "logprobs": lps,
+                      "prediction": ex.classes[pick], "scores": {"accuracy": float(pick == ex.label)}})
+
+
+def _reference_answers(data_dir: str | None) -> dict[str, list[str]]:
+    """MT-Bench reference answers (GPT-4's, used by FastChat for math/reasoning/coding) by question id."""
+    path = Path(data_dir or default_data_dir()) / "general" / "mt_bench_reference_answers.jsonl"
+    if not path.is_file():
+        return {}
+    rows = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
+    return {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
+
+
+def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> None:
+    """Two-turn answers (turn 2 sees turn 1's answer), then one judgment per turn; a failed judgment is
+    recorded in the row, the generations are kept."""
+    from ctxaware.judge import build_judge_prompt, judge_items, load_judge_prompts
+
+    prompts = load_judge_prompts(Path(cfg.data_dir or default_data_dir()) / "general" / "mt_bench_judge_prompts.jsonl")
+    refs = _reference_answers(cfg.data_dir)
+    prefix = cfg.plain_prefix if mode == "plain" else None
+    gen = dict(max_new_tokens=cfg.mt_bench_max_new_tokens, batch_size=cfg.batch_size, batch_context=batch_context)
+    chunk = max(1, cfg.batch_size) * 2
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        users = [[{"role": "user", "content": append_indicator(ex.turns[0]) if cfg.indicator else ex.turns[0]}]
+                 for ex in part]
+        a1 = [g.text.strip() for g in generate(model, tok, [render(u, tok, mode, response_prefix=prefix)
+                                                             for u in users], desc="mt-bench turn 1", **gen)]
+        conv2 = [u + [{"role": "assistant", "content": a or " "},
+                      {"role": "user", "content": append_indicator(ex.turns[1]) if cfg.indicator else ex.turns[1]}]
+                 for u, a, ex in zip(users, a1, part)]
+        a2 = [g.text.strip() for g in generate(model, tok, [render(c, tok, mode, response_prefix=prefix)
+                                                             for c in conv2], desc="mt-bench turn 2", **gen)]
+        items = []
+        for ex, x1, x2 in zip(part, a1, a2):
+            ref = refs.get(ex.id, ex.references)
+            for turn in (1, 2):
+                name, system, user = build_judge_prompt(prompts, ex.turns, [x1, x2], ref, ex.category, turn)
+                items.append({"name": name, "system": system, "user": user})
+        verdicts = judge_items(judge, items)
+        for i, (ex, x1, x2) in enumerate(zip(part, a1, a2)):
+            v = verdicts[2 * i : 2 * i + 2]
+            ratings = [x["rating"] for x in v]
+            ok = [r for r in ratings if r is not None]
+            writer.write({"id": ex.id, "task": "mt-bench", "category": ex.category, "turns": ex.turns,
+                          "answers": [x1, x2], "judge": {"name": judge.name, "comparable_to_gpt4": judge.comparable},
+                          "judge_prompts": [it["name"] for it in items[2 * i : 2 * i + 2]],
+                          "judgments": [x["judgment"] for x in v], "judge_errors": [x["error"] for x in v],
+                          "scores": {"rating": sum(ok) / len(ok) if ok else None, "rating_turn1": ratings[0],
+                                     "rating_turn2": ratings[1]}})
+
+
+# --- one condition -----------------------------------------------------------------------------------
+
+
+def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
+    """What fingerprints a results directory (``limit`` excluded: a larger limit extends the sample)."""
+    keys = ("revision", "dtype", "prompt_style", "plain_prefix", "source", "seed", "max_new_tokens",
+            "mt_bench_max_new_tokens", "indicator", "steer", "alpha")
+    return {"model": model_name, "task": task, "mode": mode, **{k: getattr(cfg, k) for k in keys}}
+
+
+def evaluate_tasks(
+    model,
+    tok,
+    task_names: list[str],
+    cfg: EvalConfig | None = None,
+    *,
+    mode: str | None = None,
+    model_name: str = "model",
+    output_dir: str | Path | None = None,
+    batch_context=None,
+    judge=None,
+) -> dict:
+    """Evaluate ``model`` on ``task_names`` under one condition; returns ``{task: {metrics, n, skipped, ...}}``.
+
+    The entry point for the training/experiment module: ``cfg`` carries limit, seed, prompt style, indicator
+    (defaults: `EvalConfig`); ``mode`` defaults to ``cfg.modes[0]``; ``output_dir=None`` keeps rows in a
+    temporary directory; ``batch_context`` goes straight to `generate.generate` (attention steering).
+    """
+    cfg = cfg or EvalConfig()
+    mode = mode or cfg.modes[0]
+    tmp = tempfile.TemporaryDirectory() if output_dir is None else nullcontext(str(output_dir))
+    with tmp as out:
+        return {name: _evaluate_task(model, tok, get_task(name), cfg, mode, model_name, Path(out), batch_context,
+                                     judge) for name in task_names}
+
+
+def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_context, judge) -> dict:
+    skips, repaired = SkipCounter(), SkipCounter()
+    examples = load_examples(task, cfg.source, cfg.data_dir, skips, repaired)
+    examples = sample(examples, cfg.limit, cfg.seed)
+    directory = out / task.name
+    t0 = time.perf_counter()
+    with ResultsWriter(directory, _run_config(cfg, model_name, task.name, mode), key_fields=("id",)) as w:
+        todo = [ex for ex in examples if not w.done({"id": ex.id})]
+        if task.kind == "choice":
+            run_choice(model, tok, task, todo, w, cfg, mode)
+        elif task.kind == "mtbench":
+            run_mtbench(model, tok, todo, w, cfg, mode, batch_context, judge or make_judge(cfg))
+        else:
+            run_generative(model, tok, task, todo, w, cfg, mode, batch_context)
+        wanted = {ex.id for ex in examples}
+        rows = [r for r in w.rows if r["id"] in wanted]
+    result = {"kind": task.kind, "n": len(rows), "metrics": aggregate(rows, task.kind),
+              "skipped": skips.as_dict(), "repaired": repaired.as_dict(), "resumed": len(examples) - len(todo),
+              "seconds": round(time.perf_counter() - t0, 1), "rows": str(directory / "rows.jsonl")}
+    if task.kind == "mtbench":
+        result["judge"] = (rows[0].get("judge") if rows else None) or {}
+        result["judge_failures"] = sum(1 for r in rows for e in r.get("judge_errors", []) if e)
+    write_json_atomic(directory / "summary.json", result)
+    return result
+
+
+def make_judge(cfg: EvalConfig):
+    from ctxaware.judge import HTTPJudge, LocalJudge
+
+    if cfg.judge == "http":
+        if not cfg.judge_url:
+            raise CtxawareError("--judge http needs --judge-url (an OpenAI-compatible base URL)")
+        return HTTPJudge(cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, retries=cfg.judge_retries)
+    if cfg.judge == "local":
+        m, t = cfg.load(cfg.judge_local_model)
+        return LocalJudge(m, t, name=cfg.judge_local_model)
+    raise CtxawareError(f"--judge {cfg.judge!r} is not one of local, http")
+
+
+# --- summary (paper Table 4 layout) ------------------------------------------------------------------
+
+QA_COLUMNS = ("squad", "quac", "drop")
+
+
+def _cell(res: dict, metric: str, pct: bool = True) -> str:
+    s = res.get("metrics", {}).get(metric)
+    return fmt(s, pct=pct) if s else "-"
+
+
+def summary_markdown(results: dict) -> str:
+    """``results[model][condition][task]`` -> a Table-4-style table (percent, 95% CI) plus a details table."""
+    tasks = list(dict.fromkeys(t for m in results.values() for c in m.values() for t in c))
+    head, cols = ["Model", "Condition"], []
+    for t in tasks:
+        kind = next(c[t]["kind"] for m in results.values() for c in m.values() if t in c)
+        if kind == "conflict":
+            cols += [(t, "p_s", True), (t, "p_o", True)]
+            head += [f"{t} p_s", f"{t} p_o"]
+        else:
+            metric = {"qa": "containment", "choice": "accuracy", "mtbench": "rating"}[kind]
+            cols.append((t, metric, kind != "mtbench"))
+            head.append(t + (" (judge)" if kind == "mtbench" else ""))
+    qa_in = [t for t in QA_COLUMNS if t in tasks]
+    if qa_in:
+        head.insert(2 + len([c for c in cols if c[0] in qa_in]), "QA avg.")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, conds in results.items():
+        for cond, res in conds.items():
+            cells = [_cell(res.get(t, {}), m, pct) for t, m, pct in cols]
+            if qa_in:
+                means = [res[t]["metrics"]["containment"]["mean"] for t in qa_in if t in res]
+                cells.insert(len([c for c in cols if c[0] in qa_in]), f"{100 * sum(means) / len(means):.1f}")
+            lines.append(f"| {model} | {cond} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + details_markdown(results)
+
+
+def details_markdown(results: dict) -> str:
+    lines = ["| Model | Condition | Task | n | skipped | metrics (percent, 95% CI) |", "|---|---|---|---|---|---|"]
+    for model, conds in results.items():
+        for cond, res in conds.items():
+            for t, r in res.items():
+                ms = "; ".join(f"{k} {fmt(v, pct=not k.startswith('rating'))}" for k, v in r["metrics"].items())
+                lines.append(f"| {model} | {cond} | {t} | {r['n']} | {r['skipped']['total']} | {ms} |")
+    return "\n".join(lines) + "\n"
+
+
+def _reliance_plot(results: dict, out: Path) -> Path | None:
+    from ctxaware.plotting import context_reliance_curve
+
+    labels = list(results)
+    series = {}
+    for cond in dict.fromkeys(c for m in results.values() for c in m):
+        for t in dict.fromkeys(t for m in results.values() for t in m.get(cond, {})):
+            for metric in ("p_s", "p_o"):
+                vals = [results[m].get(cond, {}).get(t, {}).get("metrics", {}).get(metric) for m in labels]
+                if all(vals):
+                    series[f"{t} {metric} ({cond})"] = [(v["mean"], v["ci_low"], v["ci_high"]) for v in vals]
+    if not series:
+        return None
+    return context_reliance_curve([Path(m).name for m in labels], series, out / "context_reliance.png")
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def _steering_context(model, cfg: EvalConfig):
+    if not cfg.steer:
+        return None
+    try:
+        from ctxaware import steering
+    except ImportError:
+        raise CtxawareError("--steer needs ctxaware.steering, which this installation lacks") from None
+    heads = {int(k): v for k, v in json.loads(Path(cfg.steer).read_text()).items()}
+    return steering.batch_context(model, heads, cfg.alpha)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_config(EvalConfig, argv, prog="ctxaware eval")
+    if not cfg.tasks:
+        raise CtxawareError("name at least one task; available: " + ", ".join(__import__("ctxaware.tasks").tasks.TASKS))
+    for t in cfg.tasks:
+        get_task(t)  # unknown names fail before any model loads
+    for m in cfg.modes:
+        if m not in ("chat", "plain"):
+            raise CtxawareError(f"--modes: {m!r} is not one of chat, plain")
+    cfg.data_dir = cfg.data_dir or str(default_data_dir())
+    out, t0 = Path(cfg.output), time.perf_counter()
+    results: dict = {}
+    judge = make_judge(cfg) if "mt-bench" in cfg.tasks else None
+    for spec in expand_models(cfg.model):
+        model, tok = cfg.load(spec)
+        bc = _steering_context(model, cfg)
+        for mode in cfg.modes:
+            cond = condition_name(mode, cfg.indicator)
+            res = evaluate_tasks(model, tok, cfg.tasks, cfg, mode=mode, model_name=spec,
+                                 output_dir=out / _slug(spec) / cond, batch_context=bc, judge=judge)
+            results.setdefault(spec, {})[cond] = res
+            print(f"{spec} [{cond}]: " + ", ".join(f"{t}={_headline(r)}" for t, r in res.items()), flush=True)
+        del model
+    md = summary_markdown(results)
+    (out / "summary.md").write_text(md)
+    write_json_atomic(out / "summary.json", {"config": dataclasses.asdict(cfg), "results": results,
+                                              "wall_seconds": round(time.perf_counter() - t0, 1)})
+    plot = _reliance_plot(results, out) if len(results) > 1 else None
+    print(md + f"\nwrote {out / 'summary.md'}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def _headline(r: dict) -> str:
+    key = {"qa": "containment", "conflict": "p_s", "choice": "accuracy", "mtbench": "rating"}[r["kind"]]
+    s = r["metrics"].get(key)
+    return "-" if not s else (f"{s['mean']:.2f}" if key == "rating" else f"{100 * s['mean']:.1f}%")
+
+
+__all__ = ["EvalConfig", "evaluate_tasks", "main", "METRICS_BY_KIND"]

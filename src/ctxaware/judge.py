@@ -1,0 +1,160 @@
+"""Pluggable MT-Bench judges (paper Sec. 4.1.3, "General instruction-following benchmarks").
+
+A judge is anything with ``name``, ``comparable`` and ``complete(system, user) -> str``:
+
+- `HTTPJudge`: an OpenAI-compatible ``/chat/completions`` endpoint (stdlib ``urllib``), key read from an
+  environment variable, retried with exponential back-off; a request that still fails raises `JudgeError`,
+  which the caller records for that example only.
+- `LocalJudge`: a local Hugging Face model through the shared generation engine. The offline default; its
+  ratings are NOT comparable to GPT-4-judged MT-Bench numbers (``comparable = False``).
+
+Prompts are MT-Bench's single-answer grading prompts (``single-v1``, ``single-math-v1`` and their
+multi-turn versions, from the shared ``mt_bench_judge_prompts.jsonl``); the rating is the ``[[n]]`` in the
+judgment, as FastChat extracts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ctxaware.errors import CtxawareError
+
+NEED_REF = ("math", "reasoning", "coding")  # FastChat grades these against the reference answer
+_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+
+
+class JudgeError(Exception):
+    """A judge call that failed after all retries; recorded per example, the run goes on."""
+
+
+def extract_rating(judgment: str) -> float | None:
+    """The ``[[n]]`` rating (FastChat's rule, with its single-bracket fallback); None when absent."""
+    m = _RATING.search(judgment) or _RATING_BACKUP.search(judgment)
+    return float(m.group(1)) if m else None
+
+
+def load_judge_prompts(path: str | Path) -> dict[str, dict]:
+    """``name -> {system_prompt, prompt_template, ...}`` from the MT-Bench judge prompt JSONL."""
+    p = Path(path)
+    if not p.is_file():
+        raise CtxawareError(f"judge prompt file {p} not found; pass --data-dir with general/mt_bench_judge_prompts.jsonl")
+    prompts = {}
+    for line in p.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            prompts[row["name"]] = row
+    return prompts
+
+
+def build_judge_prompt(
+    prompts: dict[str, dict], turns: list[str], answers: list[str], references: list[str], category: str, turn: int
+) -> tuple[str, str, str]:
+    """``(prompt name, system, user)`` grading ``turn`` (1 or 2) of one MT-Bench conversation."""
+    use_ref = category in NEED_REF and len(references) >= turn
+    name = ("single-math-v1" if use_ref else "single-v1") + ("-multi-turn" if turn == 2 else "")
+    p = prompts[name]
+    fields = {"question": turns[0], "answer": answers[0], "question_1": turns[0], "answer_1": answers[0]}
+    if turn == 2:
+        fields |= {"question_2": turns[1], "answer_2": answers[1]}
+    if use_ref:
+        fields |= {"ref_answer_1": references[0], "ref_answer_2": references[1] if len(references) > 1 else ""}
+    return name, p["system_prompt"], p["prompt_template"].format(**fields)
+
+
+class HTTPJudge:
+    """An OpenAI-compatible chat endpoint as judge (``--judge-url``, key in ``$api_key_env``)."""
+
+    comparable = True
+
+    def __init__(
+        self,
+        url: str,
+        model: str = "gpt-4",
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 2.0,
+        max_tokens: int = 2048,
+    ) -> None:
+        self.url = url.rstrip("/") if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+        self.model, self.timeout, self.retries, self.backoff, self.max_tokens = model, timeout, retries, backoff, max_tokens
+        self.api_key = os.environ.get(api_key_env, "")
+        self.name = f"http:{model}"
+
+    def _post(self, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            return json.loads(resp.read().decode())
+
+    def complete(self, system: str, user: str) -> str:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
+        error = ""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._post(body)["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code} {e.reason}"
+                if e.code in (400, 401, 403, 404):
+                    break  # a bad request or key does not get better by waiting
+            except (urllib.error.URLError, TimeoutError, OSError) as e:
+                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+                error = f"malformed response ({type(e).__name__}: {e})"
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise JudgeError(f"judge {self.url} failed after {attempt + 1} attempt(s): {error}")
+
+
+class LocalJudge:
+    """A local HF model as judge (offline); ratings are not comparable to GPT-4 judgments."""
+
+    comparable = False
+
+    def __init__(self, model, tokenizer, name: str = "local", max_new_tokens: int = 256, batch_size: int = 4) -> None:
+        self.model, self.tok, self.max_new_tokens, self.batch_size = model, tokenizer, max_new_tokens, batch_size
+        self.name = f"local:{name}"
+
+    def complete(self, system: str, user: str) -> str:
+        return self.complete_many([(system, user)])[0]
+
+    def complete_many(self, pairs: list[tuple[str, str]]) -> list[str]:
+        from ctxaware.chat import render
+        from ctxaware.generate import generate
+
+        prompts = [
+            render([{"role": "system", "content": s}, {"role": "user", "content": u}], self.tok, "chat") for s, u in pairs
+        ]
+        outs = generate(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                        progress=False)
+        return [o.text for o in outs]
+
+
+def judge_items(judge, items: list[dict]) -> list[dict]:
+    """Judge ``items`` (each ``{system, user}``); returns ``{judgment, rating, error}`` per item, never raising
+    for one failed example."""
+    if isinstance(judge, LocalJudge):
+        texts = judge.complete_many([(it["system"], it["user"]) for it in items])
+        return [{"judgment": t, "rating": extract_rating(t), "error": None} for t in texts]
+    out = []
+    for it in items:
+        try:
+            t = judge.complete(it["system"], it["user"])
+            out.append({"judgment": t, "rating": extract_rating(t), "error": None})
+        except JudgeError as e:
+            out.append({"judgment": None, "rating": None, "error": str(e)})
+    return out

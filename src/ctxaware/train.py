@@ -1,0 +1,615 @@
+"""Instruction fine-tuning, vanilla or with the context-dependency indicator (paper Sec. 3.2, Table 4).
+
+``ctxaware train CONFIG.yaml [--flag value ...]`` wraps TRL's ``SFTTrainer``:
+
+- data: `ctxaware.conversations` loaders; every conversation is rendered once by `ctxaware.chat.render`
+  and the labels are computed from its per-token roles (assistant content + the end-of-turn token that
+  closes each assistant message get loss, everything else ``-100``). TRL gets the tokenized
+  ``input_ids``/``labels`` and uses them as they are; a dataset with no trainable token is an error.
+- template: the paper's Zephyr template for every model by default (``chat_template: zephyr``), the
+  model's own (``model``) or a ``.jinja`` file.
+- indicator: ``[IND]`` is a new special token; under LoRA its embedding row is trained through PEFT's
+  ``trainable_token_indices`` (the paper's code left it untrained).
+- methods: full fine-tuning, LoRA, QLoRA (bitsandbytes 4-bit, CUDA only); ``train_modules`` restricts
+  training to some projections (``q_proj,k_proj`` = QK-only fine-tuning).
+- context-parametric inversion: `ContextRelianceCallback` measures p_s/p_o on a counterfactual set every
+  ``track_every`` steps; mitigations ``filter_parametric`` and ``counterfactual_mix``.
+- resume: a rerun continues from the last checkpoint (same data order: the sampler is seeded and the
+  trainer skips the batches already seen) and refuses a checkpoint written under another config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import TrainerCallback
+
+from ctxaware.chat import render
+from ctxaware.config import ModelConfig, parse_config, to_dict
+from ctxaware.conversations import Conversation, load_conversations
+from ctxaware.errors import CtxawareError
+from ctxaware.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
+from ctxaware.results import ResultsWriter, SkipCounter, fingerprint, read_jsonl, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+# The TinyLlama/Zephyr template the paper used for every model: <|user|>\n...</s>\n<|assistant|>\n...</s>\n
+ZEPHYR_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Fields that may change between an interrupted run and its resumption.
+RESUME_FREE = ("resume_from_checkpoint", "logging_steps")
+
+
+@dataclasses.dataclass
+class TrainConfig(ModelConfig):
+    """Supervised instruction fine-tuning (``ctxaware train CONFIG.yaml``); YAML keys = these fields.
+
+    Data: ``data`` (file or hub id, any `ctxaware.conversations` format), ``data_format``, ``data_split``,
+    ``max_conversations``. Template: ``chat_template`` (zephyr | model | path.jinja). Indicator:
+    ``indicator``, ``indicator_token``. Method: ``method`` (full | lora | qlora), ``lora_*``,
+    ``train_modules``. Optimisation: ``max_length``, ``num_train_epochs``, ``max_steps``, ``learning_rate``,
+    ``lr_scheduler_type``, ``warmup_ratio``, ``per_device_train_batch_size``,
+    ``gradient_accumulation_steps``, ``weight_decay``, ``bf16``, ``gradient_checkpointing``, ``seed``.
+    Run: ``output_dir``, ``save_steps``, ``save_total_limit``, ``logging_steps``, ``resume_from_checkpoint``.
+    Tracking: ``track_every``, ``track_data``, ``track_n``, ``track_max_new_tokens``. Mitigations:
+    ``filter_parametric``, ``counterfactual_mix``.
+    """
+
+    data: str | None = dataclasses.field(default=None, metadata={"help": "SFT data: .json/.jsonl/.parquet or hub id"})
+    data_format: str = dataclasses.field(default="auto", metadata={"help": "auto, sharegpt, messages or alpaca"})
+    data_split: str = dataclasses.field(default="train", metadata={"help": "split for hub datasets"})
+    max_conversations: int | None = dataclasses.field(default=None, metadata={"help": "use the first N rows only"})
+    output_dir: str = dataclasses.field(default="runs/train", metadata={"help": "checkpoints, model and logs"})
+    chat_template: str | None = dataclasses.field(
+        default="zephyr", metadata={"help": "zephyr (the paper's, for every model), model (its own) or a .jinja file"}
+    )
+    indicator: bool = dataclasses.field(default=False, metadata={"help": "add the indicator token and train it"})
+    indicator_token: str = dataclasses.field(default=DEFAULT_INDICATOR, metadata={"help": "the indicator token"})
+    method: Literal["full", "lora", "qlora"] = dataclasses.field(default="lora", metadata={"help": "full, lora or qlora"})
+    lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = dataclasses.field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: list(ALL_PROJECTIONS), metadata={"help": "modules that get LoRA adapters"}
+    )
+    train_modules: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "train only these modules (q_proj,k_proj = QK-only); LoRA: its targets"}
+    )
+    max_length: int = dataclasses.field(default=4096, metadata={"help": "truncate conversations to N tokens"})
+    num_train_epochs: float = dataclasses.field(default=1.0, metadata={"help": "epochs"})
+    max_steps: int = dataclasses.field(default=-1, metadata={"help": "optimizer steps (overrides epochs when > 0)"})
+    learning_rate: float = dataclasses.field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: str = dataclasses.field(default="cosine", metadata={"help": "cosine, linear, constant, ..."})
+    warmup_ratio: float = dataclasses.field(default=0.1, metadata={"help": "fraction of steps for linear warmup"})
+    per_device_train_batch_size: int = dataclasses.field(default=4, metadata={"help": "batch size per device"})
+    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"help": "gradient accumulation"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    bf16: bool | None = dataclasses.field(default=None, metadata={"help": "bf16 mixed precision (none: on capable GPUs)"})
+    gradient_checkpointing: bool = dataclasses.field(default=False, metadata={"help": "trade compute for memory"})
+    seed: int = dataclasses.field(default=42, metadata={"help": "seed of init, data order and sampling"})
+    save_steps: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = dataclasses.field(default=2, metadata={"help": "keep the last N checkpoints"})
+    logging_steps: int = dataclasses.field(default=10, metadata={"help": "log the loss every N steps"})
+    resume_from_checkpoint: str | None = dataclasses.field(
+        default="auto", metadata={"help": "auto (last checkpoint in output_dir, if any), a checkpoint dir, or none"}
+    )
+    track_every: int = dataclasses.field(default=0, metadata={"help": "measure p_s/p_o every K steps (0: off)"})
+    track_data: str = dataclasses.field(
+        default="cf_world_facts", metadata={"help": "counterfactual set: a task name or a .json/.jsonl/.zip file"}
+    )
+    track_n: int = dataclasses.field(default=64, metadata={"help": "counterfactual examples per measurement"})
+    track_max_new_tokens: int = dataclasses.field(default=24, metadata={"help": "tokens generated per example"})
+    filter_parametric: float = dataclasses.field(
+        default=0.0, metadata={"help": "drop this fraction of examples with the lowest no-context perplexity"}
+    )
+    counterfactual_mix: str | None = dataclasses.field(
+        default=None, metadata={"help": "PATH:RATIO, add RATIO x len(data) counterfactual QA examples"}
+    )
+
+
+# ----------------------------------------------------------------------------- template and labels
+
+
+def setup_chat_template(tokenizer, choice: str | None) -> None:
+    """Set the training chat template: ``zephyr``, ``model`` (keep the tokenizer's) or a ``.jinja`` path."""
+    if choice == "zephyr":
+        tokenizer.chat_template = ZEPHYR_TEMPLATE
+    elif choice and choice.endswith((".jinja", ".j2")):
+        if not Path(choice).is_file():
+            raise CtxawareError(f"chat template file {choice} does not exist")
+        tokenizer.chat_template = Path(choice).read_text()
+    elif choice in (None, "model"):
+        if not getattr(tokenizer, "chat_template", None):
+            raise CtxawareError(
+                "the model has no chat template and none is configured; set chat_template: zephyr (the paper's) "
+                "or a .jinja file"
+            )
+    else:
+        raise CtxawareError(f"chat_template {choice!r} is not zephyr, model or a .jinja file")
+
+
+def assistant_labels(rendered, tokenizer) -> list[int]:
+    """Labels of a rendered conversation: assistant content tokens and, after each assistant message, the
+    template tokens up to and including the first special (end-of-turn) token; ``-100`` elsewhere."""
+    ids, roles = rendered.input_ids, rendered.roles
+    special = set(tokenizer.all_special_ids)
+    labels = [-100] * len(ids)
+    for span in rendered.spans:
+        if span.role != "assistant" or span.start == span.end:
+            continue
+        for p in range(span.start, span.end):
+            if roles[p] == "assistant":
+                labels[p] = ids[p]
+        for p in range(span.end, len(ids)):  # the end-of-turn marker: template tokens up to the first special
+            if roles[p] != "template":
+                break
+            labels[p] = ids[p]
+            if ids[p] in special:
+                break
+    return labels
+
+
+def tokenize(convs: Sequence[Conversation], tokenizer, max_length: int, skips: SkipCounter) -> list[dict]:
+    """``{id, input_ids, labels}`` per conversation, truncated to ``max_length``; raises when nothing trains."""
+    rows = []
+    for c in convs:
+        try:
+            r = render(c.messages, tokenizer, "chat", add_generation_prompt=False)
+        except CtxawareError as e:
+            skips.skip(f"cannot render: {str(e)[:60]}", c.id)
+            continue
+        ids, labels = r.input_ids[:max_length], assistant_labels(r, tokenizer)[:max_length]
+        if all(t == -100 for t in labels):
+            skips.skip("no trainable tokens (truncated or masked)", c.id)
+            continue
+        rows.append({"id": c.id, "input_ids": ids, "labels": labels})
+    if not rows:
+        raise CtxawareError(
+            "the dataset yields no trainable tokens after masking; check the chat template (assistant turns must "
+            f"appear in the rendered text) and max_length (skips: {skips.as_dict()['by_reason']})"
+        )
+    return rows
+
+
+def mark_all(convs: Sequence[Conversation], token: str) -> list[Conversation]:
+    """Append the indicator to every user message (the paper's evaluation of the +indicator model)."""
+    out = []
+    for c in convs:
+        msgs = [{**m, "content": append_indicator(m["content"], token)} if m["role"] == "user" else m for m in c.messages]
+        out.append(dataclasses.replace(c, messages=msgs))
+    return out
+
+
+# ----------------------------------------------------------------------------- mitigations
+
+
+@torch.inference_mode()
+def no_context_nll(model, tokenizer, convs: Sequence[Conversation]) -> list[float]:
+    """Mean NLL of each conversation's assistant tokens with every user message emptied (no context)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for c in convs:
+        msgs = [{**m, "content": ""} if m["role"] == "user" else m for m in c.messages]
+        r = render(msgs, tokenizer, "chat", add_generation_prompt=False)
+        ids = torch.tensor([r.input_ids], device=device)
+        mask = r.mask("assistant")[1:].to(device)  # targets are shifted by one
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)  # (T-1, V)
+        nll = -logp.gather(1, ids[0, 1:, None])[:, 0]
+        out.append(nll[mask].mean().item() if mask.any() else float("inf"))
+    model.train(was_training)
+    return out
+
+
+def filter_parametric(convs: Sequence[Conversation], nll: Sequence[float], fraction: float) -> tuple[list, list]:
+    """Drop the ``fraction`` of conversations with the lowest no-context NLL; return ``(kept, dropped)``."""
+    if not 0 <= fraction < 1:
+        raise CtxawareError(f"filter_parametric={fraction} must be in [0, 1)")
+    n_drop = int(round(fraction * len(convs)))
+    order = sorted(range(len(convs)), key=lambda i: nll[i])
+    drop = set(order[:n_drop])
+    return [c for i, c in enumerate(convs) if i not in drop], [convs[i] for i in sorted(drop)]
+
+
+def load_conflict_set(spec: str) -> list:
+    """Counterfactual examples (`ctxaware.tasks.Example`) from a task name or a .json/.jsonl/.zip file."""
+    from ctxaware import tasks
+
+    if spec in tasks.TASKS:
+        return tasks.load_examples(tasks.get_task(spec))
+    path = Path(spec)
+    if not path.is_file():
+        raise CtxawareError(f"counterfactual set {spec} is neither a task ({', '.join(tasks.TASKS)}) nor a file")
+    task = tasks.get_task("nqswap" if path.suffix == ".zip" else "cf_world_facts")
+    reader = tasks.read_nqswap_zip if path.suffix == ".zip" else tasks.read_json_list
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        reader = tasks.read_jsonl
+    skips, out = SkipCounter(), []
+    for i, row in enumerate(reader(path)):
+        convert = tasks.convert_nqswap if "sub_context" in row else tasks.convert_conflict
+        try:
+            ex = convert(row)
+        except tasks.Malformed as e:
+            skips.skip(str(e), f"row {i}")
+            continue
+        ex.id = ex.id or str(i)
+        out.append(ex)
+    if skips.total:
+        logger.warning("%s: skipped %d malformed rows %s (task %s)", path, skips.total, skips.counts, task.name)
+    return out
+
+
+def conflict_prompt(ex) -> str:
+    from ctxaware.tasks import CONFLICT_TEMPLATE
+
+    return CONFLICT_TEMPLATE.format(context=ex.context, question=ex.question)
+
+
+def counterfactual_conversations(spec: str, n_base: int, seed: int) -> list[Conversation]:
+    """``PATH:RATIO`` -> ``round(RATIO * n_base)`` counterfactual QA conversations (context answer as target)."""
+    path, _, ratio = spec.rpartition(":")
+    try:
+        r = float(ratio)
+    except ValueError:
+        raise CtxawareError(f"counterfactual_mix {spec!r} must be PATH:RATIO, e.g. nqswap.zip:0.1") from None
+    examples = load_conflict_set(path)
+    n = min(len(examples), int(round(r * n_base)))
+    picked = random.Random(seed).sample(examples, n)
+    return [
+        Conversation(
+            f"cf-{ex.id}",
+            [{"role": "user", "content": conflict_prompt(ex)}, {"role": "assistant", "content": ex.answers[0]}],
+            -1,
+        )
+        for ex in picked
+    ]
+
+
+def freeze_except(model, modules: Sequence[str]) -> list[str]:
+    """Train only parameters inside modules whose name ends with one of ``modules``; return their names."""
+    names = []
+    for name, p in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        p.requires_grad = any(owner.endswith(m) for m in modules)
+        if p.requires_grad:
+            names.append(name)
+    if not names:
+        raise CtxawareError(f"train_modules {list(modules)} match no module of the model")
+    return names
+
+
+# ----------------------------------------------------------------------------- context-reliance tracking
+
+
+def context_reliance(model, tokenizer, examples, indicator: str | None = None, max_new_tokens: int = 24) -> dict:
+    """p_s (context answer in the output) and p_o (memorised answer in the output) over ``examples``."""
+    from ctxaware.generate import generate
+    from ctxaware.metrics import conflict_scores
+
+    prompts = []
+    for ex in examples:
+        text = conflict_prompt(ex)
+        text = append_indicator(text, indicator) if indicator else text
+        prompts.append(render([{"role": "user", "content": text}], tokenizer, "chat"))
+    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=["\n\n", "<|user|>"], progress=False)
+    scores = [conflict_scores(o.text, ex.answers, ex.memory_answers) for o, ex in zip(outs, examples)]
+    n = max(1, len(scores))
+    return {"p_s": sum(s["p_s"] for s in scores) / n, "p_o": sum(s["p_o"] for s in scores) / n, "n": len(scores)}
+
+
+class ContextRelianceCallback(TrainerCallback):
+    """Every ``every`` steps (and at the start and the end), measure p_s/p_o and append a row
+    ``{step, p_s, p_o, n}`` to ``out_dir/rows.jsonl``; at the end, plot the curve."""
+
+    def __init__(self, tokenizer, examples, every: int, out_dir, config: dict, indicator: str | None, max_new_tokens: int):
+        self.tok, self.examples, self.every, self.indicator = tokenizer, examples, every, indicator
+        self.max_new_tokens = max_new_tokens
+        self.writer = ResultsWriter(out_dir, config, key_fields=("step",))
+
+    def measure(self, model, step: int) -> None:
+        if self.writer.done({"step": step}):
+            return
+        was_training = model.training
+        model.eval()
+        row = context_reliance(model, self.tok, self.examples, self.indicator, self.max_new_tokens)
+        model.train(was_training)
+        self.writer.write({"step": step, **row})
+        logger.info("step %d: p_s=%.3f p_o=%.3f", step, row["p_s"], row["p_o"])
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and state.global_step == 0:
+            self.measure(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and self.every and state.global_step % self.every == 0:
+            self.measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.measure(model, state.global_step)
+        from ctxaware.plotting import context_reliance_steps
+
+        rows = sorted(self.writer.rows, key=lambda r: r["step"])
+        context_reliance_steps({"": rows}, self.writer.dir / "context_reliance.png")
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------- model and run setup
+
+
+def _check_method(cfg: TrainConfig, device: str) -> None:
+    if cfg.method == "qlora":
+        import importlib.util
+
+        if not device.startswith("cuda") or importlib.util.find_spec("bitsandbytes") is None:
+            raise CtxawareError("qlora (4-bit) needs bitsandbytes and a CUDA GPU; on CPU use method: lora or full")
+
+
+def load_for_training(cfg: TrainConfig):
+    """``(model, tokenizer)`` for ``cfg.model``; 4-bit for QLoRA."""
+    from ctxaware.models import load_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    _check_method(cfg, device)
+    model, tok = load_model(
+        cfg.model,
+        revision=cfg.revision,
+        dtype=cfg.dtype,
+        device=device,
+        attn_implementation=cfg.attn_implementation,
+        quantization="4bit" if cfg.method == "qlora" else None,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return model, tok
+
+
+def peft_config_for(cfg: TrainConfig, indicator_id: int | None):
+    """The LoRA config (None for full fine-tuning). The indicator row is trained via trainable tokens."""
+    if cfg.method == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.train_modules or cfg.lora_target_modules),
+        trainable_token_indices=[indicator_id] if indicator_id is not None else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_model(cfg: TrainConfig, model, tok) -> tuple:
+    """Template, indicator token, frozen modules; return ``(model, peft_config, indicator_id)``."""
+    setup_chat_template(tok, cfg.chat_template)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    indicator_id = add_indicator_token(model, tok, cfg.indicator_token) if cfg.indicator else None
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.method == "full" and cfg.train_modules:
+        freeze_except(model, cfg.train_modules)
+        if cfg.indicator:
+            logger.warning("train_modules freezes the embeddings: the indicator row stays at its initial mean")
+    return model, peft_config_for(cfg, indicator_id), indicator_id
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> str | None:
+    """The checkpoint to resume from, after checking that it was written under the same config."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    choice = cfg.resume_from_checkpoint
+    if choice is None or str(choice).lower() in ("none", "false", "no"):
+        return None
+    ckpt = get_last_checkpoint(str(out)) if choice == "auto" and out.is_dir() else (None if choice == "auto" else choice)
+    if ckpt is None:
+        return None
+    if not Path(ckpt).is_dir():
+        raise CtxawareError(f"checkpoint {ckpt} does not exist; give a checkpoint-N directory or auto")
+    _check_same_config(cfg, Path(ckpt).parent / "train_config.json", f"checkpoint {ckpt}")
+    return str(ckpt)
+
+
+def run_config(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
+
+
+def _check_same_config(cfg: TrainConfig, saved_path: Path, what: str) -> None:
+    if not saved_path.is_file():
+        return
+    saved, now = json.loads(saved_path.read_text()), run_config(cfg)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise CtxawareError(
+            f"{what} was written under a different config (differs in: {', '.join(changed)}); "
+            "use the same config to resume, or another output_dir"
+        )
+
+
+def training_args(cfg: TrainConfig, device: str):
+    from trl import SFTConfig
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else (device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    if bf16 and not device.startswith("cuda"):
+        raise CtxawareError("bf16 training needs a GPU that supports it; set bf16: false on CPU")
+    return SFTConfig(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        weight_decay=cfg.weight_decay,
+        bf16=bool(bf16),
+        fp16=False,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=cfg.max_length,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def build_dataset(cfg: TrainConfig, model, tok, skips: SkipCounter) -> tuple[list[dict], dict]:
+    """Load, mitigate and tokenize the training conversations; return rows and a data report."""
+    if not cfg.data:
+        raise CtxawareError("no training data; set data: PATH (a .json/.jsonl/.parquet file or a hub id)")
+    convs, report = load_conversations(cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations)  # type: ignore[arg-type]
+    if cfg.filter_parametric > 0:
+        nll = no_context_nll(model, tok, convs)
+        convs, dropped = filter_parametric(convs, nll, cfg.filter_parametric)
+        report["filter_parametric_dropped"] = [c.id for c in dropped]
+    if cfg.counterfactual_mix:
+        extra = counterfactual_conversations(cfg.counterfactual_mix, len(convs), cfg.seed)
+        report["counterfactual_added"] = len(extra)
+        convs = convs + extra
+    report["indicator_marked_user_turns"] = sum(
+        cfg.indicator_token in m["content"] for c in convs for m in c.messages if m["role"] == "user"
+    )
+    if report["indicator_marked_user_turns"] and not cfg.indicator:
+        logger.warning("the data holds %s but indicator is off: it is tokenized as plain text", cfg.indicator_token)
+    rows = tokenize(convs, tok, cfg.max_length, skips)
+    report["n_examples"] = len(rows)
+    report["n_trainable_tokens"] = sum(sum(t != -100 for t in r["labels"]) for r in rows)
+    return rows, report
+
+
+def tracker_for(cfg: TrainConfig, tok) -> ContextRelianceCallback | None:
+    if cfg.track_every <= 0:
+        return None
+    from ctxaware.tasks import sample
+
+    examples = sample(load_conflict_set(cfg.track_data), cfg.track_n, cfg.seed)
+    indicator = cfg.indicator_token if cfg.indicator else None
+    config = {"track_data": cfg.track_data, "track_n": cfg.track_n, "indicator": indicator,
+              "max_new_tokens": cfg.track_max_new_tokens, "run": fingerprint(run_config(cfg))}
+    out = Path(cfg.output_dir) / "context_reliance"
+    return ContextRelianceCallback(tok, examples, cfg.track_every, out, config, indicator, cfg.track_max_new_tokens)
+
+
+def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()):
+    """An ``SFTTrainer`` ready to run, and ``info`` (data report, resume point, skips). All input checks
+    (config, template, data, resume) happen here, before any training compute."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    out = Path(cfg.output_dir)
+    resume = _resume_point(cfg, out)
+    if resume is None:
+        _check_same_config(cfg, out / "train_config.json", f"output_dir {out}")
+    if model is None:
+        model, tokenizer = load_for_training(cfg)
+    else:
+        _check_method(cfg, str(next(model.parameters()).device))
+    model, peft_cfg, indicator_id = prepare_model(cfg, model, tokenizer)
+    skips = SkipCounter()
+    rows, report = build_dataset(cfg, model, tokenizer, skips)
+    report["skipped_examples"] = skips.as_dict()
+    device = str(next(model.parameters()).device)
+    cbs = [c for c in (tracker_for(cfg, tokenizer), *callbacks) if c is not None]
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args(cfg, device),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=peft_cfg,
+            callbacks=cbs,
+        )
+    except ValueError as e:  # e.g. LoRA target modules that the model does not have
+        raise CtxawareError(f"cannot set up training: {str(e).splitlines()[0]}") from None
+    write_json_atomic(out / "train_config.json", run_config(cfg))
+    info = {"resume_from": resume, "data": report, "indicator_id": indicator_id}
+    return trainer, info
+
+
+def save_final(trainer, tokenizer, out: Path, method: str) -> Path:
+    """Save the trained model to ``out/model`` (LoRA merged into the weights, loadable by `load_model`)."""
+    model = trainer.model
+    target = out / "model"
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(out / "adapter")
+        if method == "qlora":
+            tokenizer.save_pretrained(out / "adapter")
+            return out / "adapter"
+        model = model.merge_and_unload()
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
+    """Run (or resume) training, save the model and write ``train_summary.json``."""
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=info["resume_from"])
+    out = Path(cfg.output_dir)
+    path = save_final(trainer, trainer.processing_class, out, cfg.method)
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "fingerprint": fingerprint(run_config(cfg)),
+        "model_dir": str(path),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "wall_s": round(time.time() - t0, 1),
+        "losses": losses,
+        "context_reliance": list(read_jsonl(out / "context_reliance" / "rows.jsonl")),
+        **info,
+    }
+    write_json_atomic(out / "train_summary.json", summary)
+    return summary
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()) -> dict:
+    """Fine-tune per ``cfg``; a finished run with the same config returns its saved summary."""
+    done = Path(cfg.output_dir) / "train_summary.json"
+    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint(run_config(cfg)):
+        logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
+        return json.loads(done.read_text())
+    trainer, info = build_trainer(cfg, model, tokenizer, callbacks)
+    return fit(cfg, trainer, info)
+
+
+def main(argv: list[str]) -> int:
+    """``ctxaware train CONFIG.yaml [--option value ...]``."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", *argv]  # the YAML path may be given positionally
+    cfg = parse_config(TrainConfig, argv, prog="ctxaware train")
+    summary = train(cfg)
+    d = summary["data"]
+    print(
+        f"trained {summary['global_step']} steps on {d['n_examples']} examples ({d['n_trainable_tokens']} loss tokens) "
+        f"in {summary['wall_s']} s; loss {summary['train_loss']:.3f}; model: {summary['model_dir']}"
+    )
+    if summary["context_reliance"]:
+        curve = ", ".join(f"{r['step']}: {r['p_s']:.2f}/{r['p_o']:.2f}" for r in summary["context_reliance"])
+        print(f"p_s/p_o by step: {curve}")
+    return 0

@@ -1,0 +1,66 @@
+"""The experiment runner: indicator marking from scores, stage caching, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from ctxaware.config import from_dict, load_yaml
+from ctxaware.conversations import Conversation
+from ctxaware.experiment import ExperimentConfig, mark, run
+from ctxaware.train import TrainConfig
+from tests.conftest import SHARED_DATA, tiny_llama
+
+RECIPES = Path(__file__).resolve().parents[1] / "src" / "ctxaware" / "recipes"
+
+
+def test_mark_appends_indicator_to_selected_turns():
+    conv = Conversation("c", [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+    ], 0)  # fmt: skip
+    scores = [{"conversation_id": "c", "turn": 0, "score": 0.3}, {"conversation_id": "c", "turn": 1, "score": 0.9}]
+    (out,), ratio = mark([conv], scores, 0.6, "[IND]")
+    assert [m["content"] for m in out.messages] == ["S", "q0", "a0", "q1 [IND]", "a1"]
+    assert ratio == {"beta": 0.6, "n_turns": 2, "n_selected": 1, "ratio": 0.5}
+    assert conv.messages[3]["content"] == "q1"  # the input is not modified
+
+
+@pytest.mark.parametrize("name", ["tinyllama_full", "llama_lora", "cpu_smoke"])
+def test_recipes_parse(name):
+    cfg = from_dict(TrainConfig, load_yaml(RECIPES / f"{name}.yaml"))
+    assert cfg.chat_template == "zephyr"
+    if name == "llama_lora":
+        assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.learning_rate) == (16, 16, 0.05, 2e-4)
+        assert len(cfg.lora_target_modules) == 7
+    if name == "tinyllama_full":
+        assert (cfg.method, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_ratio) == ("full", 2e-5, "cosine", 0.1)
+
+
+def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    smollm2_tok.save_pretrained(model_dir)
+    cfg = ExperimentConfig(
+        model=str(model_dir), score_model=str(model_dir), device="cpu", dtype="float32",
+        data=str(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json"), max_conversations=6, max_length=64,
+        max_steps=2, per_device_train_batch_size=2, save_steps=1000, betas=[0.0], eval_tasks=["cf_world_facts"],
+        eval_limit=2, eval_max_new_tokens=2, output_dir=str(tmp_path / "exp"),
+    )  # fmt: skip
+    table = run(cfg)
+    root = tmp_path / "exp"
+    assert "vanilla" in table and "+indicator b=0.0" in table
+    marked = json.loads((root / "data" / "marked_b0.0.json").read_text())
+    assert len(marked) == 6 and all(t["value"].endswith("[IND]") for r in marked for t in r["conversations"][::2])
+    assert (root / "train" / "vanilla" / "model" / "config.json").is_file()
+    ind_cfg = json.loads((root / "train" / "ind_indicator_b0.0" / "model" / "config.json").read_text())
+    assert ind_cfg["vocab_size"] == 49153
+    summary = json.loads((root / "comparison.json").read_text())
+    assert summary["+indicator b=0.0"]["selection"]["ratio"] == 1.0
+    t0 = time.perf_counter()
+    assert run(cfg) == table  # every stage is cached
+    assert time.perf_counter() - t0 < 5

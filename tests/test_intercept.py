@@ -1,0 +1,189 @@
+"""intercept.py against eager oracles; also home of the test-only eager references other tests import."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from ctxaware import intercept
+from ctxaware.chat import ROLES, render
+from ctxaware.errors import CtxawareError
+
+# --- test-only oracles ----------------------------------------------------------------------------------
+
+_REF: dict = {}  # layer -> heads; "emph" -> (B, K) bool; "alpha" -> float
+
+
+def _ref_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+    """Eq. (1) written the slow way: eager softmax, multiply non-emphasised probabilities by alpha, renormalise."""
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1).float()
+    v = value.repeat_interleave(n_rep, dim=1).float()
+    w = query.float() @ k.transpose(-1, -2) * (scaling or module.head_dim**-0.5)  # (B, H, Q, K)
+    if softcap is not None:
+        w = softcap * torch.tanh(w / softcap)
+    if attention_mask is not None:
+        m = attention_mask[:, :, :, : k.shape[2]]
+        w = w.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else w + m.float()
+    p = torch.softmax(w, dim=-1)
+    heads = _REF.get(module.layer_idx)
+    if heads:
+        emph = _REF["emph"][:, None, None, : k.shape[2]]  # (B, 1, 1, K)
+        scale = torch.where(emph, 1.0, _REF["alpha"])
+        ps = p[:, heads] * scale
+        p[:, heads] = ps / ps.sum(-1, keepdim=True)
+    out = (p @ v).to(query.dtype)  # (B, H, Q, d)
+    return out.transpose(1, 2).contiguous(), p
+
+
+AttentionInterface.register("test_ref", _ref_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("test_ref", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+@contextlib.contextmanager
+def attn_impl(model, impl: str):
+    """Switch every config of ``model`` to attention implementation ``impl`` inside the block."""
+    cfgs = [m.config for m in [model, *model.modules()] if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    old = [c._attn_implementation for c in cfgs]
+    for c in cfgs:
+        c._attn_implementation = impl
+    try:
+        yield model
+    finally:
+        for c, o in zip(cfgs, old):
+            c._attn_implementation = o
+
+
+def reference_logits(model, ids, heads: dict, emph: torch.Tensor, alpha: float, mask=None) -> torch.Tensor:
+    """Logits (B, T, V) of a full (uncached) forward with eq. (1) applied by `_ref_attention`."""
+    _REF.clear()
+    _REF.update({int(k): v for k, v in heads.items()}, emph=emph, alpha=alpha)
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        with attn_impl(model, "test_ref"), torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    finally:
+        _REF.clear()
+
+
+def eager_role_oracle(model, ids: torch.Tensor, roles: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """(L, H, R, 5) from eager ``output_attentions=True``: the oracle for capture."""
+    with attn_impl(model, "eager"), torch.no_grad():
+        att = model(input_ids=ids[None], output_attentions=True).attentions  # L x (1, H, T, T)
+    onehot = torch.nn.functional.one_hot(roles, len(ROLES)).double()  # (T, 5)
+    return torch.stack([a[0, :, rows].double() @ onehot for a in att])  # (L, H, R, 5)
+
+
+def tiny_gemma3(layers: int = 4, window: int = 8):
+    """A tiny random Gemma-3 text model with sliding-window layers (every other one)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=window, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2), attn_implementation="eager",
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def tiny_gemma2(layers: int = 2):
+    """A tiny random Gemma-2 with attention logit soft-capping (eager only: sdpa refuses softcap)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=16,
+        max_position_embeddings=512, attn_implementation="eager",
+    )
+    return Gemma2ForCausalLM(cfg).eval()
+
+
+# --- tests ----------------------------------------------------------------------------------------------
+
+
+def _prompt(tok):
+    msgs = [{"role": "user", "content": "Context: The key is hidden under the blue vase in the hall. Where is the key?"}]
+    return render(msgs, tok, "chat", response_prefix="The key is")
+
+
+def test_capture_equals_eager_many_rows_chunked(smollm2):
+    model, tok = smollm2
+    r = _prompt(tok)
+    ids, roles = torch.tensor(r.input_ids), r.role_ids()
+    rows = [0, 5, len(r) // 2, len(r) - 2, len(r) - 1]
+    want = eager_role_oracle(model, ids, roles, rows)
+    groups = torch.nn.functional.one_hot(roles, len(ROLES)).float()[None]
+    layers = list(range(model.config.num_hidden_layers))
+    got = intercept.capture_attention(model, ids[None], None, layers, torch.tensor([rows]), groups, chunk=2)
+    got = torch.stack([got[layer][0] for layer in layers]).double()  # (L, H, R, 5)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_capture_on_eager_model_and_subset_layers(smollm2):
+    model, tok = smollm2
+    r = _prompt(tok)
+    ids, roles = torch.tensor(r.input_ids), r.role_ids()
+    want = eager_role_oracle(model, ids, roles, [len(r) - 1])
+    groups = torch.nn.functional.one_hot(roles, len(ROLES)).float()[None]
+    with attn_impl(model, "eager"):
+        got = intercept.capture_attention(model, ids[None], None, [3, 7], torch.tensor([[len(r) - 1]]), groups)
+    assert set(got) == {3, 7}
+    for layer in (3, 7):
+        assert (got[layer][0].double() - want[layer]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("build", [tiny_gemma3, tiny_gemma2], ids=["gemma3-sliding", "gemma2-softcap"])
+def test_capture_equals_eager_gemma(build):
+    model = build()
+    T = 40  # longer than the sliding window (8), so the window matters
+    ids = torch.randint(5, 500, (T,))
+    roles = torch.randint(0, len(ROLES), (T,))
+    rows = [3, 17, T - 1]
+    want = eager_role_oracle(model, ids, roles, rows)
+    groups = torch.nn.functional.one_hot(roles, len(ROLES)).float()[None]
+    layers = list(range(model.config.num_hidden_layers))
+    impls = ["eager"] if build is tiny_gemma2 else ["eager", "sdpa"]
+    for impl in impls:
+        with attn_impl(model, impl):
+            got = intercept.capture_attention(model, ids[None], None, layers, torch.tensor([rows]), groups)
+        err = max((got[layer][0].double() - want[layer]).abs().max().item() for layer in layers)
+        assert err < 1e-5, (impl, err)
+
+
+def test_zero_bias_is_exact_noop_and_early_stop(smollm2):
+    model, tok = smollm2
+    ids = torch.tensor([_prompt(tok).input_ids])
+    with torch.no_grad():
+        base = model(ids).logits
+
+    def zero(layer, q, k):
+        return ([0, 3], torch.zeros(q.shape[0], 2, 1, k.shape[2])) if layer == 4 else None
+
+    with intercept.intercepted(model, bias=zero) as st, torch.no_grad():
+        got = model(ids).logits
+    assert torch.equal(got, base) and st.biased == {4}
+    cap = intercept.Capture([2], torch.tensor([[ids.shape[1] - 1]]), torch.ones(1, ids.shape[1], 1))
+    with intercept.intercepted(model, capture=cap) as st, pytest.raises(intercept.StopForward):
+        model(ids)
+    assert max(st.fired) == 2  # layers after the deepest captured one never ran
+
+
+def test_errors(smollm2):
+    model, tok = smollm2
+    ids = torch.tensor([_prompt(tok).input_ids])
+    g = torch.ones(1, ids.shape[1], 1)
+    with pytest.raises(CtxawareError, match="does not exist"):
+        intercept.capture_attention(model, ids, None, [99], torch.tensor([[0]]), g)
+    with intercept.intercepted(model), pytest.raises(CtxawareError, match="already intercepted"):
+        with intercept.intercepted(model):
+            pass
+    with attn_impl(model, "flash_attention_2"), pytest.raises(CtxawareError, match="cannot be intercepted"):
+        with intercept.intercepted(model):
+            pass
+    assert model.config._attn_implementation == "sdpa"

@@ -1,0 +1,188 @@
+"""Steering (eq. 1) against an independent eager reference, in prefill and cached decoding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ctxaware.chat import render
+from ctxaware.errors import CtxawareError
+from ctxaware.generate import Batch, generate, left_pad
+from ctxaware.steering import batch_context, emphasis_mask, steer, sweep_alpha, table
+from tests.test_intercept import attn_impl, reference_logits, tiny_gemma3
+
+HEADS = {2: [0, 4], 11: [3], 20: [1, 2, 8]}
+TOL = 1e-4
+
+
+def _prompts(tok):
+    a = [{"role": "system", "content": ""}, {"role": "user", "content": "Document: Mia keeps her bike in the red shed. Where is the bike?"}]
+    b = [{"role": "user", "content": "Context: the meeting moved to Friday at noon. When is the meeting?"}]
+    return [render(a, tok, "chat", response_prefix="The bike is"), render(b, tok, "chat")]
+
+
+def _decode(model, ids, steps: int, ctx_fn, mask=None):
+    """Greedy cached decoding; returns generated ids (B, steps) and per-step logits (B, steps, V)."""
+    cache, logits, out = DynamicCache(), [], []
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    x = ids
+    with ctx_fn(), torch.no_grad():
+        for _ in range(steps):
+            o = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            logits.append(o.logits[:, -1].float())
+            x = o.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            out.append(x)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                pos = pos[:, -1:] + 1
+    return torch.cat(out, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_prefill_and_decoding_match_reference(smollm2, impl):
+    model, tok = smollm2
+    r = _prompts(tok)[0]
+    ids, emph, P = torch.tensor([r.input_ids]), r.mask("user"), len(r)
+    with attn_impl(model, impl):
+        gen, steps = _decode(model, ids, 4, lambda: steer(model, HEADS, emph, 0.1))
+    full = torch.cat([ids, gen[:, :-1]], 1)  # the decoded tokens fed back in one uncached pass
+    emph_full = torch.cat([emph, torch.zeros(full.shape[1] - P, dtype=torch.bool)])[None]
+    ref = reference_logits(model, full, HEADS, emph_full, 0.1)[:, P - 1 :]  # (1, steps, V)
+    assert (steps - ref).abs().max() < TOL
+    with torch.no_grad():
+        plain = model(full).logits[:, P - 1 :].float()
+    assert (plain - ref).abs().max() > 1e-2  # the steering really changes the logits
+
+
+def test_batched_left_padded_equals_unbatched_and_decodes(smollm2):
+    model, tok = smollm2
+    rs = _prompts(tok)
+    ids, mask = left_pad([r.input_ids for r in rs], tok.pad_token_id or 0, "cpu")
+    emph = emphasis_mask(rs, ids.shape[1])
+    gen, steps = _decode(model, ids, 3, lambda: steer(model, HEADS, emph, 0.3), mask=mask)
+    for i, r in enumerate(rs):
+        g1, s1 = _decode(model, torch.tensor([r.input_ids]), 3, lambda r=r: steer(model, HEADS, r, 0.3))
+        assert (steps[i] - s1[0]).abs().max() < TOL
+    # the padded batch against the reference too
+    full = torch.cat([ids, gen[:, :-1]], 1)
+    fmask = torch.cat([mask, torch.ones_like(gen[:, :-1])], 1)
+    ef = torch.cat([emph, torch.zeros_like(gen[:, :-1], dtype=torch.bool)], 1)
+    ref = reference_logits(model, full, HEADS, ef, 0.3, mask=fmask)[:, ids.shape[1] - 1 :]
+    assert (steps - ref).abs().max() < TOL
+
+
+def test_generate_batch_context(smollm2):
+    model, tok = smollm2
+    rs = _prompts(tok)
+    bc = batch_context(model, HEADS, 0.1)
+    batched = generate(model, tok, rs, max_new_tokens=6, batch_size=2, batch_context=bc, progress=False)
+    single = generate(model, tok, rs, max_new_tokens=6, batch_size=1, batch_context=bc, progress=False)
+    plain = generate(model, tok, rs, max_new_tokens=6, batch_size=2, progress=False)
+    one = generate(model, tok, rs, max_new_tokens=6, batch_size=2, batch_context=batch_context(model, "all", 1.0), progress=False)
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.text for g in one] == [g.text for g in plain]
+
+
+def test_alpha_one_is_exact_noop_and_earlier_layers_unchanged(smollm2):
+    model, tok = smollm2
+    r = _prompts(tok)[0]
+    ids = torch.tensor([r.input_ids])
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True)
+        with steer(model, "all", r, 1.0):
+            same = model(ids).logits
+        with steer(model, {10: [3]}, r, 0.01):
+            hs = model(ids, output_hidden_states=True).hidden_states
+    assert torch.equal(same, base.logits)
+    for i in range(11):  # hidden_states[i] is the input of layer i; layer 10's output is hidden_states[11]
+        assert torch.equal(hs[i], base.hidden_states[i]), i
+    assert not torch.allclose(hs[11], base.hidden_states[11])
+
+
+def test_gemma3_sliding_window_prefill_and_decode():
+    model = tiny_gemma3(window=8)
+    ids = torch.randint(5, 500, (1, 24))
+    emph = torch.zeros(24, dtype=torch.bool)
+    emph[4:18] = True
+    heads = {0: [1], 1: [0, 3], 3: [2]}
+    for impl in ("eager", "sdpa"):
+        with attn_impl(model, impl):
+            gen, steps = _decode(model, ids, 4, lambda: steer(model, heads, emph, 0.2))
+        full = torch.cat([ids, gen[:, :-1]], 1)
+        ef = torch.cat([emph, torch.zeros(3, dtype=torch.bool)])[None]
+        ref = reference_logits(model, full, heads, ef, 0.2)[:, 23:]
+        assert (steps - ref).abs().max() < TOL, impl
+
+
+def test_bf16_padded_batch_has_no_nan(smollm2):
+    model, tok = smollm2
+    rs = _prompts(tok)
+    ids, mask = left_pad([r.input_ids for r in rs], tok.pad_token_id or 0, "cpu")
+    model.to(torch.bfloat16)
+    try:
+        with steer(model, HEADS, emphasis_mask(rs, ids.shape[1]), 0.01), torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.isfinite(out[:, -1]).all()
+    finally:
+        model.to(torch.float32)
+
+
+def test_flex_attention_if_supported():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(vocab_size=512)
+    ids = torch.randint(5, 500, (1, 20))
+    emph = torch.zeros(20, dtype=torch.bool)
+    emph[2:12] = True
+    heads = {0: [1], 1: [0, 2]}
+    try:
+        with attn_impl(model, "flex_attention"), steer(model, heads, emph, 0.1), torch.no_grad():
+            got = model(ids).logits
+    except Exception as e:  # noqa: BLE001 - the platform may lack a flex backend
+        if isinstance(e, CtxawareError):
+            raise
+        pytest.skip(f"flex_attention unavailable here: {type(e).__name__}: {str(e)[:80]}")
+    ref = reference_logits(model, ids, heads, emph[None], 0.1)
+    assert (got - ref).abs().max() < TOL
+
+
+def test_bad_inputs(smollm2):
+    model, tok = smollm2
+    r = _prompts(tok)[0]
+    ids = torch.tensor([r.input_ids])
+    for alpha in (0, -0.5, 1.5, math.nan):
+        with pytest.raises(CtxawareError, match="alpha"):
+            with steer(model, HEADS, r, alpha):
+                pass
+    with pytest.raises(CtxawareError, match="heads"):
+        with steer(model, {3: [9]}, r, 0.5):
+            pass
+    with pytest.raises(CtxawareError, match="layer 30 does not exist"):
+        with steer(model, {30: [0]}, r, 0.5):
+            pass
+    with pytest.raises(CtxawareError, match="'all'"):
+        with steer(model, "some", r, 0.5):
+            pass
+    with pytest.raises(CtxawareError, match="covers"), torch.no_grad():
+        with steer(model, HEADS, r.mask("user")[:-1], 0.5):
+            model(ids)
+    with pytest.raises(CtxawareError, match="boolean"):
+        with steer(model, HEADS, r.mask("user").long(), 0.5):
+            pass
+    with pytest.raises(CtxawareError, match="no forward pass"):
+        with steer(model, HEADS, r, 0.5):
+            pass
+    with pytest.raises(CtxawareError, match="Rendered"):
+        emphasis_mask([[1, 2, 3]], 3)
+    with pytest.raises(CtxawareError):
+        batch_context(model, HEADS, 2.0)(Batch(ids, torch.ones_like(ids), [r], [0]))
+
+
+def test_sweep_alpha_table():
+    scores = {None: 0.5, 0.01: 0.2, 0.1: 0.7, 0.3: 0.7, 0.5: 0.6, 0.7: 0.55, 0.9: 0.5}
+    res = sweep_alpha(lambda a, chat: scores[a] if chat else 0.9)
+    assert res["best_alpha"] == 0.3 and res["steered"] == 0.7 and res["baseline"] == 0.5 and res["no_template"] == 0.9
+    assert "alpha=0.3" in table({"m": res})

@@ -1,0 +1,251 @@
+"""Training: loss mask, indicator under LoRA, resume order, QK-only, tracking, mitigations, config errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from ctxaware.chat import render
+from ctxaware.config import parse_config
+from ctxaware.conversations import Conversation, load_conversations
+from ctxaware.errors import CtxawareError
+from ctxaware.results import SkipCounter, read_jsonl
+from ctxaware.train import (
+    TrainConfig,
+    assistant_labels,
+    build_trainer,
+    counterfactual_conversations,
+    filter_parametric,
+    fit,
+    main,
+    no_context_nll,
+    setup_chat_template,
+    tokenize,
+    train,
+)
+from tests.conftest import SHARED_DATA, tiny_llama
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "Six, of course."},
+]
+
+
+@pytest.fixture
+def tok(smollm2_tok):
+    return copy.deepcopy(smollm2_tok)  # tests change the template and add tokens
+
+
+def _labeled_runs(ids, labels, tok) -> list[str]:
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+@pytest.mark.parametrize("template", ["zephyr", "model"])
+def test_loss_mask_is_assistant_content_and_end_of_turn(tok, template):
+    setup_chat_template(tok, template)
+    r = render(CONV, tok, "chat", add_generation_prompt=False)
+    labels = assistant_labels(r, tok)
+    eot = tok.eos_token  # zephyr closes turns with eos; SmolLM2's ChatML with <|im_end|> (its eos)
+    assert _labeled_runs(r.input_ids, labels, tok) == [f"It is 4.{eot}", f"Six, of course.{eot}"]
+    if template == "zephyr":
+        assert r.text == (  # the tokenizer's BOS, then <|role|>\n...</s>\n per message
+            f"{tok.bos_token}<|system|>\nBe brief.{eot}\n<|user|>\nWhat is 2+2?{eot}\n<|assistant|>\nIt is 4.{eot}\n"
+            f"<|user|>\nAnd 3+3?{eot}\n<|assistant|>\nSix, of course.{eot}\n"
+        )
+    for p, role in enumerate(r.roles):  # prompt tokens never get loss
+        if role in ("user", "system", "bos"):
+            assert labels[p] == -100
+
+
+def test_no_trainable_tokens_is_an_error(tok):
+    setup_chat_template(tok, "zephyr")
+    conv = Conversation("a", CONV, 0)
+    with pytest.raises(CtxawareError, match="no trainable tokens"):
+        tokenize([conv], tok, max_length=8, skips=SkipCounter())
+
+
+def test_missing_template_is_an_error(tok):
+    tok.chat_template = None
+    with pytest.raises(CtxawareError, match="no chat template"):
+        setup_chat_template(tok, "model")
+
+
+def test_unknown_config_key_lists_valid_ones(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("learning_rate: 1e-4\nlearnin_rate: 3\n")
+    with pytest.raises(CtxawareError, match="unknown option.*learnin_rate.*valid options are:.*learning_rate"):
+        main([str(y)])
+    y.write_text("learning_rate: 1e-4\nmethod: lora\n")
+    cfg = parse_config(TrainConfig, ["--config", str(y), "--lora-r", "8"])
+    assert cfg.learning_rate == 1e-4 and cfg.lora_r == 8
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json"),
+        max_conversations=16,
+        output_dir=str(tmp_path / "run"),
+        max_length=96,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
+        save_steps=1000,
+        logging_steps=1,
+        device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _marked_data(tmp_path, n=16):
+    convs, _ = load_conversations(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json", limit=n)
+    rows = [{"id": c.id, "messages": [{**m, "content": m["content"] + " [IND]"} if m["role"] == "user" else m
+                                      for m in c.messages]} for c in convs]
+    p = tmp_path / "marked.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def test_indicator_embedding_is_trained_under_lora(tmp_path, tok):
+    model = tiny_llama()
+    cfg = _cfg(tmp_path, data=_marked_data(tmp_path), indicator=True, method="lora", max_steps=3)
+    trainer, info = build_trainer(cfg, model, tok)
+    tid = info["indicator_id"]
+    assert tid == tok.convert_tokens_to_ids("[IND]") and tid == 49152
+    before = model.get_input_embeddings().weight.detach().clone()
+    summary = fit(cfg, trainer, info)
+    merged = trainer.model if not hasattr(trainer.model, "base_model") else trainer.model.merge_and_unload()
+    after = merged.get_input_embeddings().weight.detach()
+    assert not torch.allclose(after[tid], before[tid]), "the [IND] row did not change"
+    assert torch.equal(after[:tid], before[:tid]), "other embedding rows must stay frozen under LoRA"
+    assert summary["data"]["indicator_marked_user_turns"] > 0
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["vocab_size"] == 49153
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, tok):
+    with pytest.raises(CtxawareError, match="bitsandbytes and a CUDA GPU"):
+        build_trainer(_cfg(tmp_path, method="qlora"), tiny_llama(), tok)
+
+
+def test_qk_only_changes_only_q_and_k(tmp_path, tok):
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = _cfg(tmp_path, method="full", train_modules=["q_proj", "k_proj"], max_steps=2)
+    train(cfg, model, tok)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight")) for n in changed)
+    assert len(changed) == 2 * model.config.num_hidden_layers
+
+
+class _Stop(Exception):
+    pass
+
+
+class _CrashAfterSave:
+    """A callback that kills the run right after the checkpoint at ``step`` is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __getattr__(self, name):  # every other callback event is a no-op
+        return lambda *a, **k: None
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise _Stop
+
+
+def _record_batches(trainer, log):
+    collate = trainer.data_collator
+
+    def recording(examples):
+        log.append(tuple(tuple(e["input_ids"][:12]) for e in examples))
+        return collate(examples)
+
+    trainer.data_collator = recording
+
+
+def test_resume_continues_with_the_same_data_order(tmp_path, tok):
+    full_log, part_log, resumed_log = [], [], []
+    cfg = _cfg(tmp_path / "a", max_steps=6, save_steps=3, num_train_epochs=1.0)
+    trainer, info = build_trainer(cfg, tiny_llama(), copy.deepcopy(tok))
+    _record_batches(trainer, full_log)
+    fit(cfg, trainer, info)
+
+    cfg2 = _cfg(tmp_path / "b", max_steps=6, save_steps=3)
+    trainer, info = build_trainer(cfg2, tiny_llama(), copy.deepcopy(tok), callbacks=[_CrashAfterSave(3)])
+    _record_batches(trainer, part_log)
+    with pytest.raises(_Stop):
+        trainer.train()
+    assert (tmp_path / "b" / "run" / "checkpoint-3").is_dir()
+
+    changed = _cfg(tmp_path / "b", max_steps=6, save_steps=3, learning_rate=5e-3)
+    with pytest.raises(CtxawareError, match="differs in: learning_rate"):
+        build_trainer(changed, tiny_llama(), copy.deepcopy(tok))
+
+    trainer, info = build_trainer(cfg2, tiny_llama(), copy.deepcopy(tok))  # resume_from_checkpoint: auto
+    assert info["resume_from"].endswith("checkpoint-3")
+    _record_batches(trainer, resumed_log)
+    summary = fit(cfg2, trainer, info)
+    assert summary["global_step"] == 6
+    assert part_log[:3] == full_log[:3]
+    assert resumed_log[:3] == full_log[3:6]
+
+
+def test_tracking_callback_writes_ps_po_at_requested_steps(tmp_path, tok):
+    cfg = _cfg(tmp_path, max_steps=4, track_every=2, track_n=3, track_max_new_tokens=3)
+    summary = train(cfg, tiny_llama(), tok)
+    rows = list(read_jsonl(tmp_path / "run" / "context_reliance" / "rows.jsonl"))
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all(0 <= r["p_s"] <= 1 and 0 <= r["p_o"] <= 1 and r["n"] == 3 for r in rows)
+    assert (tmp_path / "run" / "context_reliance" / "context_reliance.png").is_file()
+    assert summary["context_reliance"] == rows
+    again = train(cfg, tiny_llama(), tok)  # a finished run is not trained twice
+    assert again["wall_s"] == summary["wall_s"]
+
+
+def test_filter_parametric_drops_the_predictable_responses(smollm2, tok):
+    model = smollm2[0]
+    setup_chat_template(tok, "zephyr")
+    responses = {
+        "count": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16",
+        "gibberish": "Zebra quantum 17 mollusc teapot vortex glimmer 88 pancake ostrich.",
+        "alphabet": "A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P, Q, R, S",
+        "noise": "Purple 3x kettle borrows 91 tangerine orbit of mild sandpaper quietly.",
+    }
+    convs = [Conversation(k, [{"role": "user", "content": f"Tell me something ({k})."},
+                              {"role": "assistant", "content": v}], i) for i, (k, v) in enumerate(responses.items())]
+    nll = no_context_nll(model, tok, convs)
+    kept, dropped = filter_parametric(convs, nll, 0.5)
+    assert {c.id for c in dropped} == {"count", "alphabet"}
+    assert [c.id for c in kept] == ["gibberish", "noise"]
+    other_user = [Conversation("x", [{"role": "user", "content": "Different context!"}, convs[0].messages[1]], 0)]
+    assert no_context_nll(model, tok, other_user)[0] == pytest.approx(nll[0], abs=1e-5)  # the context is removed
+
+
+def test_counterfactual_mix_from_nqswap_zip():
+    convs = counterfactual_conversations(f"{SHARED_DATA / 'conflict' / 'nqswap.zip'}:0.5", 20, seed=0)
+    assert len(convs) == 10
+    assert all(c.messages[0]["content"].startswith("Background:") and c.messages[1]["content"] for c in convs)
+    assert not any(c.messages[1]["content"].startswith("[") for c in convs)  # "['23']" is parsed, not copied
+    with pytest.raises(CtxawareError, match="PATH:RATIO"):
+        counterfactual_conversations("nqswap.zip", 20, seed=0)
