@@ -77,7 +77,9 @@ def test_role_spans_on_template_styles(tok, name):
     messages = CONVERSATION[1:] if name == "gemma" else CONVERSATION
     r = render(messages, tok, "chat", response_prefix="Rome")
     _check_roles(r, tok, messages)
-    assert r.roles[r.prefix_span.start : r.prefix_span.end] == ["assistant"] * (r.prefix_span.end - r.prefix_span.start)
+    assert r.roles[r.prefix_span.start : r.prefix_span.end] == ["assistant"] * (
+        r.prefix_span.end - r.prefix_span.start
+    )
     assert r.text.endswith("Rome")
     assert "template" in r.roles  # the markers are there and are not content
 

@@ -23,7 +23,10 @@ def test_mark_appends_indicator_to_selected_turns():
         {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},
         {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
     ], 0)  # fmt: skip
-    scores = [{"conversation_id": "c", "turn": 0, "score": 0.3}, {"conversation_id": "c", "turn": 1, "score": 0.9}]
+    scores = [
+        {"conversation_id": "c", "turn": 0, "score": 0.3},
+        {"conversation_id": "c", "turn": 1, "score": 0.9},
+    ]
     (out,), ratio = mark([conv], scores, 0.6, "[IND]")
     assert [m["content"] for m in out.messages] == ["S", "q0", "a0", "q1 [IND]", "a1"]
     assert ratio == {"beta": 0.6, "n_turns": 2, "n_selected": 1, "ratio": 0.5}
@@ -38,7 +41,12 @@ def test_recipes_parse(name):
         assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.learning_rate) == (16, 16, 0.05, 2e-4)
         assert len(cfg.lora_target_modules) == 7
     if name == "tinyllama_full":
-        assert (cfg.method, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_ratio) == ("full", 2e-5, "cosine", 0.1)
+        assert (cfg.method, cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_ratio) == (
+            "full",
+            2e-5,
+            "cosine",
+            0.1,
+        )
 
 
 def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
@@ -55,7 +63,7 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     root = tmp_path / "exp"
     assert "vanilla" in table and "+indicator b=0.0" in table
     marked = json.loads((root / "data" / "marked_b0.0.json").read_text())
-    assert len(marked) == 6 and all(t["value"].endswith("[IND]") for r in marked for t in r["conversations"][::2])
+    assert len(marked) == 6 and all(r["conversations"][0]["value"].endswith("[IND]") for r in marked)
     assert (root / "train" / "vanilla" / "model" / "config.json").is_file()
     ind_cfg = json.loads((root / "train" / "ind_indicator_b0.0" / "model" / "config.json").read_text())
     assert ind_cfg["vocab_size"] == 49153

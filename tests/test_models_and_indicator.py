@@ -66,9 +66,13 @@ def test_append_indicator_idempotent():
 
 def test_cli_errors_are_one_line_exit_2():
     p = subprocess.run(
-        [sys.executable, "-m", "ctxaware.cli", "render", "--model", "no-such-model"], capture_output=True, text=True
+        [sys.executable, "-m", "ctxaware.cli", "render", "--model", "no-such-model"],
+        capture_output=True,
+        text=True,
     )
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "unknown model" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "ctxaware.cli", "render", "--bogus", "1"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "ctxaware.cli", "render", "--bogus", "1"], capture_output=True, text=True
+    )
     assert p.returncode == 2

@@ -78,12 +78,9 @@ def test_generate_batch_context(smollm2):
     model, tok = smollm2
     rs = _prompts(tok)
     bc = batch_context(model, HEADS, 0.1)
-    batched = generate(model, tok, rs, max_new_tokens=6, batch_size=2, batch_context=bc, progress=False)
-    single = generate(model, tok, rs, max_new_tokens=6, batch_size=1, batch_context=bc, progress=False)
-    plain = generate(model, tok, rs, max_new_tokens=6, batch_size=2, progress=False)
-    one = generate(model, tok, rs, max_new_tokens=6, batch_size=2, batch_context=batch_context(model, "all", 1.0), progress=False)
+    batched = generate(model, tok, rs, max_new_tokens=4, batch_size=2, batch_context=bc, progress=False)
+    single = generate(model, tok, rs, max_new_tokens=4, batch_size=1, batch_context=bc, progress=False)
     assert [g.text for g in batched] == [g.text for g in single]
-    assert [g.text for g in one] == [g.text for g in plain]
 
 
 def test_alpha_one_is_exact_noop_and_earlier_layers_unchanged(smollm2):
@@ -130,6 +127,7 @@ def test_bf16_padded_batch_has_no_nan(smollm2):
         model.to(torch.float32)
 
 
+@pytest.mark.slow  # compiling flex attention takes ~1 min on CPU (and fails without a working C++ toolchain)
 def test_flex_attention_if_supported():
     from tests.conftest import tiny_llama
 

@@ -89,7 +89,9 @@ def test_missing_template_is_an_error(tok):
 def test_unknown_config_key_lists_valid_ones(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("learning_rate: 1e-4\nlearnin_rate: 3\n")
-    with pytest.raises(CtxawareError, match="unknown option.*learnin_rate.*valid options are:.*learning_rate"):
+    with pytest.raises(
+        CtxawareError, match="unknown option.*learnin_rate.*valid options are:.*learning_rate"
+    ):
         main([str(y)])
     y.write_text("learning_rate: 1e-4\nmethod: lora\n")
     cfg = parse_config(TrainConfig, ["--config", str(y), "--lora-r", "8"])
@@ -117,8 +119,15 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
 
 def _marked_data(tmp_path, n=16):
     convs, _ = load_conversations(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json", limit=n)
-    rows = [{"id": c.id, "messages": [{**m, "content": m["content"] + " [IND]"} if m["role"] == "user" else m
-                                      for m in c.messages]} for c in convs]
+    rows = [
+        {
+            "id": c.id,
+            "messages": [
+                {**m, "content": m["content"] + " [IND]"} if m["role"] == "user" else m for m in c.messages
+            ],
+        }
+        for c in convs
+    ]
     p = tmp_path / "marked.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(p)
@@ -178,7 +187,7 @@ def _record_batches(trainer, log):
     collate = trainer.data_collator
 
     def recording(examples):
-        log.append(tuple(tuple(e["input_ids"][:12]) for e in examples))
+        log.append(tuple(tuple(e["input_ids"]) for e in examples))
         return collate(examples)
 
     trainer.data_collator = recording
@@ -186,29 +195,29 @@ def _record_batches(trainer, log):
 
 def test_resume_continues_with_the_same_data_order(tmp_path, tok):
     full_log, part_log, resumed_log = [], [], []
-    cfg = _cfg(tmp_path / "a", max_steps=6, save_steps=3, num_train_epochs=1.0)
+    cfg = _cfg(tmp_path / "a", max_steps=4, save_steps=2)
     trainer, info = build_trainer(cfg, tiny_llama(), copy.deepcopy(tok))
     _record_batches(trainer, full_log)
     fit(cfg, trainer, info)
 
-    cfg2 = _cfg(tmp_path / "b", max_steps=6, save_steps=3)
-    trainer, info = build_trainer(cfg2, tiny_llama(), copy.deepcopy(tok), callbacks=[_CrashAfterSave(3)])
+    cfg2 = _cfg(tmp_path / "b", max_steps=4, save_steps=2)
+    trainer, info = build_trainer(cfg2, tiny_llama(), copy.deepcopy(tok), callbacks=[_CrashAfterSave(2)])
     _record_batches(trainer, part_log)
     with pytest.raises(_Stop):
         trainer.train()
-    assert (tmp_path / "b" / "run" / "checkpoint-3").is_dir()
+    assert (tmp_path / "b" / "run" / "checkpoint-2").is_dir()
 
-    changed = _cfg(tmp_path / "b", max_steps=6, save_steps=3, learning_rate=5e-3)
+    changed = _cfg(tmp_path / "b", max_steps=4, save_steps=2, learning_rate=5e-3)
     with pytest.raises(CtxawareError, match="differs in: learning_rate"):
         build_trainer(changed, tiny_llama(), copy.deepcopy(tok))
 
     trainer, info = build_trainer(cfg2, tiny_llama(), copy.deepcopy(tok))  # resume_from_checkpoint: auto
-    assert info["resume_from"].endswith("checkpoint-3")
+    assert info["resume_from"].endswith("checkpoint-2")
     _record_batches(trainer, resumed_log)
     summary = fit(cfg2, trainer, info)
-    assert summary["global_step"] == 6
-    assert part_log[:3] == full_log[:3]
-    assert resumed_log[:3] == full_log[3:6]
+    assert summary["global_step"] == 4
+    assert part_log[:2] == full_log[:2]
+    assert resumed_log[:2] == full_log[2:4] and len(set(full_log[:4])) == 4  # (+1 prefetched batch)
 
 
 def test_tracking_callback_writes_ps_po_at_requested_steps(tmp_path, tok):
@@ -232,14 +241,24 @@ def test_filter_parametric_drops_the_predictable_responses(smollm2, tok):
         "alphabet": "A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P, Q, R, S",
         "noise": "Purple 3x kettle borrows 91 tangerine orbit of mild sandpaper quietly.",
     }
-    convs = [Conversation(k, [{"role": "user", "content": f"Tell me something ({k})."},
-                              {"role": "assistant", "content": v}], i) for i, (k, v) in enumerate(responses.items())]
+    convs = [
+        Conversation(
+            k,
+            [{"role": "user", "content": f"Tell me something ({k})."}, {"role": "assistant", "content": v}],
+            i,
+        )
+        for i, (k, v) in enumerate(responses.items())
+    ]
     nll = no_context_nll(model, tok, convs)
     kept, dropped = filter_parametric(convs, nll, 0.5)
     assert {c.id for c in dropped} == {"count", "alphabet"}
     assert [c.id for c in kept] == ["gibberish", "noise"]
-    other_user = [Conversation("x", [{"role": "user", "content": "Different context!"}, convs[0].messages[1]], 0)]
-    assert no_context_nll(model, tok, other_user)[0] == pytest.approx(nll[0], abs=1e-5)  # the context is removed
+    other_user = [
+        Conversation("x", [{"role": "user", "content": "Different context!"}, convs[0].messages[1]], 0)
+    ]
+    assert no_context_nll(model, tok, other_user)[0] == pytest.approx(
+        nll[0], abs=1e-5
+    )  # the context is removed
 
 
 def test_counterfactual_mix_from_nqswap_zip():

@@ -69,12 +69,12 @@ def role_allocation(
     answer token, as in the paper). ``layers`` default to all; the result's L follows ``layers``' order.
     Prompts are batched (sorted by length, left-padded) ``batch_size`` at a time.
     """
-    n_layers, _ = _model_shape(model)
-    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     positions = [[len(p) - 1] for p in prompts] if positions is None else [list(q) for q in positions]
     for i, (p, qs) in enumerate(zip(prompts, positions)):
         if not qs or any(not 0 <= q < len(p) for q in qs):
             raise CtxawareError(f"prompt {i}: query positions {qs} must lie in 0..{len(p) - 1}")
+    n_layers, _ = _model_shape(model)
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[torch.Tensor | None] = [None] * len(prompts)

@@ -108,9 +108,12 @@ def build_prompt(task: Task, ex: Example, tok, mode: str, style: str, indicator:
 
 
 def score_example(task: Task, ex: Example, prediction: str) -> dict:
+    """The task's metrics of one prediction, plus ``empty`` (the model answered nothing, e.g. EOS at once)."""
     if task.kind == "conflict":
-        return conflict_scores(prediction, ex.answers, ex.memory_answers)
-    return qa_scores(prediction, ex.answers, ex.spans)
+        scores = conflict_scores(prediction, ex.answers, ex.memory_answers)
+    else:
+        scores = qa_scores(prediction, ex.answers, ex.spans)
+    return {**scores, "empty": float(not prediction.strip())}
 
 
 def _row_base(task: Task, ex: Example, prompt_text: str) -> dict:
@@ -121,7 +124,7 @@ def _row_base(task: Task, ex: Example, prompt_text: str) -> dict:
 def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> None:
     """QA and conflict tasks: generate in chunks, score, write each chunk (so a killed run loses little)."""
     prefix = cfg.plain_prefix if mode == "plain" else None
-    chunk = max(1, cfg.batch_size) * 4
+    chunk = max(1, cfg.batch_size)  # one batch per write: a killed run loses at most one batch
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         prompts = [build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix) for ex in part]

@@ -40,14 +40,22 @@ class ExperimentConfig(TrainConfig):
         nih_lengths / nih_depths: the NIH grid (empty lengths: no NIH).
     """
 
-    score_model: str = dataclasses.field(default="default", metadata={"help": "seed model for eq. (2) scores"})
-    score_layer: int | None = dataclasses.field(default=None, metadata={"help": "scoring layer (default: middle)"})
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.6], metadata={"help": "selection thresholds"})
+    score_model: str = dataclasses.field(
+        default="default", metadata={"help": "seed model for eq. (2) scores"}
+    )
+    score_layer: int | None = dataclasses.field(
+        default=None, metadata={"help": "scoring layer (default: middle)"}
+    )
+    betas: list[float] = dataclasses.field(
+        default_factory=lambda: [0.6], metadata={"help": "selection thresholds"}
+    )
     eval_tasks: list[str] = dataclasses.field(
         default_factory=lambda: ["squad", "quac", "drop", "cf_world_facts", "nqswap"],
         metadata={"help": "evaluation tasks (ctxaware.tasks names)"},
     )
-    eval_limit: int | None = dataclasses.field(default=100, metadata={"help": "examples per task (seeded sample)"})
+    eval_limit: int | None = dataclasses.field(
+        default=100, metadata={"help": "examples per task (seeded sample)"}
+    )
     eval_max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "new tokens per answer"})
     nih_lengths: list[int] = dataclasses.field(default_factory=list, metadata={"help": "NIH context lengths"})
     nih_depths: list[float] = dataclasses.field(
@@ -75,11 +83,13 @@ def stage_score(cfg: ExperimentConfig, root: Path) -> Path:
 
 def mark(convs: list, scores: list[dict], beta: float, token: str) -> tuple[list, dict]:
     """Append ``token`` to the user message X_m of every turn m with score > beta; return the ratio."""
-    selected = {(r["conversation_id"], r["turn"]) for r in scores if r.get("score") is not None and r["score"] > beta}
+    selected = {
+        (r["conversation_id"], r["turn"]) for r in scores if r.get("score") is not None and r["score"] > beta
+    }
     out = []
     for c in convs:
         msgs, turn = [], 0
-        for i, m in enumerate(c.messages):
+        for m in c.messages:
             if m["role"] == "user" and (c.id, turn) in selected:
                 m = {**m, "content": append_indicator(m["content"], token)}
             if m["role"] == "assistant":
@@ -93,12 +103,16 @@ def mark(convs: list, scores: list[dict], beta: float, token: str) -> tuple[list
 def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: float) -> Path:
     """The [IND]-marked copy of the training data for ``beta`` (same conversations, same order)."""
     out = root / "data" / f"marked_b{beta}.json"
-    if out.is_file():
-        return out
-    convs, _ = load_conversations(cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations)  # type: ignore[arg-type]
+    meta = out.with_suffix(".selection.json")
+    inputs = {"data": cfg.data, "limit": cfg.max_conversations, "token": cfg.indicator_token, "beta": beta}
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("inputs") == inputs:
+        return out  # cached: the same data, rows, token and threshold
+    convs, _ = load_conversations(
+        cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations
+    )  # type: ignore[arg-type]
     marked, ratio = mark(convs, list(read_jsonl(scores_path)), beta, cfg.indicator_token)
     write_conversations(marked, out)
-    write_json_atomic(out.with_suffix(".selection.json"), ratio)
+    write_json_atomic(meta, {**ratio, "inputs": inputs})
     return out
 
 
@@ -118,7 +132,9 @@ def stage_evaluate(cfg: ExperimentConfig, root: Path, name: str, model_dir: str,
     model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
     ecfg = EvalConfig(model=model_dir, modes=["chat"], indicator=indicator, limit=cfg.eval_limit, seed=cfg.seed,
                       max_new_tokens=cfg.eval_max_new_tokens, output=str(root / "eval" / name))  # fmt: skip
-    results = evaluate_tasks(model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=root / "eval" / name)
+    results = evaluate_tasks(
+        model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=root / "eval" / name
+    )
     del model
     if cfg.nih_lengths:
         results["nih"] = stage_nih(cfg, root, name, model_dir, indicator)
@@ -143,11 +159,19 @@ def compare(root: Path, runs: dict[str, dict]) -> str:
     from ctxaware.plotting import context_reliance_steps
     from ctxaware.stats import fmt
 
-    table = summary_markdown({name: {"chat": {k: v for k, v in r["eval"].items() if k != "nih"}} for name, r in runs.items()})
-    nih_rows = [f"| {name} | {fmt(r['eval']['nih']['metrics']['recall'])} |" for name, r in runs.items() if "nih" in r["eval"]]
+    table = summary_markdown(
+        {name: {"chat": {k: v for k, v in r["eval"].items() if k != "nih"}} for name, r in runs.items()}
+    )
+    nih_rows = [
+        f"| {name} | {fmt(r['eval']['nih']['metrics']['recall'])} |"
+        for name, r in runs.items()
+        if "nih" in r["eval"]
+    ]
     if nih_rows:
         table += "\n\n| run | NIH recall |\n|---|---|\n" + "\n".join(nih_rows)
-    curves = {name: r["train"]["context_reliance"] for name, r in runs.items() if r["train"].get("context_reliance")}
+    curves = {
+        name: r["train"]["context_reliance"] for name, r in runs.items() if r["train"].get("context_reliance")
+    }
     if curves:
         context_reliance_steps(curves, root / "context_reliance.png")
     (root / "comparison.md").write_text(table + "\n")
@@ -169,7 +193,10 @@ def run(cfg: ExperimentConfig) -> str:
     for name, (data, indicator) in plan.items():
         slug = name.replace("+", "ind_").replace(" b=", "_b").replace(" ", "_")
         summary = stage_train(cfg, root, slug, data, indicator)
-        runs[name] = {"train": summary, "eval": stage_evaluate(cfg, root, slug, summary["model_dir"], indicator)}
+        runs[name] = {
+            "train": summary,
+            "eval": stage_evaluate(cfg, root, slug, summary["model_dir"], indicator),
+        }
         if indicator:
             runs[name]["selection"] = json.loads(Path(data).with_suffix(".selection.json").read_text())
     return compare(root, runs)

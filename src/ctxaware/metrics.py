@@ -192,8 +192,8 @@ def memorization_ratio(p_o: Sequence[float], p_s: Sequence[float], n_resamples: 
 
 
 METRICS_BY_KIND = {
-    "qa": ("containment", "em", "f1", "drop_em", "drop_f1"),
-    "conflict": ("p_s", "p_o"),
+    "qa": ("containment", "em", "f1", "drop_em", "drop_f1", "empty"),
+    "conflict": ("p_s", "p_o", "empty"),
     "choice": ("accuracy",),
     "mtbench": ("rating", "rating_turn1", "rating_turn2"),
 }

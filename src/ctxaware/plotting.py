@@ -161,3 +161,39 @@ def nih_heatmap(
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05, label="keyword recall")
     return _save(fig, path)
+
+
+def layer_disagreement_heatmap(matrix: list[list[float]], layers: list[int], path: str | Path, title: str) -> Path:
+    """Paper Fig. 5: ``matrix[i][j]`` = fraction of top-scored turns selected at layer ``layers[i]`` but not
+    at ``layers[j]``."""
+    import numpy as np
+
+    n = len(layers)
+    fig, ax = plt.subplots(figsize=(max(5, 0.28 * n + 2), max(4.2, 0.26 * n + 1.5)))
+    im = ax.imshow(np.asarray(matrix, dtype=float), cmap="viridis", vmin=0, vmax=1, origin="lower")
+    step = max(1, n // 15)
+    ax.set_xticks(range(0, n, step), [str(x) for x in layers[::step]])
+    ax.set_yticks(range(0, n, step), [str(x) for x in layers[::step]])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="disagreement (fraction of top-10% turns)")
+    return _save(fig, path)
+
+
+def length_histograms(series: dict[str, list[int]], path: str | Path, title: str, xlabel: str) -> Path:
+    """Paper Fig. 6-8: overlaid density histograms of lengths (log-spaced bins), one per series."""
+    import numpy as np
+
+    vals = [v for s in series.values() for v in s if v > 0]
+    bins = np.logspace(0, np.log10(max(vals + [10])) + 0.05, 30)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in series.items():
+        if s:
+            ax.hist([max(1, v) for v in s], bins=bins, density=True, alpha=0.5, label=f"{name} (n={len(s)})")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -173,3 +174,35 @@ def table(rows: dict[str, dict]) -> str:
             f"| {name} | {r['baseline']:.3f} | {r['steered']:.3f} (alpha={r['best_alpha']:g}) | {r['no_template']:.3f} |"
         )
     return "\n".join(lines)
+
+
+# --- NIH alpha sweep (minimal; `ctxaware nih --steer` is the full harness) ----------------------------------
+
+NIH_KEYWORDS = ("eat", "sandwich", "sit", "dolores", "park", "sunny", "day")
+
+
+def nih_recall(text: str) -> float:
+    """The paper's subword match: fraction of the needle's keywords found as whole words in ``text``."""
+    words = set(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    return sum(k in words for k in NIH_KEYWORDS) / len(NIH_KEYWORDS)
+
+
+def nih_sweep(
+    model, tok, heads: Heads | str, lengths, depths, haystack, alphas=ALPHAS, batch_size: int = 4, max_new_tokens: int = 24
+) -> dict:
+    """Table 1 on an NIH grid built by `ctxaware.attention.nih_prompts`: `sweep_alpha` of mean recall."""
+    from ctxaware.attention import nih_prompts
+    from ctxaware.generate import generate
+
+    prompts = {chat: nih_prompts(tok, lengths, depths, chat=chat, haystack=haystack) for chat in (True, False)}
+    per_cell: dict[str, list[float]] = {}
+
+    def evaluate(alpha: float | None, chat: bool) -> float:
+        bc = batch_context(model, heads, alpha) if alpha is not None else None
+        gens = generate(model, tok, prompts[chat], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        stop=("\n",), batch_context=bc, progress=False)  # fmt: skip
+        scores = [nih_recall(g.text) for g in gens]
+        per_cell[f"{'chat' if chat else 'plain'}@{alpha}"] = scores
+        return sum(scores) / len(scores)
+
+    return sweep_alpha(evaluate, alphas) | {"per_cell": per_cell, "n_prompts": len(prompts[True])}

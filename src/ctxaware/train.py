@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -70,17 +69,32 @@ class TrainConfig(ModelConfig):
     ``filter_parametric``, ``counterfactual_mix``.
     """
 
-    data: str | None = dataclasses.field(default=None, metadata={"help": "SFT data: .json/.jsonl/.parquet or hub id"})
-    data_format: str = dataclasses.field(default="auto", metadata={"help": "auto, sharegpt, messages or alpaca"})
-    data_split: str = dataclasses.field(default="train", metadata={"help": "split for hub datasets"})
-    max_conversations: int | None = dataclasses.field(default=None, metadata={"help": "use the first N rows only"})
-    output_dir: str = dataclasses.field(default="runs/train", metadata={"help": "checkpoints, model and logs"})
-    chat_template: str | None = dataclasses.field(
-        default="zephyr", metadata={"help": "zephyr (the paper's, for every model), model (its own) or a .jinja file"}
+    data: str | None = dataclasses.field(
+        default=None, metadata={"help": "SFT data: .json/.jsonl/.parquet or hub id"}
     )
-    indicator: bool = dataclasses.field(default=False, metadata={"help": "add the indicator token and train it"})
-    indicator_token: str = dataclasses.field(default=DEFAULT_INDICATOR, metadata={"help": "the indicator token"})
-    method: Literal["full", "lora", "qlora"] = dataclasses.field(default="lora", metadata={"help": "full, lora or qlora"})
+    data_format: str = dataclasses.field(
+        default="auto", metadata={"help": "auto, sharegpt, messages or alpaca"}
+    )
+    data_split: str = dataclasses.field(default="train", metadata={"help": "split for hub datasets"})
+    max_conversations: int | None = dataclasses.field(
+        default=None, metadata={"help": "use the first N rows only"}
+    )
+    output_dir: str = dataclasses.field(
+        default="runs/train", metadata={"help": "checkpoints, model and logs"}
+    )
+    chat_template: str | None = dataclasses.field(
+        default="zephyr",
+        metadata={"help": "zephyr (the paper's, for every model), model (its own) or a .jinja file"},
+    )
+    indicator: bool = dataclasses.field(
+        default=False, metadata={"help": "add the indicator token and train it"}
+    )
+    indicator_token: str = dataclasses.field(
+        default=DEFAULT_INDICATOR, metadata={"help": "the indicator token"}
+    )
+    method: Literal["full", "lora", "qlora"] = dataclasses.field(
+        default="lora", metadata={"help": "full, lora or qlora"}
+    )
     lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = dataclasses.field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -88,32 +102,55 @@ class TrainConfig(ModelConfig):
         default_factory=lambda: list(ALL_PROJECTIONS), metadata={"help": "modules that get LoRA adapters"}
     )
     train_modules: list[str] | None = dataclasses.field(
-        default=None, metadata={"help": "train only these modules (q_proj,k_proj = QK-only); LoRA: its targets"}
+        default=None,
+        metadata={"help": "train only these modules (q_proj,k_proj = QK-only); LoRA: its targets"},
     )
     max_length: int = dataclasses.field(default=4096, metadata={"help": "truncate conversations to N tokens"})
     num_train_epochs: float = dataclasses.field(default=1.0, metadata={"help": "epochs"})
-    max_steps: int = dataclasses.field(default=-1, metadata={"help": "optimizer steps (overrides epochs when > 0)"})
+    max_steps: int = dataclasses.field(
+        default=-1, metadata={"help": "optimizer steps (overrides epochs when > 0)"}
+    )
     learning_rate: float = dataclasses.field(default=2e-4, metadata={"help": "peak learning rate"})
-    lr_scheduler_type: str = dataclasses.field(default="cosine", metadata={"help": "cosine, linear, constant, ..."})
-    warmup_ratio: float = dataclasses.field(default=0.1, metadata={"help": "fraction of steps for linear warmup"})
-    per_device_train_batch_size: int = dataclasses.field(default=4, metadata={"help": "batch size per device"})
-    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"help": "gradient accumulation"})
+    lr_scheduler_type: str = dataclasses.field(
+        default="cosine", metadata={"help": "cosine, linear, constant, ..."}
+    )
+    warmup_ratio: float = dataclasses.field(
+        default=0.1, metadata={"help": "fraction of steps for linear warmup"}
+    )
+    per_device_train_batch_size: int = dataclasses.field(
+        default=4, metadata={"help": "batch size per device"}
+    )
+    gradient_accumulation_steps: int = dataclasses.field(
+        default=1, metadata={"help": "gradient accumulation"}
+    )
     weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
-    bf16: bool | None = dataclasses.field(default=None, metadata={"help": "bf16 mixed precision (none: on capable GPUs)"})
-    gradient_checkpointing: bool = dataclasses.field(default=False, metadata={"help": "trade compute for memory"})
+    bf16: bool | None = dataclasses.field(
+        default=None, metadata={"help": "bf16 mixed precision (none: on capable GPUs)"}
+    )
+    gradient_checkpointing: bool = dataclasses.field(
+        default=False, metadata={"help": "trade compute for memory"}
+    )
     seed: int = dataclasses.field(default=42, metadata={"help": "seed of init, data order and sampling"})
     save_steps: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N steps"})
-    save_total_limit: int | None = dataclasses.field(default=2, metadata={"help": "keep the last N checkpoints"})
+    save_total_limit: int | None = dataclasses.field(
+        default=2, metadata={"help": "keep the last N checkpoints"}
+    )
     logging_steps: int = dataclasses.field(default=10, metadata={"help": "log the loss every N steps"})
     resume_from_checkpoint: str | None = dataclasses.field(
-        default="auto", metadata={"help": "auto (last checkpoint in output_dir, if any), a checkpoint dir, or none"}
+        default="auto",
+        metadata={"help": "auto (last checkpoint in output_dir, if any), a checkpoint dir, or none"},
     )
-    track_every: int = dataclasses.field(default=0, metadata={"help": "measure p_s/p_o every K steps (0: off)"})
+    track_every: int = dataclasses.field(
+        default=0, metadata={"help": "measure p_s/p_o every K steps (0: off)"}
+    )
     track_data: str = dataclasses.field(
-        default="cf_world_facts", metadata={"help": "counterfactual set: a task name or a .json/.jsonl/.zip file"}
+        default="cf_world_facts",
+        metadata={"help": "counterfactual set: a task name or a .json/.jsonl/.zip file"},
     )
     track_n: int = dataclasses.field(default=64, metadata={"help": "counterfactual examples per measurement"})
-    track_max_new_tokens: int = dataclasses.field(default=24, metadata={"help": "tokens generated per example"})
+    track_max_new_tokens: int = dataclasses.field(
+        default=24, metadata={"help": "tokens generated per example"}
+    )
     filter_parametric: float = dataclasses.field(
         default=0.0, metadata={"help": "drop this fraction of examples with the lowest no-context perplexity"}
     )
@@ -190,7 +227,10 @@ def mark_all(convs: Sequence[Conversation], token: str) -> list[Conversation]:
     """Append the indicator to every user message (the paper's evaluation of the +indicator model)."""
     out = []
     for c in convs:
-        msgs = [{**m, "content": append_indicator(m["content"], token)} if m["role"] == "user" else m for m in c.messages]
+        msgs = [
+            {**m, "content": append_indicator(m["content"], token)} if m["role"] == "user" else m
+            for m in c.messages
+        ]
         out.append(dataclasses.replace(c, messages=msgs))
     return out
 
@@ -217,7 +257,9 @@ def no_context_nll(model, tokenizer, convs: Sequence[Conversation]) -> list[floa
     return out
 
 
-def filter_parametric(convs: Sequence[Conversation], nll: Sequence[float], fraction: float) -> tuple[list, list]:
+def filter_parametric(
+    convs: Sequence[Conversation], nll: Sequence[float], fraction: float
+) -> tuple[list, list]:
     """Drop the ``fraction`` of conversations with the lowest no-context NLL; return ``(kept, dropped)``."""
     if not 0 <= fraction < 1:
         raise CtxawareError(f"filter_parametric={fraction} must be in [0, 1)")
@@ -235,7 +277,9 @@ def load_conflict_set(spec: str) -> list:
         return tasks.load_examples(tasks.get_task(spec))
     path = Path(spec)
     if not path.is_file():
-        raise CtxawareError(f"counterfactual set {spec} is neither a task ({', '.join(tasks.TASKS)}) nor a file")
+        raise CtxawareError(
+            f"counterfactual set {spec} is neither a task ({', '.join(tasks.TASKS)}) nor a file"
+        )
     task = tasks.get_task("nqswap" if path.suffix == ".zip" else "cf_world_facts")
     reader = tasks.read_nqswap_zip if path.suffix == ".zip" else tasks.read_json_list
     if path.name.endswith((".jsonl", ".jsonl.gz")):
@@ -251,7 +295,9 @@ def load_conflict_set(spec: str) -> list:
         ex.id = ex.id or str(i)
         out.append(ex)
     if skips.total:
-        logger.warning("%s: skipped %d malformed rows %s (task %s)", path, skips.total, skips.counts, task.name)
+        logger.warning(
+            "%s: skipped %d malformed rows %s (task %s)", path, skips.total, skips.counts, task.name
+        )
     return out
 
 
@@ -274,7 +320,10 @@ def counterfactual_conversations(spec: str, n_base: int, seed: int) -> list[Conv
     return [
         Conversation(
             f"cf-{ex.id}",
-            [{"role": "user", "content": conflict_prompt(ex)}, {"role": "assistant", "content": ex.answers[0]}],
+            [
+                {"role": "user", "content": conflict_prompt(ex)},
+                {"role": "assistant", "content": ex.answers[0]},
+            ],
             -1,
         )
         for ex in picked
@@ -297,7 +346,9 @@ def freeze_except(model, modules: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------- context-reliance tracking
 
 
-def context_reliance(model, tokenizer, examples, indicator: str | None = None, max_new_tokens: int = 24) -> dict:
+def context_reliance(
+    model, tokenizer, examples, indicator: str | None = None, max_new_tokens: int = 24
+) -> dict:
     """p_s (context answer in the output) and p_o (memorised answer in the output) over ``examples``."""
     from ctxaware.generate import generate
     from ctxaware.metrics import conflict_scores
@@ -307,17 +358,32 @@ def context_reliance(model, tokenizer, examples, indicator: str | None = None, m
         text = conflict_prompt(ex)
         text = append_indicator(text, indicator) if indicator else text
         prompts.append(render([{"role": "user", "content": text}], tokenizer, "chat"))
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=["\n\n", "<|user|>"], progress=False)
+    outs = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=["\n\n", "<|user|>"], progress=False
+    )
     scores = [conflict_scores(o.text, ex.answers, ex.memory_answers) for o, ex in zip(outs, examples)]
     n = max(1, len(scores))
-    return {"p_s": sum(s["p_s"] for s in scores) / n, "p_o": sum(s["p_o"] for s in scores) / n, "n": len(scores)}
+    return {
+        "p_s": sum(s["p_s"] for s in scores) / n,
+        "p_o": sum(s["p_o"] for s in scores) / n,
+        "n": len(scores),
+    }
 
 
 class ContextRelianceCallback(TrainerCallback):
     """Every ``every`` steps (and at the start and the end), measure p_s/p_o and append a row
     ``{step, p_s, p_o, n}`` to ``out_dir/rows.jsonl``; at the end, plot the curve."""
 
-    def __init__(self, tokenizer, examples, every: int, out_dir, config: dict, indicator: str | None, max_new_tokens: int):
+    def __init__(
+        self,
+        tokenizer,
+        examples,
+        every: int,
+        out_dir,
+        config: dict,
+        indicator: str | None,
+        max_new_tokens: int,
+    ):
         self.tok, self.examples, self.every, self.indicator = tokenizer, examples, every, indicator
         self.max_new_tokens = max_new_tokens
         self.writer = ResultsWriter(out_dir, config, key_fields=("step",))
@@ -359,7 +425,9 @@ def _check_method(cfg: TrainConfig, device: str) -> None:
         import importlib.util
 
         if not device.startswith("cuda") or importlib.util.find_spec("bitsandbytes") is None:
-            raise CtxawareError("qlora (4-bit) needs bitsandbytes and a CUDA GPU; on CPU use method: lora or full")
+            raise CtxawareError(
+                "qlora (4-bit) needs bitsandbytes and a CUDA GPU; on CPU use method: lora or full"
+            )
 
 
 def load_for_training(cfg: TrainConfig):
@@ -409,7 +477,9 @@ def prepare_model(cfg: TrainConfig, model, tok) -> tuple:
     if cfg.method == "full" and cfg.train_modules:
         freeze_except(model, cfg.train_modules)
         if cfg.indicator:
-            logger.warning("train_modules freezes the embeddings: the indicator row stays at its initial mean")
+            logger.warning(
+                "train_modules freezes the embeddings: the indicator row stays at its initial mean"
+            )
     return model, peft_config_for(cfg, indicator_id), indicator_id
 
 
@@ -420,7 +490,11 @@ def _resume_point(cfg: TrainConfig, out: Path) -> str | None:
     choice = cfg.resume_from_checkpoint
     if choice is None or str(choice).lower() in ("none", "false", "no"):
         return None
-    ckpt = get_last_checkpoint(str(out)) if choice == "auto" and out.is_dir() else (None if choice == "auto" else choice)
+    ckpt = (
+        get_last_checkpoint(str(out))
+        if choice == "auto" and out.is_dir()
+        else (None if choice == "auto" else choice)
+    )
     if ckpt is None:
         return None
     if not Path(ckpt).is_dir():
@@ -448,7 +522,9 @@ def _check_same_config(cfg: TrainConfig, saved_path: Path, what: str) -> None:
 def training_args(cfg: TrainConfig, device: str):
     from trl import SFTConfig
 
-    bf16 = cfg.bf16 if cfg.bf16 is not None else (device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    bf16 = (
+        cfg.bf16 if cfg.bf16 is not None else (device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    )
     if bf16 and not device.startswith("cuda"):
         raise CtxawareError("bf16 training needs a GPU that supports it; set bf16: false on CPU")
     return SFTConfig(
@@ -482,7 +558,9 @@ def build_dataset(cfg: TrainConfig, model, tok, skips: SkipCounter) -> tuple[lis
     """Load, mitigate and tokenize the training conversations; return rows and a data report."""
     if not cfg.data:
         raise CtxawareError("no training data; set data: PATH (a .json/.jsonl/.parquet file or a hub id)")
-    convs, report = load_conversations(cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations)  # type: ignore[arg-type]
+    convs, report = load_conversations(
+        cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations
+    )  # type: ignore[arg-type]
     if cfg.filter_parametric > 0:
         nll = no_context_nll(model, tok, convs)
         convs, dropped = filter_parametric(convs, nll, cfg.filter_parametric)
@@ -495,7 +573,9 @@ def build_dataset(cfg: TrainConfig, model, tok, skips: SkipCounter) -> tuple[lis
         cfg.indicator_token in m["content"] for c in convs for m in c.messages if m["role"] == "user"
     )
     if report["indicator_marked_user_turns"] and not cfg.indicator:
-        logger.warning("the data holds %s but indicator is off: it is tokenized as plain text", cfg.indicator_token)
+        logger.warning(
+            "the data holds %s but indicator is off: it is tokenized as plain text", cfg.indicator_token
+        )
     rows = tokenize(convs, tok, cfg.max_length, skips)
     report["n_examples"] = len(rows)
     report["n_trainable_tokens"] = sum(sum(t != -100 for t in r["labels"]) for r in rows)
@@ -509,10 +589,17 @@ def tracker_for(cfg: TrainConfig, tok) -> ContextRelianceCallback | None:
 
     examples = sample(load_conflict_set(cfg.track_data), cfg.track_n, cfg.seed)
     indicator = cfg.indicator_token if cfg.indicator else None
-    config = {"track_data": cfg.track_data, "track_n": cfg.track_n, "indicator": indicator,
-              "max_new_tokens": cfg.track_max_new_tokens, "run": fingerprint(run_config(cfg))}
+    config = {
+        "track_data": cfg.track_data,
+        "track_n": cfg.track_n,
+        "indicator": indicator,
+        "max_new_tokens": cfg.track_max_new_tokens,
+        "run": fingerprint(run_config(cfg)),
+    }
     out = Path(cfg.output_dir) / "context_reliance"
-    return ContextRelianceCallback(tok, examples, cfg.track_every, out, config, indicator, cfg.track_max_new_tokens)
+    return ContextRelianceCallback(
+        tok, examples, cfg.track_every, out, config, indicator, cfg.track_max_new_tokens
+    )
 
 
 def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()):

@@ -1,0 +1,144 @@
+"""Select context-dependent turns and write the ``[IND]``-marked fine-tuning dataset (paper Sec. 3.2).
+
+A turn (X_m, Y_m) is context-dependent when its score of eq. (2) is above the threshold: s_M(Y_m) > beta
+(default 0.6). The indicator is appended to the user instruction X_m of every selected turn, and the
+dataset is written back in the input's own format (`conversations.write_conversations`) and as an HF
+dataset (``save_to_disk``). ``ctxaware select`` also prints the paper's Table 3: the ratio of selected
+instructions for beta in {0.5, 0.6, 0.7, 0.8}. Turns without a score (skipped by the scorer, or missing
+from the scores file) are never selected; they are counted and left out of the ratio's denominator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctxaware.config import parse_config
+from ctxaware.conversations import Conversation, load_conversations, to_hf_dataset, write_conversations
+from ctxaware.errors import CtxawareError
+from ctxaware.indicator import DEFAULT_INDICATOR, append_indicator
+from ctxaware.results import read_jsonl, write_json_atomic
+
+TABLE3_BETAS = (0.5, 0.6, 0.7, 0.8)
+
+
+@dataclass
+class SelectConfig:
+    """Threshold context-dependency scores and write the indicator-marked dataset.
+
+    Parameters:
+        scores: the JSONL written by ``ctxaware score`` (one row per assistant turn).
+        data: the dataset that was scored (same file, same ``format`` and ``limit``).
+        beta: a turn is selected when its score is strictly above ``beta`` (paper: 0.6).
+        indicator: token appended, after a space, to each selected user instruction X_m.
+        output: directory for ``data.json(l)`` (the input's format), ``hf/`` and ``selection.json``.
+    """
+
+    scores: str = field(metadata={"help": "scores JSONL from ctxaware score", "positional": True})
+    data: str = field(metadata={"help": "the dataset that was scored", "positional": True})
+    beta: float = field(default=0.6, metadata={"help": "select turns with score > beta"})
+    indicator: str = field(
+        default=DEFAULT_INDICATOR, metadata={"help": "token appended to selected instructions"}
+    )
+    output: str = field(default="selected", metadata={"help": "output directory"})
+    format: str = field(
+        default="auto", metadata={"help": "auto, sharegpt, messages or alpaca (as when scoring)"}
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "read at most this many rows (as when scoring)"}
+    )
+    hf: bool = field(default=True, metadata={"help": "also save an HF dataset under OUTPUT/hf"})
+
+
+def load_scores(path: str | Path) -> dict[tuple[int, int], dict]:
+    """Score rows keyed by (source_row, turn)."""
+    if not Path(path).is_file():
+        raise CtxawareError(f"scores file {path} does not exist; run ctxaware score first")
+    return {(r["source_row"], r["turn"]): r for r in read_jsonl(path)}
+
+
+def ratio_table(scores: Iterable[float | None], betas: Sequence[float] = TABLE3_BETAS) -> dict[str, float]:
+    """Table 3: the fraction of scored instructions with s > beta, for each beta."""
+    s = [x for x in scores if x is not None]
+    return {f"{b:g}": (sum(x > b for x in s) / len(s) if s else float("nan")) for b in betas}
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per dataset, one column per beta."""
+    betas = list(next(iter(rows.values())))
+    lines = ["| dataset | " + " | ".join(f"beta={b}" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{r[b]:.3f}" for b in betas) + " |" for name, r in rows.items()]
+    return "\n".join(lines)
+
+
+def mark(conv: Conversation, selected_turns: set[int], indicator: str) -> Conversation:
+    """A copy of ``conv`` with ``indicator`` appended to X_m for every selected assistant turn m."""
+    msgs, turn = [dict(m) for m in conv.messages], -1
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            turn += 1
+            if turn in selected_turns:
+                msgs[i - 1]["content"] = append_indicator(
+                    msgs[i - 1]["content"], indicator
+                )  # X_m precedes Y_m
+    return Conversation(conv.id, msgs, conv.source_row, conv.fmt, conv.extra)
+
+
+def select(convs: list[Conversation], scores: dict[tuple[int, int], dict], beta: float, indicator: str):
+    """Marked conversations and counts; raises when the scores belong to another dataset."""
+    out, counts = [], {"n_turns": 0, "n_scored": 0, "n_selected": 0, "n_unscored": 0}
+    for c in convs:
+        n_turns = sum(m["role"] == "assistant" for m in c.messages)
+        chosen = set()
+        for m in range(n_turns):
+            row = scores.get((c.source_row, m))
+            if row is not None and row["conversation_id"] != c.id:
+                raise CtxawareError(
+                    f"score row {c.source_row} is for conversation {row['conversation_id']!r}, not {c.id!r}; "
+                    "give the dataset (and --format/--limit) that was scored"
+                )
+            counts["n_turns"] += 1
+            if row is None or row.get("score") is None:
+                counts["n_unscored"] += 1
+                continue
+            counts["n_scored"] += 1
+            if row["score"] > beta:
+                chosen.add(m)
+        counts["n_selected"] += len(chosen)
+        out.append(mark(c, chosen, indicator))
+    return out, counts
+
+
+def _out_name(data: str) -> str:
+    return "data.jsonl" if data.endswith((".jsonl", ".jsonl.gz")) or not Path(data).is_file() else "data.json"
+
+
+def run(cfg: SelectConfig) -> dict:
+    """Select, write ``OUTPUT/data.json(l)``, ``OUTPUT/hf`` and ``OUTPUT/selection.json``; return the summary."""
+    if not 0 < cfg.beta < 1:
+        raise CtxawareError(f"--beta {cfg.beta} must lie in (0, 1)")
+    scores = load_scores(cfg.scores)
+    convs, report = load_conversations(cfg.data, cfg.format, limit=cfg.limit)  # type: ignore[arg-type]
+    marked, counts = select(convs, scores, cfg.beta, cfg.indicator)
+    out = Path(cfg.output)
+    write_conversations(marked, out / _out_name(cfg.data))
+    if cfg.hf and marked:
+        to_hf_dataset(marked).save_to_disk(str(out / "hf"))
+    table = ratio_table(r["score"] for r in scores.values())
+    summary = {"beta": cfg.beta, **counts, "ratio": counts["n_selected"] / max(1, counts["n_scored"]),
+               "table3": table, "skipped_rows": report["skipped"]}  # fmt: skip
+    write_json_atomic(out / "selection.json", summary)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    """``ctxaware select SCORES DATA --beta 0.6 --output OUT``."""
+    cfg = parse_config(SelectConfig, argv, prog="ctxaware select")
+    s = run(cfg)
+    print(format_table({Path(cfg.data).name: s["table3"]}))
+    print(
+        f"selected {s['n_selected']}/{s['n_scored']} scored turns (beta={cfg.beta}, {s['n_unscored']} unscored) "
+        f"-> {cfg.output}"
+    )
+    return 0

@@ -1,0 +1,110 @@
+"""The HTTP judge against a stub OpenAI-compatible server on 127.0.0.1: the right prompt goes out, [[n]]
+ratings come back, failures are retried and then recorded per example."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ctxaware.judge import (
+    HTTPJudge,
+    JudgeError,
+    build_judge_prompt,
+    extract_rating,
+    judge_items,
+    load_judge_prompts,
+)
+
+
+class Stub:
+    """A tiny chat-completions server: records requests, answers with ``reply`` or fails ``fail`` times."""
+
+    def __init__(self, reply="Good answer. Rating: [[7]]", fail=0, status=500):
+        self.requests, self.reply, self.fail, self.status = [], reply, fail, status
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if stub.fail > 0:
+                    stub.fail -= 1
+                    self.send_response(stub.status)
+                    self.end_headers()
+                    return
+                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": stub.reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    s = Stub()
+    yield s
+    s.close()
+
+
+def test_extract_rating():
+    assert extract_rating("blah [[8]] done") == 8.0
+    assert extract_rating("Rating: [[7.5]]") == 7.5
+    assert extract_rating("only single [6]") == 6.0  # FastChat's fallback
+    assert extract_rating("no rating here") is None
+
+
+def test_judge_prompt_from_shared_file(shared_data):
+    prompts = load_judge_prompts(shared_data / "general" / "mt_bench_judge_prompts.jsonl")
+    name, system, user = build_judge_prompt(prompts, ["Q1?", "Q2?"], ["A1", "A2"], [], "writing", 1)
+    assert name == "single-v1" and "[[rating]]" in user
+    assert "[Question]\nQ1?" in user and "A1" in user and "Q2?" not in user
+    name, _, user = build_judge_prompt(prompts, ["Q1?", "Q2?"], ["A1", "A2"], ["R1", "R2"], "math", 2)
+    assert name == "single-math-v1-multi-turn" and "R2" in user and "Q2?" in user and "A2" in user
+
+
+def test_stub_server_gets_the_prompt_and_rating_is_parsed(stub, shared_data, monkeypatch):
+    monkeypatch.setenv("STUB_KEY", "sk-test")
+    prompts = load_judge_prompts(shared_data / "general" / "mt_bench_judge_prompts.jsonl")
+    name, system, user = build_judge_prompt(prompts, ["Write a haiku.", "Shorter."], ["A1", "A2"], [], "writing", 1)
+    judge = HTTPJudge(stub.url, model="judge-x", api_key_env="STUB_KEY", backoff=0)
+    out = judge_items(judge, [{"system": system, "user": user}])
+    assert out == [{"judgment": "Good answer. Rating: [[7]]", "rating": 7.0, "error": None}]
+    req = stub.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+    assert req["body"]["model"] == "judge-x" and req["body"]["temperature"] == 0
+    assert req["body"]["messages"] == [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def test_retries_then_success(stub):
+    stub.fail = 2
+    judge = HTTPJudge(stub.url, retries=3, backoff=0)
+    assert extract_rating(judge.complete("s", "u")) == 7.0 and len(stub.requests) == 3
+
+
+def test_failure_is_recorded_per_example(stub):
+    stub.fail = 100
+    judge = HTTPJudge(stub.url, retries=2, backoff=0)
+    with pytest.raises(JudgeError, match="HTTP 500"):
+        judge.complete("s", "u")
+    out = judge_items(judge, [{"system": "s", "user": "u"}])
+    assert out[0]["rating"] is None and "after 3 attempt" in out[0]["error"]
+
+
+def test_unreachable_endpoint_times_out_cleanly():
+    judge = HTTPJudge("http://127.0.0.1:9", retries=1, backoff=0, timeout=1)
+    assert judge_items(judge, [{"system": "s", "user": "u"}])[0]["error"]

@@ -1,0 +1,220 @@
+"""Context-dependency score (paper eq. 2) against an eager ``output_attentions=True`` oracle, plus the
+``ctxaware score`` run: truncation, bad rows, kill-and-resume and the two-process sharded run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctxaware import score as S
+from ctxaware.chat import render
+from ctxaware.conversations import load_conversations
+from tests.conftest import REPO, SHARED_DATA, tiny_llama
+
+SFT = SHARED_DATA / "sft"
+
+
+def _convs(name: str, n: int, min_turns: int = 1) -> list:
+    convs, _ = load_conversations(SFT / name)
+    return [c for c in convs if sum(m["role"] == "assistant" for m in c.messages) >= min_turns][:n]
+
+
+@pytest.fixture(scope="module")
+def eager(smollm2):
+    """The same SmolLM2 weights with eager attention, for ``output_attentions=True``."""
+    from ctxaware.models import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32", attn_implementation="eager")[0]
+
+
+def oracle(eager_model, tok, messages, layers, head_reduce="max", head=None, max_tokens=None):
+    """eq. (2) computed directly: full eager forward, all layers' attention maps, then sums over U_m."""
+    r = render(messages, tok, "chat", add_generation_prompt=False)
+    T = len(r) if max_tokens is None else min(len(r), max_tokens)
+    with torch.no_grad():
+        att = eager_model(torch.tensor([r.input_ids[:T]]), output_attentions=True).attentions
+    out = {}
+    for layer in layers:
+        A = att[layer][0]  # (H, T, T)
+        scores = []
+        for span in [s for s in r.spans if s.role == "assistant"]:
+            ys = [p for p in range(span.start, min(span.end, T)) if r.roles[p] == "assistant"]
+            if not ys:
+                scores.append(None)
+                continue
+            U = [p for p in range(span.start) if r.roles[p] == "user"]  # X_1..X_m content tokens
+            mass = A[:, ys][:, :, U].sum(-1)  # (H, |Y_m|)
+            per = (
+                mass[head]
+                if head is not None
+                else mass.max(0).values
+                if head_reduce == "max"
+                else mass.mean(0)
+            )
+            scores.append(float(per.mean()))
+        out[layer] = scores
+    return out
+
+
+def test_scores_equal_eager_oracle(smollm2, eager):
+    model, tok = smollm2
+    convs = _convs("sharegpt_dummy_conversation.json", 2, min_turns=3) + _convs("messages_sft_demo.jsonl", 1)
+    convs += _convs("alpaca_en_demo.json", 1)
+    layers = [3, 15, 29]
+    lays = [S.layout(c.messages, tok) for c in convs]
+    got = S.score_layouts(model, lays, layers, pad_id=tok.pad_token_id)  # all layers in one batched pass
+    assert sum(len(x.turns) for x in lays) >= 8
+    for c, res in zip(convs, got):
+        ref = oracle(eager, tok, c.messages, layers)
+        for layer in layers:
+            for turn, (r, want) in enumerate(zip(res, ref[layer])):
+                assert abs(r["scores"][layer] - want) < 1e-4, (c.id, layer, turn)
+    # head options: mean over heads and one fixed head, on one multi-turn conversation
+    c = convs[0]
+    for kw in ({"head_reduce": "mean"}, {"head": 4}):
+        ref = oracle(eager, tok, c.messages, [15], **kw)[15]
+        got1 = S.context_dependency_score(model, tok, c.messages, 15, **kw)
+        assert max(abs(a - b) for a, b in zip(got1, ref)) < 1e-4
+
+
+def test_batched_equals_unbatched(smollm2):
+    model, tok = smollm2
+    convs = _convs("sharegpt_dummy_conversation.json", 5) + _convs("messages_sft_demo.jsonl", 2)
+    lays = [S.layout(c.messages, tok) for c in convs]
+    batched = S.score_layouts(model, lays, [15], pad_id=tok.pad_token_id)
+    for lay, b in zip(lays, batched):
+        (one,) = S.score_layouts(model, [lay], [15], pad_id=tok.pad_token_id)
+        for x, y in zip(one, b):
+            assert abs(x["scores"][15] - y["scores"][15]) < 1e-5
+
+
+def test_truncation_scores_what_remains(smollm2, eager):
+    model, tok = smollm2
+    (c,) = _convs("sharegpt_dummy_conversation.json", 1, min_turns=2)
+    full = S.layout(c.messages, tok, None)
+    cut = full.turns[0].positions[len(full.turns[0].positions) // 2]  # inside Y_1: Y_2 is cut away
+    lay = S.layout(c.messages, tok, cut)
+    t0, t1 = lay.turns[0], lay.turns[1]
+    assert t0.truncated and t0.skipped is None and len(t0.positions) < len(full.turns[0].positions)
+    assert t1.skipped and "truncated away" in t1.skipped
+    got = S.context_dependency_score(model, tok, c.messages, 15, max_tokens=cut)
+    ref = oracle(eager, tok, c.messages, [15], max_tokens=cut)[15]
+    assert got[1] is None and abs(got[0] - ref[0]) < 1e-4
+
+
+def test_layer_out_of_range_is_an_error(smollm2):
+    from ctxaware.errors import CtxawareError
+
+    model, tok = smollm2
+    with pytest.raises(CtxawareError, match="out of range"):
+        S.context_dependency_score(
+            model, tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], 30
+        )
+
+
+# ----------------------------------------------------------------------------- the run (tiny model)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tok) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer (chat template) saved as a model directory."""
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama(layers=4).save_pretrained(d)
+    smollm2_tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """120 ShareGPT rows plus bad rows: empty message, unknown role, non-string content, same-role turns."""
+    rows = json.loads((SFT / "sharegpt_dummy_conversation.json").read_text())[:120]
+    rows[3] = {
+        "id": "bad_empty",
+        "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "x"}],
+    }
+    rows[7] = {
+        "id": "bad_role",
+        "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}],
+    }
+    rows[9] = {
+        "id": "bad_type",
+        "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}],
+    }
+    rows[11] = {"id": "bad_shape", "conversations": "oops"}
+    long = " ".join(["word"] * 300)
+    rows[13] = {"id": "long", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": long},
+                                                 {"from": "human", "value": "More"}, {"from": "gpt", "value": "ok"}]}  # fmt: skip
+    p = tmp_path_factory.mktemp("data") / "small.json"
+    p.write_text(json.dumps(rows))
+    return p
+
+
+def _cmd(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ctxaware.cli", "score", str(data), "--model", str(model), "--device", "cpu",
+            "--output", str(out), "--max-tokens", "200", "--layers", "1,3", "--heads", "--no-progress", *extra]  # fmt: skip
+
+
+def _env(**kw) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src") + os.pathsep + str(REPO)}
+    env.update(kw)
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, small_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "scores.jsonl"
+    subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True)
+    return out
+
+
+def test_run_rows_and_bad_input(reference):
+    rows = [json.loads(line) for line in reference.read_text().splitlines()]
+    summary = json.loads(reference.with_suffix(".summary.json").read_text())
+    assert [(r["source_row"], r["turn"]) for r in rows] == sorted((r["source_row"], r["turn"]) for r in rows)
+    assert summary["skipped_rows"]["total"] == 4  # empty, unknown role, non-string, bad shape
+    long = [r for r in rows if r["conversation_id"] == "long"]
+    assert long[0]["truncated"] and long[0]["score"] is not None
+    assert long[1]["score"] is None and "truncated away" in long[1]["skipped"]
+    assert summary["skipped_turns"]["total"] == 1 and summary["n_truncated"] >= 1
+    assert all(len(r["heads"]) == 4 for r in rows if r["score"] is not None)
+    assert all(set(r["scores"]) == {"1", "2", "3"} for r in rows if r["score"] is not None)
+    assert len(rows) == summary["n_turns"] == summary["n_scored"] + 1
+
+
+def test_kill_and_resume_gives_the_same_file(tiny_dir, small_data, reference, tmp_path):
+    out = tmp_path / "scores.jsonl"
+    part = tmp_path / "scores.jsonl.work" / "part-000-of-001.jsonl"
+    proc = subprocess.Popen(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env())
+    while proc.poll() is None and (not part.exists() or len(part.read_bytes().splitlines()) < 4):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists()
+    n_before = len(part.read_bytes().splitlines())
+    subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True)
+    assert out.read_text() == reference.read_text()
+    assert n_before < len(reference.read_text().splitlines())
+
+
+def test_two_process_run_equals_single_process(tiny_dir, small_data, reference, tmp_path):
+    out = tmp_path / "scores.jsonl"
+    cmd = _cmd(small_data, tiny_dir, out, "--max-batch", "4")
+    if shutil.which("torchrun"):
+        launch = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "ctxaware.cli", *cmd[3:]]
+        subprocess.run(launch, env=_env(), check=True)
+    else:  # two plain processes with the variables torchrun would set
+        procs = [subprocess.Popen(cmd, env=_env(RANK=str(r), WORLD_SIZE="2")) for r in range(2)]
+        assert [p.wait() for p in procs] == [0, 0]
+    parts = sorted(p.name for p in (tmp_path / "scores.jsonl.work").glob("part-*"))
+    assert parts == ["part-000-of-002.jsonl", "part-001-of-002.jsonl"]
+    assert out.read_text() == reference.read_text()

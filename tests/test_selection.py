@@ -1,0 +1,104 @@
+"""Selection (paper Sec. 3.2): [IND] where and only where s > beta, in the input's format and as an HF dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ctxaware import selection
+from ctxaware.conversations import load_conversations
+from ctxaware.errors import CtxawareError
+from tests.conftest import SHARED_DATA
+
+SFT = SHARED_DATA / "sft"
+IND = "[IND]"
+
+
+def _scores(convs, path: Path) -> dict:
+    """Deterministic fake scores: turn (row, m) gets ((7 * row + 3 * m) % 10) / 10; every 9th turn is skipped."""
+    rows, truth = [], {}
+    for c in convs:
+        for m in range(sum(x["role"] == "assistant" for x in c.messages)):
+            s = ((7 * c.source_row + 3 * m) % 10) / 10
+            s = None if (c.source_row + m) % 9 == 0 else s
+            truth[(c.source_row, m)] = s
+            rows.append({"conversation_id": c.id, "source_row": c.source_row, "turn": m, "score": s,
+                         "skipped": None if s is not None else "test"})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return truth
+
+
+@pytest.mark.parametrize(
+    "name,n",
+    [("sharegpt_dummy_conversation.json", 40), ("messages_sft_demo.jsonl", 30), ("alpaca_en_demo.json", 30)],
+)
+def test_indicator_where_and_only_where_above_beta(tmp_path, name, n):
+    src = SFT / name
+    lines = src.read_text().splitlines()[:n] if name.endswith(".jsonl") else None
+    data = tmp_path / name
+    data.write_text("\n".join(lines) + "\n" if lines else json.dumps(json.loads(src.read_text())[:n]))
+    convs, _ = load_conversations(data)
+    truth = _scores(convs, tmp_path / "scores.jsonl")
+    out = tmp_path / "out"
+    assert (
+        selection.main([str(tmp_path / "scores.jsonl"), str(data), "--beta", "0.6", "--output", str(out)])
+        == 0
+    )
+
+    written = out / ("data.jsonl" if name.endswith(".jsonl") else "data.json")
+    marked, _ = load_conversations(written)  # re-read in its own format
+    assert [c.fmt for c in marked] == [c.fmt for c in convs]
+    n_sel = 0
+    for orig, new in zip(convs, marked):
+        users = [i for i, x in enumerate(orig.messages) if x["role"] == "user"]
+        for m, i in enumerate(users):
+            s = truth[(orig.source_row, m)]
+            want = s is not None and s > 0.6  # 0.6 itself is not selected
+            n_sel += want
+            got = new.messages[i]["content"]
+            assert got.endswith(" " + IND) == want, (orig.id, m, s)
+            assert (
+                got.replace(" " + IND, "") == orig.messages[i]["content"].rstrip()
+                if want
+                else got == orig.messages[i]["content"]
+            )
+        assert [x["content"] for x in new.messages if x["role"] == "assistant"] == [
+            x["content"] for x in orig.messages if x["role"] == "assistant"
+        ]
+    summary = json.loads((out / "selection.json").read_text())
+    assert summary["n_selected"] == n_sel > 0
+    assert summary["n_unscored"] == sum(v is None for v in truth.values())
+    scored = [v for v in truth.values() if v is not None]
+    assert summary["table3"]["0.6"] == pytest.approx(sum(v > 0.6 for v in scored) / len(scored))
+
+    import datasets
+
+    ds = datasets.load_from_disk(str(out / "hf"))
+    assert len(ds) == len(convs) and sum(IND in m["content"] for r in ds for m in r["messages"]) == n_sel
+
+
+def test_bad_rows_counted_and_mismatch_refused(tmp_path):
+    rows = json.loads((SFT / "sharegpt_dummy_conversation.json").read_text())[:10]
+    rows[2] = {"id": "broken", "conversations": [{"from": "alien", "value": "x"}]}
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    convs, _ = load_conversations(data)
+    _scores(convs, tmp_path / "s.jsonl")
+    s = selection.run(
+        selection.SelectConfig(str(tmp_path / "s.jsonl"), str(data), output=str(tmp_path / "o"))
+    )
+    assert s["skipped_rows"]["total"] == 1 and s["skipped_rows"]["by_reason"] == {"unknown role": 1}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads((SFT / "sharegpt_dummy_conversation.json").read_text())[20:30]))
+    with pytest.raises(CtxawareError, match="not"):
+        selection.run(
+            selection.SelectConfig(str(tmp_path / "s.jsonl"), str(other), output=str(tmp_path / "o2"))
+        )
+
+
+def test_ratio_table():
+    t = selection.ratio_table([0.55, 0.65, 0.75, 0.85, None])
+    assert t == {"0.5": 1.0, "0.6": 0.75, "0.7": 0.5, "0.8": 0.25}
+    assert "beta=0.6" in selection.format_table({"x": t})
