@@ -29,13 +29,17 @@ class Stub:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                stub.requests.append(
+                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                )
                 if stub.fail > 0:
                     stub.fail -= 1
                     self.send_response(stub.status)
                     self.end_headers()
                     return
-                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": stub.reply}}]}).encode()
+                out = json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": stub.reply}}]}
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
@@ -80,14 +84,19 @@ def test_judge_prompt_from_shared_file(shared_data):
 def test_stub_server_gets_the_prompt_and_rating_is_parsed(stub, shared_data, monkeypatch):
     monkeypatch.setenv("STUB_KEY", "sk-test")
     prompts = load_judge_prompts(shared_data / "general" / "mt_bench_judge_prompts.jsonl")
-    name, system, user = build_judge_prompt(prompts, ["Write a haiku.", "Shorter."], ["A1", "A2"], [], "writing", 1)
+    name, system, user = build_judge_prompt(
+        prompts, ["Write a haiku.", "Shorter."], ["A1", "A2"], [], "writing", 1
+    )
     judge = HTTPJudge(stub.url, model="judge-x", api_key_env="STUB_KEY", backoff=0)
     out = judge_items(judge, [{"system": system, "user": user}])
     assert out == [{"judgment": "Good answer. Rating: [[7]]", "rating": 7.0, "error": None}]
     req = stub.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
     assert req["body"]["model"] == "judge-x" and req["body"]["temperature"] == 0
-    assert req["body"]["messages"] == [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    assert req["body"]["messages"] == [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+    ]
 
 
 def test_retries_then_success(stub):

@@ -125,8 +125,16 @@ PREDS = [
     "He scored 10 points and 7 assists",
     "An apple a day",
 ]
-GOLDS = [["Paris"], ["Eiffel Tower in Paris", "tower"], ["2"], ["Pakistani and Filipino"], ["x"], ["23"], ["7"],
-         ["apple day"]]
+GOLDS = [
+    ["Paris"],
+    ["Eiffel Tower in Paris", "tower"],
+    ["2"],
+    ["Pakistani and Filipino"],
+    ["x"],
+    ["23"],
+    ["7"],
+    ["apple day"],
+]
 
 
 def test_normalize_and_containment_hand_computed():

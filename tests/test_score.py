@@ -23,9 +23,13 @@ from tests.conftest import REPO, SHARED_DATA, tiny_llama
 SFT = SHARED_DATA / "sft"
 
 
-def _convs(name: str, n: int, min_turns: int = 1) -> list:
+def _convs(name: str, n: int, min_turns: int = 1, shortest_of: int | None = None) -> list:
+    """``n`` conversations with at least ``min_turns`` turns (the shortest of the first ``shortest_of``)."""
     convs, _ = load_conversations(SFT / name)
-    return [c for c in convs if sum(m["role"] == "assistant" for m in c.messages) >= min_turns][:n]
+    convs = [c for c in convs if sum(m["role"] == "assistant" for m in c.messages) >= min_turns]
+    if shortest_of:
+        convs = sorted(convs[:shortest_of], key=lambda c: sum(len(m["content"]) for m in c.messages))
+    return convs[:n]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,11 @@ def eager(smollm2):
     return load_model("smollm2-135m-instruct", device="cpu", dtype="float32", attn_implementation="eager")[0]
 
 
-def oracle(eager_model, tok, messages, layers, head_reduce="max", head=None, max_tokens=None):
-    """eq. (2) computed directly: full eager forward, all layers' attention maps, then sums over U_m."""
+def oracle(eager_model, tok, messages, layers, variants=({},), max_tokens=None):
+    """eq. (2) computed directly: full eager forward, every layer's attention map, then sums over U_m.
+
+    Returns ``{(layer, i): [score per turn]}`` for each head variant ``variants[i]`` (``head_reduce``/``head``).
+    """
     r = render(messages, tok, "chat", add_generation_prompt=False)
     T = len(r) if max_tokens is None else min(len(r), max_tokens)
     with torch.no_grad():
@@ -45,56 +52,54 @@ def oracle(eager_model, tok, messages, layers, head_reduce="max", head=None, max
     out = {}
     for layer in layers:
         A = att[layer][0]  # (H, T, T)
-        scores = []
-        for span in [s for s in r.spans if s.role == "assistant"]:
-            ys = [p for p in range(span.start, min(span.end, T)) if r.roles[p] == "assistant"]
-            if not ys:
-                scores.append(None)
-                continue
-            U = [p for p in range(span.start) if r.roles[p] == "user"]  # X_1..X_m content tokens
-            mass = A[:, ys][:, :, U].sum(-1)  # (H, |Y_m|)
-            per = (
-                mass[head]
-                if head is not None
-                else mass.max(0).values
-                if head_reduce == "max"
-                else mass.mean(0)
-            )
-            scores.append(float(per.mean()))
-        out[layer] = scores
+        for i, v in enumerate(variants):
+            scores = []
+            for span in [s for s in r.spans if s.role == "assistant"]:
+                ys = [p for p in range(span.start, min(span.end, T)) if r.roles[p] == "assistant"]
+                U = [p for p in range(span.start) if r.roles[p] == "user"]  # X_1..X_m content tokens
+                if not ys:
+                    scores.append(None)
+                    continue
+                mass = A[:, ys][:, :, U].sum(-1)  # (H, |Y_m|)
+                if v.get("head") is not None:
+                    per = mass[v["head"]]
+                else:
+                    per = mass.mean(0) if v.get("head_reduce") == "mean" else mass.max(0).values
+                scores.append(float(per.mean()))
+            out[layer, i] = scores
     return out
 
 
 def test_scores_equal_eager_oracle(smollm2, eager):
     model, tok = smollm2
-    convs = _convs("sharegpt_dummy_conversation.json", 2, min_turns=3) + _convs("messages_sft_demo.jsonl", 1)
-    convs += _convs("alpaca_en_demo.json", 1)
-    layers = [3, 15, 29]
+    convs = _convs("sharegpt_dummy_conversation.json", 2, min_turns=3)
+    convs += _convs("messages_sft_demo.jsonl", 1, shortest_of=40) + _convs(
+        "alpaca_en_demo.json", 1, shortest_of=40
+    )
+    layers, variants = [3, 15, 29], ({}, {"head_reduce": "mean"}, {"head": 4})
     lays = [S.layout(c.messages, tok) for c in convs]
-    got = S.score_layouts(model, lays, layers, pad_id=tok.pad_token_id)  # all layers in one batched pass
     assert sum(len(x.turns) for x in lays) >= 8
-    for c, res in zip(convs, got):
-        ref = oracle(eager, tok, c.messages, layers)
-        for layer in layers:
-            for turn, (r, want) in enumerate(zip(res, ref[layer])):
-                assert abs(r["scores"][layer] - want) < 1e-4, (c.id, layer, turn)
-    # head options: mean over heads and one fixed head, on one multi-turn conversation
-    c = convs[0]
-    for kw in ({"head_reduce": "mean"}, {"head": 4}):
-        ref = oracle(eager, tok, c.messages, [15], **kw)[15]
-        got1 = S.context_dependency_score(model, tok, c.messages, 15, **kw)
-        assert max(abs(a - b) for a, b in zip(got1, ref)) < 1e-4
+    got = {
+        i: S.score_layouts(model, lays, layers, pad_id=tok.pad_token_id, **v) for i, v in enumerate(variants)
+    }
+    for b, c in enumerate(convs):  # one batched pass per variant, all layers at once
+        ref = oracle(eager, tok, c.messages, layers, variants)
+        for (layer, i), want in ref.items():
+            for turn, (r, w) in enumerate(zip(got[i][b], want)):
+                assert abs(r["scores"][layer] - w) < 1e-4, (c.id, layer, variants[i], turn)
 
 
 def test_batched_equals_unbatched(smollm2):
     model, tok = smollm2
-    convs = _convs("sharegpt_dummy_conversation.json", 5) + _convs("messages_sft_demo.jsonl", 2)
+    convs = _convs("sharegpt_dummy_conversation.json", 3) + _convs(
+        "messages_sft_demo.jsonl", 1, shortest_of=40
+    )
     lays = [S.layout(c.messages, tok) for c in convs]
-    batched = S.score_layouts(model, lays, [15], pad_id=tok.pad_token_id)
+    batched = S.score_layouts(model, lays, [4], pad_id=tok.pad_token_id)  # left padding up to the longest
     for lay, b in zip(lays, batched):
-        (one,) = S.score_layouts(model, [lay], [15], pad_id=tok.pad_token_id)
+        (one,) = S.score_layouts(model, [lay], [4], pad_id=tok.pad_token_id)
         for x, y in zip(one, b):
-            assert abs(x["scores"][15] - y["scores"][15]) < 1e-5
+            assert abs(x["scores"][4] - y["scores"][4]) < 1e-5
 
 
 def test_truncation_scores_what_remains(smollm2, eager):
@@ -107,7 +112,7 @@ def test_truncation_scores_what_remains(smollm2, eager):
     assert t0.truncated and t0.skipped is None and len(t0.positions) < len(full.turns[0].positions)
     assert t1.skipped and "truncated away" in t1.skipped
     got = S.context_dependency_score(model, tok, c.messages, 15, max_tokens=cut)
-    ref = oracle(eager, tok, c.messages, [15], max_tokens=cut)[15]
+    ref = oracle(eager, tok, c.messages, [15], max_tokens=cut)[15, 0]
     assert got[1] is None and abs(got[0] - ref[0]) < 1e-4
 
 

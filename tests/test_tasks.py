@@ -44,7 +44,9 @@ def test_quac_answers_split_at_passage_spans():
     passage = "In May 1983, she married Nikos Karvelas, a composer, with whom she worked."
     block = "In May 1983, she married Nikos Karvelas, In May 1983, she married Nikos Karvelas, a composer,"
     assert _split_quac_answers(block, passage) == [
-        "In May 1983, she married Nikos Karvelas,", "In May 1983, she married Nikos Karvelas, a composer,"]
+        "In May 1983, she married Nikos Karvelas,",
+        "In May 1983, she married Nikos Karvelas, a composer,",
+    ]
 
 
 def test_malformed_rows_are_counted_and_skipped(tmp_path):
@@ -71,7 +73,10 @@ def test_malformed_jsonl_line_and_drop_layout(tmp_path):
     import gzip
 
     with gzip.open(tmp_path / "qa" / "drop_dev_simple_evals.jsonl.gz", "wt") as f:
-        f.write(json.dumps({"context": "Passage: P 3 and 4.\nQuestion: Sum?\nAnswer:", "ref_text": "7|seven"}) + "\n")
+        f.write(
+            json.dumps({"context": "Passage: P 3 and 4.\nQuestion: Sum?\nAnswer:", "ref_text": "7|seven"})
+            + "\n"
+        )
         f.write("{not json\n")
         f.write(json.dumps({"context": "no passage marker", "ref_text": "1"}) + "\n")
     skips = SkipCounter()
@@ -95,7 +100,10 @@ def test_sampling_is_deterministic_and_nested():
 
 def test_paper_prompts():
     ex = Example("1", "Who?", "Some passage.")
-    assert TASKS["squad"].prompt(ex, "paper") == "Some passage.\nAnswer the question according to the above passage: Who?"
+    assert (
+        TASKS["squad"].prompt(ex, "paper")
+        == "Some passage.\nAnswer the question according to the above passage: Who?"
+    )
     assert TASKS["drop"].prompt(ex, "paper") == TASKS["squad"].prompt(ex, "paper")
     assert TASKS["quac"].prompt(ex, "paper").endswith("with pieces from the the above passage: Who?")
     assert TASKS["squad"].prompt(ex, "simple") == "Some passage. Who?"
@@ -104,14 +112,24 @@ def test_paper_prompts():
 
 def test_hub_converters_on_hub_shaped_rows():
     """The hub layouts (rajpurkar/squad, EleutherAI/drop, allenai-style QuAC) go through the same converters."""
-    sq = TASKS["squad"].convert({"id": "a", "context": "C", "question": "Q", "answers": {"text": ["x"], "answer_start": [0]}})
+    sq = TASKS["squad"].convert(
+        {"id": "a", "context": "C", "question": "Q", "answers": {"text": ["x"], "answer_start": [0]}}
+    )
     assert sq.answers == ["x"]
-    doc = {"query_id": "q1", "passage": "P", "question": "Q",
-           "answer": {"number": "", "date": {"day": "", "month": "", "year": ""}, "spans": ["A", "B"]},
-           "validated_answers": {"number": ["3"], "date": [{"day": "", "month": "", "year": ""}], "spans": [[]]}}
+    doc = {
+        "query_id": "q1",
+        "passage": "P",
+        "question": "Q",
+        "answer": {"number": "", "date": {"day": "", "month": "", "year": ""}, "spans": ["A", "B"]},
+        "validated_answers": {"number": ["3"], "date": [{"day": "", "month": "", "year": ""}], "spans": [[]]},
+    }
     rows = list(TASKS["drop"].read_hub(doc))
     assert TASKS["drop"].convert(rows[0]).spans == [["A", "B"], ["3"]]
-    dialog = {"dialogue_id": "d", "context": "C", "questions": ["q1", "q2"],
-              "answers": {"texts": [["a1"], ["CANNOTANSWER"]], "answer_starts": [[0], [-1]]}}
+    dialog = {
+        "dialogue_id": "d",
+        "context": "C",
+        "questions": ["q1", "q2"],
+        "answers": {"texts": [["a1"], ["CANNOTANSWER"]], "answer_starts": [[0], [-1]]},
+    }
     flat = list(TASKS["quac"].read_hub(dialog))
     assert flat[0]["answers"] == ["a1"] and flat[1]["unanswerable"]

@@ -142,6 +142,11 @@ def run(cfg: AnalyzeConfig) -> dict:
     return result
 
 
+def _off(m: np.ndarray) -> float:
+    """Mean of the off-diagonal entries."""
+    return float(m[~np.eye(len(m), dtype=bool)].mean())
+
+
 def main(argv: list[str]) -> int:
     """``ctxaware analyze SCORES [--data DATA] --output DIR``."""
     cfg = parse_config(AnalyzeConfig, argv, prog="ctxaware analyze")
@@ -154,9 +159,8 @@ def main(argv: list[str]) -> int:
             for i, layer in enumerate(la["layers"])
             if abs(layer - la["layers"][len(la["layers"]) // 2]) <= 4
         ]
-        print(
-            f"layer disagreement: mean {mat.mean():.3f}; among the middle 9 layers {mat[np.ix_(mid, mid)].mean():.3f}"
-        )
+        sub = mat[np.ix_(mid, mid)]
+        print(f"layer disagreement (off-diagonal mean): all {_off(mat):.3f}, middle 9 layers {_off(sub):.3f}")
     if "instruction_lengths" in res:
         il = res["instruction_lengths"]
         print(f"instruction length: original {il['original']}, selected ({il['selection']}) {il['selected']}")

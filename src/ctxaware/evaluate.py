@@ -47,25 +47,47 @@ class EvalConfig(ModelConfig):
         judge: ``local`` (a local HF model, offline, not comparable to GPT-4) or ``http`` (``judge_url``).
     """
 
-    tasks: list[str] = dataclasses.field(default_factory=list, metadata={"help": "tasks to run", "positional": True})
-    modes: list[str] = dataclasses.field(default_factory=lambda: ["chat", "plain"], metadata={"help": "chat and/or plain"})
+    tasks: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "tasks to run", "positional": True}
+    )
+    modes: list[str] = dataclasses.field(
+        default_factory=lambda: ["chat", "plain"], metadata={"help": "chat and/or plain"}
+    )
     indicator: bool = dataclasses.field(default=False, metadata={"help": "append [IND] to every prompt"})
     prompt_style: str = dataclasses.field(default="paper", metadata={"help": "paper (Tables 5-6) or simple"})
-    plain_prefix: str = dataclasses.field(default="Answer:", metadata={"help": "response prefix in plain mode"})
+    plain_prefix: str = dataclasses.field(
+        default="Answer:", metadata={"help": "response prefix in plain mode"}
+    )
     source: str = dataclasses.field(default="local", metadata={"help": "local (shared files) or hub"})
-    data_dir: str | None = dataclasses.field(default=None, metadata={"help": "shared data dir (default ../shared/data)"})
-    limit: int | None = dataclasses.field(default=None, metadata={"help": "examples per task (seeded sample)"})
+    data_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "shared data dir (default ../shared/data)"}
+    )
+    limit: int | None = dataclasses.field(
+        default=None, metadata={"help": "examples per task (seeded sample)"}
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "sampling seed"})
-    max_new_tokens: int = dataclasses.field(default=100, metadata={"help": "new tokens for QA and conflict tasks"})
-    mt_bench_max_new_tokens: int = dataclasses.field(default=512, metadata={"help": "new tokens per MT-Bench turn"})
+    max_new_tokens: int = dataclasses.field(
+        default=100, metadata={"help": "new tokens for QA and conflict tasks"}
+    )
+    mt_bench_max_new_tokens: int = dataclasses.field(
+        default=512, metadata={"help": "new tokens per MT-Bench turn"}
+    )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "generation batch size"})
     judge: str = dataclasses.field(default="local", metadata={"help": "MT-Bench judge: local or http"})
     judge_url: str | None = dataclasses.field(default=None, metadata={"help": "OpenAI-compatible base URL"})
-    judge_model: str = dataclasses.field(default="gpt-4", metadata={"help": "model name sent to the judge URL"})
-    judge_api_key_env: str = dataclasses.field(default="OPENAI_API_KEY", metadata={"help": "env var with the key"})
+    judge_model: str = dataclasses.field(
+        default="gpt-4", metadata={"help": "model name sent to the judge URL"}
+    )
+    judge_api_key_env: str = dataclasses.field(
+        default="OPENAI_API_KEY", metadata={"help": "env var with the key"}
+    )
     judge_local_model: str = dataclasses.field(default="default", metadata={"help": "local judge model spec"})
-    judge_retries: int = dataclasses.field(default=3, metadata={"help": "judge retries (exponential back-off)"})
-    steer: str | None = dataclasses.field(default=None, metadata={"help": "heads JSON {layer: [heads]} to steer"})
+    judge_retries: int = dataclasses.field(
+        default=3, metadata={"help": "judge retries (exponential back-off)"}
+    )
+    steer: str | None = dataclasses.field(
+        default=None, metadata={"help": "heads JSON {layer: [heads]} to steer"}
+    )
     alpha: float = dataclasses.field(default=0.01, metadata={"help": "steering scale for non-user tokens"})
     output: str = dataclasses.field(default="runs/eval", metadata={"help": "output directory"})
 
@@ -78,7 +100,11 @@ def expand_models(spec: str) -> list[str]:
     out: list[str] = []
     for s in (x.strip() for x in spec.split(",") if x.strip()):
         p = Path(s)
-        ckpts = sorted(p.glob("checkpoint-*"), key=lambda c: int(re.sub(r"\D", "", c.name) or 0)) if p.is_dir() else []
+        ckpts = (
+            sorted(p.glob("checkpoint-*"), key=lambda c: int(re.sub(r"\D", "", c.name) or 0))
+            if p.is_dir()
+            else []
+        )
         out += [str(c) for c in ckpts if c.is_dir()] if ckpts and not (p / "config.json").is_file() else [s]
     return out
 
@@ -94,7 +120,9 @@ def _slug(spec: str) -> str:
 # --- prompts and scoring -----------------------------------------------------------------------------
 
 
-def build_prompt(task: Task, ex: Example, tok, mode: str, style: str, indicator: bool, plain_prefix: str | None):
+def build_prompt(
+    task: Task, ex: Example, tok, mode: str, style: str, indicator: bool, plain_prefix: str | None
+):
     """The rendered prompt of one example: template, optional ``[IND]``, chat template or plain + prefix."""
     content = task.prompt(ex, style)
     if indicator:
@@ -117,8 +145,13 @@ def score_example(task: Task, ex: Example, prediction: str) -> dict:
 
 
 def _row_base(task: Task, ex: Example, prompt_text: str) -> dict:
-    return {"id": ex.id, "task": task.name, "prompt": prompt_text, "gold": ex.answers,
-            **({"memory_answers": ex.memory_answers} if ex.memory_answers else {})}
+    return {
+        "id": ex.id,
+        "task": task.name,
+        "prompt": prompt_text,
+        "gold": ex.answers,
+        **({"memory_answers": ex.memory_answers} if ex.memory_answers else {}),
+    }
 
 
 def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> None:
@@ -128,12 +161,27 @@ def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> 
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         prompts = [build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix) for ex in part]
-        gens = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, stop=STOPS,
-                        batch_size=cfg.batch_size, batch_context=batch_context, desc=f"{task.name}/{mode}")
+        gens = generate(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            stop=STOPS,
+            batch_size=cfg.batch_size,
+            batch_context=batch_context,
+            desc=f"{task.name}/{mode}",
+        )
         for ex, r, g in zip(part, prompts, gens):
             pred = first_sentence(g.text)
-            writer.write({**_row_base(task, ex, r.text), "output": g.text, "prediction": pred,
-                          "stop_reason": g.stop_reason, "scores": score_example(task, ex, pred)})
+            writer.write(
+                {
+                    **_row_base(task, ex, r.text),
+                    "output": g.text,
+                    "prediction": pred,
+                    "stop_reason": g.stop_reason,
+                    "scores": score_example(task, ex, pred),
+                }
+            )
 
 
 def run_choice(model, tok, task, todo, writer, cfg, mode) -> None:
@@ -143,8 +191,16 @@ def run_choice(model, tok, task, todo, writer, cfg, mode) -> None:
         conts = [tok(c, add_special_tokens=False)["input_ids"] for c in ex.classes]
         lps = continuation_logprobs(model, tok, [r.input_ids] * len(conts), conts, batch_size=cfg.batch_size)
         pick = max(range(len(lps)), key=lps.__getitem__)
-        writer.write({**_row_base(task, ex, r.text), "classes": ex.classes, "label": ex.label, "logprobs": lps,
-                      "prediction": ex.classes[pick], "scores": {"accuracy": float(pick == ex.label)}})
+        writer.write(
+            {
+                **_row_base(task, ex, r.text),
+                "classes": ex.classes,
+                "label": ex.label,
+                "logprobs": lps,
+                "prediction": ex.classes[pick],
+                "scores": {"accuracy": float(pick == ex.label)},
+            }
+        )
 
 
 def _reference_answers(data_dir: str | None) -> dict[str, list[str]]:
@@ -161,22 +217,49 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
     recorded in the row, the generations are kept."""
     from ctxaware.judge import build_judge_prompt, judge_items, load_judge_prompts
 
-    prompts = load_judge_prompts(Path(cfg.data_dir or default_data_dir()) / "general" / "mt_bench_judge_prompts.jsonl")
+    prompts = load_judge_prompts(
+        Path(cfg.data_dir or default_data_dir()) / "general" / "mt_bench_judge_prompts.jsonl"
+    )
     refs = _reference_answers(cfg.data_dir)
     prefix = cfg.plain_prefix if mode == "plain" else None
-    gen = dict(max_new_tokens=cfg.mt_bench_max_new_tokens, batch_size=cfg.batch_size, batch_context=batch_context)
+    gen = dict(
+        max_new_tokens=cfg.mt_bench_max_new_tokens, batch_size=cfg.batch_size, batch_context=batch_context
+    )
     chunk = max(1, cfg.batch_size) * 2
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
-        users = [[{"role": "user", "content": append_indicator(ex.turns[0]) if cfg.indicator else ex.turns[0]}]
-                 for ex in part]
-        a1 = [g.text.strip() for g in generate(model, tok, [render(u, tok, mode, response_prefix=prefix)
-                                                             for u in users], desc="mt-bench turn 1", **gen)]
-        conv2 = [u + [{"role": "assistant", "content": a or " "},
-                      {"role": "user", "content": append_indicator(ex.turns[1]) if cfg.indicator else ex.turns[1]}]
-                 for u, a, ex in zip(users, a1, part)]
-        a2 = [g.text.strip() for g in generate(model, tok, [render(c, tok, mode, response_prefix=prefix)
-                                                             for c in conv2], desc="mt-bench turn 2", **gen)]
+        users = [
+            [{"role": "user", "content": append_indicator(ex.turns[0]) if cfg.indicator else ex.turns[0]}]
+            for ex in part
+        ]
+        a1 = [
+            g.text.strip()
+            for g in generate(
+                model,
+                tok,
+                [render(u, tok, mode, response_prefix=prefix) for u in users],
+                desc="mt-bench turn 1",
+                **gen,
+            )
+        ]
+        conv2 = [
+            u
+            + [
+                {"role": "assistant", "content": a or " "},
+                {"role": "user", "content": append_indicator(ex.turns[1]) if cfg.indicator else ex.turns[1]},
+            ]
+            for u, a, ex in zip(users, a1, part)
+        ]
+        a2 = [
+            g.text.strip()
+            for g in generate(
+                model,
+                tok,
+                [render(c, tok, mode, response_prefix=prefix) for c in conv2],
+                desc="mt-bench turn 2",
+                **gen,
+            )
+        ]
         items = []
         for ex, x1, x2 in zip(part, a1, a2):
             ref = refs.get(ex.id, ex.references)
@@ -188,12 +271,24 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
             v = verdicts[2 * i : 2 * i + 2]
             ratings = [x["rating"] for x in v]
             ok = [r for r in ratings if r is not None]
-            writer.write({"id": ex.id, "task": "mt-bench", "category": ex.category, "turns": ex.turns,
-                          "answers": [x1, x2], "judge": {"name": judge.name, "comparable_to_gpt4": judge.comparable},
-                          "judge_prompts": [it["name"] for it in items[2 * i : 2 * i + 2]],
-                          "judgments": [x["judgment"] for x in v], "judge_errors": [x["error"] for x in v],
-                          "scores": {"rating": sum(ok) / len(ok) if ok else None, "rating_turn1": ratings[0],
-                                     "rating_turn2": ratings[1]}})
+            writer.write(
+                {
+                    "id": ex.id,
+                    "task": "mt-bench",
+                    "category": ex.category,
+                    "turns": ex.turns,
+                    "answers": [x1, x2],
+                    "judge": {"name": judge.name, "comparable_to_gpt4": judge.comparable},
+                    "judge_prompts": [it["name"] for it in items[2 * i : 2 * i + 2]],
+                    "judgments": [x["judgment"] for x in v],
+                    "judge_errors": [x["error"] for x in v],
+                    "scores": {
+                        "rating": sum(ok) / len(ok) if ok else None,
+                        "rating_turn1": ratings[0],
+                        "rating_turn2": ratings[1],
+                    },
+                }
+            )
 
 
 # --- one condition -----------------------------------------------------------------------------------
@@ -201,8 +296,19 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
 
 def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
     """What fingerprints a results directory (``limit`` excluded: a larger limit extends the sample)."""
-    keys = ("revision", "dtype", "prompt_style", "plain_prefix", "source", "seed", "max_new_tokens",
-            "mt_bench_max_new_tokens", "indicator", "steer", "alpha")
+    keys = (
+        "revision",
+        "dtype",
+        "prompt_style",
+        "plain_prefix",
+        "source",
+        "seed",
+        "max_new_tokens",
+        "mt_bench_max_new_tokens",
+        "indicator",
+        "steer",
+        "alpha",
+    )
     return {"model": model_name, "task": task, "mode": mode, **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -228,8 +334,12 @@ def evaluate_tasks(
     mode = mode or cfg.modes[0]
     tmp = tempfile.TemporaryDirectory() if output_dir is None else nullcontext(str(output_dir))
     with tmp as out:
-        return {name: _evaluate_task(model, tok, get_task(name), cfg, mode, model_name, Path(out), batch_context,
-                                     judge) for name in task_names}
+        return {
+            name: _evaluate_task(
+                model, tok, get_task(name), cfg, mode, model_name, Path(out), batch_context, judge
+            )
+            for name in task_names
+        }
 
 
 def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_context, judge) -> dict:
@@ -248,9 +358,16 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
             run_generative(model, tok, task, todo, w, cfg, mode, batch_context)
         wanted = {ex.id for ex in examples}
         rows = [r for r in w.rows if r["id"] in wanted]
-    result = {"kind": task.kind, "n": len(rows), "metrics": aggregate(rows, task.kind),
-              "skipped": skips.as_dict(), "repaired": repaired.as_dict(), "resumed": len(examples) - len(todo),
-              "seconds": round(time.perf_counter() - t0, 1), "rows": str(directory / "rows.jsonl")}
+    result = {
+        "kind": task.kind,
+        "n": len(rows),
+        "metrics": aggregate(rows, task.kind),
+        "skipped": skips.as_dict(),
+        "repaired": repaired.as_dict(),
+        "resumed": len(examples) - len(todo),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": str(directory / "rows.jsonl"),
+    }
     if task.kind == "mtbench":
         result["judge"] = (rows[0].get("judge") if rows else None) or {}
         result["judge_failures"] = sum(1 for r in rows for e in r.get("judge_errors", []) if e)
@@ -309,11 +426,16 @@ def summary_markdown(results: dict) -> str:
 
 
 def details_markdown(results: dict) -> str:
-    lines = ["| Model | Condition | Task | n | skipped | metrics (percent, 95% CI) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| Model | Condition | Task | n | skipped | metrics (percent, 95% CI) |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, conds in results.items():
         for cond, res in conds.items():
             for t, r in res.items():
-                ms = "; ".join(f"{k} {fmt(v, pct=not k.startswith('rating'))}" for k, v in r["metrics"].items())
+                ms = "; ".join(
+                    f"{k} {fmt(v, pct=not k.startswith('rating'))}" for k, v in r["metrics"].items()
+                )
                 lines.append(f"| {model} | {cond} | {t} | {r['n']} | {r['skipped']['total']} | {ms} |")
     return "\n".join(lines) + "\n"
 
@@ -351,7 +473,9 @@ def _steering_context(model, cfg: EvalConfig):
 def main(argv: list[str]) -> int:
     cfg = parse_config(EvalConfig, argv, prog="ctxaware eval")
     if not cfg.tasks:
-        raise CtxawareError("name at least one task; available: " + ", ".join(__import__("ctxaware.tasks").tasks.TASKS))
+        raise CtxawareError(
+            "name at least one task; available: " + ", ".join(__import__("ctxaware.tasks").tasks.TASKS)
+        )
     for t in cfg.tasks:
         get_task(t)  # unknown names fail before any model loads
     for m in cfg.modes:
@@ -366,15 +490,30 @@ def main(argv: list[str]) -> int:
         bc = _steering_context(model, cfg)
         for mode in cfg.modes:
             cond = condition_name(mode, cfg.indicator)
-            res = evaluate_tasks(model, tok, cfg.tasks, cfg, mode=mode, model_name=spec,
-                                 output_dir=out / _slug(spec) / cond, batch_context=bc, judge=judge)
+            res = evaluate_tasks(
+                model,
+                tok,
+                cfg.tasks,
+                cfg,
+                mode=mode,
+                model_name=spec,
+                output_dir=out / _slug(spec) / cond,
+                batch_context=bc,
+                judge=judge,
+            )
             results.setdefault(spec, {})[cond] = res
             print(f"{spec} [{cond}]: " + ", ".join(f"{t}={_headline(r)}" for t, r in res.items()), flush=True)
         del model
     md = summary_markdown(results)
     (out / "summary.md").write_text(md)
-    write_json_atomic(out / "summary.json", {"config": dataclasses.asdict(cfg), "results": results,
-                                              "wall_seconds": round(time.perf_counter() - t0, 1)})
+    write_json_atomic(
+        out / "summary.json",
+        {
+            "config": dataclasses.asdict(cfg),
+            "results": results,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
     plot = _reliance_plot(results, out) if len(results) > 1 else None
     print(md + f"\nwrote {out / 'summary.md'}" + (f" and {plot}" if plot else ""))
     return 0

@@ -44,7 +44,9 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict]:
     """``name -> {system_prompt, prompt_template, ...}`` from the MT-Bench judge prompt JSONL."""
     p = Path(path)
     if not p.is_file():
-        raise CtxawareError(f"judge prompt file {p} not found; pass --data-dir with general/mt_bench_judge_prompts.jsonl")
+        raise CtxawareError(
+            f"judge prompt file {p} not found; pass --data-dir with general/mt_bench_judge_prompts.jsonl"
+        )
     prompts = {}
     for line in p.read_text().splitlines():
         if line.strip():
@@ -54,7 +56,12 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict]:
 
 
 def build_judge_prompt(
-    prompts: dict[str, dict], turns: list[str], answers: list[str], references: list[str], category: str, turn: int
+    prompts: dict[str, dict],
+    turns: list[str],
+    answers: list[str],
+    references: list[str],
+    category: str,
+    turn: int,
 ) -> tuple[str, str, str]:
     """``(prompt name, system, user)`` grading ``turn`` (1 or 2) of one MT-Bench conversation."""
     use_ref = category in NEED_REF and len(references) >= turn
@@ -64,7 +71,10 @@ def build_judge_prompt(
     if turn == 2:
         fields |= {"question_2": turns[1], "answer_2": answers[1]}
     if use_ref:
-        fields |= {"ref_answer_1": references[0], "ref_answer_2": references[1] if len(references) > 1 else ""}
+        fields |= {
+            "ref_answer_1": references[0],
+            "ref_answer_2": references[1] if len(references) > 1 else "",
+        }
     return name, p["system_prompt"], p["prompt_template"].format(**fields)
 
 
@@ -83,8 +93,18 @@ class HTTPJudge:
         backoff: float = 2.0,
         max_tokens: int = 2048,
     ) -> None:
-        self.url = url.rstrip("/") if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout, self.retries, self.backoff, self.max_tokens = model, timeout, retries, backoff, max_tokens
+        self.url = (
+            url.rstrip("/")
+            if url.rstrip("/").endswith("/chat/completions")
+            else url.rstrip("/") + "/chat/completions"
+        )
+        self.model, self.timeout, self.retries, self.backoff, self.max_tokens = (
+            model,
+            timeout,
+            retries,
+            backoff,
+            max_tokens,
+        )
         self.api_key = os.environ.get(api_key_env, "")
         self.name = f"http:{model}"
 
@@ -125,8 +145,15 @@ class LocalJudge:
 
     comparable = False
 
-    def __init__(self, model, tokenizer, name: str = "local", max_new_tokens: int = 256, batch_size: int = 4) -> None:
-        self.model, self.tok, self.max_new_tokens, self.batch_size = model, tokenizer, max_new_tokens, batch_size
+    def __init__(
+        self, model, tokenizer, name: str = "local", max_new_tokens: int = 256, batch_size: int = 4
+    ) -> None:
+        self.model, self.tok, self.max_new_tokens, self.batch_size = (
+            model,
+            tokenizer,
+            max_new_tokens,
+            batch_size,
+        )
         self.name = f"local:{name}"
 
     def complete(self, system: str, user: str) -> str:
@@ -137,10 +164,17 @@ class LocalJudge:
         from ctxaware.generate import generate
 
         prompts = [
-            render([{"role": "system", "content": s}, {"role": "user", "content": u}], self.tok, "chat") for s, u in pairs
+            render([{"role": "system", "content": s}, {"role": "user", "content": u}], self.tok, "chat")
+            for s, u in pairs
         ]
-        outs = generate(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                        progress=False)
+        outs = generate(
+            self.model,
+            self.tok,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            progress=False,
+        )
         return [o.text for o in outs]
 
 

@@ -159,8 +159,11 @@ def first_sentence(text: str) -> str:
 
 def qa_scores(prediction: str, golds: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> dict[str, float]:
     """Every QA metric of one prediction; DROP metrics when ``spans`` (gold span lists) are given."""
-    out = {"containment": containment(prediction, golds), "em": squad_em(prediction, golds),
-           "f1": squad_f1(prediction, golds)}
+    out = {
+        "containment": containment(prediction, golds),
+        "em": squad_em(prediction, golds),
+        "f1": squad_f1(prediction, golds),
+    }
     if spans:
         out["drop_em"], out["drop_f1"] = drop_scores(prediction, spans)
         # containment of a multi-span gold needs every span
@@ -173,7 +176,9 @@ def conflict_scores(prediction: str, context_answers: Sequence[str], memory_answ
     return {"p_s": containment(prediction, context_answers), "p_o": containment(prediction, memory_answers)}
 
 
-def memorization_ratio(p_o: Sequence[float], p_s: Sequence[float], n_resamples: int = 2000, seed: int = 0) -> dict:
+def memorization_ratio(
+    p_o: Sequence[float], p_s: Sequence[float], n_resamples: int = 2000, seed: int = 0
+) -> dict:
     """``mean(p_o) / (mean(p_o) + mean(p_s))`` with a paired percentile-bootstrap 95% interval."""
     o, s = np.asarray(p_o, float), np.asarray(p_s, float)
     if o.size == 0:
@@ -187,7 +192,7 @@ def memorization_ratio(p_o: Sequence[float], p_s: Sequence[float], n_resamples: 
     boot = ratio(o[idx].mean(1), s[idx].mean(1))
     boot = boot[~np.isnan(boot)]
     m = float(ratio(o.mean(), s.mean()))
-    lo, hi = (np.quantile(boot, [0.025, 0.975]) if boot.size else (np.nan, np.nan))
+    lo, hi = np.quantile(boot, [0.025, 0.975]) if boot.size else (np.nan, np.nan)
     return {"mean": m, "ci_low": float(lo), "ci_high": float(hi), "n": int(o.size)}
 
 

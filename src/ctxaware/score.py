@@ -327,9 +327,9 @@ def score_shard(
         lengths = [len(x) if isinstance(x, Layout) else 0 for x in lays]
         for batch in plan_batches(lengths, cfg.batch_tokens, cfg.max_batch):
             n_batch += 1
+            bar.update(len(batch))  # progress through the global plan; other ranks' batches pass by
             if (n_batch - 1) % world != rank:
                 continue
-            bar.update(len(batch))
             if all(writer.key(k) in done for i in batch for k in _keys(window[i])):
                 continue
             ok = [i for i in batch if isinstance(lays[i], Layout)]
@@ -360,7 +360,7 @@ def _layers(cfg: ScoreConfig, model) -> list[int]:
 def merge_parts(work: Path, writer: ResultsWriter, convs: list, timeout: float) -> list[dict]:
     """Wait until the part files of all ranks hold a row for every turn, then return them in input order."""
     expected = [writer.key(k) for c in convs for k in _keys(c)]
-    t0 = time.perf_counter()
+    t0, wait = time.perf_counter(), 0.5
     while True:
         rows: dict[tuple, dict] = {}
         for part in sorted(work.glob("part-*.jsonl")):
@@ -373,7 +373,8 @@ def merge_parts(work: Path, writer: ResultsWriter, convs: list, timeout: float) 
             raise CtxawareError(
                 f"{missing} turns still unscored after {timeout:.0f}s; rerun the command to resume"
             )
-        time.sleep(1.0)
+        time.sleep(wait)
+        wait = min(30.0, wait * 1.5)  # back off: rereading the parts is O(rows)
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> Path:

@@ -75,7 +75,9 @@ class Task:
 
     def prompt(self, ex: Example, style: str) -> str:
         if style not in self.templates:
-            raise CtxawareError(f"task {self.name} has no {style!r} prompt; styles: {', '.join(self.templates)}")
+            raise CtxawareError(
+                f"task {self.name} has no {style!r} prompt; styles: {', '.join(self.templates)}"
+            )
         return self.templates[style].format(context=ex.context.strip(), question=ex.question.strip())
 
 
@@ -184,13 +186,23 @@ def read_quac_jsonl(path: Path) -> Iterator[dict]:
     for d, row in enumerate(read_jsonl(path)):
         passage, qtext, atext = row.get("passage", ""), row.get("question", ""), row.get("answer", "")
         questions = dict(re.findall(r"^question(\d+): (.*)$", qtext or "", flags=re.M))
-        blocks = dict(re.findall(r"possible answers for question(\d+):\n(.*?)(?=\npossible answers for|\Z)",
-                                 atext or "", flags=re.S))
+        blocks = dict(
+            re.findall(
+                r"possible answers for question(\d+):\n(.*?)(?=\npossible answers for|\Z)",
+                atext or "",
+                flags=re.S,
+            )
+        )
         for k in sorted(questions, key=int):
             raw = blocks.get(k, "")
             answers = [] if "CANNOTANSWER" in raw else _split_quac_answers(raw, passage or "")
-            yield {"id": f"{d}_q{k}", "context": passage, "question": questions[k], "answers": answers,
-                   "unanswerable": "CANNOTANSWER" in raw}
+            yield {
+                "id": f"{d}_q{k}",
+                "context": passage,
+                "question": questions[k],
+                "answers": answers,
+                "unanswerable": "CANNOTANSWER" in raw,
+            }
 
 
 # --- converters (one per task family) ----------------------------------------------------------------
@@ -203,8 +215,9 @@ def convert_squad(row: dict) -> Example:
     answers = row.get("answers")
     if isinstance(answers, dict):
         answers = answers.get("text") or answers.get("texts")
-    return Example(str(row.get("id")), _text(row, "question"), _text(row, "context"),
-                   _answer_list(answers, "answers"))
+    return Example(
+        str(row.get("id")), _text(row, "question"), _text(row, "context"), _answer_list(answers, "answers")
+    )
 
 
 def convert_drop(row: dict) -> Example:
@@ -223,8 +236,13 @@ def convert_drop(row: dict) -> Example:
     spans = [g for g in spans if g]
     if not spans or not passage.strip() or not question.strip():
         raise Malformed("missing passage, question or answers")
-    return Example(str(row.get("id") or row.get("query_id") or ""), question, passage,
-                   answers=[" ".join(g) for g in spans], spans=spans)
+    return Example(
+        str(row.get("id") or row.get("query_id") or ""),
+        question,
+        passage,
+        answers=[" ".join(g) for g in spans],
+        spans=spans,
+    )
 
 
 def read_drop_hub(doc: dict) -> Iterator[dict]:
@@ -239,11 +257,16 @@ def read_drop_hub(doc: dict) -> Iterator[dict]:
 
     va = doc.get("validated_answers") or {"number": []}
     cands = [doc["answer"]] + [
-        {"number": va["number"][i], "date": va["date"][i], "spans": va["spans"][i]} for i in range(len(va["number"]))
+        {"number": va["number"][i], "date": va["date"][i], "spans": va["spans"][i]}
+        for i in range(len(va["number"]))
     ]
     golds = list(dict.fromkeys(parse(c) for c in cands))
-    yield {"id": doc["query_id"], "passage": doc["passage"], "question": doc["question"],
-           "answers": [list(g) for g in golds]}
+    yield {
+        "id": doc["query_id"],
+        "passage": doc["passage"],
+        "question": doc["question"],
+        "answers": [list(g) for g in golds],
+    }
 
 
 def read_quac_hub(dialog: dict) -> Iterator[dict]:
@@ -255,23 +278,37 @@ def read_quac_hub(dialog: dict) -> Iterator[dict]:
     texts = dialog.get("answers", {}).get("texts", [])
     for i, q in enumerate(dialog["questions"]):
         golds = texts[i] if i < len(texts) else []
-        yield {"id": f"{dialog.get('dialogue_id', '')}_q{i}", "context": dialog.get("context"), "question": q,
-               "answers": [g for g in golds if g != "CANNOTANSWER"], "unanswerable": "CANNOTANSWER" in golds}
+        yield {
+            "id": f"{dialog.get('dialogue_id', '')}_q{i}",
+            "context": dialog.get("context"),
+            "question": q,
+            "answers": [g for g in golds if g != "CANNOTANSWER"],
+            "unanswerable": "CANNOTANSWER" in golds,
+        }
 
 
 def convert_conflict(row: dict) -> Example:
     """Counterfactual sets: the context answer (``answer``) vs. the memorised one (``memory_answer`` or
     ``parametric_answer``)."""
     mem = row.get("memory_answer", row.get("parametric_answer"))
-    return Example(str(row.get("id", "")), _text(row, "question"), _text(row, "context"),
-                   _answer_list(row.get("answer"), "answer"), _answer_list(mem, "memory_answer"))
+    return Example(
+        str(row.get("id", "")),
+        _text(row, "question"),
+        _text(row, "context"),
+        _answer_list(row.get("answer"), "answer"),
+        _answer_list(mem, "memory_answer"),
+    )
 
 
 def convert_nqswap(row: dict) -> Example:
     """NQ-Swap: the substituted context and answer vs. the original (memorised) answer."""
-    return Example(str(row.get("id", "")), _text(row, "question"), _text(row, "sub_context"),
-                   _answer_list(row.get("sub_answer"), "sub_answer"),
-                   _answer_list(row.get("org_answer"), "org_answer"))
+    return Example(
+        str(row.get("id", "")),
+        _text(row, "question"),
+        _text(row, "sub_context"),
+        _answer_list(row.get("sub_answer"), "sub_answer"),
+        _answer_list(row.get("org_answer"), "org_answer"),
+    )
 
 
 def convert_memotrap(row: dict) -> Example:
@@ -288,12 +325,21 @@ def convert_memotrap(row: dict) -> Example:
 
 def convert_mtbench(row: dict) -> Example:
     turns = row.get("turns", row.get("prompt"))
-    if not isinstance(turns, list) or len(turns) != 2 or not all(isinstance(t, str) and t.strip() for t in turns):
+    if (
+        not isinstance(turns, list)
+        or len(turns) != 2
+        or not all(isinstance(t, str) and t.strip() for t in turns)
+    ):
         raise Malformed("turns must be two non-empty strings")
     refs = row.get("reference") or []
     qid = row.get("question_id", row.get("prompt_id"))
-    return Example(str(qid), turns[0], turns=turns, references=[r for r in refs if isinstance(r, str)],
-                   category=str(row.get("category", "")))
+    return Example(
+        str(qid),
+        turns[0],
+        turns=turns,
+        references=[r for r in refs if isinstance(r, str)],
+        category=str(row.get("category", "")),
+    )
 
 
 # --- the registry ------------------------------------------------------------------------------------
@@ -305,28 +351,98 @@ _ids = lambda rows: ({"id": str(i), **r} for i, r in enumerate(rows))  # noqa: E
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task("squad", "qa", convert_squad, "qa/squad_v2_dev_small.json", read_squad_json,
-             ("rajpurkar/squad", None, "validation"), templates=_QA, description="SQuAD, answerable questions"),
-        Task("quac", "qa", convert_squad, "qa/quac_val_tiny.jsonl", read_quac_jsonl,
-             ("ucla-cmllab/quac", None, "validation"), read_hub=read_quac_hub,
-             templates={"paper": QUAC_TEMPLATE, "simple": SIMPLE_TEMPLATE}, description="QuAC, answerable turns"),
-        Task("drop", "qa", convert_drop, "qa/drop_dev_simple_evals.jsonl.gz", lambda p: _ids(read_jsonl(p)),
-             ("EleutherAI/drop", None, "validation"), read_hub=read_drop_hub, templates=_QA,
-             description="DROP (discrete reasoning)"),
-        Task("cf_world_facts", "conflict", convert_conflict, "conflict/cf_world_facts.json",
-             lambda p: _ids(read_json_list(p)), None, templates=_CF, description="counterfactual world facts"),
-        Task("cf_country_capitals", "conflict", convert_conflict, "conflict/cf_country_capitals.json",
-             lambda p: _ids(read_json_list(p)), None, templates=_CF, description="counterfactual capitals"),
-        Task("cf_bio", "conflict", convert_conflict, "conflict/cf_biographies.jsonl", lambda p: _ids(read_jsonl(p)),
-             None, templates=_CF, description="counterfactual biographies"),
-        Task("nqswap", "conflict", convert_nqswap, "conflict/nqswap.zip", read_nqswap_zip,
-             ("pminervini/NQ-Swap", None, "dev"), templates=_CF, description="NQ-Swap substituted entities"),
-        Task("memotrap", "choice", convert_memotrap, "conflict/memotrap.jsonl.gz", lambda p: _ids(read_jsonl(p)),
-             ("pminervini/inverse-scaling", "memo-trap", "data"), templates={"paper": "{question}",
-             "simple": "{question}"}, description="MemoTrap, log-likelihood of the classes"),
-        Task("mt-bench", "mtbench", convert_mtbench, "general/mt_bench_questions.jsonl", read_jsonl,
-             ("HuggingFaceH4/mt_bench_prompts", None, "train"), templates={"paper": "{question}",
-             "simple": "{question}"}, description="MT-Bench, two turns, judged"),
+        Task(
+            "squad",
+            "qa",
+            convert_squad,
+            "qa/squad_v2_dev_small.json",
+            read_squad_json,
+            ("rajpurkar/squad", None, "validation"),
+            templates=_QA,
+            description="SQuAD, answerable questions",
+        ),
+        Task(
+            "quac",
+            "qa",
+            convert_squad,
+            "qa/quac_val_tiny.jsonl",
+            read_quac_jsonl,
+            ("ucla-cmllab/quac", None, "validation"),
+            read_hub=read_quac_hub,
+            templates={"paper": QUAC_TEMPLATE, "simple": SIMPLE_TEMPLATE},
+            description="QuAC, answerable turns",
+        ),
+        Task(
+            "drop",
+            "qa",
+            convert_drop,
+            "qa/drop_dev_simple_evals.jsonl.gz",
+            lambda p: _ids(read_jsonl(p)),
+            ("EleutherAI/drop", None, "validation"),
+            read_hub=read_drop_hub,
+            templates=_QA,
+            description="DROP (discrete reasoning)",
+        ),
+        Task(
+            "cf_world_facts",
+            "conflict",
+            convert_conflict,
+            "conflict/cf_world_facts.json",
+            lambda p: _ids(read_json_list(p)),
+            None,
+            templates=_CF,
+            description="counterfactual world facts",
+        ),
+        Task(
+            "cf_country_capitals",
+            "conflict",
+            convert_conflict,
+            "conflict/cf_country_capitals.json",
+            lambda p: _ids(read_json_list(p)),
+            None,
+            templates=_CF,
+            description="counterfactual capitals",
+        ),
+        Task(
+            "cf_bio",
+            "conflict",
+            convert_conflict,
+            "conflict/cf_biographies.jsonl",
+            lambda p: _ids(read_jsonl(p)),
+            None,
+            templates=_CF,
+            description="counterfactual biographies",
+        ),
+        Task(
+            "nqswap",
+            "conflict",
+            convert_nqswap,
+            "conflict/nqswap.zip",
+            read_nqswap_zip,
+            ("pminervini/NQ-Swap", None, "dev"),
+            templates=_CF,
+            description="NQ-Swap substituted entities",
+        ),
+        Task(
+            "memotrap",
+            "choice",
+            convert_memotrap,
+            "conflict/memotrap.jsonl.gz",
+            lambda p: _ids(read_jsonl(p)),
+            ("pminervini/inverse-scaling", "memo-trap", "data"),
+            templates={"paper": "{question}", "simple": "{question}"},
+            description="MemoTrap, log-likelihood of the classes",
+        ),
+        Task(
+            "mt-bench",
+            "mtbench",
+            convert_mtbench,
+            "general/mt_bench_questions.jsonl",
+            read_jsonl,
+            ("HuggingFaceH4/mt_bench_prompts", None, "train"),
+            templates={"paper": "{question}", "simple": "{question}"},
+            description="MT-Bench, two turns, judged",
+        ),
     ]
 }
 
