@@ -7,6 +7,7 @@ weights; on CPU the peak process RSS above the pre-call RSS, sampled every 2 ms 
     python benchmarks/attention.py --device cpu --lengths 1024,2048,4096
 """
 
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,12 @@ def measure(fn, device: str, reps: int) -> tuple[float, float]:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            proc, base, top, stop = psutil.Process(), psutil.Process().memory_info().rss, [0], threading.Event()
+            proc, base, top, stop = (
+                psutil.Process(),
+                psutil.Process().memory_info().rss,
+                [0],
+                threading.Event(),
+            )
 
             def sample():
                 while not stop.is_set():
@@ -111,7 +117,9 @@ def main() -> None:
         rows = torch.tensor([[T - 1]], device=dev)
         layers = list(range(n_layers))
         with torch.inference_mode():
-            cap = measure(lambda: capture_attention(model, ids, None, layers, rows, groups), args.device, args.reps)
+            cap = measure(
+                lambda: capture_attention(model, ids, None, layers, rows, groups), args.device, args.reps
+            )
 
             def eager_all():
                 set_impl(model, "eager")

@@ -30,7 +30,9 @@ def test_allocation_equals_eager_oracle_batched(smollm2):
     prompts = _prompts(tok)
     positions = [[len(p) - 1] for p in prompts]
     positions[0] = [3, len(prompts[0]) // 2, len(prompts[0]) - 1]  # several rows, averaged
-    got = role_allocation(model, prompts, positions=positions, batch_size=3, pad_id=tok.pad_token_id)  # (N, L, H, 5)
+    got = role_allocation(
+        model, prompts, positions=positions, batch_size=3, pad_id=tok.pad_token_id
+    )  # (N, L, H, 5)
     for i, (p, qs) in enumerate(zip(prompts, positions)):
         want = eager_role_oracle(model, torch.tensor(p.input_ids), p.role_ids(), qs).mean(2)  # (L, H, 5)
         assert (got[i].double() - want).abs().max() < 1e-5, i
@@ -64,7 +66,13 @@ def test_retrieval_heads_eq3_and_json(smollm2, tmp_path):
 
 def test_heads_validation(smollm2, tmp_path):
     model, _ = smollm2
-    for bad, msg in [({30: [0]}, "layer 30"), ({0: [9]}, "heads"), ({0: []}, "heads"), ({"x": [0]}, "integer"), ({}, "non-empty")]:
+    for bad, msg in [
+        ({30: [0]}, "layer 30"),
+        ({0: [9]}, "heads"),
+        ({0: []}, "heads"),
+        ({"x": [0]}, "integer"),
+        ({}, "non-empty"),
+    ]:
         with pytest.raises(CtxawareError, match=msg):
             validate_heads(bad, model)
     (tmp_path / "bad.json").write_text("{not json")
@@ -83,9 +91,13 @@ def test_heads_cli(tmp_path):
     if not HAYSTACK.is_dir():
         pytest.skip("shared haystack not found")
     out = tmp_path / "heads.json"
-    rc = main(["heads", "--device", "cpu", "--lengths", "150", "--haystack", str(HAYSTACK), "--output", str(out)])
+    rc = main(
+        ["heads", "--device", "cpu", "--lengths", "150", "--haystack", str(HAYSTACK), "--output", str(out)]
+    )
     assert rc == 0 and len(json.loads(out.read_text())) == 30
-    assert main(["heads", "--k", "0", "--device", "cpu", "--haystack", str(HAYSTACK), "--lengths", "150"]) == 2
+    assert (
+        main(["heads", "--k", "0", "--device", "cpu", "--haystack", str(HAYSTACK), "--lengths", "150"]) == 2
+    )
 
 
 @pytest.mark.slow

@@ -9,28 +9,34 @@ from pathlib import Path
 import pytest
 
 from ctxaware.config import from_dict, load_yaml
-from ctxaware.conversations import Conversation
-from ctxaware.experiment import ExperimentConfig, mark, run
+from ctxaware.experiment import ExperimentConfig, run, stage_select
 from ctxaware.train import TrainConfig
 from tests.conftest import SHARED_DATA, tiny_llama
 
 RECIPES = Path(__file__).resolve().parents[1] / "src" / "ctxaware" / "recipes"
 
 
-def test_mark_appends_indicator_to_selected_turns():
-    conv = Conversation("c", [
-        {"role": "system", "content": "S"},
-        {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-    ], 0)  # fmt: skip
-    scores = [
-        {"conversation_id": "c", "turn": 0, "score": 0.3},
-        {"conversation_id": "c", "turn": 1, "score": 0.9},
-    ]
-    (out,), ratio = mark([conv], scores, 0.6, "[IND]")
-    assert [m["content"] for m in out.messages] == ["S", "q0", "a0", "q1 [IND]", "a1"]
-    assert ratio == {"beta": 0.6, "n_turns": 2, "n_selected": 1, "ratio": 0.5}
-    assert conv.messages[3]["content"] == "q1"  # the input is not modified
+def test_select_stage_marks_selected_turns_and_caches(tmp_path):
+    rows = [{"id": "c", "conversations": [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "q0"}, {"from": "gpt", "value": "a0"},
+        {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+    ]}]  # fmt: skip
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"source_row": 0, "conversation_id": "c", "turn": t, "score": s}) + "\n"
+                              for t, s in [(0, 0.3), (1, 0.9)]))  # fmt: skip
+    cfg = ExperimentConfig(data=str(data), output_dir=str(tmp_path / "exp"))
+    out = stage_select(cfg, tmp_path, scores, 0.6)
+    marked = json.loads(out.read_text())[0]["conversations"]
+    assert [t["value"] for t in marked] == ["S", "q0", "a0", "q1 [IND]", "a1"]
+    ratio = json.loads(out.with_suffix(".selection.json").read_text())
+    assert (ratio["n_selected"], ratio["n_scored"], ratio["ratio"]) == (1, 2, 0.5)
+    mtime = out.stat().st_mtime_ns
+    assert stage_select(cfg, tmp_path, scores, 0.6) == out and out.stat().st_mtime_ns == mtime  # cached
+    stage_select(cfg, tmp_path, scores, 0.2)
+    assert json.loads((tmp_path / "data" / "marked_b0.2.selection.json").read_text())["n_selected"] == 2
 
 
 @pytest.mark.parametrize("name", ["tinyllama_full", "llama_lora", "cpu_smoke"])

@@ -47,7 +47,11 @@ ALL_MASK_ATTENTION_FUNCTIONS.register("test_ref", ALL_MASK_ATTENTION_FUNCTIONS["
 @contextlib.contextmanager
 def attn_impl(model, impl: str):
     """Switch every config of ``model`` to attention implementation ``impl`` inside the block."""
-    cfgs = [m.config for m in [model, *model.modules()] if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    cfgs = [
+        m.config
+        for m in [model, *model.modules()]
+        if hasattr(getattr(m, "config", None), "_attn_implementation")
+    ]
     old = [c._attn_implementation for c in cfgs]
     for c in cfgs:
         c._attn_implementation = impl
@@ -84,9 +88,17 @@ def tiny_gemma3(layers: int = 4, window: int = 8):
 
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=window, max_position_embeddings=512,
-        layer_types=["sliding_attention", "full_attention"] * (layers // 2), attn_implementation="eager",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=window,
+        max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+        attn_implementation="eager",
     )
     return Gemma3ForCausalLM(cfg).eval()
 
@@ -97,9 +109,18 @@ def tiny_gemma2(layers: int = 2):
 
     torch.manual_seed(0)
     cfg = Gemma2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=16,
-        max_position_embeddings=512, attn_implementation="eager",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        attn_logit_softcapping=5.0,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=512,
+        attn_implementation="eager",
     )
     return Gemma2ForCausalLM(cfg).eval()
 
@@ -108,7 +129,12 @@ def tiny_gemma2(layers: int = 2):
 
 
 def _prompt(tok):
-    msgs = [{"role": "user", "content": "Context: The key is hidden under the blue vase in the hall. Where is the key?"}]
+    msgs = [
+        {
+            "role": "user",
+            "content": "Context: The key is hidden under the blue vase in the hall. Where is the key?",
+        }
+    ]
     return render(msgs, tok, "chat", response_prefix="The key is")
 
 
@@ -132,7 +158,9 @@ def test_capture_on_eager_model_and_subset_layers(smollm2):
     want = eager_role_oracle(model, ids, roles, [len(r) - 1])
     groups = torch.nn.functional.one_hot(roles, len(ROLES)).float()[None]
     with attn_impl(model, "eager"):
-        got = intercept.capture_attention(model, ids[None], None, [3, 7], torch.tensor([[len(r) - 1]]), groups)
+        got = intercept.capture_attention(
+            model, ids[None], None, [3, 7], torch.tensor([[len(r) - 1]]), groups
+        )
     assert set(got) == {3, 7}
     for layer in (3, 7):
         assert (got[layer][0].double() - want[layer]).abs().max() < 1e-5

@@ -102,3 +102,24 @@ def test_ratio_table():
     t = selection.ratio_table([0.55, 0.65, 0.75, 0.85, None])
     assert t == {"0.5": 1.0, "0.6": 0.75, "0.7": 0.5, "0.8": 0.25}
     assert "beta=0.6" in selection.format_table({"x": t})
+
+
+def test_layer_disagreement_and_analyze(tmp_path):
+    """Fig. 5 numbers by hand: 20 turns, 3 layers; layer 2 reverses layer 0's order (top-10% = 2 turns)."""
+    from ctxaware import analyze
+
+    rows = []
+    for i in range(20):
+        s = {"0": i / 20, "1": i / 20 if i != 19 else 0.0, "2": 1 - i / 20}
+        rows.append({"conversation_id": str(i), "source_row": i, "turn": 0, "score": s["0"], "scores": s})
+    layers, mat = analyze.layer_disagreement(rows, top=0.1)
+    assert layers == [0, 1, 2]
+    assert mat.tolist() == [[0, 0.5, 1], [0.5, 0, 1], [1, 1, 0]]  # top sets {19,18}, {18,17}, {0,1}
+    scores = tmp_path / "s.jsonl"
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert analyze.main([str(scores), "--output", str(tmp_path / "a")]) == 0
+    res = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert (
+        res["layer_agreement"]["disagreement"][0][2] == 1
+        and (tmp_path / "a" / "layer_agreement.png").stat().st_size
+    )

@@ -19,7 +19,10 @@ TOL = 1e-4
 
 
 def _prompts(tok):
-    a = [{"role": "system", "content": ""}, {"role": "user", "content": "Document: Mia keeps her bike in the red shed. Where is the bike?"}]
+    a = [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "Document: Mia keeps her bike in the red shed. Where is the bike?"},
+    ]
     b = [{"role": "user", "content": "Context: the meeting moved to Friday at noon. When is the meeting?"}]
     return [render(a, tok, "chat", response_prefix="The bike is"), render(b, tok, "chat")]
 
@@ -31,7 +34,9 @@ def _decode(model, ids, steps: int, ctx_fn, mask=None):
     x = ids
     with ctx_fn(), torch.no_grad():
         for _ in range(steps):
-            o = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            o = model(
+                input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+            )
             logits.append(o.logits[:, -1].float())
             x = o.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             out.append(x)
@@ -182,5 +187,10 @@ def test_bad_inputs(smollm2):
 def test_sweep_alpha_table():
     scores = {None: 0.5, 0.01: 0.2, 0.1: 0.7, 0.3: 0.7, 0.5: 0.6, 0.7: 0.55, 0.9: 0.5}
     res = sweep_alpha(lambda a, chat: scores[a] if chat else 0.9)
-    assert res["best_alpha"] == 0.3 and res["steered"] == 0.7 and res["baseline"] == 0.5 and res["no_template"] == 0.9
+    assert (
+        res["best_alpha"] == 0.3
+        and res["steered"] == 0.7
+        and res["baseline"] == 0.5
+        and res["no_template"] == 0.9
+    )
     assert "alpha=0.3" in table({"m": res})

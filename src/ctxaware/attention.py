@@ -81,7 +81,9 @@ def role_allocation(
     for a in range(0, len(order), batch_size):
         idx = order[a : a + batch_size]
         ids, mask, rows, groups = pad_batch([prompts[i] for i in idx], [positions[i] for i in idx], pad_id)
-        res = capture_attention(model, ids.to(device), mask.to(device), layers, rows, groups)  # {l: (B, H, R, 5)}
+        res = capture_attention(
+            model, ids.to(device), mask.to(device), layers, rows, groups
+        )  # {l: (B, H, R, 5)}
         stacked = torch.stack([res[layer].cpu() for layer in layers], dim=1)  # (B, L, H, R, 5)
         for j, i in enumerate(idx):
             out[i] = stacked[j, :, :, : len(positions[i])].mean(2)  # (L, H, 5)
@@ -144,7 +146,8 @@ class AttentionConfig(ModelConfig):
     """
 
     lengths: list[int] = dataclasses.field(
-        default_factory=lambda: [200, 650, 1100, 1550, 2000], metadata={"help": "NIH context lengths (tokens)"}
+        default_factory=lambda: [200, 650, 1100, 1550, 2000],
+        metadata={"help": "NIH context lengths (tokens)"},
     )
     depths: list[float] = dataclasses.field(
         default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0], metadata={"help": "needle depths in %"}
@@ -153,7 +156,8 @@ class AttentionConfig(ModelConfig):
     output: str = dataclasses.field(default="runs/attention", metadata={"help": "output directory"})
     batch_size: int = dataclasses.field(default=4, metadata={"help": "prompts per forward pass"})
     haystack: str = dataclasses.field(
-        default="../shared/data/haystack/paul_graham_essays", metadata={"help": "directory of haystack .txt files"}
+        default="../shared/data/haystack/paul_graham_essays",
+        metadata={"help": "directory of haystack .txt files"},
     )
 
 
@@ -209,6 +213,8 @@ def main(argv: list[str]) -> int:
     shares = {m: r["renormalised"] for m, r in results.items()}
     plotting.role_change_bars(change, out / "fig3_change.png")
     plotting.role_share_bars(shares, out / "fig4_shares.png")
-    plotting.head_heatmaps({m: r["user_change_layer_head"] for m, r in results.items()}, out / "user_change_heatmap.png")
+    plotting.head_heatmaps(
+        {m: r["user_change_layer_head"] for m, r in results.items()}, out / "user_change_heatmap.png"
+    )
     print(f"wrote {out / 'attention.json'} and figures")
     return 0

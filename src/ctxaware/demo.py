@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 from ctxaware.chat import render, user_prompt
 from ctxaware.config import ModelConfig, parse_config
@@ -62,6 +63,52 @@ def show_generation(model, tok) -> None:
         print(f"[{name}] {g.text.strip()!r}  ({len(g.token_ids)} tokens, {g.stop_reason})")
 
 
+def show_nih(model, tok, cfg: DemoConfig) -> None:
+    """NIH (paper Sec. 2.1, Fig. 2) on a small grid: the same prompts with and without the chat template.
+
+    Both conditions start the answer with the needle's first words (the response prefix), as the paper's
+    Fig. 2 does: without a template and without a prefix, SmolLM2-135M-Instruct mostly answers nothing.
+    """
+    from ctxaware import nih
+
+    _section("3. needle in a haystack: chat template vs. plain, with response prefix")
+    modes = ["chat", "plain"] if getattr(tok, "chat_template", None) else ["plain"]
+    ncfg = nih.NIHConfig(
+        lengths=[200, 400, 600, 800, 1000], depths=[0, 33, 67, 100], modes=modes, prefix=[True]
+    )
+    ncfg.output = f"{cfg.output}/nih"
+    keywords = nih.load_needle(ncfg)[2]
+    prompts = nih.build_prompts(ncfg, tok, model.name_or_path, model.config.max_position_embeddings)
+    t0 = time.time()
+    gens = generate(
+        model,
+        tok,
+        [p.render(tok) for p in prompts],
+        max_new_tokens=ncfg.max_new_tokens,
+        prefix_cache=True,
+        progress=False,
+    )
+    rows = []
+    for p, g in zip(prompts, gens):
+        rec = nih.keyword_recall(g.text, keywords)
+        rows.append(
+            {
+                **p.cell,
+                "output": g.text,
+                "recall": rec,
+                "exact": float(rec == 1.0),
+                "empty": float(not g.text.strip()),
+            }
+        )
+    summaries = {model.name_or_path: nih.report(Path(ncfg.output), model.name_or_path, rows)}
+    print(
+        f"{len(prompts)} tests (5 lengths 200-1000 x 4 depths x {len(modes)} conditions) "
+        f"in {time.time() - t0:.0f}s; heatmaps under {ncfg.output}/"
+    )
+    print(nih.table(summaries))
+    print("(the paper's full grid: ctxaware nih; see docs/nih.md)")
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_config(DemoConfig, argv, prog="ctxaware demo")
     t0 = time.time()
@@ -73,5 +120,7 @@ def main(argv: list[str]) -> int:
     )
     show_rendering(model, tok)
     show_generation(model, tok)
+    if not cfg.quick:
+        show_nih(model, tok, cfg)
     print(f"\ndone in {time.time() - t0:.0f}s")
     return 0

@@ -27,7 +27,7 @@ from ctxaware.indicator import append_indicator
 from ctxaware.metrics import METRICS_BY_KIND, aggregate, conflict_scores, first_sentence, qa_scores
 from ctxaware.results import ResultsWriter, SkipCounter, write_json_atomic
 from ctxaware.stats import fmt
-from ctxaware.tasks import Example, Task, default_data_dir, get_task, load_examples, sample
+from ctxaware.tasks import TASKS, Example, Task, default_data_dir, get_task, load_examples, sample
 
 STOPS = (". ", ".\n", "? ", "?\n", "! ", "!\n")  # end of the first sentence (generation stops early)
 
@@ -203,94 +203,6 @@ def run_choice(model, tok, task, todo, writer, cfg, mode) -> None:
         )
 
 
-def _reference_answers(data_dir: str | None) -> dict[str, list[str]]:
-    """MT-Bench reference answers (GPT-4's, used by FastChat for math/reasoning/coding) by question id."""
-    path = Path(data_dir or default_data_dir()) / "general" / "mt_bench_reference_answers.jsonl"
-    if not path.is_file():
-        return {}
-    rows = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
-    return {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
-
-
-def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> None:
-    """Two-turn answers (turn 2 sees turn 1's answer), then one judgment per turn; a failed judgment is
-    recorded in the row, the generations are kept."""
-    from ctxaware.judge import build_judge_prompt, judge_items, load_judge_prompts
-
-    prompts = load_judge_prompts(
-        Path(cfg.data_dir or default_data_dir()) / "general" / "mt_bench_judge_prompts.jsonl"
-    )
-    refs = _reference_answers(cfg.data_dir)
-    prefix = cfg.plain_prefix if mode == "plain" else None
-    gen = dict(
-        max_new_tokens=cfg.mt_bench_max_new_tokens, batch_size=cfg.batch_size, batch_context=batch_context
-    )
-    chunk = max(1, cfg.batch_size) * 2
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        users = [
-            [{"role": "user", "content": append_indicator(ex.turns[0]) if cfg.indicator else ex.turns[0]}]
-            for ex in part
-        ]
-        a1 = [
-            g.text.strip()
-            for g in generate(
-                model,
-                tok,
-                [render(u, tok, mode, response_prefix=prefix) for u in users],
-                desc="mt-bench turn 1",
-                **gen,
-            )
-        ]
-        conv2 = [
-            u
-            + [
-                {"role": "assistant", "content": a or " "},
-                {"role": "user", "content": append_indicator(ex.turns[1]) if cfg.indicator else ex.turns[1]},
-            ]
-            for u, a, ex in zip(users, a1, part)
-        ]
-        a2 = [
-            g.text.strip()
-            for g in generate(
-                model,
-                tok,
-                [render(c, tok, mode, response_prefix=prefix) for c in conv2],
-                desc="mt-bench turn 2",
-                **gen,
-            )
-        ]
-        items = []
-        for ex, x1, x2 in zip(part, a1, a2):
-            ref = refs.get(ex.id, ex.references)
-            for turn in (1, 2):
-                name, system, user = build_judge_prompt(prompts, ex.turns, [x1, x2], ref, ex.category, turn)
-                items.append({"name": name, "system": system, "user": user})
-        verdicts = judge_items(judge, items)
-        for i, (ex, x1, x2) in enumerate(zip(part, a1, a2)):
-            v = verdicts[2 * i : 2 * i + 2]
-            ratings = [x["rating"] for x in v]
-            ok = [r for r in ratings if r is not None]
-            writer.write(
-                {
-                    "id": ex.id,
-                    "task": "mt-bench",
-                    "category": ex.category,
-                    "turns": ex.turns,
-                    "answers": [x1, x2],
-                    "judge": {"name": judge.name, "comparable_to_gpt4": judge.comparable},
-                    "judge_prompts": [it["name"] for it in items[2 * i : 2 * i + 2]],
-                    "judgments": [x["judgment"] for x in v],
-                    "judge_errors": [x["error"] for x in v],
-                    "scores": {
-                        "rating": sum(ok) / len(ok) if ok else None,
-                        "rating_turn1": ratings[0],
-                        "rating_turn2": ratings[1],
-                    },
-                }
-            )
-
-
 # --- one condition -----------------------------------------------------------------------------------
 
 
@@ -353,6 +265,8 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
         if task.kind == "choice":
             run_choice(model, tok, task, todo, w, cfg, mode)
         elif task.kind == "mtbench":
+            from ctxaware.judge import run_mtbench
+
             run_mtbench(model, tok, todo, w, cfg, mode, batch_context, judge or make_judge(cfg))
         else:
             run_generative(model, tok, task, todo, w, cfg, mode, batch_context)
@@ -473,9 +387,7 @@ def _steering_context(model, cfg: EvalConfig):
 def main(argv: list[str]) -> int:
     cfg = parse_config(EvalConfig, argv, prog="ctxaware eval")
     if not cfg.tasks:
-        raise CtxawareError(
-            "name at least one task; available: " + ", ".join(__import__("ctxaware.tasks").tasks.TASKS)
-        )
+        raise CtxawareError("name at least one task; available tasks: " + ", ".join(TASKS))
     for t in cfg.tasks:
         get_task(t)  # unknown names fail before any model loads
     for m in cfg.modes:
@@ -525,4 +437,4 @@ def _headline(r: dict) -> str:
     return "-" if not s else (f"{s['mean']:.2f}" if key == "rating" else f"{100 * s['mean']:.1f}%")
 
 
-__all__ = ["EvalConfig", "evaluate_tasks", "main", "METRICS_BY_KIND"]
+__all__ = ["EvalConfig", "evaluate_tasks", "main", "METRICS_BY_KIND", "run_generative", "run_choice"]

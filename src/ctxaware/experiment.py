@@ -21,8 +21,7 @@ from pathlib import Path
 from ctxaware.config import parse_config
 from ctxaware.conversations import load_conversations, write_conversations
 from ctxaware.errors import CtxawareError
-from ctxaware.indicator import append_indicator
-from ctxaware.results import read_jsonl, write_json_atomic
+from ctxaware.results import write_json_atomic
 from ctxaware.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -81,25 +80,6 @@ def stage_score(cfg: ExperimentConfig, root: Path) -> Path:
     return out
 
 
-def mark(convs: list, scores: list[dict], beta: float, token: str) -> tuple[list, dict]:
-    """Append ``token`` to the user message X_m of every turn m with score > beta; return the ratio."""
-    selected = {
-        (r["conversation_id"], r["turn"]) for r in scores if r.get("score") is not None and r["score"] > beta
-    }
-    out = []
-    for c in convs:
-        msgs, turn = [], 0
-        for m in c.messages:
-            if m["role"] == "user" and (c.id, turn) in selected:
-                m = {**m, "content": append_indicator(m["content"], token)}
-            if m["role"] == "assistant":
-                turn += 1
-            msgs.append(m)
-        out.append(dataclasses.replace(c, messages=msgs))
-    n = sum(1 for r in scores if r.get("score") is not None)
-    return out, {"beta": beta, "n_turns": n, "n_selected": len(selected), "ratio": len(selected) / max(1, n)}
-
-
 def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: float) -> Path:
     """The [IND]-marked copy of the training data for ``beta`` (same conversations, same order)."""
     out = root / "data" / f"marked_b{beta}.json"
@@ -107,12 +87,15 @@ def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: flo
     inputs = {"data": cfg.data, "limit": cfg.max_conversations, "token": cfg.indicator_token, "beta": beta}
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("inputs") == inputs:
         return out  # cached: the same data, rows, token and threshold
+    from ctxaware.selection import load_scores, select
+
     convs, _ = load_conversations(
         cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations
     )  # type: ignore[arg-type]
-    marked, ratio = mark(convs, list(read_jsonl(scores_path)), beta, cfg.indicator_token)
+    marked, counts = select(convs, load_scores(scores_path), beta, cfg.indicator_token)
     write_conversations(marked, out)
-    write_json_atomic(meta, {**ratio, "inputs": inputs})
+    ratio = counts["n_selected"] / max(1, counts["n_scored"])
+    write_json_atomic(meta, {"beta": beta, **counts, "ratio": ratio, "inputs": inputs})
     return out
 
 

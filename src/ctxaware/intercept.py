@@ -295,7 +295,9 @@ def capture_attention(
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     with intercepted(model, bias=bias, capture=cap):
         try:
-            decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+            decoder(model)(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False
+            )
         except StopForward:
             pass
     missing = [layer for layer in cap.layers if layer not in cap.results]

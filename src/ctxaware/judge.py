@@ -10,7 +10,8 @@ A judge is anything with ``name``, ``comparable`` and ``complete(system, user) -
 
 Prompts are MT-Bench's single-answer grading prompts (``single-v1``, ``single-math-v1`` and their
 multi-turn versions, from the shared ``mt_bench_judge_prompts.jsonl``); the rating is the ``[[n]]`` in the
-judgment, as FastChat extracts it.
+judgment, as FastChat extracts it. `run_mtbench` generates the two turns through `generate.generate` and
+judges them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ctxaware.chat import render
 from ctxaware.errors import CtxawareError
+from ctxaware.generate import generate
+from ctxaware.indicator import append_indicator
+from ctxaware.tasks import default_data_dir
 
 NEED_REF = ("math", "reasoning", "coding")  # FastChat grades these against the reference answer
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -160,9 +165,6 @@ class LocalJudge:
         return self.complete_many([(system, user)])[0]
 
     def complete_many(self, pairs: list[tuple[str, str]]) -> list[str]:
-        from ctxaware.chat import render
-        from ctxaware.generate import generate
-
         prompts = [
             render([{"role": "system", "content": s}, {"role": "user", "content": u}], self.tok, "chat")
             for s, u in pairs
@@ -192,3 +194,92 @@ def judge_items(judge, items: list[dict]) -> list[dict]:
         except JudgeError as e:
             out.append({"judgment": None, "rating": None, "error": str(e)})
     return out
+
+
+# --- MT-Bench: two-turn generation, then judging ---
+
+
+def _reference_answers(data_dir: str | None) -> dict[str, list[str]]:
+    """MT-Bench reference answers (GPT-4's, used by FastChat for math/reasoning/coding) by question id."""
+    path = Path(data_dir or default_data_dir()) / "general" / "mt_bench_reference_answers.jsonl"
+    if not path.is_file():
+        return {}
+    rows = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
+    return {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
+
+
+def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> None:
+    """Two-turn answers (turn 2 sees turn 1's answer), then one judgment per turn; a failed judgment is
+    recorded in the row, the generations are kept."""
+    prompts = load_judge_prompts(
+        Path(cfg.data_dir or default_data_dir()) / "general" / "mt_bench_judge_prompts.jsonl"
+    )
+    refs = _reference_answers(cfg.data_dir)
+    prefix = cfg.plain_prefix if mode == "plain" else None
+    gen = dict(
+        max_new_tokens=cfg.mt_bench_max_new_tokens, batch_size=cfg.batch_size, batch_context=batch_context
+    )
+    chunk = max(1, cfg.batch_size) * 2
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        users = [
+            [{"role": "user", "content": append_indicator(ex.turns[0]) if cfg.indicator else ex.turns[0]}]
+            for ex in part
+        ]
+        a1 = [
+            g.text.strip()
+            for g in generate(
+                model,
+                tok,
+                [render(u, tok, mode, response_prefix=prefix) for u in users],
+                desc="mt-bench turn 1",
+                **gen,
+            )
+        ]
+        conv2 = [
+            u
+            + [
+                {"role": "assistant", "content": a or " "},
+                {"role": "user", "content": append_indicator(ex.turns[1]) if cfg.indicator else ex.turns[1]},
+            ]
+            for u, a, ex in zip(users, a1, part)
+        ]
+        a2 = [
+            g.text.strip()
+            for g in generate(
+                model,
+                tok,
+                [render(c, tok, mode, response_prefix=prefix) for c in conv2],
+                desc="mt-bench turn 2",
+                **gen,
+            )
+        ]
+        items = []
+        for ex, x1, x2 in zip(part, a1, a2):
+            ref = refs.get(ex.id, ex.references)
+            for turn in (1, 2):
+                name, system, user = build_judge_prompt(prompts, ex.turns, [x1, x2], ref, ex.category, turn)
+                items.append({"name": name, "system": system, "user": user})
+        verdicts = judge_items(judge, items)
+        for i, (ex, x1, x2) in enumerate(zip(part, a1, a2)):
+            v = verdicts[2 * i : 2 * i + 2]
+            ratings = [x["rating"] for x in v]
+            ok = [r for r in ratings if r is not None]
+            writer.write(
+                {
+                    "id": ex.id,
+                    "task": "mt-bench",
+                    "category": ex.category,
+                    "turns": ex.turns,
+                    "answers": [x1, x2],
+                    "judge": {"name": judge.name, "comparable_to_gpt4": judge.comparable},
+                    "judge_prompts": [it["name"] for it in items[2 * i : 2 * i + 2]],
+                    "judgments": [x["judgment"] for x in v],
+                    "judge_errors": [x["error"] for x in v],
+                    "scores": {
+                        "rating": sum(ok) / len(ok) if ok else None,
+                        "rating_turn1": ratings[0],
+                        "rating_turn2": ratings[1],
+                    },
+                }
+            )

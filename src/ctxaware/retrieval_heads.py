@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -21,7 +20,7 @@ from ctxaware.errors import CtxawareError
 from ctxaware.results import write_json_atomic
 
 Heads = dict[int, list[int]]
-HeadsSpec = Union[Heads, str]
+HeadsSpec = Heads | str
 
 
 def _shape(model) -> tuple[int, int]:
@@ -40,7 +39,9 @@ def validate_heads(heads: HeadsSpec, model) -> Heads:
     """``heads`` as ``{int layer: sorted unique heads}``; ``"all"`` expands. Bad layers/heads raise."""
     if isinstance(heads, str):
         if heads != "all":
-            raise CtxawareError(f"heads={heads!r}: give 'all' or a mapping {{layer: [head, ...]}} (or load_heads(path))")
+            raise CtxawareError(
+                f"heads={heads!r}: give 'all' or a mapping {{layer: [head, ...]}} (or load_heads(path))"
+            )
         return all_heads(model)
     if not isinstance(heads, dict) or not heads:
         raise CtxawareError("heads must be a non-empty mapping {layer: [head, ...]} or 'all'")
@@ -51,12 +52,16 @@ def validate_heads(heads: HeadsSpec, model) -> Heads:
             layer = int(k)
             hs = [int(h) for h in (hs if isinstance(hs, (list, tuple)) else [hs])]
         except (TypeError, ValueError):
-            raise CtxawareError(f"heads entry {k!r}: {hs!r} is not an integer layer with a list of integer heads") from None
+            raise CtxawareError(
+                f"heads entry {k!r}: {hs!r} is not an integer layer with a list of integer heads"
+            ) from None
         if not 0 <= layer < n_layers:
             raise CtxawareError(f"layer {layer} does not exist; the model has layers 0..{n_layers - 1}")
         bad = [h for h in hs if not 0 <= h < n_heads]
         if bad or not hs:
-            raise CtxawareError(f"layer {layer}: heads {bad or hs} do not exist; the model has heads 0..{n_heads - 1}")
+            raise CtxawareError(
+                f"layer {layer}: heads {bad or hs} do not exist; the model has heads 0..{n_heads - 1}"
+            )
         out[layer] = sorted(set(hs))
     return dict(sorted(out.items()))
 
@@ -69,7 +74,9 @@ def top_heads(user_share: torch.Tensor, k: int = 1, layers: list[int] | None = N
     if not 1 <= k <= n_heads:
         raise CtxawareError(f"k={k} must be between 1 and the number of heads ({n_heads})")
     idx = user_share.topk(k, dim=-1).indices  # (L, k)
-    return {layer: sorted(idx[layer].tolist()) for layer in (layers if layers is not None else range(n_layers))}
+    return {
+        layer: sorted(idx[layer].tolist()) for layer in (layers if layers is not None else range(n_layers))
+    }
 
 
 def find_heads(model, prompts, k: int = 1, layers: list[int] | None = None, batch_size: int = 4) -> Heads:
@@ -93,7 +100,9 @@ def load_heads(path: str | Path, model=None) -> Heads:
     try:
         raw = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise CtxawareError(f"head config {p} is not valid JSON ({e.msg}); expected {{layer: [heads]}}") from None
+        raise CtxawareError(
+            f"head config {p} is not valid JSON ({e.msg}); expected {{layer: [heads]}}"
+        ) from None
     if raw == "all":
         return validate_heads("all", model) if model is not None else raw
     if model is not None:
@@ -119,14 +128,21 @@ class HeadsConfig(ModelConfig):
         haystack: directory of haystack essays.
     """
 
-    output: str = dataclasses.field(default="heads.json", metadata={"help": "where to write {layer: [heads]}"})
+    output: str = dataclasses.field(
+        default="heads.json", metadata={"help": "where to write {layer: [heads]}"}
+    )
     k: int = dataclasses.field(default=1, metadata={"help": "heads per layer"})
     all_heads: bool = dataclasses.field(default=False, metadata={"help": "select every head of every layer"})
-    lengths: list[int] = dataclasses.field(default_factory=lambda: [1000], metadata={"help": "NIH context lengths"})
-    depths: list[float] = dataclasses.field(default_factory=lambda: [50.0], metadata={"help": "needle depths in %"})
+    lengths: list[int] = dataclasses.field(
+        default_factory=lambda: [1000], metadata={"help": "NIH context lengths"}
+    )
+    depths: list[float] = dataclasses.field(
+        default_factory=lambda: [50.0], metadata={"help": "needle depths in %"}
+    )
     chat: bool = dataclasses.field(default=False, metadata={"help": "render prompts with the chat template"})
     haystack: str = dataclasses.field(
-        default="../shared/data/haystack/paul_graham_essays", metadata={"help": "directory of haystack .txt files"}
+        default="../shared/data/haystack/paul_graham_essays",
+        metadata={"help": "directory of haystack .txt files"},
     )
 
 

@@ -13,7 +13,7 @@ One forward pass per conversation scores all of its turns: `intercept.capture_at
 l's softmax only for the response-token query rows, reduces each row at once to its mass on one key group
 (user tokens), and stops the forward pass after the deepest requested layer (no later layers, no LM head).
 Memory is O(rows_chunk x T) for the capture, linear in the length T. With a causal mask a query in Y_m
-sees only keys before it, so "user tokens" there are exactly U_m; `_layout` checks that every user token
+sees only keys before it, so "user tokens" there are exactly U_m; `layout` checks that every user token
 of a later turn lies after Y_m, which makes that restriction explicit.
 
 ``ctxaware score`` runs this over a dataset: conversations are batched by length (left padding) in a

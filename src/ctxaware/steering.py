@@ -41,12 +41,16 @@ __all__ = ["steer", "batch_context", "sweep_alpha", "emphasis_mask", "load_heads
 ALPHAS = (0.01, 0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def emphasis_mask(items: Sequence[Rendered | Sequence[int]], width: int, roles: Sequence[str] = ("user",)) -> torch.Tensor:
+def emphasis_mask(
+    items: Sequence[Rendered | Sequence[int]], width: int, roles: Sequence[str] = ("user",)
+) -> torch.Tensor:
     """Left-padded (B, width) mask of the tokens to emphasise (default: ``user`` role) in each prompt."""
     out = torch.zeros(len(items), width, dtype=torch.bool)
     for i, it in enumerate(items):
         if not isinstance(it, Rendered):
-            raise CtxawareError("steering needs Rendered prompts (roles per token); render them with ctxaware.chat.render")
+            raise CtxawareError(
+                "steering needs Rendered prompts (roles per token); render them with ctxaware.chat.render"
+            )
         if len(it) > width:
             raise CtxawareError(f"prompt {i} has {len(it)} tokens but the batch is only {width} wide")
         out[i, width - len(it) :] = it.mask(*roles)
@@ -112,7 +116,11 @@ def steer(
     sel = validate_heads(heads, model)
     if isinstance(emphasize, Rendered):
         emphasize = emphasize.mask("user")
-    if not isinstance(emphasize, torch.Tensor) or emphasize.dtype != torch.bool or emphasize.dim() not in (1, 2):
+    if (
+        not isinstance(emphasize, torch.Tensor)
+        or emphasize.dtype != torch.bool
+        or emphasize.dim() not in (1, 2)
+    ):
         raise CtxawareError("emphasize must be a boolean (P,) or (B, P) tensor over the prompt tokens")
     emph = emphasize[None] if emphasize.dim() == 1 else emphasize  # (B|1, P)
     bias = _Bias(sel, emph, alpha) if alpha < 1 else None
@@ -188,13 +196,23 @@ def nih_recall(text: str) -> float:
 
 
 def nih_sweep(
-    model, tok, heads: Heads | str, lengths, depths, haystack, alphas=ALPHAS, batch_size: int = 4, max_new_tokens: int = 24
+    model,
+    tok,
+    heads: Heads | str,
+    lengths,
+    depths,
+    haystack,
+    alphas=ALPHAS,
+    batch_size: int = 4,
+    max_new_tokens: int = 24,
 ) -> dict:
     """Table 1 on an NIH grid built by `ctxaware.attention.nih_prompts`: `sweep_alpha` of mean recall."""
     from ctxaware.attention import nih_prompts
     from ctxaware.generate import generate
 
-    prompts = {chat: nih_prompts(tok, lengths, depths, chat=chat, haystack=haystack) for chat in (True, False)}
+    prompts = {
+        chat: nih_prompts(tok, lengths, depths, chat=chat, haystack=haystack) for chat in (True, False)
+    }
     per_cell: dict[str, list[float]] = {}
 
     def evaluate(alpha: float | None, chat: bool) -> float:
