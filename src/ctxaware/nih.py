@@ -157,58 +157,23 @@ class NIHPrompt(NamedTuple):
 def synthetic_haystack(n_sentences: int = 3000, seed: int = 0) -> str:
     """Neutral filler sentences (about 12 tokens each) that the project writes itself."""
     rng = random.Random(seed)
-    subj = [
-        "The committee",
-        "A small team",
-        "The old library",
-        "Most visitors",
-        "The river",
-        "A local farmer",
-        "The museum",
-        "Our neighbour",
-        "The train",
-        "Each student",
-        "The garden",
-        "A quiet village",
-    ]
-    verb = [
-        "reviewed",
-        "described",
-        "repaired",
-        "noticed",
-        "measured",
-        "painted",
-        "collected",
-        "planned",
-        "visited",
-        "recorded",
-        "counted",
-        "cleaned",
-    ]
-    obj = [
-        "the wooden bridge",
-        "a list of old maps",
-        "the morning schedule",
-        "several stone walls",
-        "the annual report",
-        "a box of letters",
-        "the northern road",
-        "two empty barns",
-        "the weather notes",
-        "a row of lamps",
-        "the harbour fence",
-        "the spring inventory",
-    ]
-    tail = [
-        "before noon",
-        "after the rain",
-        "during the week",
-        "in early autumn",
-        "without much comment",
-        "at a steady pace",
-        "for the second time",
-        "near the old mill",
-    ]
+    subj = (
+        "The committee|A small team|The old library|Most visitors|The river|A local farmer|The museum".split(
+            "|"
+        )
+    )
+    verb = "reviewed|described|repaired|noticed|measured|painted|collected|planned|visited|recorded".split(
+        "|"
+    )
+    obj = (
+        "the wooden bridge|a list of old maps|the morning schedule|several stone walls|the annual report|"
+        "a box of letters|the northern road|two empty barns|the weather notes|a row of lamps"
+    ).split("|")
+    tail = (
+        "before noon|after the rain|during the week|in early autumn|at a steady pace|near the old mill".split(
+            "|"
+        )
+    )
     return " ".join(
         f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}."
         for _ in range(n_sentences)
@@ -479,34 +444,31 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     print(f"{short}: {len(prompts)} tests, {len(prompts) - len(todo)} done before, {len(todo)} to run")
     rendered = [p.render(tok) for p in todo]
 
-    def write(idx: list[int], gens) -> None:
-        for i, g in zip(idx, gens):
+    def write(idx: list[int], gens, part: list[int]) -> None:
+        for j, g in zip(idx, gens):
+            i = part[j]
             r, rec = rendered[i], keyword_recall(g.text, keywords)
-            writer.write(
-                {
-                    **todo[i].cell,
-                    "n_prompt_tokens": len(r),
-                    "needle_token_pos": needle_position(r, tok, needle),
-                    "output": g.text,
-                    "stop_reason": g.stop_reason,
-                    "recall": rec,
-                    "exact": float(rec == 1.0),
-                    "empty": float(not g.text.strip()),
-                }
-            )
+            row = {
+                **todo[i].cell,
+                "n_prompt_tokens": len(r),
+                "needle_token_pos": needle_position(r, tok, needle),
+            }
+            row.update(output=g.text, stop_reason=g.stop_reason, recall=rec, exact=float(rec == 1.0))
+            writer.write({**row, "empty": float(not g.text.strip())})
 
     t0 = time.time()
-    with writer:
-        if rendered:
+    with writer:  # one engine call per length: a killed run leaves every condition equally far along
+        for length in sorted({p.cell["length"] for p in todo}):
+            part = [i for i, p in enumerate(todo) if p.cell["length"] == length]
             generate(
                 model,
                 tok,
-                rendered,
+                [rendered[i] for i in part],
                 max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size,
                 prefix_cache=cfg.prefix_cache,
-                callback=write,
-                desc=f"nih {short}",
+                desc=f"nih {short} {length}",
+                callback=lambda idx, gens, part=part: write(idx, gens, part),
             )
     print(f"{short}: {len(todo)} tests in {time.time() - t0:.0f}s")
     return short, writer.rows
