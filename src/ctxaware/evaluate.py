@@ -12,7 +12,6 @@ SmolLM2-135M-Instruct emits EOS at once and every score would be zero.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import tempfile
 import time
@@ -378,9 +377,10 @@ def _steering_context(model, cfg: EvalConfig):
         return None
     try:
         from ctxaware import steering
+        from ctxaware.retrieval_heads import load_heads
     except ImportError:
         raise CtxawareError("--steer needs ctxaware.steering, which this installation lacks") from None
-    heads = {int(k): v for k, v in json.loads(Path(cfg.steer).read_text()).items()}
+    heads = cfg.steer if cfg.steer == "all" else load_heads(cfg.steer)  # JSON {layer: [heads]}
     return steering.batch_context(model, heads, cfg.alpha)
 
 
