@@ -69,3 +69,11 @@ def test_write_json_atomic(tmp_path):
 def test_bootstrap_ci_brackets_mean():
     m, lo, hi = bootstrap_ci([0, 1] * 50)
     assert m == 0.5 and lo < 0.5 < hi and hi - lo < 0.3
+
+
+def test_second_writer_on_same_file_is_refused(tmp_path):
+    w = ResultsWriter(tmp_path, {"a": 1}, ["k"])
+    with pytest.raises(CtxawareError, match="another process"):
+        ResultsWriter(tmp_path, {"a": 1}, ["k"])
+    w.close()
+    ResultsWriter(tmp_path, {"a": 1}, ["k"]).close()  # free again once the first one closed

@@ -11,6 +11,7 @@ Summaries and other whole files are written with `write_json_atomic` (temp file 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -84,6 +85,15 @@ class ResultsWriter:
         self.config = config
         self.fingerprint = fingerprint(config)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # One writer per results file: a second process on the same file would duplicate rows.
+        self._lock = (self.dir / f".{filename}.lock").open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise CtxawareError(
+                f"another process is writing {self.path}; wait for it to finish or use another --output"
+            ) from None
         meta_path = self.dir / "meta.json"
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
@@ -146,6 +156,9 @@ class ResultsWriter:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
 
     def __enter__(self) -> ResultsWriter:
         return self
