@@ -39,15 +39,25 @@ def smollm2_tok(smollm2):
 
 
 def tiny_llama(
-    vocab_size: int = 49152, layers: int = 2, heads: int = 4, kv_heads: int = 2, attn: str = "sdpa", hidden: int = 64
+    vocab_size: int = 49152,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    attn: str = "sdpa",
+    hidden: int = 64,
 ):
     """A tiny random Llama (GQA) with SmolLM2's vocabulary size, for plumbing tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
         attn_implementation=attn,
     )
     return LlamaForCausalLM(cfg).eval()

@@ -77,11 +77,17 @@ def validate_messages(messages: Sequence[dict], require_alternation: bool = True
             raise CtxawareError(f"message {i} must be a mapping with 'role' and 'content'")
         role, content = m["role"], m["content"]
         if role not in MESSAGE_ROLES:
-            raise CtxawareError(f"message {i} has unknown role {role!r}; use one of {', '.join(MESSAGE_ROLES)}")
+            raise CtxawareError(
+                f"message {i} has unknown role {role!r}; use one of {', '.join(MESSAGE_ROLES)}"
+            )
         if not isinstance(content, str):
-            raise CtxawareError(f"message {i} ({role}) has non-string content of type {type(content).__name__}")
+            raise CtxawareError(
+                f"message {i} ({role}) has non-string content of type {type(content).__name__}"
+            )
         if role == "system" and i != 0:
-            raise CtxawareError(f"message {i} is a system message; only the first message may be a system message")
+            raise CtxawareError(
+                f"message {i} is a system message; only the first message may be a system message"
+            )
         clean.append({"role": role, "content": content})
     if require_alternation:
         turns = [m["role"] for m in clean if m["role"] != "system"]
@@ -102,7 +108,9 @@ def _chat_text(messages: list[dict], tokenizer, add_generation_prompt: bool) -> 
             f"{name} has no chat template; use mode 'plain', or set tokenizer.chat_template (e.g. the Zephyr template)"
         )
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # jinja raise_exception() surfaces as TemplateError
         roles = sorted({m["role"] for m in messages})
         name = getattr(tokenizer, "name_or_path", "this model")
@@ -170,7 +178,9 @@ def render(
         if add_generation_prompt is None:
             add_generation_prompt = msgs[-1]["role"] != "assistant"
         if response_prefix is not None and not add_generation_prompt:
-            raise CtxawareError("a response prefix needs an open assistant turn; the last message must be a user turn")
+            raise CtxawareError(
+                "a response prefix needs an open assistant turn; the last message must be a user turn"
+            )
         text = _chat_text(msgs, tokenizer, add_generation_prompt)
         if response_prefix is not None:
             text += response_prefix
@@ -253,8 +263,12 @@ def main(argv: list[str]) -> int:
             default='[{"role": "user", "content": "What is the capital of France?"}]',
             metadata={"help": "JSON list of {role, content} messages, or a path to a JSON file holding one"},
         )
-        mode: str = dataclasses.field(default="chat", metadata={"help": "chat (the model's template) or plain"})
-        response_prefix: str | None = dataclasses.field(default=None, metadata={"help": "text that starts the answer"})
+        mode: str = dataclasses.field(
+            default="chat", metadata={"help": "chat (the model's template) or plain"}
+        )
+        response_prefix: str | None = dataclasses.field(
+            default=None, metadata={"help": "text that starts the answer"}
+        )
 
     cfg = parse_config(RenderConfig, argv, prog="ctxaware render")
     from pathlib import Path
@@ -265,7 +279,9 @@ def main(argv: list[str]) -> int:
     try:
         messages = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CtxawareError(f"--messages is not valid JSON ({e.msg}); give a JSON list of {{role, content}}") from None
+        raise CtxawareError(
+            f"--messages is not valid JSON ({e.msg}); give a JSON list of {{role, content}}"
+        ) from None
     tok = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     r = render(messages, tok, cfg.mode, response_prefix=cfg.response_prefix)  # type: ignore[arg-type]
     print(describe(r, tok))

@@ -41,7 +41,9 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise CtxawareError(f"{name} must not be empty; give a value of type {getattr(base, '__name__', base)}")
+        raise CtxawareError(
+            f"{name} must not be empty; give a value of type {getattr(base, '__name__', base)}"
+        )
     origin = get_origin(base)
     try:
         if origin is list:
@@ -79,7 +81,9 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     except CtxawareError:
         raise
     except (TypeError, ValueError, json.JSONDecodeError) as e:
-        raise CtxawareError(f"{name}={value!r} is not a valid {getattr(base, '__name__', base)} ({e})") from None
+        raise CtxawareError(
+            f"{name}={value!r} is not a valid {getattr(base, '__name__', base)} ({e})"
+        ) from None
     return value
 
 
@@ -117,7 +121,12 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         if "-" in names[0][2:]:
             names.append("--" + f.name)
         if tp is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=f"{help_} (default: {default})")
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                help=f"{help_} (default: {default})",
+            )
         else:
             choices = get_args(tp) if get_origin(tp) is Literal else None
             parser.add_argument(*names, dest=f.name, choices=choices, help=f"{help_} (default: {default})")
@@ -189,12 +198,18 @@ class ModelConfig:
         trust_remote_code: run modelling code from the hub repository (off unless you trust it).
     """
 
-    model: str = dataclasses.field(default="default", metadata={"help": "built-in name, .gguf file, model directory or hub id"})
+    model: str = dataclasses.field(
+        default="default", metadata={"help": "built-in name, .gguf file, model directory or hub id"}
+    )
     revision: str | None = dataclasses.field(default=None, metadata={"help": "hub branch, tag or commit"})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     device: str = dataclasses.field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    attn_implementation: str = dataclasses.field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention"})
-    trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": "run model code from the hub"})
+    attn_implementation: str = dataclasses.field(
+        default="sdpa", metadata={"help": "sdpa, eager or flex_attention"}
+    )
+    trust_remote_code: bool = dataclasses.field(
+        default=False, metadata={"help": "run model code from the hub"}
+    )
 
     def load(self, model: str | None = None):
         """``(model, tokenizer)`` for ``model`` (default: this config's ``model``)."""

@@ -19,7 +19,9 @@ def add_indicator_token(model, tokenizer, token: str = DEFAULT_INDICATOR) -> int
         if model is not None and model.get_input_embeddings().weight.shape[0] > tid:
             return tid
     else:
-        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [token]}, replace_extra_special_tokens=False
+        )
         tid = tokenizer.convert_tokens_to_ids(token)
     if model is None:
         return tid

@@ -78,7 +78,9 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(spec, "gguf", str(p), p.stem)
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise CtxawareError(f"{spec} is a directory without config.json; point to a saved Hugging Face model")
+            raise CtxawareError(
+                f"{spec} is a directory without config.json; point to a saved Hugging Face model"
+            )
         return ModelSource(spec, "local", str(p), p.name)
     if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise CtxawareError(
@@ -107,7 +109,9 @@ def _convert_gguf(gguf: Path, trust_remote_code: bool) -> Path:
         return target
     logger.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, trust_remote_code=trust_remote_code
+        )
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
@@ -200,7 +204,9 @@ def load_model(
     kwargs: dict = {}
     if quantization is not None:
         if not dev.startswith("cuda"):
-            raise CtxawareError(f"{quantization} quantization needs bitsandbytes and a CUDA GPU; on CPU drop --quantization")
+            raise CtxawareError(
+                f"{quantization} quantization needs bitsandbytes and a CUDA GPU; on CPU drop --quantization"
+            )
         from transformers import BitsAndBytesConfig
 
         if quantization == "4bit":

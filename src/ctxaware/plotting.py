@@ -163,7 +163,9 @@ def nih_heatmap(
     return _save(fig, path)
 
 
-def layer_disagreement_heatmap(matrix: list[list[float]], layers: list[int], path: str | Path, title: str) -> Path:
+def layer_disagreement_heatmap(
+    matrix: list[list[float]], layers: list[int], path: str | Path, title: str
+) -> Path:
     """Paper Fig. 5: ``matrix[i][j]`` = fraction of top-scored turns selected at layer ``layers[i]`` but not
     at ``layers[j]``."""
     import numpy as np
