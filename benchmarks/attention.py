@@ -125,7 +125,7 @@ def main() -> None:
                 set_impl(model, "eager")
                 try:
                     out = model.model(input_ids=ids, output_attentions=True, use_cache=False).attentions
-                    return [a[:, :, -1:] @ groups[:, None] for a in out]  # the same reduction
+                    return [a[:, :, -1:].float() @ groups[:, None] for a in out]  # the same reduction
                 finally:
                     set_impl(model, "sdpa")
 
