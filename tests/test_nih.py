@@ -164,3 +164,46 @@ def test_resume_after_kill_and_config_refusal(tmp_path, smollm2):
     bad = subprocess.run(_cli(out, "--template", "2"), env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "different configuration" in bad.stderr
     assert rows_path.read_bytes() == before
+
+
+def test_steered_nih_alpha_one_equals_unsteered(tmp_path):
+    """`ctxaware nih --steer`: alpha=1 is the unsteered model (same outputs); bad alphas are refused."""
+    import json
+    import subprocess
+    import sys
+
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"3": [0], "15": [6]}))
+    args = [
+        sys.executable,
+        "-m",
+        "ctxaware.cli",
+        "nih",
+        "--lengths",
+        "250",
+        "--depths",
+        "50",
+        "--modes",
+        "chat",
+    ]
+    args += [
+        "--prefix",
+        "true",
+        "--max-new-tokens",
+        "8",
+        "--steer",
+        str(heads),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    p = subprocess.run(args + ["--alpha", "1.0"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "o" / "smollm2-135m-instruct" / "rows.jsonl").read_text().splitlines()
+    ]
+    by = {r["condition"]: r["output"] for r in rows}
+    assert set(by) == {"chat+prefix", "chat+prefix+steer1"} and by["chat+prefix"] == by["chat+prefix+steer1"]
+    assert "Attention steering" in (tmp_path / "o" / "summary.md").read_text()
+    bad = subprocess.run(args[:-2] + [str(tmp_path / "b"), "--alpha", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "alpha" in bad.stderr

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import yaml
 
-from ctxaware import plotting, stats
+from ctxaware import plotting, stats, steering
 from ctxaware.chat import Rendered, render
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.errors import CtxawareError
@@ -128,6 +128,16 @@ class NIHConfig(ModelConfig):
         default=True, metadata={"help": "reuse the KV cache of shared prefixes"}
     )
     output: str = dataclasses.field(default="runs/nih", metadata={"help": "results directory"})
+    steer: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "steer heads (paper eq. 1): a heads JSON {layer: [heads]} from `ctxaware heads`, or all"
+        },
+    )
+    alpha: list[float] = dataclasses.field(
+        default_factory=lambda: [0.01, 0.1, 0.3, 0.5, 0.7, 0.9],
+        metadata={"help": "steering alphas (with --steer); the best is reported as in the paper's Table 1"},
+    )
 
 
 class Condition(NamedTuple):
@@ -425,7 +435,25 @@ def _fingerprinted(cfg: NIHConfig, model: str) -> dict:
     d = to_dict(cfg)
     for k in ("model", "output", "batch_size", "prefix_cache"):
         d.pop(k)
+    if d["steer"] is None:  # unsteered runs keep the fingerprint they had before steering existed
+        d.pop("steer"), d.pop("alpha")
     return {**d, "model": model}
+
+
+def steered_prompts(cfg: NIHConfig, prompts: list) -> list[tuple[float, object]]:
+    """With ``--steer``: every chat-template test again once per alpha, as condition ``<name>+steer<alpha>``."""
+    if cfg.steer is None:
+        return []
+    for a in cfg.alpha:
+        if not 0 < a <= 1:
+            raise CtxawareError(f"--alpha {a} must satisfy 0 < alpha <= 1 (eq. 1 down-weights non-user keys)")
+    out = []
+    for a in cfg.alpha:
+        for p in prompts:
+            if p.cell["condition"].startswith("chat"):
+                cell = {**p.cell, "condition": f"{p.cell['condition']}+steer{a:g}"}
+                out.append((a, p._replace(cell=cell)))
+    return out
 
 
 def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
@@ -437,6 +465,9 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
         getattr(model.config, "max_position_embeddings", 0) or getattr(tok, "model_max_length", 10**6)
     )
     prompts = build_prompts(cfg, tok, short, window)
+    steered = steered_prompts(cfg, prompts)
+    alpha_of = {id(p): a for a, p in steered}
+    prompts = prompts + [p for _, p in steered]
     writer = ResultsWriter(
         Path(cfg.output) / short, _fingerprinted(cfg, name), ("condition", "template", "length", "depth")
     )
@@ -456,22 +487,64 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
             row.update(output=g.text, stop_reason=g.stop_reason, recall=rec, exact=float(rec == 1.0))
             writer.write({**row, "empty": float(not g.text.strip())})
 
+    heads = _steering_heads(cfg, model)
     t0 = time.time()
-    with writer:  # one engine call per length: a killed run leaves every condition equally far along
+    with writer:  # one engine call per length and alpha: a killed run leaves conditions equally far along
         for length in sorted({p.cell["length"] for p in todo}):
-            part = [i for i, p in enumerate(todo) if p.cell["length"] == length]
-            generate(
-                model,
-                tok,
-                [rendered[i] for i in part],
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size,
-                prefix_cache=cfg.prefix_cache,
-                desc=f"nih {short} {length}",
-                callback=lambda idx, gens, part=part: write(idx, gens, part),
-            )
+            for alpha in dict.fromkeys(alpha_of.get(id(p)) for p in todo):
+                part = [
+                    i
+                    for i, p in enumerate(todo)
+                    if p.cell["length"] == length and alpha_of.get(id(p)) == alpha
+                ]
+                if not part:
+                    continue
+                generate(
+                    model,
+                    tok,
+                    [rendered[i] for i in part],
+                    max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.batch_size,
+                    prefix_cache=cfg.prefix_cache,
+                    batch_context=None if alpha is None else steering.batch_context(model, heads, alpha),
+                    desc=f"nih {short} {length}" + ("" if alpha is None else f" alpha={alpha:g}"),
+                    callback=lambda idx, gens, part=part: write(idx, gens, part),
+                )
     print(f"{short}: {len(todo)} tests in {time.time() - t0:.0f}s")
     return short, writer.rows
+
+
+def _steering_heads(cfg: NIHConfig, model):
+    """The heads of ``--steer``: ``all`` or a heads JSON (`retrieval_heads.load_heads` validates them)."""
+    if cfg.steer is None:
+        return None
+    from ctxaware.retrieval_heads import load_heads
+
+    return "all" if cfg.steer == "all" else load_heads(cfg.steer, model)
+
+
+def steering_table(summaries: dict) -> str:
+    """The paper's Table 1 from the summaries: baseline (template), best steered alpha, without template."""
+    rows = {}
+    for model, conds in summaries.items():
+        steered = {c: s["recall"]["mean"] for c, s in conds.items() if "+steer" in c}
+        if not steered:
+            continue
+        base_name = next(iter(steered)).split("+steer")[0]
+        by_alpha = {
+            float(c.split("+steer")[1]): v for c, v in steered.items() if c.startswith(base_name + "+")
+        }
+        best = max(by_alpha, key=lambda a: (by_alpha[a], a))
+        plain = (
+            conds.get(base_name.replace("chat", "plain", 1), {}).get("recall", {}).get("mean", float("nan"))
+        )
+        rows[f"{model} ({base_name})"] = {
+            "baseline": conds[base_name]["recall"]["mean"] if base_name in conds else float("nan"),
+            "steered": by_alpha[best],
+            "best_alpha": best,
+            "no_template": plain,
+        }
+    return steering.table(rows) if rows else ""
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -554,6 +627,8 @@ def main(argv: list[str]) -> int:
         summaries[short] = report(out, short, rows)
     write_json_atomic(out / "summary.json", summaries)
     md = table(summaries)
+    if cfg.steer is not None:
+        md += "\n\nAttention steering (paper Table 1; NIH recall):\n\n" + steering_table(summaries)
     (out / "summary.md").write_text(md + "\n")
     bars = {
         c: {
