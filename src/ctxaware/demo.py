@@ -107,6 +107,47 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
     )
     print(nih.table(summaries))
     print("(the paper's full grid: ctxaware nih; see docs/nih.md)")
+    return prompts
+
+
+def show_attention(model, tok, prompts) -> None:
+    """Attention per role (paper Sec. 2.2, Fig. 3-4) at the middle layer on the same NIH prompts.
+
+    The query is the last prompt token (it generates the first answer token). The retrieval head is the
+    head with the most attention on user tokens without the template (eq. 3), as in the paper's code.
+    """
+    from ctxaware.attention import renormalise, role_allocation
+    from ctxaware.chat import ROLES
+    from ctxaware.models import middle_layer
+
+    layer = middle_layer(model)
+    _section(f"4. attention per role at layer {layer}, last prompt token (paper Fig. 3-4)")
+    t0 = time.time()
+    by_mode = {}
+    for mode in ("plain", "chat"):
+        chosen = [p.render(tok) for p in prompts if p.cell["mode"] == mode]
+        if chosen:
+            by_mode[mode] = role_allocation(model, chosen, layers=[layer], pad_id=tok.pad_token_id)[
+                :, 0
+            ]  # (N, H, 5)
+    if "plain" not in by_mode or "chat" not in by_mode:
+        print("(needs a model with a chat template)")
+        return
+    head = int(by_mode["plain"][..., ROLES.index("user")].mean(0).argmax())  # eq. (3), averaged over prompts
+    print(
+        f"retrieval head (eq. 3, chosen without template): {head}; shares renormalised over bos/user/assistant"
+    )
+    print(f"{'condition':<22}{'bos':>8}{'user':>8}{'assistant':>11}{'template (raw)':>16}")
+    for mode in ("plain", "chat"):
+        raw = by_mode[mode][:, head].mean(0)  # (5,)
+        bos, user, asst = renormalise(raw).tolist()
+        print(
+            f"{mode + ' + prefix':<22}{bos:>8.3f}{user:>8.3f}{asst:>11.3f}{raw[ROLES.index('template')]:>16.3f}"
+        )
+    print(
+        f"({time.time() - t0:.0f}s; SmolLM2 adds no BOS without its template, so its first-token attention sink"
+    )
+    print(" counts as 'user' in plain mode and as 'bos' with the template; see docs/attention.md)")
 
 
 def main(argv: list[str]) -> int:
@@ -121,6 +162,7 @@ def main(argv: list[str]) -> int:
     show_rendering(model, tok)
     show_generation(model, tok)
     if not cfg.quick:
-        show_nih(model, tok, cfg)
+        prompts = show_nih(model, tok, cfg)
+        show_attention(model, tok, prompts)
     print(f"\ndone in {time.time() - t0:.0f}s")
     return 0
