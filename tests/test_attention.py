@@ -20,8 +20,8 @@ HAYSTACK = SHARED_DATA / "haystack" / "paul_graham_essays"
 def _prompts(tok):
     if not HAYSTACK.is_dir():
         pytest.skip("shared haystack not found")
-    return nih_prompts(tok, [90, 150], [0, 60], chat=True, haystack=HAYSTACK) + nih_prompts(
-        tok, [120], [40], chat=False, haystack=HAYSTACK
+    return nih_prompts(tok, [120, 180], [0, 60], chat=True, haystack=HAYSTACK) + nih_prompts(
+        tok, [150], [40], chat=False, haystack=HAYSTACK
     )
 
 

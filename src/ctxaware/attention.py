@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ctxaware.chat import ROLES, Rendered, render
+from ctxaware.chat import ROLES, Rendered
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
 
 SHOWN = ("bos", "user", "assistant")  # the paper's renormalised roles
-NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-QUESTION = "What is the best thing to do in San Francisco?"
-INSTRUCTION = "You are a helpful AI assistant that answers a question using only the provided document:"
 
 
 def _model_shape(model) -> tuple[int, int]:
@@ -96,37 +93,23 @@ def renormalise(shares: torch.Tensor) -> torch.Tensor:
     return sub / sub.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-# --- NIH prompts (a minimal builder; the NIH module owns the full harness) -------------------------------
-
-
-def _haystack_text(haystack: str | Path) -> str:
-    files = sorted(Path(haystack).glob("*.txt"))
-    if not files:
-        raise CtxawareError(f"no haystack .txt files in {haystack}; pass --haystack DIR")
-    return " ".join(f.read_text().replace("\n", " ") for f in files)
+# --- NIH prompts: the very prompts of `ctxaware nih` -------------------------------------------------------
 
 
 def nih_prompts(
-    tok, lengths: Sequence[int], depths: Sequence[float], chat: bool, haystack: str | Path
+    tok, lengths: Sequence[int], depths: Sequence[float], chat: bool, haystack: str | Path = "auto"
 ) -> list[Rendered]:
-    """One NIH prompt per (length, depth) (paper Fig. 1): haystack cut to ``length`` tokens, the needle at
-    ``depth`` % moved back to a sentence start, the question, and the needle's first 8 words as the answer
-    prefix. ``chat`` renders with the template (with an empty system turn, as the paper's code)."""
-    words = _haystack_text(haystack)
-    hay_ids = tok(words[: 40 * max(lengths)], add_special_tokens=False)["input_ids"]
-    prefix = " ".join(NEEDLE.split()[:8])
-    out = []
-    for n in lengths:
-        ctx = tok.decode(hay_ids[: max(1, int(n) - 60)])  # ~60 tokens for instruction, question and template
-        for d in depths:
-            at = int(len(ctx) * float(d) / 100)
-            stop = ctx.rfind(". ", 0, at)
-            at = 0 if at == 0 or stop < 0 else stop + 2
-            doc = ctx[:at] + NEEDLE + " " + ctx[at:]
-            user = f"{INSTRUCTION} {doc}\n\nQuestion: {QUESTION}"
-            msgs = [{"role": "system", "content": ""}] * chat + [{"role": "user", "content": user}]
-            out.append(render(msgs, tok, "chat" if chat else "plain", response_prefix=prefix))
-    return out
+    """One NIH prompt per (length, depth) (paper Fig. 1), built by `ctxaware.nih.build_prompts` with its
+    default needle, template 1 of Table 8 and the response prefix, rendered with (``chat``) or without the
+    chat template. Same haystack, needle placement and lengths as `ctxaware nih`."""
+    from ctxaware import nih
+
+    mode = "chat" if chat else "plain"
+    cfg = nih.NIHConfig(
+        lengths=[int(n) for n in lengths], depths=[float(d) for d in depths], modes=[mode], prefix=[True]
+    )
+    cfg.haystack = str(haystack)
+    return [p.render(tok) for p in nih.build_prompts(cfg, tok)]
 
 
 # --- the command -------------------------------------------------------------------------------------------
@@ -156,8 +139,8 @@ class AttentionConfig(ModelConfig):
     output: str = dataclasses.field(default="runs/attention", metadata={"help": "output directory"})
     batch_size: int = dataclasses.field(default=4, metadata={"help": "prompts per forward pass"})
     haystack: str = dataclasses.field(
-        default="../shared/data/haystack/paul_graham_essays",
-        metadata={"help": "directory of haystack .txt files"},
+        default="auto",
+        metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
     )
 
 

@@ -141,8 +141,8 @@ class HeadsConfig(ModelConfig):
     )
     chat: bool = dataclasses.field(default=False, metadata={"help": "render prompts with the chat template"})
     haystack: str = dataclasses.field(
-        default="../shared/data/haystack/paul_graham_essays",
-        metadata={"help": "directory of haystack .txt files"},
+        default="auto",
+        metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
     )
 
 
