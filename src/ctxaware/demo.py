@@ -61,6 +61,8 @@ def show_generation(model, tok) -> None:
         ("chat", "plain + 'Answer:'"), generate(model, tok, prompts, max_new_tokens=24, progress=False)
     ):
         print(f"[{name}] {g.text.strip()!r}  ({len(g.token_ids)} tokens, {g.stop_reason})")
+    print("(an instruct model often answers nothing without its template; the paper therefore compares chat")
+    print(" and plain with a response prefix that starts the answer, as step 3 does)")
 
 
 def show_nih(model, tok, cfg: DemoConfig) -> None:
