@@ -45,6 +45,7 @@ def tiny_llama(
     kv_heads: int = 2,
     attn: str = "sdpa",
     hidden: int = 64,
+    tie: bool = False,
 ):
     """A tiny random Llama (GQA) with SmolLM2's vocabulary size, for plumbing tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,5 +60,6 @@ def tiny_llama(
         num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         attn_implementation=attn,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()

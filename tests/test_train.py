@@ -133,8 +133,9 @@ def _marked_data(tmp_path, n=16):
     return str(p)
 
 
-def test_indicator_embedding_is_trained_under_lora(tmp_path, tok):
-    model = tiny_llama()
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])  # Gemma and SmolLM2 tie the head
+def test_indicator_embedding_is_trained_under_lora(tmp_path, tok, tie):
+    model = tiny_llama(tie=tie)
     cfg = _cfg(tmp_path, data=_marked_data(tmp_path), indicator=True, method="lora", max_steps=3)
     trainer, info = build_trainer(cfg, model, tok)
     tid = info["indicator_id"]

@@ -633,9 +633,18 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Seque
         )
     except ValueError as e:  # e.g. LoRA target modules that the model does not have
         raise CtxawareError(f"cannot set up training: {str(e).splitlines()[0]}") from None
+    _expose_head_bias(trainer.model)
     write_json_atomic(out / "train_config.json", run_config(cfg))
     info = {"resume_from": resume, "data": report, "indicator_id": indicator_id}
     return trainer, info
+
+
+def _expose_head_bias(model) -> None:
+    """TRL's fused LM head reads ``lm_head.bias``; PEFT's trainable-token wrapper (the ``[IND]`` row under
+    LoRA, wrapping a tied head) exposes only the merged ``weight``. Give it the wrapped layer's bias."""
+    for m in model.modules():
+        if type(m).__name__ == "TrainableTokensWrapper" and "bias" not in m.__dict__:
+            m.__dict__["bias"] = getattr(m.original_module, "bias", None)
 
 
 def save_final(trainer, tokenizer, out: Path, method: str) -> Path:
