@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
-import types
 
 import pytest
 
@@ -111,11 +109,13 @@ def test_checkpoint_sweep_steering_and_summary(tiny, shared_data, tmp_path, monk
     assert [p.rsplit("-", 1)[1] for p in expand_models(str(tmp_path / "ckpts"))] == ["3", "20", "100"]
     monkeypatch.setattr(EvalConfig, "load", lambda self, spec=None: (model, tok))
     calls = []
-    fake = types.ModuleType("ctxaware.steering")
-    fake.batch_context = lambda m, heads, alpha: (
-        calls.append((heads, alpha)) or (lambda b: contextlib.nullcontext())
+    import ctxaware.steering
+
+    monkeypatch.setattr(
+        ctxaware.steering,
+        "batch_context",
+        lambda m, heads, alpha: calls.append((heads, alpha)) or (lambda b: contextlib.nullcontext()),
     )
-    monkeypatch.setitem(sys.modules, "ctxaware.steering", fake)
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"0": [1, 2]}))
     out = tmp_path / "out"
