@@ -77,3 +77,14 @@ def test_second_writer_on_same_file_is_refused(tmp_path):
         ResultsWriter(tmp_path, {"a": 1}, ["k"])
     w.close()
     ResultsWriter(tmp_path, {"a": 1}, ["k"]).close()  # free again once the first one closed
+
+
+@pytest.mark.parametrize("command", ["demo", "render", "nih", "attention", "heads", "eval", "score", "select", "analyze", "train", "experiment"])  # fmt: skip
+def test_every_command_has_help(command, capsys):
+    from ctxaware.cli import COMMANDS, main
+
+    assert command in COMMANDS
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "--config" in capsys.readouterr().out

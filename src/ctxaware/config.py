@@ -105,7 +105,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         if not f.init:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
