@@ -208,6 +208,12 @@ def _reference_answers(data_dir: str | None) -> dict[str, list[str]]:
     return {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
 
 
+def _answers(model, tok, conversations, mode, prefix, desc: str, gen: dict) -> list[str]:
+    """Greedy answers to the last user turn of each conversation, through the shared engine."""
+    prompts = [render(c, tok, mode, response_prefix=prefix) for c in conversations]
+    return [g.text.strip() for g in generate(model, tok, prompts, desc=desc, **gen)]
+
+
 def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> None:
     """Two-turn answers (turn 2 sees turn 1's answer), then one judgment per turn; a failed judgment is
     recorded in the row, the generations are kept."""
@@ -226,16 +232,7 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
             [{"role": "user", "content": append_indicator(ex.turns[0]) if cfg.indicator else ex.turns[0]}]
             for ex in part
         ]
-        a1 = [
-            g.text.strip()
-            for g in generate(
-                model,
-                tok,
-                [render(u, tok, mode, response_prefix=prefix) for u in users],
-                desc="mt-bench turn 1",
-                **gen,
-            )
-        ]
+        a1 = _answers(model, tok, users, mode, prefix, "mt-bench turn 1", gen)
         conv2 = [
             u
             + [
@@ -244,16 +241,7 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
             ]
             for u, a, ex in zip(users, a1, part)
         ]
-        a2 = [
-            g.text.strip()
-            for g in generate(
-                model,
-                tok,
-                [render(c, tok, mode, response_prefix=prefix) for c in conv2],
-                desc="mt-bench turn 2",
-                **gen,
-            )
-        ]
+        a2 = _answers(model, tok, conv2, mode, prefix, "mt-bench turn 2", gen)
         items = []
         for ex, x1, x2 in zip(part, a1, a2):
             ref = refs.get(ex.id, ex.references)
