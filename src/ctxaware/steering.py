@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -186,14 +185,6 @@ def table(rows: dict[str, dict]) -> str:
 
 # --- NIH alpha sweep (minimal; `ctxaware nih --steer` is the full harness) ----------------------------------
 
-NIH_KEYWORDS = ("eat", "sandwich", "sit", "dolores", "park", "sunny", "day")
-
-
-def nih_recall(text: str) -> float:
-    """The paper's subword match: fraction of the needle's keywords found as whole words in ``text``."""
-    words = set(re.sub(r"[^\w\s]", " ", text.lower()).split())
-    return sum(k in words for k in NIH_KEYWORDS) / len(NIH_KEYWORDS)
-
 
 def nih_sweep(
     model,
@@ -209,6 +200,9 @@ def nih_sweep(
     """Table 1 on an NIH grid built by `ctxaware.attention.nih_prompts`: `sweep_alpha` of mean recall."""
     from ctxaware.attention import nih_prompts
     from ctxaware.generate import generate
+    from ctxaware.nih import NIHConfig, keyword_recall
+
+    keywords = NIHConfig().keywords  # the needle that nih_prompts places
 
     prompts = {
         chat: nih_prompts(tok, lengths, depths, chat=chat, haystack=haystack) for chat in (True, False)
@@ -219,7 +213,7 @@ def nih_sweep(
         bc = batch_context(model, heads, alpha) if alpha is not None else None
         gens = generate(model, tok, prompts[chat], max_new_tokens=max_new_tokens, batch_size=batch_size,
                         stop=("\n",), batch_context=bc, progress=False)  # fmt: skip
-        scores = [nih_recall(g.text) for g in gens]
+        scores = [keyword_recall(g.text, keywords) for g in gens]
         per_cell[f"{'chat' if chat else 'plain'}@{alpha}"] = scores
         return sum(scores) / len(scores)
 
