@@ -7,12 +7,27 @@ import json
 import pytest
 import torch
 
-from ctxaware.attention import nih_prompts, pad_batch, renormalise, role_allocation
+from ctxaware.attention import (
+    mean_normalisations,
+    nih_prompts,
+    normalisations,
+    pad_batch,
+    renormalise,
+    role_allocation,
+)
 from ctxaware.chat import ROLES, render
 from ctxaware.errors import CtxawareError
-from ctxaware.retrieval_heads import all_heads, find_heads, load_heads, save_heads, top_heads, validate_heads
-from tests.conftest import SHARED_DATA
-from tests.test_intercept import eager_role_oracle
+from ctxaware.retrieval_heads import (
+    all_heads,
+    eq3_user_share,
+    find_heads,
+    load_heads,
+    save_heads,
+    top_heads,
+    validate_heads,
+)
+from tests.conftest import SHARED_DATA, tiny_llama
+from tests.test_intercept import attn_impl, eager_role_oracle
 
 HAYSTACK = SHARED_DATA / "haystack" / "paul_graham_essays"
 
@@ -44,7 +59,7 @@ def test_renormalise_and_pad_batch(smollm2_tok):
     r = render([{"role": "user", "content": "hi there"}], tok, "chat")
     ids, mask, rows, groups = pad_batch([r, r], [[len(r) - 1], [0, 1]], pad_id=0)
     assert rows.tolist() == [[len(r) - 1, -1], [0, 1]] and groups.sum().item() == 2 * len(r)
-    x = torch.tensor([0.1, 0.0, 0.5, 0.2, 0.2])  # bos, system, user, assistant, template
+    x = torch.tensor([0.1, 0.0, 0.5, 0.2, 0.2])  # sink, system, user, assistant, template
     assert torch.allclose(renormalise(x), torch.tensor([0.125, 0.625, 0.25]))
     with pytest.raises(CtxawareError, match="query positions"):
         role_allocation(None, [r], positions=[[len(r)]])
@@ -106,6 +121,122 @@ def test_attention_cli(tmp_path):
 
     argv = ["attention", "--device", "cpu", "--lengths", "150,300", "--depths", "0,50"]
     assert main([*argv, "--haystack", str(HAYSTACK), "--output", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "attention.json").read_text())["models"]["default"]
-    assert res["layer"] == 15 and abs(sum(res["renormalised"]["chat"].values()) - 1) < 1e-5
+    res = json.loads((tmp_path / "allocation.json").read_text())
+    assert res["model"] == "smollm2-135m-instruct" and res["layer"] == 15 and res["n_prompts"] == 4
+    assert set(res["conditions"]) == {"chat", "plain"}
+    for c in res["conditions"].values():
+        assert set(c) == {"head", "raw", "paper", "sink_excluded"}
+        assert all(abs(sum(c[k].values()) - 1) < 1e-4 for k in ("raw", "paper", "sink_excluded"))
     assert (tmp_path / "fig3_change.png").is_file() and (tmp_path / "user_change_heatmap.png").is_file()
+
+
+def test_normalisations_hand_computed():
+    raw = {"sink": 0.4, "system": 0.1, "user": 0.3, "assistant": 0.1, "template": 0.1}
+    n = normalisations(raw)
+    assert set(n) == {"raw", "paper", "sink_excluded"} and n["raw"] == raw
+    want_paper = {"sink": 0.5, "user": 0.375, "assistant": 0.125}  # 0.4, 0.3, 0.1 over 0.8
+    want_se = {"system": 0.2, "user": 0.6, "assistant": 0.2}  # 0.1, 0.3, 0.1 over 0.5
+    assert n["paper"] == pytest.approx(want_paper) and n["sink_excluded"] == pytest.approx(want_se)
+    t = normalisations(torch.tensor([0.4, 0.1, 0.3, 0.1, 0.1]))  # the same in ROLES order
+    assert t["paper"] == pytest.approx(want_paper) and t["sink_excluded"] == pytest.approx(want_se)
+    only_sink = normalisations({"sink": 0.9, "template": 0.1})
+    assert only_sink["paper"]["sink"] == 1.0 and only_sink["sink_excluded"] == {"system": 0, "user": 0, "assistant": 0}
+    m = mean_normalisations([n, normalisations({"user": 1.0})])
+    assert m["sink_excluded"]["user"] == pytest.approx((0.6 + 1.0) / 2)
+    assert m["paper"]["sink"] == pytest.approx(0.25)
+    with pytest.raises(CtxawareError, match="unknown roles"):
+        normalisations({"bos": 1.0})
+
+
+def test_eq3_sink_exclusion_changes_the_head_on_a_constructed_case(smollm2_tok):
+    plain = render([{"role": "user", "content": "Paris is nice. Where?"}], smollm2_tok, "plain")
+    chat = render([{"role": "user", "content": "Paris is nice. Where?"}], smollm2_tok, "chat")
+    # head 0 parks its mass on the sink, head 1 reads the user tokens
+    head = {0: [0.90, 0, 0.05, 0.05, 0], 1: [0.10, 0, 0.50, 0.40, 0]}
+    shares = torch.tensor([[[head[0], head[1]]]] * 2)  # (N=2, L=1, H=2, 5)
+    assert top_heads(eq3_user_share(shares[:1], [plain])) == {0: [1]}  # default: sink excluded
+    assert top_heads(eq3_user_share(shares[:1], [plain], include_sink=True)) == {0: [0]}  # 0.95 vs 0.60
+    # in chat mode position 0 is <|im_start|>, not user content: the literal rule changes nothing there
+    assert top_heads(eq3_user_share(shares[1:], [chat], include_sink=True)) == {0: [1]}
+
+
+def _eq3_oracle(model, r, positions) -> torch.Tensor:
+    """(L, H): eager output_attentions mass of the last token on ``positions``."""
+    with attn_impl(model, "eager"), torch.no_grad():
+        att = model(input_ids=torch.tensor([r.input_ids]), output_attentions=True).attentions
+    return torch.stack([a[0, :, -1, positions].double().sum(-1) for a in att])
+
+
+def test_eq3_heads_match_eager_oracle_with_and_without_sink(smollm2):
+    model, tok = smollm2
+    if not HAYSTACK.is_dir():
+        pytest.skip("shared haystack not found")
+    [r] = nih_prompts(tok, [150], [50], chat=False, haystack=HAYSTACK)
+    user_roles = [i for i, role in enumerate(r.roles) if role == "user"]
+    user_content = [i for s in r.spans if s.role == "user" for i in range(s.start, s.end)]
+    assert user_content[0] == 0 and 0 not in user_roles  # plain SmolLM2: the sink is a user word
+    want_ex = _eq3_oracle(model, r, user_roles).argmax(-1).tolist()
+    want_in = _eq3_oracle(model, r, user_content).argmax(-1).tolist()
+    got_ex = find_heads(model, [r])
+    got_in = find_heads(model, [r], include_sink=True)
+    assert [got_ex[layer][0] for layer in range(30)] == want_ex
+    assert [got_in[layer][0] for layer in range(30)] == want_in
+    assert want_ex != want_in  # the sink changes the chosen head on some layers
+
+
+def _tiny_base_model_dir(tmp_path, tok):
+    model = tiny_llama(layers=2, heads=4, kv_heads=2)
+    d = tmp_path / "tiny-base"
+    model.save_pretrained(d, safe_serialization=True)
+    original = tok.chat_template
+    try:
+        tok.chat_template = None
+        tok.save_pretrained(d)
+    finally:
+        tok.chat_template = original
+    return d, model
+
+
+def test_attention_cli_on_a_base_model_writes_the_schema(smollm2_tok, tmp_path, capsys):
+    from ctxaware.cli import main
+
+    if not HAYSTACK.is_dir():
+        pytest.skip("shared haystack not found")
+    d, model = _tiny_base_model_dir(tmp_path, smollm2_tok)
+    out = tmp_path / "out"
+    argv = ["attention", "--model", str(d), "--device", "cpu", "--dtype", "float32", "--lengths", "120"]
+    assert main([*argv, "--depths", "0,50", "--haystack", str(HAYSTACK), "--output", str(out)]) == 0
+    assert "no chat template" in capsys.readouterr().out
+    res = json.loads((out / "allocation.json").read_text())
+    assert set(res) == {"model", "layer", "n_prompts", "conditions"}
+    assert res["model"] == "tiny-base" and res["layer"] == 1 and res["n_prompts"] == 2
+    assert list(res["conditions"]) == ["plain"]
+    plain = res["conditions"]["plain"]
+    assert set(plain) == {"head", "raw", "paper", "sink_excluded"} and set(plain["raw"]) == set(ROLES)
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {r["depth"] for r in rows} == {0.0, 50.0}
+    # every row equals the eager oracle at the chosen head, and allocation.json holds their means
+    model.eval()
+    prompts = nih_prompts(smollm2_tok, [120], [0, 50], chat=False, haystack=HAYSTACK)
+    oracle = []
+    for p in prompts:
+        m = eager_role_oracle(model, torch.tensor(p.input_ids), p.role_ids(), [len(p) - 1])[1, :, 0]  # (H, 5)
+        head = int(m[:, ROLES.index("user")].argmax()) if len(prompts) == 1 else None
+        oracle.append((m, head))
+    mean_user = torch.stack([m[:, ROLES.index("user")] for m, _ in oracle]).mean(0)
+    assert plain["head"] == int(mean_user.argmax())  # eq. (3), sink excluded, averaged over prompts
+    for row, (m, _) in zip(sorted(rows, key=lambda r: r["depth"]), oracle):
+        want = dict(zip(ROLES, m[plain["head"]].tolist()))
+        assert row["raw"] == pytest.approx(want, abs=1e-5)
+        assert row["sink_excluded"]["user"] == pytest.approx(want["user"] / (want["user"] + want["assistant"]), abs=1e-5)
+    assert plain["raw"]["sink"] == pytest.approx(sum(r["raw"]["sink"] for r in rows) / 2)
+    assert (out / "allocation.png").is_file() and not (out / "fig3_change.png").exists()
+
+
+def test_attention_layer_is_validated_before_compute(tmp_path, capsys):
+    from ctxaware.cli import main
+
+    for bad in ("99", "-1"):
+        assert main(["attention", "--device", "cpu", "--layer", bad, "--output", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "layer" in err[0] and not (tmp_path / bad / "rows.jsonl").exists()

@@ -27,7 +27,31 @@ GEMMA = (
     "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
     "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-TEMPLATES = {"chatml": None, "llama2": LLAMA2, "llama3": LLAMA3, "zephyr": ZEPHYR, "gemma": GEMMA}
+LLAMA3_DATE = (  # Llama-3.1 style: a system turn with a date header is always injected
+    "<|begin_of_text|>{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] | trim %}"
+    "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    "{{ sys }}<|eot_id|>{% for m in msgs %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+TEMPLATES = {
+    "chatml": None,
+    "llama2": LLAMA2,
+    "llama3": LLAMA3,
+    "llama3_date": LLAMA3_DATE,
+    "zephyr": ZEPHYR,
+    "gemma": GEMMA,
+}
+# The text each template writes right before a message's content (an independent statement of where it is).
+HEADER = {
+    "chatml": lambda role: f"<|im_start|>{role}\n",
+    "llama2": lambda role: "[INST]" if role == "user" else "[/INST]",
+    "llama3": lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n",
+    "llama3_date": lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n",
+    "zephyr": lambda role: f"<|{role}|>\n",
+    "gemma": lambda role: f"<start_of_turn>{'model' if role == 'assistant' else role}\n",
+}
 
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
@@ -49,7 +73,8 @@ def _check_roles(r, tok, messages):
     # Every message's content tokens decode back to its content and carry its role.
     for span, m in zip(r.spans, messages):
         assert span.end > span.start, f"no tokens for {m['role']}"
-        assert set(r.roles[span.start : span.end]) == {m["role"]}
+        # the sink (position 0) keeps its own role even when its text is content (plain mode)
+        assert set(r.roles[max(span.start, 1) : span.end]) == {m["role"]}
         decoded = tok.decode(r.input_ids[span.start : span.end]).strip()
         content = m["content"].strip()
         if decoded != content:
@@ -60,14 +85,15 @@ def _check_roles(r, tok, messages):
             assert content in around
             edge = [i for i in (span.start - 1, span.end) if 0 <= i < len(r) and r.roles[i] == "template"]
             assert edge
-    # Tokens outside every span are markers (template) or BOS; no content token is left outside.
+    # Tokens outside every span are markers (template) or the sink; no content token is left outside.
     inside = {i for s in r.spans for i in range(s.start, s.end)}
     if r.prefix_span:
         inside |= set(range(r.prefix_span.start, r.prefix_span.end))
     outside = {r.roles[i] for i in range(len(r)) if i not in inside}
-    assert outside <= {"template", "bos"}
+    assert outside <= {"template", "sink"}
+    assert r.roles[0] == "sink"
     n_content = sum(1 for role in r.roles if role in ("system", "user", "assistant"))
-    assert n_content == len(inside)
+    assert n_content == len(inside - {0})
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -94,9 +120,10 @@ def test_plain_mode_has_no_markers(tok):
 def test_chat_and_plain_share_the_user_tokens(tok):
     msgs = user_prompt("The key is 7421. What is the key?")
     chat, plain = render(msgs, tok, "chat"), render(msgs, tok, "plain")
-    cu = [t for t, role in zip(chat.input_ids, chat.roles) if role == "user"]
-    pu = [t for t, role in zip(plain.input_ids, plain.roles) if role == "user"]
-    assert cu == pu
+    cu = [chat.input_ids[s.start : s.end] for s in chat.spans]
+    pu = [plain.input_ids[s.start : s.end] for s in plain.spans]
+    assert cu == pu  # same content tokens; plain's first one is the sink, chat's sink is <|im_start|>
+    assert [t for t, role in zip(plain.input_ids, plain.roles) if role == "user"] == cu[0][1:]
 
 
 def test_system_rejected_by_template_is_an_error_not_a_drop(tok):
@@ -130,3 +157,67 @@ def test_truncation_clips_spans(tok):
     r = render(CONVERSATION, tok, "chat", max_tokens=30)
     assert len(r) == 30 and len(r.roles) == 30
     assert all(s.end <= 30 for s in r.spans)
+
+
+# Contents that also occur in template-injected text (SmolLM2's default system prompt "You are a helpful AI
+# assistant named SmolLM...", Llama-3.1's date header, role names, marker fragments).
+TRICKY = [
+    [{"role": "user", "content": "AI"}],
+    [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+    [{"role": "user", "content": "system"}],
+    [{"role": "user", "content": "Today Date"}, {"role": "assistant", "content": "Date"}, {"role": "user", "content": "user"}],
+    [{"role": "user", "content": "assistant"}, {"role": "assistant", "content": "user"}, {"role": "user", "content": "model"}],
+    [{"role": "user", "content": "You are"}, {"role": "assistant", "content": "named"}, {"role": "user", "content": "n"}],
+    [{"role": "user", "content": " Hugging Face "}, {"role": "assistant", "content": "2024"}],
+]
+
+
+def _ids(x):
+    return x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+@pytest.mark.parametrize("case", range(len(TRICKY)))
+def test_spans_by_construction_not_found_in_injected_text(tok, name, case):
+    if TEMPLATES[name] is not None:
+        tok.chat_template = TEMPLATES[name]
+    messages = TRICKY[case]
+    r = render(messages, tok, "chat")
+    # rendering equals apply_chat_template token for token
+    want = _ids(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=r.messages[-1]["role"] == "user"))
+    assert r.input_ids == list(want)
+    _check_roles(r, tok, messages)
+    offsets = tok(r.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    end = 0
+    for span, m in zip(r.spans, messages):
+        a, b = offsets[span.start][0], offsets[span.end - 1][1]
+        assert r.text[a:b].strip() == m["content"].strip()
+        assert r.text[:a].rstrip().endswith(HEADER[name](m["role"]).rstrip()), (name, m, r.text[:a])
+        assert span.start >= end
+        end = span.end
+
+
+def test_sink_is_position_zero_in_both_modes(tok):
+    msgs = user_prompt("Paris is lovely. Where is Paris?")
+    plain, chat = render(msgs, tok, "plain"), render(msgs, tok, "chat")
+    # SmolLM2 adds no BOS outside its template: position 0 is the user word "Paris", yet its role is sink
+    assert tok.decode(plain.input_ids[:1]) == "Paris" and plain.roles[0] == "sink"
+    assert plain.roles[1:] == ["user"] * (len(plain) - 1) and plain.spans[0].start == 0
+    assert chat.input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and chat.roles[0] == "sink"
+    assert chat.roles.count("sink") == plain.roles.count("sink") == 1
+    assert chat.mask("sink").tolist() == [True] + [False] * (len(chat) - 1)
+    assert chat.role_ids()[0].item() == 0
+    with pytest.raises(CtxawareError, match="retired"):
+        chat.mask("bos")
+
+
+def test_sink_on_a_tokenizer_with_bos():
+    from ctxaware.models import load_tokenizer
+
+    try:
+        g = load_tokenizer("gemma3-270m")
+    except Exception:  # pragma: no cover - the model is not cached
+        pytest.skip("gemma3-270m tokenizer not available")
+    r = render(user_prompt("Paris"), g, "plain")
+    assert r.input_ids[0] == g.bos_token_id and r.roles[0] == "sink"
+    assert r.roles[1:] == ["user"] * (len(r) - 1)

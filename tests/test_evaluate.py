@@ -62,7 +62,7 @@ def test_chat_mode_indicator_and_batch_context(tiny, shared_data):
         model, tok, ["squad"], _cfg(shared_data, limit=2, indicator=True), mode="chat", batch_context=hook
     )
     assert res["squad"]["n"] == 2 and seen and res["squad"]["skipped"]["total"] == 333
-    assert {"containment", "em", "f1"} <= set(res["squad"]["metrics"])
+    assert {"contains", "contains_strict", "em", "f1"} <= set(res["squad"]["metrics"])
 
 
 def test_memotrap_scores_classes(tiny, shared_data):
@@ -80,7 +80,7 @@ def test_mt_bench_with_stub_judge_keeps_generations_on_failure(tiny, shared_data
         res = evaluate_tasks(
             model,
             tok,
-            ["mt-bench"],
+            ["mt-bench"],  # the old spelling is an alias of mt_bench
             _cfg(shared_data, limit=2),
             mode="chat",
             output_dir=tmp_path,
@@ -88,11 +88,11 @@ def test_mt_bench_with_stub_judge_keeps_generations_on_failure(tiny, shared_data
         )
     finally:
         stub.close()
-    rows = [json.loads(x) for x in (tmp_path / "mt-bench" / "rows.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "mt_bench" / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["answers"]) == 2 for r in rows)
     failed = [r for r in rows if any(r["judge_errors"])]
     assert len(failed) == 1 and failed[0]["scores"]["rating"] is None
-    assert res["mt-bench"]["judge_failures"] == 2 and res["mt-bench"]["metrics"]["rating"]["mean"] == 6.0
+    assert res["mt_bench"]["judge_failures"] == 2 and res["mt_bench"]["metrics"]["rating"]["mean"] == 6.0
     sent = stub.requests[-1]["body"]["messages"][1]["content"]
     assert any(r["turns"][0] in sent or r["turns"][1] in sent for r in rows)
 
@@ -153,9 +153,9 @@ def test_summary_table_layout():
     res = {
         "m": {
             "chat": {
-                "squad": {"kind": "qa", "n": 10, "skipped": {"total": 0}, "metrics": {"containment": s}},
-                "drop": {"kind": "qa", "n": 10, "skipped": {"total": 0}, "metrics": {"containment": s}},
-                "mt-bench": {
+                "squad": {"kind": "qa", "n": 10, "skipped": {"total": 0}, "metrics": {"contains": s}},
+                "drop": {"kind": "qa", "n": 10, "skipped": {"total": 0}, "metrics": {"contains": s}},
+                "mt_bench": {
                     "kind": "mtbench",
                     "n": 2,
                     "skipped": {"total": 0},
@@ -165,7 +165,10 @@ def test_summary_table_layout():
         }
     }
     md = summary_markdown(res)
-    assert md.splitlines()[0] == "| Model | Condition | squad | drop | QA avg. | mt-bench (judge) |"
+    assert md.splitlines()[0] == "| Model | Condition | squad | drop | QA avg. | mt_bench (judge, 1-10) |"
+    details = md.split("\n\n")[1].splitlines()[0]
+    assert "percent" not in details.split("ratings")[0] or "ratings on 1-10" in details
+    assert "rating 5.0 [4.0, 6.0]" in md or "rating" not in md.split("\n\n")[1]
     assert "| m | chat | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 | 5.0 [4.0, 6.0] |" in md
 
 
@@ -202,3 +205,61 @@ def test_real_smollm2_squad_end_to_end(smollm2, shared_data, tmp_path, monkeypat
     assert all(r["prompt"].startswith("<|im_start|>") for r in rows)
     assert "Answer the question according to the above passage:" in rows[0]["prompt"]
     assert "plain" in summary and (tmp_path / "summary.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["squad", "--limit", "-3"], "--limit -3"),
+        (["squad", "--limit", "0"], "--limit 0"),
+        (["squad", "--limit", "-1"], "--limit -1"),
+        (["squad", "--qa-cut", "word"], "--qa-cut"),
+        (["squadd"], "available tasks"),
+    ],
+)
+def test_bad_options_fail_before_any_model_loads(argv, message, monkeypatch, capsys):
+    from ctxaware.cli import main
+
+    def no_load(self, spec=None):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(EvalConfig, "load", no_load)
+    assert main(["eval", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_eval_help_lists_tasks(capsys):
+    from ctxaware.tasks import TASKS
+
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(t in out for t in TASKS) and "mt_bench" in out
+
+
+def test_authors_cut_and_quac_unanswerable_scored_zero(tiny, shared_data, tmp_path, monkeypatch):
+    """QA stops at ". " and keeps the text before it (lm-eval generate_until); QuAC keeps unanswerable
+    first questions, which score 0; the summary counts rows where `contains` and `contains_strict` differ."""
+    from ctxaware.generate import Generation
+
+    model, tok = tiny
+    seen = {}
+
+    def fake_generate(model, tok, prompts, max_new_tokens, stop, **kw):
+        seen["stop"], seen["max_new_tokens"] = stop, max_new_tokens
+        return [Generation(" she married Nikos Karvelas. Then more.", [], 0, "stop") for _ in prompts]
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    res = evaluate_tasks(model, tok, ["quac"], _cfg(shared_data, limit=None, max_new_tokens=100), mode="chat",
+                         output_dir=tmp_path)  # fmt: skip
+    assert seen == {"stop": (". ",), "max_new_tokens": 100}
+    rows = [json.loads(x) for x in (tmp_path / "quac" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and all(r["prediction"] == " she married Nikos Karvelas" for r in rows)
+    unans = [r for r in rows if r["gold"] == ["CANNOTANSWER"]]
+    assert len(unans) == 3 and all(r["scores"]["contains"] == 0.0 for r in unans)
+    first = next(r for r in rows if r["id"] == "0_q1")
+    assert first["scores"]["contains"] == 0.0  # gold "In May 1983, she married Nikos Karvelas," not contained
+    assert res["quac"]["contains_disagreements"] == sum(
+        r["scores"]["contains"] != r["scores"]["contains_strict"] for r in rows
+    )

@@ -166,8 +166,9 @@ def test_capture_on_eager_model_and_subset_layers(smollm2):
         assert (got[layer][0].double() - want[layer]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("method", ["onehot", "chunked"])
 @pytest.mark.parametrize("build", [tiny_gemma3, tiny_gemma2], ids=["gemma3-sliding", "gemma2-softcap"])
-def test_capture_equals_eager_gemma(build):
+def test_capture_equals_eager_gemma(build, method):
     model = build()
     T = 40  # longer than the sliding window (8), so the window matters
     ids = torch.randint(5, 500, (T,))
@@ -179,7 +180,9 @@ def test_capture_equals_eager_gemma(build):
     impls = ["eager"] if build is tiny_gemma2 else ["eager", "sdpa"]
     for impl in impls:
         with attn_impl(model, impl):
-            got = intercept.capture_attention(model, ids[None], None, layers, torch.tensor([rows]), groups)
+            got = intercept.capture_attention(
+                model, ids[None], None, layers, torch.tensor([rows]), groups, method=method
+            )
         err = max((got[layer][0].double() - want[layer]).abs().max().item() for layer in layers)
         assert err < 1e-5, (impl, err)
 
@@ -215,3 +218,101 @@ def test_errors(smollm2):
         with intercept.intercepted(model):
             pass
     assert model.config._attn_implementation == "sdpa"
+
+
+# --- the one-hot-V path (issue 13): the layer's own kernel with V = one-hot roles ------------------------
+
+
+def _two_prompts(tok):
+    a = _prompt(tok)
+    b = render([{"role": "user", "content": "Short one: who wrote Hamlet?"}], tok, "chat")
+    return a, b
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_onehot_every_row_left_padded_batch_equals_eager(smollm2, impl):
+    """Every row of a left-padded batch of two prompts, both paths, against per-prompt eager maps."""
+    from ctxaware.attention import pad_batch
+
+    model, tok = smollm2
+    prompts = _two_prompts(tok)
+    ids, mask, _, groups = pad_batch(prompts, [[0]] * 2, tok.pad_token_id)
+    layers = [0, 9, 17]
+    with attn_impl(model, impl):
+        got = {m: intercept.capture_attention(model, ids, mask, layers, None, groups, method=m)
+               for m in ("onehot", "chunked")}  # fmt: skip
+    for b, p in enumerate(prompts):
+        want = eager_role_oracle(model, torch.tensor(p.input_ids), p.role_ids(), list(range(len(p))))
+        off = ids.shape[1] - len(p)
+        for m, res in got.items():
+            assert res[9].shape == (2, model.config.num_attention_heads, ids.shape[1], len(ROLES))
+            for layer in layers:
+                err = (res[layer][b, :, off:].double() - want[layer]).abs().max().item()
+                assert err < 1e-5, (m, impl, layer, err)
+            assert torch.isfinite(res[17]).all()  # padding rows never leak NaN
+
+
+def test_onehot_rows_and_many_groups_split_by_head_size(smollm2):
+    """G > head_dim: the groups go through the kernel head_dim columns at a time; rows -1 give zeros."""
+    model, tok = smollm2
+    r = _prompt(tok)
+    T = len(r)
+    ids = torch.tensor(r.input_ids)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    groups = torch.nn.functional.one_hot(torch.arange(T) % (d + 3), d + 3).float()[None]  # G = d + 3
+    rows = torch.tensor([[T - 1, 4, -1]])
+    with attn_impl(model, "eager"), torch.no_grad():
+        att = model(input_ids=ids[None], output_attentions=True).attentions
+    got = intercept.capture_attention(model, ids[None], None, [5], rows, groups)[5]  # (1, H, 3, G)
+    want = att[5][0, :, [T - 1, 4]].double() @ groups[0].double()  # (H, 2, G)
+    assert got.shape[-1] == d + 3
+    assert (got[0, :, :2].double() - want).abs().max() < 1e-5
+    assert torch.equal(got[0, :, 2], torch.zeros_like(got[0, :, 2]))
+
+
+def test_onehot_capture_under_steering_bias_equals_reference(smollm2):
+    """Capture inside a steered pass: both paths give eq. (1)'s reweighted softmax (the test_ref oracle)."""
+    from ctxaware.steering import _Bias
+
+    model, tok = smollm2
+    r = _prompt(tok)
+    ids, roles = torch.tensor([r.input_ids]), r.role_ids()
+    emph = (roles == ROLES.index("user"))[None]
+    heads, alpha, layer = {3: [0, 5]}, 0.01, 3
+    _REF.clear()
+    _REF.update({3: [0, 5]}, emph=emph, alpha=alpha)
+    try:
+        with attn_impl(model, "test_ref"), torch.no_grad():
+            att = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        _REF.clear()
+    onehot = torch.nn.functional.one_hot(roles, len(ROLES)).double()
+    want = att[layer][0].double() @ onehot  # (H, T, G)
+    groups = onehot.float()[None]
+    for m in ("onehot", "chunked"):
+        got = intercept.capture_attention(
+            model, ids, None, [layer], None, groups, bias=_Bias(heads, emph, alpha), method=m
+        )[layer][0]
+        assert (got.double() - want).abs().max() < 1e-5, m
+    plain = intercept.capture_attention(model, ids, None, [layer], None, groups)[layer][0]
+    assert (plain[0].double() - want[0]).abs().max() > 1e-2  # the bias moved head 0: the test can fail
+
+
+def test_capture_method_is_checked():
+    with pytest.raises(CtxawareError, match="capture method"):
+        intercept.Capture([0], None, torch.ones(1, 3, 1), method="fast")
+
+
+@pytest.mark.slow
+def test_onehot_flex_attention_on_cpu_equals_eager():
+    """FlexAttention (compiled on CPU, about 70 s): the one-hot V path with the sliding window in a BlockMask."""
+    model = tiny_gemma3()
+    T = 40
+    ids = torch.randint(5, 500, (T,))
+    roles = torch.randint(0, len(ROLES), (T,))
+    rows = [3, 17, T - 1]
+    want = eager_role_oracle(model, ids, roles, rows)
+    groups = torch.nn.functional.one_hot(roles, len(ROLES)).float()[None]
+    with attn_impl(model, "flex_attention"):
+        got = intercept.capture_attention(model, ids[None], None, [0, 1, 2, 3], torch.tensor([rows]), groups)
+    assert max((got[lay][0].double() - want[lay]).abs().max().item() for lay in range(4)) < 1e-5

@@ -13,7 +13,10 @@ import pytest
 from ctxaware.metrics import (
     aggregate,
     conflict_scores,
+    contains_normalized,
+    contains_strict,
     containment,
+    drop_contains_first_gold,
     drop_em_f1,
     drop_normalize,
     drop_scores,
@@ -23,6 +26,7 @@ from ctxaware.metrics import (
     qa_scores,
     squad_em,
     squad_f1,
+    truncate_at,
 )
 
 # --- oracle: lm-evaluation-harness reference formulas ------------------------------------------------
@@ -180,10 +184,85 @@ def test_drop_multi_span_alignment_agrees_with_lm_eval():
         assert drop_em_f1(pred, gold) == ref_drop_get_metrics(pred, gold)
 
 
-def test_multi_span_containment_needs_every_span():
-    s = qa_scores("Bob and Alice", ["Bob Alice"], spans=[["Bob", "Alice"]])
-    assert s["containment"] == 1.0 and "drop_f1" in s
-    assert qa_scores("Bob only", ["Bob Alice"], spans=[["Bob", "Alice"]])["containment"] == 0.0
+def test_multi_span_strict_containment_needs_every_span():
+    s = qa_scores("Bob and Alice", ["Bob and Alice"], spans=[["Bob", "Alice"]], contains_rule="drop_first_raw")
+    assert s["contains_strict"] == 1.0 and s["contains"] == 1.0 and "drop_f1" in s
+    s = qa_scores("Bob only", ["Bob and Alice"], spans=[["Bob", "Alice"]], contains_rule="drop_first_raw")
+    assert s["contains_strict"] == 0.0 and s["contains"] == 1.0  # the authors' rule: any span counts
+
+
+# --- the authors' `contains` (lm-eval tasks in YihanWang617/context_awareness), restated as the oracle ---
+
+
+def ref_authors_drop_contains(pred: str, golds: list[list[str]]) -> int:
+    """drop/utils.py ``contains_score``: first gold only, raw case-insensitive regex search, any span."""
+    return max(int(bool(re.search(re.compile(re.escape(ref), re.IGNORECASE), pred))) for ref in golds[0])
+
+
+def ref_authors_squad_contains(pred: str, golds: list[str]) -> int:
+    """squad/task.py ``contains_score`` (normalised gold searched in the normalised prediction)."""
+    return max(
+        int(bool(re.search(re.compile(re.escape(ref_normalize(g)), re.IGNORECASE), ref_normalize(pred))))
+        for g in golds
+    )
+
+
+DROP_CASES = [
+    ("The answer is 50.6 billion", [["5.06"]]),
+    ("It is 5.06", [["50.6"]]),
+    ("Pakistanis and filipinos", [["Pakistanis", "Filipinos"], ["Pakistani", "Filipino"]]),
+    ("only FILIPINOS here", [["Pakistanis", "Filipinos"]]),
+    ("Tony Romo", [["Terrell Owens"], ["Tony Romo"]]),  # second gold: the authors' rule ignores it
+    ("the U.S. won", [["US"]]),  # raw search: punctuation matters
+    ("12", [["1"]]),
+]
+
+
+@pytest.mark.parametrize("pred,golds", DROP_CASES)
+def test_drop_contains_is_the_authors_rule(pred, golds):
+    assert drop_contains_first_gold(pred, golds) == ref_authors_drop_contains(pred, golds)
+    s = qa_scores(pred, [" and ".join(g) for g in golds], spans=golds, contains_rule="drop_first_raw")
+    assert s["contains"] == ref_authors_drop_contains(pred, golds)
+
+
+def test_drop_rules_disagree_where_expected():
+    # first gold only vs max over golds
+    assert drop_contains_first_gold("Tony Romo", [["Terrell Owens"], ["Tony Romo"]]) == 0.0
+    assert contains_strict("Tony Romo", [], [["Terrell Owens"], ["Tony Romo"]]) == 1.0
+    # any span vs every span
+    assert drop_contains_first_gold("only Filipinos", [["Pakistanis", "Filipinos"]]) == 1.0
+    assert contains_strict("only Filipinos", [], [["Pakistanis", "Filipinos"]]) == 0.0
+    # raw vs normalised
+    assert drop_contains_first_gold("the US won", [["U.S."]]) == 0.0
+    assert contains_strict("the US won", [], [["U.S."]]) == 1.0
+
+
+def test_numbers_do_not_merge_under_normalisation():
+    # SQuAD normalisation deletes the decimal point: "5.06" and "50.6" both become "506"
+    assert normalize_answer("50.6") == normalize_answer("5.06") == "506"
+    assert containment("It grew by 5.06 percent", ["50.6"]) == 0.0
+    assert containment("It grew by 50.6 percent", ["5.06"]) == 0.0
+    assert contains_strict("It grew by 5.06 percent", [], [["50.6"]]) == 0.0
+    assert containment("It grew by 50.6 percent.", ["50.6"]) == 1.0  # a sentence-final "." still goes
+    assert containment("1,000 men", ["1000"]) == 1.0  # a thousands comma still merges, as it should
+    assert conflict_scores("about 5.06 m", ["50.6"], ["5.06"]) == {"p_s": 0.0, "p_o": 1.0}
+
+
+@pytest.mark.parametrize("pred,golds", list(zip(PREDS, GOLDS)))
+def test_squad_contains_is_the_authors_rule(pred, golds):
+    assert contains_normalized(pred, golds) == ref_authors_squad_contains(pred, golds)
+
+
+def test_quac_unanswerable_gold_scores_zero():
+    # the authors' QuAC golds for an unanswerable question are ["CANNOTANSWER"]
+    s = qa_scores("I cannot answer that from the passage", ["CANNOTANSWER"])
+    assert s["contains"] == 0.0 and s["contains_strict"] == 0.0 and s["em"] == 0.0
+
+
+def test_truncate_at_is_lm_eval_generate_until():
+    assert truncate_at(" Paris is big. It is old. ", [". "]) == " Paris is big"
+    assert truncate_at("It is 3.5 km. Long", [". "]) == "It is 3.5 km"
+    assert truncate_at("Really? Yes", [". "]) == "Really? Yes"
 
 
 def test_first_sentence():

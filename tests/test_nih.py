@@ -19,8 +19,10 @@ SMALL = ["--lengths", "200", "--depths", "0,50,100", "--modes", "chat,plain", "-
 
 
 def cfg(**kw) -> nih.NIHConfig:
+    """The ``ctxaware`` protocol (whole prompt fits the length); the authors' protocol is tested below."""
     return nih.NIHConfig(
-        **{"lengths": [300, 800], "depths": [0.0, 25.0, 50.0, 100.0], "prefix": [True], **kw}
+        **{"protocol": "ctxaware", "lengths": [300, 800], "depths": [0.0, 25.0, 50.0, 100.0], "prefix": [True],
+           **kw}
     )
 
 
@@ -28,7 +30,7 @@ def cfg(**kw) -> nih.NIHConfig:
     "out,rec",
     [
         ("Eat a sandwich and sit in Dolores Park on a sunny day.", 1.0),
-        ("EAT a sandwich, sit in dolores-park!", 3 / 7),  # "doloresp ark" is one word once the hyphen goes
+        ("EAT a sandwich, sit in dolores-park!", 5 / 7),  # punctuation becomes a space: dolores, park
         ("eating sandwiches at the park", 1 / 7),  # whole words only: eating != eat, sandwiches != sandwich
         ("", 0.0),
         ("Sunny day. Park, Dolores; sit? eat sandwich", 1.0),
@@ -207,3 +209,238 @@ def test_steered_nih_alpha_one_equals_unsteered(tmp_path):
     assert "Attention steering" in (tmp_path / "o" / "summary.md").read_text()
     bad = subprocess.run(args[:-2] + [str(tmp_path / "b"), "--alpha", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "alpha" in bad.stderr
+
+
+# ---------------------------------------------------------------- the authors' protocol (issue 11 §2)
+
+PAPER_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day. "
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """SmolLM2's tokenizer alone (no model load)."""
+    from ctxaware.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+def _reference_context(tok, essays: str, length: int, depth: int, buffer: int = 200) -> tuple[str, str]:
+    """gkamradt's insertion, written from its description: ``(context, text before the needle)``."""
+    ids = tok.encode(essays, add_special_tokens=False)[:length]
+    context = tok.decode(ids)
+    toks = tok.encode(context, add_special_tokens=False)
+    needle = tok.encode(PAPER_NEEDLE, add_special_tokens=False)
+    budget = length - buffer
+    if len(toks) + len(needle) > budget:
+        toks = toks[: budget - len(needle)]
+    if depth == 100:
+        return tok.decode(toks + needle), tok.decode(toks)
+    point = int(len(toks) * (depth / 100))
+    head = toks[:point]
+    while head and tok.decode(head[-1]) not in ["."]:
+        point -= 1
+        head = toks[:point]
+    return tok.decode(head + needle + toks[point:]), tok.decode(head)
+
+
+def _essays() -> str:
+    from ctxaware.needle import PG_ESSAYS
+
+    out = ""
+    for path in sorted(PG_ESSAYS.glob("*.txt")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                out += line[:-1] + " "
+    return out
+
+
+def test_dump_matches_independent_gkamradt_insertion_20x20(tok, tmp_path, monkeypatch):
+    """`--dump-prompts` (tokenizer only) on the paper's 20 x 20 grid equals an independent implementation of
+    the authors' tester token for token, and its needle index points at the needle."""
+    import json
+
+    import numpy as np
+
+    import ctxaware.models
+
+    pytest.importorskip("ctxaware.needle").PG_ESSAYS.is_dir() or pytest.skip("no essays")
+    monkeypatch.setattr(ctxaware.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    out = tmp_path / "p.jsonl"
+    assert nih.main(["--max-length", "2000", "--modes", "chat", "--prefix", "true", "--dump-prompts", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    lengths = [int(x) for x in np.round(np.linspace(200, 2000, 20))]
+    depths = [int(x) for x in np.round(np.linspace(0, 100, 20))]
+    assert sorted({r["length"] for r in rows}) == lengths and sorted({r["depth"] for r in rows}) == depths
+    assert len(rows) == 400
+    essays = _essays()
+    for r in rows:
+        context, before = _reference_context(tok, essays, r["length"], int(r["depth"]))
+        user = (
+            "You are a helpful AI assistant that answers a question using only the provided document: \n"
+            f"{context}\n\nQuestion: What is the best thing to do in San Francisco?"
+        )
+        conv = [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "The best thing to do in San Francisco"},  # 8 words
+        ]
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=False).strip()
+        text = text.removesuffix(tok.eos_token).strip()
+        enc = tok(text, return_offsets_mapping=True)
+        assert r["prompt_text"] == text and r["input_ids"] == enc["input_ids"], (r["length"], r["depth"])
+        at = text.index(context) + len(before)
+        want = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > at)
+        assert r["needle_token_index"] == want
+        assert len(tok.encode(context, add_special_tokens=False)) == r["context_tokens"]
+
+
+def test_authors_length_is_a_budget_minus_200(tok):
+    """L = 1000: 800 context tokens (needle included), not a whole prompt of 1000 (old code: 932)."""
+    p = nih.build_prompts(nih.NIHConfig(lengths=[1000], depths=[50.0], modes=["chat"], prefix=[True]), tok)[0]
+    assert 795 <= p.cell["context_tokens"] <= 800
+    assert len(p.render(tok)) > 1000  # the template, question and prefix come on top of the budget
+
+
+def test_authors_empty_system_turn_and_plain_start(tok):
+    ps = nih.build_prompts(nih.NIHConfig(lengths=[400], depths=[50.0], prefix=[True]), tok)
+    chat = next(p for p in ps if p.cell["mode"] == "chat").render(tok)
+    plain = next(p for p in ps if p.cell["mode"] == "plain").render(tok)
+    assert chat.text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nYou are a helpful")
+    assert "SmolLM" not in chat.text  # the template's default system prompt is not injected
+    assert plain.text.startswith("You are a helpful AI assistant")
+    assert plain.text.endswith("San Francisco?\n\nThe best thing to do in San Francisco")  # raw + "\n\n" + hint
+
+
+def test_authors_prefix_is_eight_words():
+    assert nih.load_needle(nih.NIHConfig())[3] == "The best thing to do in San Francisco"
+    assert nih.load_needle(nih.NIHConfig(protocol="ctxaware"))[3] == "The best thing to do in San Francisco is"
+
+
+def test_subword_match_replaces_punctuation_by_space():
+    kw = nih.NIHConfig().keywords
+    assert nih.keyword_recall("Eat a sandwich, sit in Dolores-Park on a sunny-day!", kw) == 1.0
+    assert nih.keyword_recall("...Dolores-Park...", ["dolores", "park"]) == 1.0
+
+
+def test_authors_backoff_stops_only_at_a_period(tok, tmp_path):
+    """The needle moves back to the previous token decoding to '.', never to '?' or '!'; at 100 % it is
+    appended at the very end."""
+    hay = tmp_path / "hay"
+    hay.mkdir()
+    sent = ["Why do owls hoot at night?", "They call out loudly!", "Owls are birds."]
+    (hay / "a.txt").write_text(" ".join(sent[i % 3] for i in range(600)) + "\n")
+    c = nih.NIHConfig(haystack=str(hay), lengths=[600], depths=[10.0, 35.0, 60.0, 100.0], modes=["plain"],
+                      prefix=[False])  # fmt: skip
+    for p in nih.build_prompts(c, tok):
+        ctx = p.messages[-1]["content"].split("\n")[1]
+        head, tail = ctx.split(PAPER_NEEDLE.strip())
+        if p.cell["depth"] == 100:
+            assert tail.strip() == ""
+        else:
+            assert head.endswith("Owls are birds."), head[-40:]
+
+
+@pytest.mark.parametrize("protocol", ["authors", "ctxaware"])
+def test_chat_and_plain_twins_hold_the_same_haystack(tok, protocol):
+    """Built by separate calls (as `ctxaware attention` does), chat and plain hold the same context
+    (old code: 338 vs 309 haystack tokens at length 400)."""
+    from ctxaware import needle
+
+    def context(mode: str) -> str:
+        c = nih.NIHConfig(protocol=protocol, lengths=[400], depths=[50.0], modes=[mode], prefix=[True])
+        p = nih.build_prompts(c, tok)[0]
+        return p.messages[-1]["content"].rstrip("\n"), p.cell["context_tokens"]
+
+    assert context("chat") == context("plain")
+    chat, plain = (needle.nih_prompts(tok, [400], [50.0], chat=m) for m in (True, False))
+    assert [t for t, r in zip(chat[0].input_ids, chat[0].roles) if r == "user"][:300] == [
+        t for t, r in zip(plain[0].input_ids, plain[0].roles) if r == "user"
+    ][:300]
+
+
+def test_gemma_chat_template_option():
+    """Gemma-3-270M (base, no template) gets Gemma's turn markers with --chat-template gemma, and no system
+    turn (the authors' rule for Gemma)."""
+    from ctxaware.models import load_tokenizer
+    from ctxaware.needle import apply_chat_template_choice
+
+    gtok = load_tokenizer("gemma3-270m")
+    assert not gtok.chat_template
+    c = nih.NIHConfig(lengths=[400], depths=[50.0], modes=["chat", "plain"], prefix=[True])
+    assert {p.cell["mode"] for p in nih.build_prompts(c, gtok, "gemma3-270m")} == {"plain"}
+    apply_chat_template_choice(gtok, "gemma")
+    chat = next(p for p in nih.build_prompts(c, gtok, "gemma3-270m") if p.cell["mode"] == "chat").render(gtok)
+    assert chat.text.startswith("<bos><start_of_turn>user\nYou are a helpful")
+    assert "<end_of_turn>\n<start_of_turn>model\nThe best thing to do in San Francisco" in chat.text
+    assert chat.input_ids.count(gtok.bos_token_id) == 1
+
+
+def test_run_ids_are_safe_unique_and_readable(tmp_path):
+    for d in ("a/model", "b/model"):
+        (tmp_path / d).mkdir(parents=True)
+    a, b = nih.run_id(str(tmp_path / "a/model")), nih.run_id(str(tmp_path / "b/model"))
+    assert a != b and a.startswith("a-model-") and b.startswith("b-model-")
+    assert nih.run_id("default") == nih.run_id("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert nih.run_id("org/name") == "org--name"
+    for spec in ("..", "../..", "/"):
+        rid = nih.run_id(spec)
+        assert "/" not in rid and not rid.startswith(".") and rid
+        assert (tmp_path / "out" / rid).resolve().parent == (tmp_path / "out").resolve()
+
+
+def test_alpha_without_steer_is_an_error(tmp_path):
+    with pytest.raises(CtxawareError, match="--alpha needs --steer"):
+        nih.main(["--alpha", "0.5", "--output", str(tmp_path / "o")])
+
+
+def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
+    import json
+
+    def fake_run(cfg, name):
+        rows = [{"condition": "plain", "template": 1, "length": 200, "depth": d, "recall": 1.0, "exact": 1.0,
+                 "empty": 0.0, "protocol": "authors"} for d in (0.0, 100.0)]  # fmt: skip
+        return nih.run_id(name), rows
+
+    monkeypatch.setattr(nih, "run_model", fake_run)
+    out = tmp_path / "o"
+    for m in ("org/one", "org/two"):
+        assert nih.main(["--model", m, "--output", str(out)]) == 0
+    assert set(json.loads((out / "summary.json").read_text())) == {"org--one", "org--two"}
+
+
+def test_import_graph_has_no_cycles():
+    """Among ctxaware modules, imports (module-level and function-local) run one way (issue 11 §5)."""
+    import ast
+    from pathlib import Path
+
+    import ctxaware
+
+    pkg = Path(ctxaware.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for f in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "ctxaware":
+                    deps |= {a.name for a in node.names}
+                elif node.module.startswith("ctxaware."):
+                    deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ctxaware.")}
+        graph[f.stem] = {d for d in deps if (pkg / f"{d}.py").is_file() and d != f.stem}
+    for m in ("attention", "nih", "retrieval_heads", "steering"):
+        assert "needle" in graph[m] or m == "retrieval_heads"
+    assert not graph["needle"] & {"attention", "nih", "retrieval_heads", "steering"}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(path + [m, d])
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

@@ -14,14 +14,14 @@ from ctxaware.tasks import TASKS, Example, _split_quac_answers, get_task, load_e
 # task -> (rows in the README, valid examples after the answerable-only filter)
 COUNTS = {
     "squad": (626, 293),  # 293 answerable, the rest is_impossible
-    "quac": (150, 123),  # 50 dialogs, 150 questions, 27 CANNOTANSWER
+    "quac": (50, 50),  # 50 dialogs: the first question of each (the authors' protocol), 3 CANNOTANSWER kept
     "drop": (9536, 9536),
     "cf_world_facts": (313, 313),
     "cf_country_capitals": (196, 196),
     "cf_bio": (555, 555),
     "nqswap": (4746, 4746),
     "memotrap": (936, 936),
-    "mt-bench": (80, 80),
+    "mt_bench": (80, 80),
 }
 
 
@@ -85,6 +85,35 @@ def test_malformed_jsonl_line_and_drop_layout(tmp_path):
     assert ex[0].spans == [["7"], ["seven"]] and skips.total == 2
 
 
+def test_drop_local_multi_span_golds_are_split_at_passage_spans(shared_data):
+    """The simple-evals file joins a multi-span gold with " and "; spans that are passage spans come back."""
+    ex = load_examples(get_task("drop"), "local", shared_data)
+    byq = {e.question: e for e in ex}
+    e = byq["What two nationalities had the same number of people living in Bahrain between 2005-2009?"]
+    assert e.spans == [["Pakistanis", "Filipinos"], ["Pakistani", "Filipino"]]
+    assert e.answers[0] == "Pakistanis and Filipinos"
+    # a gold that is itself a passage span stays whole even when it holds " and "
+    whole = [g for x in ex for g in x.spans if len(g) == 1 and " and " in g[0]]
+    assert whole and all(g[0].lower() in x.context.lower() for x in ex for g in x.spans if g in whole[:1])
+
+
+def test_quac_is_the_first_question_of_each_dialog(shared_data):
+    """The authors' lm-eval quac task: questions[0] of each dialog, unanswerable kept with gold CANNOTANSWER."""
+    rows = [json.loads(x) for x in (shared_data / "qa" / "quac_val_tiny.jsonl").read_text().splitlines()]
+    ex = load_examples(get_task("quac"), "local", shared_data)
+    assert len(ex) == len(rows) == 50
+    first = [r["question"].splitlines()[0].removeprefix("question1: ") for r in rows]
+    assert [e.question for e in ex] == first
+    unans = [e for e in ex if e.category == "unanswerable"]
+    assert len(unans) == 3 and all(e.answers == ["CANNOTANSWER"] for e in unans)
+    assert all("CANNOTANSWER" not in e.context for e in ex)
+    assert ex[0].answers[0] == "In May 1983, she married Nikos Karvelas,"
+
+
+def test_mt_bench_alias():
+    assert get_task("mt-bench") is get_task("mt_bench") is TASKS["mt_bench"]
+
+
 def test_unknown_task_lists_available():
     with pytest.raises(CtxawareError, match="available tasks: squad, quac, drop"):
         get_task("sqad")
@@ -125,11 +154,21 @@ def test_hub_converters_on_hub_shaped_rows():
     }
     rows = list(TASKS["drop"].read_hub(doc))
     assert TASKS["drop"].convert(rows[0]).spans == [["A", "B"], ["3"]]
-    dialog = {
+    dialog = {  # ucla-cmllab/quac: every passage ends with "CANNOTANSWER"
         "dialogue_id": "d",
-        "context": "C",
+        "wikipedia_page_title": "T",
+        "background": "B.",
+        "context": "Passage text. CANNOTANSWER",
         "questions": ["q1", "q2"],
-        "answers": {"texts": [["a1"], ["CANNOTANSWER"]], "answer_starts": [[0], [-1]]},
+        "answers": {"texts": [["a1", "a2"], ["CANNOTANSWER"]], "answer_starts": [[0], [-1]]},
     }
     flat = list(TASKS["quac"].read_hub(dialog))
-    assert flat[0]["answers"] == ["a1"] and flat[1]["unanswerable"]
+    assert len(flat) == 1 and flat[0]["answers"] == ["a1", "a2"] and flat[0]["question"] == "q1"
+    ex = TASKS["quac"].convert(flat[0])
+    # the authors' doc_to_text: 'Title: ' + title + '\n' + background + ' ' + context.removesuffix('CANNOTANSWER')
+    assert TASKS["quac"].prompt(ex, "paper") == (
+        "Title: T\nB. Passage text.\nAnswer the question with pieces from the the above passage: q1"
+    )
+    unans = {**dialog, "answers": {"texts": [["CANNOTANSWER"]], "answer_starts": [[-1]]}}
+    ex = TASKS["quac"].convert(next(TASKS["quac"].read_hub(unans)))
+    assert ex.answers == ["CANNOTANSWER"] and ex.category == "unanswerable"

@@ -269,3 +269,75 @@ def test_counterfactual_mix_from_nqswap_zip():
     assert not any(c.messages[1]["content"].startswith("[") for c in convs)  # "['23']" is parsed, not copied
     with pytest.raises(CtxawareError, match="PATH:RATIO"):
         counterfactual_conversations("nqswap.zip", 20, seed=0)
+
+
+# --- the authors' protocol (issue 11 §4) and one-line errors (issue 12) -----------------------------
+
+
+def test_loss_on_all_is_the_default_and_labels_every_token(tok, tmp_path):
+    """The authors trained on all tokens (their completion-only collator is commented out)."""
+    setup_chat_template(tok, "zephyr")
+    conv = Conversation("a", CONV, 0)
+    (row,) = tokenize([conv], tok, max_length=512, skips=SkipCounter(), loss_on="all")
+    assert row["labels"] == row["input_ids"]
+    (masked,) = tokenize([conv], tok, max_length=512, skips=SkipCounter(), loss_on="assistant")
+    assert sum(t != -100 for t in masked["labels"]) < len(masked["labels"])
+    assert TrainConfig().loss_on == "all"
+    trainer, info = build_trainer(_cfg(tmp_path, max_conversations=2), tiny_llama(), tok)
+    ds = trainer.train_dataset
+    assert all(list(r["labels"]) == list(r["input_ids"]) for r in ds)
+    assert info["data"]["n_trainable_tokens"] == sum(len(r["input_ids"]) for r in ds)
+
+
+def test_indicator_on_unmarked_data_is_refused_with_the_count(tmp_path, tok):
+    with pytest.raises(CtxawareError, match=r"0 of \d+ user turns .* carry \[IND\]"):
+        build_trainer(_cfg(tmp_path, indicator=True, max_conversations=4), tiny_llama(), tok)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--learning-rate", "-1"], "learning"),
+        (["--learning-rate", "0"], "learning"),
+        (["--loss-on", "prompt"], "loss"),
+        (["--per-device-train-batch-size", "0"], "per_device_train_batch_size"),
+    ],
+)
+def test_bad_training_options_are_one_line_errors(argv, message, capsys, monkeypatch):
+    from ctxaware import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert cli.main(["train", "--data", str(SHARED_DATA / "sft" / "alpaca_en_demo.json"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.replace("_", "-") in err[0].replace("_", "-") and "Traceback" not in err[0]
+
+
+def test_train_help_shows_the_config_positional(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "CONFIG.yaml" in out and "--loss-on" in out
+
+
+def test_progress_bar_is_on_by_default(tmp_path):
+    from ctxaware.train import training_args
+
+    assert training_args(_cfg(tmp_path), "cpu").disable_tqdm is False
+    assert training_args(_cfg(tmp_path, progress=False), "cpu").disable_tqdm is True
+
+
+def test_lora_adapter_records_a_resolvable_base(tmp_path, tok):
+    from ctxaware.train import base_model_path
+
+    model_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = _cfg(tmp_path, model=str(model_dir), method="lora", max_steps=1, max_conversations=2)
+    trainer, info = build_trainer(cfg, tiny_llama(), tok)
+    fit(cfg, trainer, info)
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(model_dir.resolve())
+    builtin = base_model_path("default")  # the converted safetensors cache, not "smollm2-135m-instruct"
+    from pathlib import Path
+
+    assert Path(builtin).is_absolute() and (Path(builtin) / "config.json").is_file()
+    assert base_model_path("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T").startswith("TinyLlama/")

@@ -2,20 +2,28 @@
 
 For a rendered prompt and query positions (default: the last prompt token, which generates the first
 answer token), `role_allocation` returns for every layer and head the attention mass on each role of
-`chat.ROLES` (bos, system, user, assistant, template). `renormalise` gives the paper's view: template
-tokens excluded, bos + user + assistant summed to 1.
+`chat.ROLES` (sink, system, user, assistant, template). `normalisations` turns one raw mass-per-role into
+the three views that ctxaware reports side by side (docs/attention.md):
+
+* ``raw``: the mass on every role, summing to 1;
+* ``paper``: sink, user and assistant renormalised to sum to 1 (paper Fig. 3-4, whose "BOS" is the
+  attention sink: position 0, role ``sink``);
+* ``sink_excluded``: system, user and assistant renormalised over the tokens that are neither the sink nor
+  template markers (system is 0 without a system message), so that the sink, which is a user word in
+  plain mode and a marker in chat mode, cannot decide the comparison.
 
 Nothing materialises full attention maps: `intercept.capture_attention` computes softmax rows of the query
 positions only and reduces them against one-hot roles at once, so memory grows linearly with length.
 
-``ctxaware attention`` runs NIH prompts with and without the template, picks the retrieval head (eq. 3)
-of each prompt without the template at a middle layer, averages, and writes JSON plus the figures.
+``ctxaware attention`` runs NIH prompts with and without the template (plain only for a model without
+one), picks one retrieval head at the analysis layer by eq. (3) on the plain prompts (sink excluded unless
+``--include-sink``), and writes ``allocation.json``, one JSONL row per prompt and the figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +33,10 @@ from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
 
-SHOWN = ("bos", "user", "assistant")  # the paper's renormalised roles
+PAPER = ("sink", "user", "assistant")  # paper Fig. 3-4 (its BOS is the sink)
+SINK_EXCLUDED = ("system", "user", "assistant")  # tokens that are neither sink nor template
+SHOWN = PAPER  # kept for callers of `renormalise`
+NORMALISATIONS = ("raw", "paper", "sink_excluded")
 
 
 def _model_shape(model) -> tuple[int, int]:
@@ -87,29 +98,74 @@ def role_allocation(
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-def renormalise(shares: torch.Tensor) -> torch.Tensor:
-    """The paper's view (Fig. 3-4): (..., 5) role mass -> (..., 3) over bos, user, assistant summing to 1."""
-    sub = shares[..., [ROLES.index(r) for r in SHOWN]]  # (..., 3)
+def renormalise(shares: torch.Tensor, roles: Sequence[str] = PAPER) -> torch.Tensor:
+    """(..., 5) role mass -> (..., len(roles)) over ``roles`` summing to 1 (default: the paper's view)."""
+    sub = shares[..., [ROLES.index(r) for r in roles]]
     return sub / sub.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def normalisations(raw_shares: Mapping[str, float] | torch.Tensor) -> dict[str, dict[str, float]]:
+    """The three views of one attention mass per role: ``{"raw", "paper", "sink_excluded"}`` -> ``{role: share}``.
+
+    ``raw_shares`` maps every role of `chat.ROLES` to its mass (missing roles are 0), or is a tensor of
+    shape ``(5,)`` in `ROLES` order. ``raw`` is returned as given (all five roles); ``paper`` is sink, user
+    and assistant divided by their sum (paper Fig. 3-4); ``sink_excluded`` is system, user and assistant
+    divided by their sum. A view whose roles hold no mass is all zeros.
+    """
+    if isinstance(raw_shares, torch.Tensor):
+        if raw_shares.shape != (len(ROLES),):
+            raise CtxawareError(f"raw shares must have shape ({len(ROLES)},), got {tuple(raw_shares.shape)}")
+        raw_shares = dict(zip(ROLES, raw_shares.tolist()))
+    unknown = set(raw_shares) - set(ROLES)
+    if unknown:
+        raise CtxawareError(f"unknown roles {sorted(unknown)}; roles are {', '.join(ROLES)}")
+    raw = {r: float(raw_shares.get(r, 0.0)) for r in ROLES}
+
+    def over(roles: Sequence[str]) -> dict[str, float]:
+        total = sum(raw[r] for r in roles)
+        return {r: (raw[r] / total if total > 0 else 0.0) for r in roles}
+
+    return {"raw": raw, "paper": over(PAPER), "sink_excluded": over(SINK_EXCLUDED)}
+
+
+def mean_normalisations(rows: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean over prompts of per-prompt `normalisations` (each view averaged role by role)."""
+    if not rows:
+        raise CtxawareError("no prompts to average")
+    return {
+        k: {r: sum(row[k][r] for row in rows) / len(rows) for r in rows[0][k]} for k in NORMALISATIONS
+    }
 
 
 # --- NIH prompts: the very prompts of `ctxaware nih` -------------------------------------------------------
 
 
+def _needle():
+    try:
+        from ctxaware import needle  # NIH prompt construction (imports none of attention/nih/steering)
+    except ImportError:  # pragma: no cover - older layout
+        from ctxaware import nih as needle
+    return needle
+
+
 def nih_prompts(
     tok, lengths: Sequence[int], depths: Sequence[float], chat: bool, haystack: str | Path = "auto"
 ) -> list[Rendered]:
-    """One NIH prompt per (length, depth) (paper Fig. 1), built by `ctxaware.nih.build_prompts` with its
-    default needle, template 1 of Table 8 and the response prefix, rendered with (``chat``) or without the
-    chat template. Same haystack, needle placement and lengths as `ctxaware nih`."""
-    from ctxaware import nih
+    """One NIH prompt per (length, depth) (paper Fig. 1): template 1 of Table 8 with the response prefix,
+    rendered with (``chat``) or without the chat template; the prompts of `ctxaware nih`."""
+    return [p.render(tok) for p in nih_cells(tok, lengths, depths, ["chat" if chat else "plain"], haystack)]
 
-    mode = "chat" if chat else "plain"
-    cfg = nih.NIHConfig(
-        lengths=[int(n) for n in lengths], depths=[float(d) for d in depths], modes=[mode], prefix=[True]
+
+def nih_cells(tok, lengths, depths, modes: Sequence[str], haystack: str | Path = "auto", protocol=None) -> list:
+    """`needle.NIHPrompt` s (``cell`` metadata + messages) for ``modes``; chat/plain twins share a context."""
+    needle = _needle()
+    cfg = needle.NeedleConfig(
+        lengths=[int(n) for n in lengths], depths=[float(d) for d in depths], modes=list(modes), prefix=[True]
     )
     cfg.haystack = str(haystack)
-    return [p.render(tok) for p in nih.build_prompts(cfg, tok)]
+    if protocol is not None:
+        cfg.protocol = protocol
+    return needle.build_prompts(cfg, tok)
 
 
 # --- the command -------------------------------------------------------------------------------------------
@@ -120,12 +176,15 @@ class AttentionConfig(ModelConfig):
     """Attention allocation per role on NIH prompts, with vs. without the chat template (paper Fig. 3-4).
 
     Parameters:
-        model: one model or several separated by commas (compared in one figure).
+        model: one model or several separated by commas (each gets its own sub-directory of ``output``).
         lengths, depths: the NIH grid (paper: 200-4000 tokens x 0-100%).
         layer: the analysis layer (default: the middle layer).
-        output: directory for ``attention.json`` and the PNGs.
+        output: directory for ``allocation.json``, ``rows.jsonl`` and the PNGs.
         batch_size: prompts per forward pass.
         haystack: directory of haystack essays.
+        protocol: NIH prompt protocol (authors or ctxaware, docs/nih.md).
+        include_sink: pick the retrieval head by eq. (3) as printed (sink counted as user when it is user
+            content); by default the sink is excluded.
     """
 
     lengths: list[int] = dataclasses.field(
@@ -135,69 +194,131 @@ class AttentionConfig(ModelConfig):
     depths: list[float] = dataclasses.field(
         default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0], metadata={"help": "needle depths in %"}
     )
-    layer: int | None = dataclasses.field(default=None, metadata={"help": "analysis layer (default: middle)"})
+    layer: int | None = dataclasses.field(default=None, metadata={"help": "analysis layer; none: the middle layer"})
     output: str = dataclasses.field(default="runs/attention", metadata={"help": "output directory"})
     batch_size: int = dataclasses.field(default=4, metadata={"help": "prompts per forward pass"})
     haystack: str = dataclasses.field(
         default="auto",
         metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
     )
+    protocol: str = dataclasses.field(default="authors", metadata={"help": "NIH protocol: authors or ctxaware"})
+    include_sink: bool = dataclasses.field(
+        default=False, metadata={"help": "eq. (3) head choice with the sink counted as user (paper's literal rule)"}
+    )
 
 
-def analyse(model, tok, cfg: AttentionConfig) -> dict:
-    """Allocation with vs. without template for one model: numbers at the layer's retrieval head + heatmap."""
+def check_layer(layer: int | None, n_layers: int | None = None) -> None:
+    """``--layer`` must name an existing layer (negative indices are refused, not wrapped)."""
+    if layer is None:
+        return
+    if layer < 0 or (n_layers is not None and layer >= n_layers):
+        top = f"0..{n_layers - 1}" if n_layers is not None else "0 or more"
+        raise CtxawareError(f"--layer {layer} does not exist; the model has layers {top}")
+
+
+def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict, list[dict], dict]:
+    """One model: ``(allocation, rows, extra)``.
+
+    ``allocation`` follows the ``allocation.json`` schema (docs/attention.md); ``rows`` hold one record
+    per prompt (all three normalisations at the chosen head); ``extra`` holds the layer x head map of the
+    change of the paper-normalised user share (chat minus plain), when both conditions ran.
+    """
     from ctxaware.models import middle_layer
+    from ctxaware.retrieval_heads import eq3_user_share
 
+    n_layers, _ = _model_shape(model)
+    check_layer(cfg.layer, n_layers)
     layer = middle_layer(model) if cfg.layer is None else cfg.layer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    runs = {}
-    for chat in (False, True):
-        prompts = nih_prompts(tok, cfg.lengths, cfg.depths, chat=chat, haystack=cfg.haystack)
-        runs[chat] = role_allocation(model, prompts, batch_size=cfg.batch_size, pad_id=pad)  # (N, L, H, 5)
-    user = ROLES.index("user")
-    head = runs[False][:, layer, :, user].argmax(-1)  # (N,) eq. (3) per prompt, without template
-    pick = torch.arange(len(head))
+    conds = ["plain"] + (["chat"] if getattr(tok, "chat_template", None) else [])
+    if conds == ["plain"]:
+        print(f"note: {name} has no chat template; only the plain condition is measured")
+    cells = nih_cells(tok, cfg.lengths, cfg.depths, conds, cfg.haystack, cfg.protocol)
+    by_cond = {c: [p for p in cells if p.cell["mode"] == c] for c in conds}
+    prompts = {c: [p.render(tok) for p in by_cond[c]] for c in conds}
+    shares = {
+        c: role_allocation(model, prompts[c], batch_size=cfg.batch_size, pad_id=pad) for c in conds
+    }  # (N, L, H, 5)
+    # eq. (3) at the analysis layer, on the prompts without the template, averaged over prompts
+    head = int(eq3_user_share(shares["plain"], prompts["plain"], cfg.include_sink)[:, layer].mean(0).argmax())
+    rows, allocation = [], {"model": name, "layer": layer, "n_prompts": len(prompts["plain"]), "conditions": {}}
+    for c in conds:
+        per = [normalisations(shares[c][i, layer, head]) for i in range(len(prompts[c]))]
+        for p, r, n in zip(by_cond[c], prompts[c], per):
+            key = {"model": name, "condition": c, "length": p.cell["length"], "depth": p.cell["depth"]}
+            rows.append(key | {"layer": layer, "head": head, "tokens": len(r)} | n)
+        allocation["conditions"][c] = {"head": head} | mean_normalisations(per)
+    extra = {}
+    if "chat" in conds:
+        user = PAPER.index("user")
+        extra["user_change_layer_head"] = (
+            renormalise(shares["chat"])[..., user].mean(0) - renormalise(shares["plain"])[..., user].mean(0)
+        ).tolist()
+    return allocation, rows, extra
 
-    def at_head(x: torch.Tensor) -> torch.Tensor:
-        return x[pick, layer, head]  # (N, 5)
 
-    absolute = {name: at_head(runs[c]).mean(0) for name, c in (("plain", False), ("chat", True))}
-    norm = {name: renormalise(at_head(runs[c])).mean(0) for name, c in (("plain", False), ("chat", True))}
-    change = renormalise(runs[True])[..., 1].mean(0) - renormalise(runs[False])[..., 1].mean(0)  # (L, H) user
-    return {
-        "layer": layer,
-        "n_prompts": len(head),
-        "heads_per_prompt": head.tolist(),
-        "absolute": {k: dict(zip(ROLES, v.tolist())) for k, v in absolute.items()},
-        "renormalised": {k: dict(zip(SHOWN, v.tolist())) for k, v in norm.items()},
-        "change": {r: norm["chat"][i].item() - norm["plain"][i].item() for i, r in enumerate(SHOWN)},
-        "user_change_layer_head": change.tolist(),
-    }
+def _figures(allocation: dict, extra: dict, out: Path) -> None:
+    from ctxaware import plotting
+
+    name, layer, n = allocation["model"], allocation["layer"], allocation["n_prompts"]
+    conds = allocation["conditions"]
+    head = next(iter(conds.values()))["head"]
+    label = f"{name}\nlayer {layer}, head {head}, n={n}"
+    shares = {k: {c: conds[c][k] for c in conds} for k in NORMALISATIONS}
+    plotting.normalisation_panels(
+        shares, out / "allocation.png", f"{name}: attention per role, layer {layer} head {head}, n={n} prompts each"
+    )
+    plotting.role_share_bars({label: {c: conds[c]["paper"] for c in conds}}, out / "fig4_shares.png")
+    if "chat" in conds:
+        change = {r: conds["chat"]["paper"][r] - conds["plain"]["paper"][r] for r in PAPER}
+        plotting.role_change_bars({label: change}, out / "fig3_change.png")
+        plotting.head_heatmaps(
+            {f"{name}, n={n}": extra["user_change_layer_head"]}, out / "user_change_heatmap.png"
+        )
+
+
+def _model_dir_name(spec: str) -> str:
+    from ctxaware.models import resolve_model
+
+    return resolve_model(spec).name
 
 
 def main(argv: list[str]) -> int:
-    """``ctxaware attention``: JSON numbers and Fig. 3, Fig. 4 and a layer x head heatmap per model."""
+    """``ctxaware attention``: ``allocation.json``, per-prompt rows and figures per model."""
     import time
 
-    from ctxaware import plotting
-    from ctxaware.results import write_json_atomic
+    from ctxaware.results import ResultsWriter, write_json_atomic
 
     cfg = parse_config(AttentionConfig, argv, prog="ctxaware attention")
+    check_layer(cfg.layer)
+    if cfg.batch_size < 1:
+        raise CtxawareError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     out = Path(cfg.output)
-    results = {}
-    for name in [m.strip() for m in cfg.model.split(",") if m.strip()]:
+    if out.exists() and not out.is_dir():
+        raise CtxawareError(f"--output {out} is a file; give a directory")
+    specs = [m.strip() for m in cfg.model.split(",") if m.strip()]
+    if not specs:
+        raise CtxawareError("--model is empty; give a model name")
+    names = [_model_dir_name(s) for s in specs]
+    for spec, name in zip(specs, names):
         t0 = time.time()
-        model, tok = cfg.load(name)
-        results[name] = analyse(model, tok, cfg) | {"seconds": round(time.time() - t0, 1)}
-        print(f"{name}: layer {results[name]['layer']} change {results[name]['change']}")
+        where = out if len(specs) == 1 else out / name
+        model, tok = cfg.load(spec)
+        check_layer(cfg.layer, _model_shape(model)[0])
+        allocation, rows, extra = analyse(model, tok, cfg, name)
+        with ResultsWriter(where, {**to_dict(cfg), "model": spec}, ("model", "condition", "length", "depth")) as w:
+            for row in rows:
+                if not w.done(row):
+                    w.write(row)
+        write_json_atomic(where / "allocation.json", allocation)
+        _figures(allocation, extra, where)
+        for c, v in allocation["conditions"].items():
+            se, pa = v["sink_excluded"], v["paper"]
+            print(
+                f"{name} {c}: layer {allocation['layer']} head {v['head']} n={allocation['n_prompts']}  "
+                f"paper user {pa['user']:.3f} sink {pa['sink']:.3f}  sink_excluded user {se['user']:.3f}  "
+                f"({time.time() - t0:.0f} s)"
+            )
+        print(f"wrote {where / 'allocation.json'}, {where / 'rows.jsonl'} and figures")
         del model
-    write_json_atomic(out / "attention.json", {"config": to_dict(cfg), "models": results})
-    change = {m: r["change"] for m, r in results.items()}
-    shares = {m: r["renormalised"] for m, r in results.items()}
-    plotting.role_change_bars(change, out / "fig3_change.png")
-    plotting.role_share_bars(shares, out / "fig4_shares.png")
-    plotting.head_heatmaps(
-        {m: r["user_change_layer_head"] for m, r in results.items()}, out / "user_change_heatmap.png"
-    )
-    print(f"wrote {out / 'attention.json'} and figures")
     return 0

@@ -1,15 +1,28 @@
 """Render a conversation to token ids with the role of every token.
 
 One renderer for the whole package. ``render(messages, tokenizer, mode)`` returns a `Rendered` prompt:
-token ids, a role per token (``bos``, ``system``, ``user``, ``assistant``, ``template``) and the token
-span of every message's content.
+token ids, a role per token (``sink``, ``system``, ``user``, ``assistant``, ``template``; see `ROLES`) and
+the token span of every message's content.
 
-Roles come from character offsets: the conversation is rendered to text (by the tokenizer's own chat
-template in ``chat`` mode, or by plain joining in ``plain`` mode), each message's content is located in
-that text, and the fast tokenizer's offset mapping assigns every token the owner of its characters.
-No token ids are hard-coded, so any chat template works. A token whose non-whitespace characters
-belong to one message gets that message's role (so ``"▁Hello"`` after a template space is user
-content); a token that mixes content with marker text counts as ``template``.
+Roles come from character offsets known by construction. In ``plain`` mode ctxaware joins the contents
+itself, so it knows where each one lies. In ``chat`` mode the tokenizer's own chat template renders the
+conversation twice, once with the real contents and once with a unique sentinel in place of each content;
+the sentinel text gives the template's own text between contents (markers, an injected default system
+prompt, a date header, the generation prompt), and the real text must read as that template text with the
+contents in between (`_locate_chat`). A content is never searched for, so a user message "AI" cannot be
+found inside SmolLM2's default system prompt. The fast tokenizer's offset mapping then assigns every
+token the owner of its characters. No token ids are hard-coded, so any chat template works. A token whose
+non-whitespace characters belong to one message gets that message's role (so ``"▁Hello"`` after a
+template space is user content); a token that mixes content with marker text counts as ``template``.
+
+The attention sink. Position 0 of every rendered prompt, in both modes, has role ``sink`` whatever its
+text: with SmolLM2's template it is ``<|im_start|>``, without it the first user word (SmolLM2 adds no BOS
+outside its template), with Gemma's tokenizer the BOS in both modes. Models park most of their attention
+there (the attention sink), so counting it as ``user`` in one mode and as marker text in the other would
+compare different things. ``sink`` replaces the former role ``bos`` (which only ever labelled a BOS at
+position 0): a BOS later in the prompt (Llama-2 writes ``<s>`` before every turn) is ``template``, like
+every other marker. Spans still locate message contents by ownership, so in plain mode the first user
+span starts at 0 although its first token's role is ``sink``.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ import torch
 
 from ctxaware.errors import CtxawareError
 
-ROLES = ("bos", "system", "user", "assistant", "template")
+ROLES = ("sink", "system", "user", "assistant", "template")
 MESSAGE_ROLES = ("system", "user", "assistant")
 Mode = Literal["chat", "plain"]
 
@@ -55,6 +68,8 @@ class Rendered:
     def mask(self, *roles: str) -> torch.Tensor:
         """Boolean mask over tokens whose role is one of ``roles``."""
         for r in roles:
+            if r == "bos":
+                raise CtxawareError("role 'bos' is retired; position 0 (BOS or not) is role 'sink'")
             if r not in ROLES:
                 raise CtxawareError(f"unknown role {r!r}; roles are {', '.join(ROLES)}")
         return torch.tensor([r in roles for r in self.roles], dtype=torch.bool)
@@ -120,32 +135,82 @@ def _chat_text(messages: list[dict], tokenizer, add_generation_prompt: bool) -> 
         ) from None
 
 
-def _plain_text(messages: list[dict], response_prefix: str | None) -> str:
-    # Contents separated by blank lines, no role markers; the response prefix follows the last message.
-    parts = [m["content"] for m in messages]
-    text = "\n\n".join(parts)
+def _plain_text(messages: list[dict], response_prefix: str | None) -> tuple[str, list[tuple[int, int]]]:
+    """Contents separated by blank lines, no role markers; the response prefix follows the last message.
+
+    Returns the text and the character span of every message's content, known by construction."""
+    text, spans = "", []
+    for i, m in enumerate(messages):
+        if i:
+            text += "\n\n"
+        spans.append((len(text), len(text) + len(m["content"])))
+        text += m["content"]
     if response_prefix is not None:
         text += "\n" + response_prefix if text else response_prefix
-    return text
+    return text, spans
 
 
-def _locate(text: str, messages: list[dict], start: int = 0) -> list[tuple[int, int]]:
-    """Character span of every message's content in ``text``, searched in order."""
-    spans = []
-    pos = start
+def _sentinel(i: int) -> str:
+    # No whitespace at either end (templates trim contents) and nothing a template writes itself.
+    return f"CTXAWARExSENTINELx{i:04d}xEND"
+
+
+def _locate_chat(
+    text: str, messages: list[dict], tokenizer, add_generation_prompt: bool
+) -> list[tuple[int, int]]:
+    """Character span of every message's content in the template's ``text``, by construction.
+
+    The conversation is rendered a second time with every content replaced by a unique sentinel. Splitting
+    that text at the sentinels gives the template's own text (markers, default system prompt, date header,
+    generation prompt) between the contents: ``t0 S0 t1 S1 ... tn``. The real text must then read
+    ``t0 c0 t1 c1 ... tn``, where ``ci`` is message i's content as the template wrote it (verbatim or
+    trimmed). Contents are therefore never searched for inside template text, whatever they say; if the
+    real text cannot be rebuilt this way (a template that rewrites contents or changes its markers with
+    them), rendering fails loudly instead of guessing.
+    """
+    marked = [{"role": m["role"], "content": _sentinel(i)} for i, m in enumerate(messages)]
+    stext = _chat_text(marked, tokenizer, add_generation_prompt)
+    pieces, pos = [], 0
+    for i in range(len(messages)):
+        s = _sentinel(i)
+        at = stext.find(s, pos)
+        if at < 0 or stext.count(s) != 1:
+            pieces = None
+            break
+        pieces.append(stext[pos:at])
+        pos = at + len(s)
+    name = getattr(tokenizer, "name_or_path", "this model")
+    if pieces is None:
+        raise CtxawareError(
+            f"the chat template of {name} does not write each message's content exactly once, in order; "
+            "ctxaware cannot attribute its tokens to roles (use mode 'plain' or another template)"
+        )
+    pieces.append(stext[pos:])  # t0 .. tn
+    spans: list[tuple[int, int]] = []
+    at = 0
+    if not text.startswith(pieces[0]):
+        at = -1
+    else:
+        at = len(pieces[0])
     for i, m in enumerate(messages):
-        content = m["content"]
-        for candidate in (content, content.strip()):
-            at = text.find(candidate, pos) if candidate else pos
-            if at >= 0:
-                spans.append((at, at + len(candidate)))
-                pos = at + len(candidate)
+        if at < 0:
+            break
+        after = pieces[i + 1]
+        last = i == len(messages) - 1
+        c = m["content"]
+        for cand in dict.fromkeys((c, c.strip(), c.lstrip(), c.rstrip())):
+            end = at + len(cand)
+            if text.startswith(cand, at) and (text[end:] == after if last else text.startswith(after, end)):
+                spans.append((at, end))
+                at = end + len(after)
                 break
         else:
-            raise CtxawareError(
-                f"the content of message {i} ({m['role']}) does not appear in the rendered text; "
-                "the chat template rewrites message contents, which ctxaware cannot attribute to roles"
-            )
+            at = -1
+    if at != len(text):
+        raise CtxawareError(
+            f"the chat template of {name} rewrites message contents or changes its markers with them; "
+            "ctxaware cannot attribute its tokens to roles (use mode 'plain' or another template)"
+        )
     return spans
 
 
@@ -182,16 +247,16 @@ def render(
                 "a response prefix needs an open assistant turn; the last message must be a user turn"
             )
         text = _chat_text(msgs, tokenizer, add_generation_prompt)
+        char_spans = _locate_chat(text, msgs, tokenizer, add_generation_prompt)
         if response_prefix is not None:
             text += response_prefix
         add_special = False  # chat templates write BOS themselves when the model wants it
     elif mode == "plain":
-        text = _plain_text(msgs, response_prefix)
+        text, char_spans = _plain_text(msgs, response_prefix)
         add_special = True
     else:
         raise CtxawareError(f"mode {mode!r} is not one of chat, plain")
 
-    char_spans = _locate(text, msgs)
     owner = [-1] * len(text)  # message index owning each character; -1 = template
     for i, (a, b) in enumerate(char_spans):
         owner[a:b] = [i] * (b - a)
@@ -203,24 +268,21 @@ def render(
     enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     special = set(tokenizer.all_special_ids)
-    token_owner: list[int] = []  # message index per token; -1 = template, -2 = bos
-    for pos, (tid, (a, b)) in enumerate(zip(ids, offsets)):
-        if pos == 0 and tid == tokenizer.bos_token_id:
-            token_owner.append(-2)
-            continue
+    token_owner: list[int] = []  # message index per token; -1 = template
+    for tid, (a, b) in zip(ids, offsets):
         own = {owner[c] for c in range(a, b) if not text[c].isspace()}
         if not own:  # a whitespace-only token belongs to whoever owns all of its characters
             own = {owner[c] for c in range(a, b)}
         token_owner.append(own.pop() if len(own) == 1 and tid not in special else -1)
 
     def role_of(o: int) -> str:
-        if o == -2:
-            return "bos"
         if o == -1:
             return "template"
         return "assistant" if o == prefix_owner else msgs[o]["role"]
 
     roles = [role_of(o) for o in token_owner]
+    if roles:
+        roles[0] = "sink"  # the attention sink: position 0, whatever its text (spans still locate its owner)
 
     if max_tokens is not None and len(ids) > max_tokens:
         ids, roles, token_owner = ids[:max_tokens], roles[:max_tokens], token_owner[:max_tokens]

@@ -26,7 +26,9 @@ COMMANDS = {
     "select": ("ctxaware.selection", "threshold scores and write the [IND]-marked dataset"),
     "analyze": ("ctxaware.analyze", "layer agreement and instruction-length analyses of scores"),
     "train": ("ctxaware.train", "instruction fine-tuning, vanilla or with the indicator"),
+    "stages": ("ctxaware.stages", "context use across training stages (SFT -> DPO -> RLVR) and what drives it"),
     "experiment": ("ctxaware.experiment", "score -> select -> train -> evaluate, end to end"),
+    "report": ("ctxaware.report", "one self-contained HTML page (and Markdown) from result directories"),
 }
 
 
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"ctxaware {name}: error: {e}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:  # a safety net: inputs are checked up front where their paths are known
+        if debug:
+            raise
+        print(f"ctxaware {name}: error: an input file is not UTF-8 text ({e.reason} at byte {e.start}); "
+              "convert it, e.g. iconv -f latin1 -t utf-8", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print(f"ctxaware {name}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -7,13 +7,23 @@ Unknown keys, in YAML or on the command line, are errors that list the valid one
 CLI conventions: ``--max-new-tokens 50`` (dashes or underscores), lists as ``--lengths 200,1000``,
 booleans as ``--chat`` / ``--no-chat``, ``none`` for an optional value. A field with
 ``metadata={"positional": True}`` is a positional argument (a list field takes one or more values).
+
+Validation happens in `parse_config`, before any command loads a model or reads data: numeric bounds
+(``metadata={"min": 1}``, ``{"gt": 0}``, ``{"max": 100}``; list items are checked one by one) and paths
+(``metadata={"path": "output_dir" | "output_file" | "input_file" | "input"}``). Fields without metadata
+get the rule their name implies (`NAME_RULES`; ``output`` is a file when its default has a suffix such
+as ``.jsonl``, else a directory), so every command's dataclass is checked without declaring anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
+import os
+import re
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -91,13 +101,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad flag is a `CtxawareError` (exit 2), not usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CtxawareError(f"{message}; see {self.prog} --help")
+
+
+def _with_default(help_: str, default: Any) -> str:
+    """``help (default: X)``, unless the help text already states its default; ``None`` reads ``none``."""
+    if re.search(r"\bdefault\b", help_, re.IGNORECASE):
+        return help_
+    shown = "none" if default is None else str(default).replace("%", "%%")
+    return f"{help_} (default: {shown})" if help_ else f"(default: {shown})"
+
+
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser whose options are the fields of the dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip().split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML file with values for any of the options below", default=None)
@@ -120,16 +144,12 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         names = [_flag(f.name)]
         if "-" in names[0][2:]:
             names.append("--" + f.name)
+        help_ = _with_default(help_, default)
         if tp is bool:
-            parser.add_argument(
-                *names,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                help=f"{help_} (default: {default})",
-            )
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
         else:
             choices = get_args(tp) if get_origin(tp) is Literal else None
-            parser.add_argument(*names, dest=f.name, choices=choices, help=f"{help_} (default: {default})")
+            parser.add_argument(*names, dest=f.name, choices=choices, help=help_)
     return parser
 
 
@@ -137,8 +157,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise CtxawareError(f"config file {p} does not exist; pass the path of a YAML file")
+    check_utf8(p, "--config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise CtxawareError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -176,7 +197,121 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str = "ctxaw
     config_path = cli.pop("config", None)
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     values.update(cli)
-    return from_dict(cls, values, source=config_path or "command line")
+    config = from_dict(cls, values, source=config_path or "command line")
+    validate(config)
+    return config
+
+
+# ----------------------------------------------------------------------------- validation (before compute)
+
+_INT_MIN1 = (
+    "batch_size max_new_tokens mt_bench_max_new_tokens eval_max_new_tokens track_max_new_tokens "
+    "per_device_train_batch_size gradient_accumulation_steps max_tokens batch_tokens max_batch window chunk "
+    "save_steps logging_steps n_lengths n_depths k track_n lora_r lora_alpha limit max_conversations "
+    "eval_limit max_length lengths nih_lengths prefix_words save_total_limit"
+).split()
+NAME_RULES: dict[str, dict[str, Any]] = {
+    **{n: {"min": 1} for n in _INT_MIN1},
+    **{n: {"min": 0} for n in ("layer", "layers", "score_layer", "head", "judge_retries", "weight_decay")},
+    **{n: {"gt": 0} for n in ("learning_rate", "num_train_epochs", "merge_timeout")},
+    **{n: {"min": 0, "max": 100} for n in ("depths", "nih_depths")},
+    **{n: {"min": 0, "max": 1} for n in ("warmup_ratio", "lora_dropout", "filter_parametric")},
+    "output_dir": {"path": "output_dir"},
+    **{n: {"path": "input_file"} for n in ("scores", "needle_file", "messages", "chat_template")},
+    **{n: {"path": "input"} for n in ("data", "steer", "track_data")},
+}
+_BINARY_SUFFIXES = (".gz", ".parquet", ".zip", ".arrow", ".gguf", ".safetensors", ".bz2", ".xz", ".zst")
+
+
+def rule(f: dataclasses.Field) -> dict[str, Any]:
+    """The checks of one config field: its own metadata over the rule its name implies."""
+    r = dict(NAME_RULES.get(f.name, {}))
+    if f.name == "output":
+        r["path"] = "output_file" if Path(str(f.default)).suffix else "output_dir"
+    r.update({k: v for k, v in f.metadata.items() if k in ("min", "gt", "max", "path")})
+    return r
+
+
+def check_utf8(path: str | Path, what: str) -> None:
+    """Raise a one-line error when a text file is not UTF-8 (checked in 1 MiB blocks, before any compute)."""
+    p = Path(path)
+    if not p.is_file() or p.name.endswith(_BINARY_SUFFIXES):
+        return
+    dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                dec.decode(block)
+                offset += len(block)
+            dec.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise CtxawareError(
+            f"{what} {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {offset + e.start}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    except OSError as e:
+        raise CtxawareError(f"{what} {p} cannot be read: {e.strerror or e}") from None
+
+
+def check_output_path(path: str | Path, kind: str, what: str) -> None:
+    """Fail now, not after the work, when ``path`` cannot become an output file / directory: it is a
+    directory where a file is expected (or the reverse), lies under a file, or cannot be written."""
+    p = Path(path).expanduser()
+    if kind == "output_file":
+        if p.is_dir():
+            raise CtxawareError(f"{what} {path} is a directory; give a file name")
+        parent = p.parent
+    else:
+        if p.exists() and not p.is_dir():
+            raise CtxawareError(f"{what} {path} is a file; give a directory (it would hold several files)")
+        parent = p
+    existing = parent
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CtxawareError(f"{what} {path} lies under {existing}, which is not a directory; use another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".ctxaware-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CtxawareError(
+            f"{what} {path}: cannot write in {existing} ({e.strerror or e}); use another path"
+        ) from None
+
+
+def _check_bounds(name: str, value: Any, r: dict[str, Any]) -> None:
+    if isinstance(value, list):
+        for v in value:
+            _check_bounds(name, v, r)
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    flag = _flag(name)
+    if "min" in r and value < r["min"]:
+        raise CtxawareError(f"{flag} {value} must be at least {r['min']}")
+    if "gt" in r and value <= r["gt"]:
+        raise CtxawareError(f"{flag} {value} must be greater than {r['gt']}")
+    if "max" in r and value > r["max"]:
+        raise CtxawareError(f"{flag} {value} must be at most {r['max']}")
+
+
+def validate(config: Any) -> None:
+    """Check every field of a parsed config against `rule`: bounds, output paths, input files' encoding."""
+    for f in dataclasses.fields(config):
+        r, value = rule(f), getattr(config, f.name)
+        _check_bounds(f.name, value, r)
+        kind = r.get("path")
+        if not kind or not isinstance(value, str) or not value:
+            continue
+        what = _flag(f.name)
+        if kind in ("output_dir", "output_file"):
+            check_output_path(value, kind, what)
+        elif kind in ("input_file", "input"):
+            p = Path(value).expanduser()
+            if kind == "input_file" and p.is_dir():
+                raise CtxawareError(f"{what} {value} is a directory; give a file")
+            check_utf8(p, what)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

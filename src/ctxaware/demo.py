@@ -4,7 +4,8 @@ Steps (each printed as it runs):
 1. load the model (the built-in SmolLM2-135M-Instruct by default);
 2. render one context-dependent question with and without the chat template and show every token's role;
 3. answer it through the shared generation engine, in both modes.
-Later steps (NIH with vs. without the template, attention per role) are added by their modules.
+4. NIH with vs. without the template, 5. attention per role, then the report of the run
+   (``OUTPUT/report.html``, made by ``ctxaware report``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import time
 from pathlib import Path
 
 from ctxaware.chat import render, user_prompt
-from ctxaware.config import ModelConfig, parse_config
+from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.generate import generate
+from ctxaware.provenance import provenance
+from ctxaware.report import write_report
+from ctxaware.results import ResultsWriter, write_json_atomic
 
 DEMO_CONTEXT = (
     "The Harbor Street bakery opens at 6 a.m. on weekdays and at 8 a.m. on weekends. Its owner, Mira Okafor, "
@@ -102,6 +106,7 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
                 "empty": float(not g.text.strip()),
             }
         )
+    save_rows(Path(ncfg.output) / model.name_or_path, rows, {**to_dict(ncfg), "model": model.name_or_path})
     summaries = {model.name_or_path: nih.report(Path(ncfg.output), model.name_or_path, rows)}
     print(
         f"{len(prompts)} tests (5 lengths 200-1000 x 4 depths x {len(modes)} conditions) "
@@ -112,7 +117,18 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
     return prompts
 
 
-def show_attention(model, tok, prompts) -> None:
+def save_rows(directory: Path, rows: list[dict], config: dict) -> None:
+    """The demo's NIH rows as ``rows.jsonl`` + ``meta.json`` (what ``ctxaware nih`` writes), for the report.
+
+    The demo always runs afresh, so rows of an earlier demo in the same directory are replaced."""
+    for old in ("rows.jsonl", "meta.json"):
+        (directory / old).unlink(missing_ok=True)
+    with ResultsWriter(directory, config, ("condition", "template", "length", "depth")) as w:
+        for r in rows:
+            w.write(r)
+
+
+def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     """Attention per role (paper Sec. 2.2, Fig. 3-4) at the middle layer on the same NIH prompts.
 
     The query is the last prompt token (it generates the first answer token). The retrieval head is the
@@ -139,13 +155,25 @@ def show_attention(model, tok, prompts) -> None:
     print(
         f"retrieval head (eq. 3, chosen without template): {head}; shares renormalised over bos/user/assistant"
     )
-    print(f"{'condition':<22}{'bos':>8}{'user':>8}{'assistant':>11}{'template (raw)':>16}")
+    print(f"{'condition':<22}{ROLES[0]:>8}{'user':>8}{'assistant':>11}{'template (raw)':>16}")
+    conditions = {}
     for mode in ("plain", "chat"):
         raw = by_mode[mode][:, head].mean(0)  # (5,)
-        bos, user, asst = renormalise(raw).tolist()
+        first, user, asst = renormalise(raw).tolist()
         print(
-            f"{mode + ' + prefix':<22}{bos:>8.3f}{user:>8.3f}{asst:>11.3f}{raw[ROLES.index('template')]:>16.3f}"
+            f"{mode + ' + prefix':<22}{first:>8.3f}{user:>8.3f}{asst:>11.3f}{raw[ROLES.index('template')]:>16.3f}"
         )
+        paper = dict(zip((ROLES[0], "user", "assistant"), renormalise(raw).tolist()))
+        conditions[mode] = {"head": head, "raw": dict(zip(ROLES, raw.tolist())), "paper": paper}
+    write_json_atomic(  # the schema of `ctxaware attention`'s allocation.json (shares: means over prompts)
+        Path(cfg.output) / "attention" / "allocation.json",
+        {
+            "model": model.name_or_path,
+            "layer": layer,
+            "n_prompts": len(by_mode["chat"]),
+            "conditions": conditions,
+        },
+    )
     print(
         f"({time.time() - t0:.0f}s; SmolLM2 adds no BOS without its template, so its first-token attention sink"
     )
@@ -165,6 +193,13 @@ def main(argv: list[str]) -> int:
     show_generation(model, tok)
     if not cfg.quick:
         prompts = show_nih(model, tok, cfg)
-        show_attention(model, tok, prompts)
+        show_attention(model, tok, prompts, cfg)
+        out = Path(cfg.output)
+        write_json_atomic(
+            out / "provenance.json", provenance(t0, model=cfg.model, revision=cfg.revision)
+        )
+        _section("5. the report of this run")
+        path = write_report([out], out / "report.html", title=f"ctxaware demo: {model.name_or_path}")
+        print(f"report: {path.resolve()}  (Markdown: {path.with_suffix('.md')})")
     print(f"\ndone in {time.time() - t0:.0f}s")
     return 0

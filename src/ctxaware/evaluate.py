@@ -2,8 +2,10 @@
 
 For every model (or ``checkpoint-*`` directory) x condition (chat template on/off, ``[IND]`` on/off) x task:
 render the task's prompt with `chat.render`, generate greedily with `generate.generate` (100 new tokens,
-cut at the end of the first complete sentence, App. A.3), score with `metrics`, write one JSONL row per
-example through `results.ResultsWriter` (rerun = resume) and a Table-4-style summary (Markdown + JSON).
+App. A.3; by default cut as the authors' lm-eval tasks do, at the first ". " or EOS), score with `metrics`
+(the paper's ``contains`` under the authors' per-task rule), write one JSONL row per example through
+`results.ResultsWriter` (rerun = resume) and a Table-4-style summary (Markdown + JSON). docs/evaluate.md holds
+the protocol table: every choice, its source and the option that changes it.
 
 Plain mode (no chat template) ends the prompt with the response prefix ``Answer:``: without any prefix
 SmolLM2-135M-Instruct emits EOS at once and every score would be zero.
@@ -23,12 +25,33 @@ from ctxaware.config import ModelConfig, parse_config
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import continuation_logprobs, generate
 from ctxaware.indicator import append_indicator
-from ctxaware.metrics import METRICS_BY_KIND, aggregate, conflict_scores, first_sentence, qa_scores
+from ctxaware.metrics import (
+    METRICS_BY_KIND,
+    aggregate,
+    conflict_scores,
+    first_sentence,
+    qa_scores,
+    truncate_at,
+)
 from ctxaware.results import ResultsWriter, SkipCounter, write_json_atomic
 from ctxaware.stats import fmt
-from ctxaware.tasks import TASKS, Example, Task, default_data_dir, get_task, load_examples, sample
+from ctxaware.tasks import (
+    TASKS,
+    Example,
+    Task,
+    canonical_task_name,
+    default_data_dir,
+    get_task,
+    load_examples,
+    sample,
+)
 
 STOPS = (". ", ".\n", "? ", "?\n", "! ", "!\n")  # end of the first sentence (generation stops early)
+AUTHORS_STOPS = (". ",)  # the authors' lm-eval tasks: generate_until [". "] (and EOS), 100 tokens
+QA_CUTS = ("authors", "sentence")
+# The version of the task readers and metrics (QuAC first question, `contains` rules, answer cut); rows
+# written under an older protocol are not resumed into a newer one.
+PROTOCOL_VERSION = "authors-2"
 
 
 @dataclasses.dataclass
@@ -47,7 +70,8 @@ class EvalConfig(ModelConfig):
     """
 
     tasks: list[str] = dataclasses.field(
-        default_factory=list, metadata={"help": "tasks to run", "positional": True}
+        default_factory=list,
+        metadata={"help": "tasks to run, any of: " + ", ".join(TASKS), "positional": True},
     )
     modes: list[str] = dataclasses.field(
         default_factory=lambda: ["chat", "plain"], metadata={"help": "chat and/or plain"}
@@ -66,7 +90,14 @@ class EvalConfig(ModelConfig):
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "sampling seed"})
     max_new_tokens: int = dataclasses.field(
-        default=100, metadata={"help": "new tokens for QA and conflict tasks"}
+        default=100, metadata={"help": "new tokens for QA and conflict tasks (paper App. A.3: 100)"}
+    )
+    qa_cut: str = dataclasses.field(
+        default="authors",
+        metadata={
+            "help": "where an answer ends: authors (lm-eval: text before the first '. ', or EOS) or "
+            "sentence (end of the first complete sentence, also at ? and !)"
+        },
     )
     mt_bench_max_new_tokens: int = dataclasses.field(
         default=512, metadata={"help": "new tokens per MT-Bench turn"}
@@ -139,7 +170,7 @@ def score_example(task: Task, ex: Example, prediction: str) -> dict:
     if task.kind == "conflict":
         scores = conflict_scores(prediction, ex.answers, ex.memory_answers)
     else:
-        scores = qa_scores(prediction, ex.answers, ex.spans)
+        scores = qa_scores(prediction, ex.answers, ex.spans, task.contains_rule)
     return {**scores, "empty": float(not prediction.strip())}
 
 
@@ -150,12 +181,14 @@ def _row_base(task: Task, ex: Example, prompt_text: str) -> dict:
         "prompt": prompt_text,
         "gold": ex.answers,
         **({"memory_answers": ex.memory_answers} if ex.memory_answers else {}),
+        **({"category": ex.category} if ex.category else {}),
     }
 
 
 def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> None:
     """QA and conflict tasks: generate in chunks, score, write each chunk (so a killed run loses little)."""
     prefix = cfg.plain_prefix if mode == "plain" else None
+    authors = cfg.qa_cut == "authors"
     chunk = max(1, cfg.batch_size)  # one batch per write: a killed run loses at most one batch
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
@@ -165,13 +198,13 @@ def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> 
             tok,
             prompts,
             max_new_tokens=cfg.max_new_tokens,
-            stop=STOPS,
+            stop=AUTHORS_STOPS if authors else STOPS,
             batch_size=cfg.batch_size,
             batch_context=batch_context,
             desc=f"{task.name}/{mode}",
         )
         for ex, r, g in zip(part, prompts, gens):
-            pred = first_sentence(g.text)
+            pred = truncate_at(g.text, AUTHORS_STOPS) if authors else first_sentence(g.text)
             writer.write(
                 {
                     **_row_base(task, ex, r.text),
@@ -215,12 +248,34 @@ def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
         "source",
         "seed",
         "max_new_tokens",
+        "qa_cut",
         "mt_bench_max_new_tokens",
         "indicator",
         "steer",
         "alpha",
     )
-    return {"model": model_name, "task": task, "mode": mode, **{k: getattr(cfg, k) for k in keys}}
+    t = get_task(task)
+    task_file = (str(Path(cfg.data_dir or default_data_dir()) / t.local_file)
+                 if cfg.source == "local" and t.local_file else None)  # hashed by ResultsWriter (docs/resume.md)
+    return {"model": model_name, "task": task, "mode": mode, "task_file": task_file, "protocol": PROTOCOL_VERSION,
+            **{k: getattr(cfg, k) for k in keys}}
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Every option that can be checked without a model, before any compute (one-line errors); task names
+    are resolved to their registry spelling (``mt-bench`` -> ``mt_bench``)."""
+    if cfg.limit is not None and (isinstance(cfg.limit, bool) or cfg.limit < 1):
+        raise CtxawareError(f"--limit {cfg.limit}: give a positive number of examples per task, or leave it out")
+    if cfg.max_new_tokens < 1 or cfg.mt_bench_max_new_tokens < 1:
+        raise CtxawareError("--max-new-tokens and --mt-bench-max-new-tokens must be at least 1")
+    if cfg.batch_size < 1:
+        raise CtxawareError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.qa_cut not in QA_CUTS:
+        raise CtxawareError(f"--qa-cut {cfg.qa_cut!r} is not one of {', '.join(QA_CUTS)}")
+    for m in cfg.modes:
+        if m not in ("chat", "plain"):
+            raise CtxawareError(f"--modes: {m!r} is not one of chat, plain")
+    cfg.tasks = [canonical_task_name(t) for t in cfg.tasks]  # unknown names fail before any model loads
 
 
 def evaluate_tasks(
@@ -242,6 +297,8 @@ def evaluate_tasks(
     temporary directory; ``batch_context`` goes straight to `generate.generate` (attention steering).
     """
     cfg = cfg or EvalConfig()
+    validate(cfg)
+    task_names = [canonical_task_name(t) for t in task_names]
     mode = mode or cfg.modes[0]
     tmp = tempfile.TemporaryDirectory() if output_dir is None else nullcontext(str(output_dir))
     with tmp as out:
@@ -281,6 +338,10 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": str(directory / "rows.jsonl"),
     }
+    if task.kind == "qa":  # rows where the paper's `contains` and `contains_strict` differ
+        result["contains_disagreements"] = sum(
+            r["scores"].get("contains") != r["scores"].get("contains_strict") for r in rows
+        )
     if task.kind == "mtbench":
         result["judge"] = (rows[0].get("judge") if rows else None) or {}
         result["judge_failures"] = sum(1 for r in rows for e in r.get("judge_errors", []) if e)
@@ -312,7 +373,8 @@ def _cell(res: dict, metric: str, pct: bool = True) -> str:
 
 
 def summary_markdown(results: dict) -> str:
-    """``results[model][condition][task]`` -> a Table-4-style table (percent, 95% CI) plus a details table."""
+    """``results[model][condition][task]`` -> a Table-4-style table (percent with 95% CI; MT-Bench as its
+    1-10 rating) plus a details table."""
     tasks = list(dict.fromkeys(t for m in results.values() for c in m.values() for t in c))
     head, cols = ["Model", "Condition"], []
     for t in tasks:
@@ -321,9 +383,9 @@ def summary_markdown(results: dict) -> str:
             cols += [(t, "p_s", True), (t, "p_o", True)]
             head += [f"{t} p_s", f"{t} p_o"]
         else:
-            metric = {"qa": "containment", "choice": "accuracy", "mtbench": "rating"}[kind]
+            metric = {"qa": "contains", "choice": "accuracy", "mtbench": "rating"}[kind]
             cols.append((t, metric, kind != "mtbench"))
-            head.append(t + (" (judge)" if kind == "mtbench" else ""))
+            head.append(t + (" (judge, 1-10)" if kind == "mtbench" else ""))
     qa_in = [t for t in QA_COLUMNS if t in tasks]
     if qa_in:
         head.insert(2 + len([c for c in cols if c[0] in qa_in]), "QA avg.")
@@ -332,7 +394,7 @@ def summary_markdown(results: dict) -> str:
         for cond, res in conds.items():
             cells = [_cell(res.get(t, {}), m, pct) for t, m, pct in cols]
             if qa_in:
-                means = [res[t]["metrics"]["containment"]["mean"] for t in qa_in if t in res]
+                means = [res[t]["metrics"]["contains"]["mean"] for t in qa_in if t in res]
                 cells.insert(len([c for c in cols if c[0] in qa_in]), f"{100 * sum(means) / len(means):.1f}")
             lines.append(f"| {model} | {cond} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + details_markdown(results)
@@ -340,7 +402,7 @@ def summary_markdown(results: dict) -> str:
 
 def details_markdown(results: dict) -> str:
     lines = [
-        "| Model | Condition | Task | n | skipped | metrics (percent, 95% CI) |",
+        "| Model | Condition | Task | n | skipped | metrics (mean [95% CI]; percent, ratings on 1-10) |",
         "|---|---|---|---|---|---|",
     ]
     for model, conds in results.items():
@@ -388,15 +450,14 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(EvalConfig, argv, prog="ctxaware eval")
     if not cfg.tasks:
         raise CtxawareError("name at least one task; available tasks: " + ", ".join(TASKS))
-    for t in cfg.tasks:
-        get_task(t)  # unknown names fail before any model loads
-    for m in cfg.modes:
-        if m not in ("chat", "plain"):
-            raise CtxawareError(f"--modes: {m!r} is not one of chat, plain")
+    validate(cfg)
     cfg.data_dir = cfg.data_dir or str(default_data_dir())
+    for t in cfg.tasks:  # unreadable, malformed or empty task files fail before any model loads
+        if cfg.source == "local" and not load_examples(get_task(t), cfg.source, cfg.data_dir):
+            raise CtxawareError(f"task {t} has no valid examples in its file under {cfg.data_dir}; check --data-dir")
     out, t0 = Path(cfg.output), time.perf_counter()
     results: dict = {}
-    judge = make_judge(cfg) if "mt-bench" in cfg.tasks else None
+    judge = make_judge(cfg) if "mt_bench" in cfg.tasks else None
     for spec in expand_models(cfg.model):
         model, tok = cfg.load(spec)
         bc = _steering_context(model, cfg)
@@ -432,7 +493,7 @@ def main(argv: list[str]) -> int:
 
 
 def _headline(r: dict) -> str:
-    key = {"qa": "containment", "conflict": "p_s", "choice": "accuracy", "mtbench": "rating"}[r["kind"]]
+    key = {"qa": "contains", "conflict": "p_s", "choice": "accuracy", "mtbench": "rating"}[r["kind"]]
     s = r["metrics"].get(key)
     return "-" if not s else (f"{s['mean']:.2f}" if key == "rating" else f"{100 * s['mean']:.1f}%")
 

@@ -1,10 +1,12 @@
 """The paper's experiment end to end (Sec. 4, Table 4, Table 9): ``ctxaware experiment CONFIG.yaml``.
 
-score (seed model, eq. 2) -> select (beta, [IND]-marked data) -> train vanilla and +indicator (same seed,
-same conversations in the same order) -> evaluate both (QA and conflict sets, NIH; the +indicator model
-with the indicator on every query) -> a Table-4-style comparison (``comparison.md``/``.json``) and the
-context-reliance curves of both runs. One ``+indicator`` run per beta in ``betas`` gives the Table-9
-ablation. Every stage caches its output under ``output_dir`` and a rerun skips what is finished.
+seed (the paper's seed model: a vanilla SFT of the base on the same data with the training template; with
+``seed_model: trained``, the default, this is the vanilla run itself) -> score (eq. 2 with the seed) -> select
+(beta, [IND]-marked data) -> train +indicator (same seed, same conversations in the same order) -> evaluate
+every run (QA and conflict sets, NIH; the +indicator model with the indicator on every query) -> a
+Table-4-style comparison (``comparison.md``/``.json``) and the context-reliance curves of every run. One
+``+indicator`` run per beta in ``betas`` gives the Table-9 ablation. Every stage caches its output under
+``output_dir`` and a rerun skips what is finished (``train/vanilla`` is the seed stage's cache too).
 
 Layout: ``scores.jsonl``, ``data/marked_b{beta}.json``, ``train/{run}/``, ``eval/{run}/``, ``nih/``,
 ``comparison.md``, ``context_reliance.png``. The stages call the other modules' functions; this module only
@@ -32,18 +34,27 @@ class ExperimentConfig(TrainConfig):
     """Every `TrainConfig` option (applied to both runs; ``output_dir`` is the experiment's root) plus:
 
     Parameters:
-        score_model: seed model that scores the data (paper: a vanilla fine-tune; default SmolLM2-135M-Instruct).
-        score_layer: scoring layer (default: the seed model's middle layer).
+        seed_model: the model that scores the data (eq. 2): ``trained`` (default, the paper's choice: the
+            vanilla SFT of ``model`` on ``data`` with the training template, trained first as a stage) or a
+            model spec (e.g. ``default`` = SmolLM2-135M-Instruct) used as it is.
+        score_layer / score_max_tokens: scoring layer and truncation (default: `ctxaware.score`'s defaults).
         betas: thresholds; one +indicator run per beta (the first is the headline, more give Table 9).
         eval_tasks: `ctxaware.tasks` names evaluated for every run; eval_limit examples each (seeded).
         nih_lengths / nih_depths: the NIH grid (empty lengths: no NIH).
     """
 
-    score_model: str = dataclasses.field(
-        default="default", metadata={"help": "seed model for eq. (2) scores"}
+    seed_model: str = dataclasses.field(
+        default="trained",
+        metadata={"help": "seed model for eq. (2): trained (vanilla SFT of model on data, the paper's) or a spec"},
+    )
+    score_model: str | None = dataclasses.field(
+        default=None, metadata={"help": "deprecated spelling of seed_model (a model spec)"}
     )
     score_layer: int | None = dataclasses.field(
-        default=None, metadata={"help": "scoring layer (default: middle)"}
+        default=None, metadata={"help": "scoring layer (default: ctxaware score's)"}
+    )
+    score_max_tokens: int | None = dataclasses.field(
+        default=None, metadata={"help": "scoring truncation in tokens (default: ctxaware score's)"}
     )
     betas: list[float] = dataclasses.field(
         default_factory=lambda: [0.6], metadata={"help": "selection thresholds"}
@@ -55,7 +66,9 @@ class ExperimentConfig(TrainConfig):
     eval_limit: int | None = dataclasses.field(
         default=100, metadata={"help": "examples per task (seeded sample)"}
     )
-    eval_max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "new tokens per answer"})
+    eval_max_new_tokens: int = dataclasses.field(
+        default=100, metadata={"help": "new tokens per answer (paper App. A.3: 100)"}
+    )
     nih_lengths: list[int] = dataclasses.field(default_factory=list, metadata={"help": "NIH context lengths"})
     nih_depths: list[float] = dataclasses.field(
         default_factory=lambda: [0.0, 50.0, 100.0], metadata={"help": "NIH needle depths (%)"}
@@ -67,16 +80,38 @@ def _train_config(cfg: ExperimentConfig, **changes) -> TrainConfig:
     return TrainConfig(**{**values, **changes})
 
 
-def stage_score(cfg: ExperimentConfig, root: Path) -> Path:
-    """Eq. (2) scores of every assistant turn (resumable in `ctxaware.score`; skipped when done)."""
+def seed_spec(cfg: ExperimentConfig) -> str:
+    """The seed model's spec as configured: ``trained`` or a model spec (``score_model`` wins if set)."""
+    return cfg.score_model or cfg.seed_model
+
+
+def stage_seed(cfg: ExperimentConfig, root: Path) -> tuple[str, dict | None]:
+    """The seed model for eq. (2): ``(model spec or dir, training summary or None)``. With ``seed_model:
+    trained`` this trains (or resumes, or reuses) ``train/vanilla``: the paper's seed is a vanilla SFT of the
+    base on the same data with the training template, which is exactly the vanilla run."""
+    spec = seed_spec(cfg)
+    if spec != "trained":
+        return spec, None
+    summary = stage_train(cfg, root, "vanilla", str(cfg.data), False)
+    return summary["model_dir"], summary
+
+
+def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None) -> Path:
+    """Eq. (2) scores of every assistant turn with the seed model (resumable in `ctxaware.score`; skipped
+    when done under the same seed)."""
     from ctxaware.score import ScoreConfig, run
 
+    seed_model = seed_model or seed_spec(cfg)
     out = root / "scores.jsonl"
-    if out.with_suffix(".summary.json").is_file():
-        return out
-    run(ScoreConfig(data=str(cfg.data), model=cfg.score_model, output=str(out), layer=cfg.score_layer,
-                    format=cfg.data_format, limit=cfg.max_conversations, max_tokens=cfg.max_length,
-                    device=cfg.device, progress=False))  # fmt: skip
+    meta = root / "scores.seed.json"
+    if out.with_suffix(".summary.json").is_file() and meta.is_file():
+        if json.loads(meta.read_text()).get("seed_model") == seed_model:
+            return out
+    optional = {"layer": cfg.score_layer, "max_tokens": cfg.score_max_tokens}
+    run(ScoreConfig(data=str(cfg.data), model=seed_model, output=str(out), format=cfg.data_format,
+                    limit=cfg.max_conversations, device=cfg.device, progress=False,
+                    **{k: v for k, v in optional.items() if v is not None}))  # fmt: skip
+    write_json_atomic(meta, {"seed_model": seed_model})
     return out
 
 
@@ -114,6 +149,7 @@ def stage_evaluate(cfg: ExperimentConfig, root: Path, name: str, model_dir: str,
 
     model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
     ecfg = EvalConfig(model=model_dir, modes=["chat"], indicator=indicator, limit=cfg.eval_limit, seed=cfg.seed,
+                      data_dir=None, device=cfg.device, dtype=cfg.dtype,
                       max_new_tokens=cfg.eval_max_new_tokens, output=str(root / "eval" / name))  # fmt: skip
     results = evaluate_tasks(
         model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=root / "eval" / name
@@ -167,8 +203,14 @@ def run(cfg: ExperimentConfig) -> str:
         raise CtxawareError("no data; set data: PATH (the instruction dataset to score, select and train on)")
     if not cfg.betas:
         raise CtxawareError("betas is empty; give at least one threshold, e.g. betas: [0.6]")
+    if cfg.eval_limit is not None and cfg.eval_limit < 1:
+        raise CtxawareError(f"eval_limit {cfg.eval_limit}: give a positive number of examples, or null for all")
+    from ctxaware.train import validate
+
+    validate(cfg)
     root = Path(cfg.output_dir)
-    scores = stage_score(cfg, root)
+    seed_model, seed_summary = stage_seed(cfg, root)
+    scores = stage_score(cfg, root, seed_model)
     plan = {"vanilla": (str(cfg.data), False)}
     for beta in cfg.betas:
         plan[f"+indicator b={beta}"] = (str(stage_select(cfg, root, scores, beta)), True)
@@ -190,6 +232,10 @@ def main(argv: list[str]) -> int:
     argv = list(argv)
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
+    if any(a in ("-h", "--help") for a in argv):
+        from ctxaware.train import print_help
+
+        return print_help(ExperimentConfig, "ctxaware experiment")
     cfg = parse_config(ExperimentConfig, argv, prog="ctxaware experiment")
     print(run(cfg))
     print(f"\nwritten: {Path(cfg.output_dir) / 'comparison.md'}")

@@ -12,9 +12,19 @@ attention on every layer:
 * **Bias** (steering): a `BiasFn` returns, for a layer, the heads to bias and an additive logit bias of
   shape (B, h, 1, K). Only those heads are recomputed with a float mask; the others keep the fast path.
   On FlexAttention the bias goes in as a ``score_mod`` term (transformers' ``position_bias``).
-* **Capture**: for chosen layers, softmax rows of chosen query positions only, reduced at once against
-  key groups (e.g. one-hot roles): ``probs (B, H, r, K) @ groups (B, K, G) -> (B, H, r, G)``, in chunks of
-  rows, so memory is O(rows_chunk x K) per layer, linear in the sequence length.
+* **Capture**: for chosen layers, the attention mass of chosen query rows (or every row) on key groups
+  (e.g. one-hot roles), (B, H, R, G). Two exact paths:
+
+  - ``onehot`` (default): the mass a softmax row puts on group g *is an attention output* when V holds the
+    group indicators. So the layer's own kernel (SDPA, eager, FlexAttention) is called once more on the same
+    q, k, mask and kwargs (scaling, sliding window, soft-capping, sinks) with ``V = groups`` (B, Hkv, K, Gp),
+    G zero-padded to the head size so the fast kernel takes it (on CPU SDPA's flash kernel needs equal q/v
+    head sizes: an 8-wide V falls back to the O(T^2) math kernel and runs 6x slower at 2K). Every row comes
+    out at kernel speed, in O(T x Gp) memory; no logits are materialised outside the kernel. It runs in
+    float32 (q, k upcast; on a GPU this picks the memory-efficient kernel) so bf16 models get float32 masses.
+  - ``chunked`` (the fallback): softmax rows of the chosen query positions computed here in float32, in
+    chunks of rows, reduced at once: ``probs (B, H, r, K) @ groups (B, K, G)``. Memory O(rows_chunk x K).
+  Both are tested against eager ``output_attentions=True``.
 * **Early stop**: after the deepest captured layer the wrapper raises `StopForward`, so later layers (and
   the LM head) never run.
 """
@@ -43,19 +53,31 @@ class StopForward(Exception):
     """Raised inside the forward pass once every captured layer is done."""
 
 
+CAPTURE_METHODS = ("auto", "onehot", "chunked")
+
+
 @dataclass
 class Capture:
-    """What to capture: ``rows`` (B, R) query indices (``-1`` = padding row), ``groups`` (B, K, G) key groups.
+    """What to capture: ``rows`` (B, R) query indices (``-1`` = padding row; ``None`` = every row, R = T) and
+    ``groups`` (B, K, G) key groups. ``method``: ``onehot`` (the layer's own kernel with V = groups),
+    ``chunked`` (softmax rows computed here) or ``auto`` (= ``onehot``).
 
     After the forward pass ``results[layer]`` is a (B, H, R, G) float32 tensor of attention mass per group.
     """
 
     layers: list[int]
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     groups: torch.Tensor
     chunk: int = 256
     stop_early: bool = True
+    method: str = "auto"
     results: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in CAPTURE_METHODS:
+            raise CtxawareError(f"capture method {self.method!r} is not one of {', '.join(CAPTURE_METHODS)}")
+        if self.rows is None and self.method == "chunked":
+            self.method = "chunked-all"
 
 
 @dataclass
@@ -128,11 +150,13 @@ def _capture_rows(cap: Capture, module, query, key, mask, bias, kwargs) -> None:
     full = additive_mask(mask, query, key, kwargs.get("sliding_window"))  # (B|1, 1, Q, K)
     scaling = kwargs.get("scaling") or module.head_dim**-0.5
     softcap = kwargs.get("softcap")
-    B, H, R = query.shape[0], query.shape[1], cap.rows.shape[1]
+    B, H = query.shape[0], query.shape[1]
+    all_rows = cap.rows if cap.rows is not None else torch.arange(query.shape[2])[None].expand(B, -1)
+    R = all_rows.shape[1]
     groups = cap.groups.to(query.device, torch.float32)  # (B, K, G)
     out = torch.zeros(B, H, R, groups.shape[-1], dtype=torch.float32, device=query.device)
     for a in range(0, R, cap.chunk):
-        rows = cap.rows[:, a : a + cap.chunk].to(query.device)  # (B, r)
+        rows = all_rows[:, a : a + cap.chunk].to(query.device)  # (B, r)
         safe = rows.clamp(min=0)
         q = torch.gather(
             query, 2, safe[:, None, :, None].expand(B, H, -1, query.shape[-1])
@@ -154,6 +178,43 @@ def _capture_rows(cap: Capture, module, query, key, mask, bias, kwargs) -> None:
         red = probs @ groups[:, None]  # (B, H, r, G)
         out[:, :, a : a + rows.shape[1]] = red * (rows >= 0)[:, None, :, None]
     cap.results[layer] = out
+
+
+def _capture_onehot(cap: Capture, base: str, fn, module, query, key, mask, bias, kwargs) -> None:
+    """Per-group mass of every query row from the layer's own kernel with V = one-hot groups; (B, H, R, G).
+
+    The groups are zero-padded to the head size (one call per ``head_dim`` groups), q and k are upcast to
+    float32, and a steering ``bias`` goes through the same `_biased_call` as the model's own output, so
+    the captured rows are those of the steered softmax.
+    """
+    B, H, Q, d = query.shape
+    K = key.shape[2]
+    groups = cap.groups.to(query.device, torch.float32)  # (B, K, G)
+    G = groups.shape[-1]
+    q32, k32 = query.float(), key.float()
+    m32 = mask
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        m32 = mask.float()
+    kw = dict(kwargs)
+    kw.pop("dropout", None)
+    outs = []
+    for g0 in range(0, G, d):
+        cols = groups[..., g0 : g0 + d]  # (B, K, <=d)
+        v = torch.nn.functional.pad(cols, (0, d - cols.shape[-1]))  # (B, K, d): the kernel's own head size
+        v = v[:, None].expand(B, key.shape[1], K, d)  # (B, Hkv, K, d): a view, same indicators for every head
+        if bias is None:
+            o, _ = fn(module, q32, k32, v, m32, dropout=0.0, **kw)  # (B, Q, H, d)
+        else:
+            heads, b = bias
+            o, _ = _biased_call(base, fn, module, q32, k32, v, m32, heads, b.float(), {**kw, "dropout": 0.0})
+        outs.append(o[..., : cols.shape[-1]].float())
+    out = torch.cat(outs, -1).transpose(1, 2)  # (B, H, Q, G)
+    if cap.rows is not None:
+        rows = cap.rows.to(query.device)  # (B, R)
+        safe = rows.clamp(min=0)
+        out = torch.gather(out, 2, safe[:, None, :, None].expand(B, H, -1, G))  # (B, H, R, G)
+        out = torch.where((rows >= 0)[:, None, :, None], out, 0.0)  # padding rows: 0 (never NaN from a pad row)
+    cap.results[module.layer_idx] = out.contiguous()
 
 
 def _biased_call(base: str, fn, module, query, key, value, mask, heads, bias, kwargs):
@@ -190,7 +251,10 @@ def _make_wrapper(base: str) -> Callable:
         bias = st.bias(layer, query, key) if st.bias is not None else None
         cap = st.capture
         if cap is not None and layer in cap.layers:
-            _capture_rows(cap, module, query, key, attention_mask, bias, kwargs)
+            if cap.method.startswith("chunked"):
+                _capture_rows(cap, module, query, key, attention_mask, bias, kwargs)
+            else:
+                _capture_onehot(cap, base, fn, module, query, key, attention_mask, bias, kwargs)
             if cap.stop_early and layer == max(cap.layers):
                 raise StopForward
         if bias is None:
@@ -274,22 +338,25 @@ def capture_attention(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     layers: list[int],
-    rows: torch.Tensor,
+    rows: torch.Tensor | None,
     groups: torch.Tensor,
     *,
     bias: BiasFn | None = None,
     chunk: int = 256,
+    method: str = "auto",
 ) -> dict[int, torch.Tensor]:
     """Attention mass of query ``rows`` on key ``groups`` at ``layers``: ``{layer: (B, H, R, G)}``.
 
     Runs the decoder only up to ``max(layers)`` (no LM head, no KV cache). ``rows`` (B, R) indexes the
-    sequence (``-1`` marks a padding row whose result is zero); ``groups`` (B, T, G) assigns keys to groups.
+    sequence (``-1`` marks a padding row whose result is zero; ``None``: every row, R = T); ``groups``
+    (B, T, G) assigns keys to groups. ``method``: ``onehot`` / ``auto`` (the layer's own kernel with V =
+    groups) or ``chunked`` (softmax rows computed in chunks of ``chunk`` rows); both are exact.
     """
     n = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else None
     for layer in layers:
         if layer < 0 or (n is not None and layer >= n):
             raise CtxawareError(f"layer {layer} does not exist; the model has layers 0..{(n or 1) - 1}")
-    cap = Capture(sorted(set(layers)), rows, groups, chunk=chunk)
+    cap = Capture(sorted(set(layers)), rows, groups, chunk=chunk, method=method)
     pos = None
     if attention_mask is not None:  # left padding: positions count real tokens only, as in generate()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)

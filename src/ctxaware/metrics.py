@@ -1,7 +1,11 @@
 """Per-example metrics and their 95% bootstrap intervals.
 
-- ``containment``: the paper's metric (Sec. 4.1.3): the SQuAD-normalised gold answer is contained in the
-  normalised prediction, max over gold answers (a plain substring test, as defined: "1" is in "10").
+- ``contains``: the paper's metric (Sec. 4.1.3, "whether the model response contains the ground-truth answer")
+  computed as the authors' lm-eval tasks do (`paper_contains`): SQuAD and QuAC take the SQuAD-normalised gold
+  as a substring of the normalised prediction, max over golds; DROP takes the first gold answer only, a raw
+  case-insensitive search, and any one of its spans counts.
+- ``contains_strict``: ctxaware's stricter rule (`contains_strict`): number-safe normalisation ("5.06" stays
+  apart from "50.6"), max over every gold, and a multi-span gold needs every span.
 - ``squad_em`` / ``squad_f1``: the official SQuAD script (as in lm-evaluation-harness ``squadv2``), max over golds.
 - ``drop_em`` / ``drop_f1``: DROP's number-aware bag F1 exactly as lm-evaluation-harness ``drop/utils.py``
   (number normalisation, per-span bags, optimal 1-1 alignment, max over gold answers).
@@ -36,10 +40,61 @@ def normalize_answer(s: str) -> str:
     return " ".join(_ARTICLES.sub(" ", s).split())
 
 
+_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
+def normalize_keep_numbers(s: str) -> str:
+    """SQuAD normalisation that keeps a decimal point between digits, so numbers do not merge
+    (``normalize_answer`` maps both "5.06" and "50.6" to "506")."""
+    s = _DECIMAL_POINT.sub("\x00", s.lower())
+    s = "".join(ch for ch in s if ch not in _PUNCT).replace("\x00", ".")
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
 def containment(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 when some normalised gold answer is a substring of the normalised prediction (paper Sec. 4.1.3)."""
+    """1.0 when some gold answer is a substring of the prediction, both normalised number-safely
+    (`normalize_keep_numbers`), max over golds (a plain substring test: "1" is in "10")."""
+    pred = normalize_keep_numbers(prediction)
+    return max((float(g in pred) for g in map(normalize_keep_numbers, golds) if g), default=0.0)
+
+
+def contains_normalized(prediction: str, golds: Sequence[str]) -> float:
+    """The authors' SQuAD/QuAC ``contains_score`` (lm-eval tasks squad/task.py, quac_no_template/task.py):
+    ``re.search(normalize_answer(gold), normalize_answer(prediction), IGNORECASE)``, max over golds."""
     pred = normalize_answer(prediction)
-    return max((float(g in pred) for g in map(normalize_answer, golds) if g), default=0.0)
+    return max((float(bool(re.search(re.escape(normalize_answer(g)), pred, re.I))) for g in golds), default=0.0)
+
+
+def contains_raw(prediction: str, golds: Sequence[str]) -> float:
+    """A raw case-insensitive search of each gold in the prediction, max over golds (no normalisation)."""
+    return max((float(bool(re.search(re.escape(g), prediction, re.I))) for g in golds), default=0.0)
+
+
+def drop_contains_first_gold(prediction: str, spans: Sequence[Sequence[str]]) -> float:
+    """The authors' DROP ``contains_score`` (lm-eval drop/utils.py): the FIRST gold answer only, a raw
+    case-insensitive search of each of its spans, any span counts."""
+    return contains_raw(prediction, spans[0]) if spans and spans[0] else 0.0
+
+
+def contains_strict(prediction: str, golds: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> float:
+    """ctxaware's stricter containment: number-safe normalisation, max over all golds, and a multi-span
+    gold (``spans``) counts only when every one of its spans is contained."""
+    if spans:
+        return max((min(containment(prediction, [s]) for s in g) for g in spans if g), default=0.0)
+    return containment(prediction, golds)
+
+
+CONTAINS_RULES = ("normalized", "drop_first_raw")
+
+
+def paper_contains(prediction: str, golds: Sequence[str], spans: Sequence[Sequence[str]], rule: str) -> float:
+    """The paper's ``contains`` under the authors' rule for the task: ``normalized`` (SQuAD, QuAC) or
+    ``drop_first_raw`` (DROP)."""
+    if rule == "normalized":
+        return contains_normalized(prediction, golds)
+    if rule == "drop_first_raw":
+        return drop_contains_first_gold(prediction, spans or [[g] for g in golds[:1]])
+    raise ValueError(f"unknown contains rule {rule!r}; one of {CONTAINS_RULES}")
 
 
 def squad_em(prediction: str, golds: Sequence[str]) -> float:
@@ -157,17 +212,29 @@ def first_sentence(text: str) -> str:
     return text[: m.end()] if m else text
 
 
-def qa_scores(prediction: str, golds: Sequence[str], spans: Sequence[Sequence[str]] = ()) -> dict[str, float]:
-    """Every QA metric of one prediction; DROP metrics when ``spans`` (gold span lists) are given."""
+def truncate_at(text: str, stops: Sequence[str]) -> str:
+    """lm-evaluation-harness ``generate_until``: the text before the first occurrence of any stop string."""
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+def qa_scores(
+    prediction: str,
+    golds: Sequence[str],
+    spans: Sequence[Sequence[str]] = (),
+    contains_rule: str = "normalized",
+) -> dict[str, float]:
+    """Every QA metric of one prediction: ``contains`` (the paper's, under ``contains_rule``),
+    ``contains_strict``, SQuAD ``em``/``f1``; DROP metrics when ``spans`` (gold span lists) are given."""
     out = {
-        "containment": containment(prediction, golds),
+        "contains": paper_contains(prediction, golds, spans, contains_rule),
+        "contains_strict": contains_strict(prediction, golds, spans),
         "em": squad_em(prediction, golds),
         "f1": squad_f1(prediction, golds),
     }
     if spans:
         out["drop_em"], out["drop_f1"] = drop_scores(prediction, spans)
-        # containment of a multi-span gold needs every span
-        out["containment"] = max(min(containment(prediction, [s]) for s in g) for g in spans)
     return out
 
 
@@ -197,7 +264,7 @@ def memorization_ratio(
 
 
 METRICS_BY_KIND = {
-    "qa": ("containment", "em", "f1", "drop_em", "drop_f1", "empty"),
+    "qa": ("contains", "contains_strict", "em", "f1", "drop_em", "drop_f1", "empty"),
     "conflict": ("p_s", "p_o", "empty"),
     "choice": ("accuracy",),
     "mtbench": ("rating", "rating_turn1", "rating_turn2"),

@@ -13,12 +13,48 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# One palette for every figure (Okabe-Ito, readable by colour-blind readers): a condition, a role or a run
+# has the same colour in every plot of a report.
+PALETTE = {
+    "chat": "#0072B2",
+    "plain": "#E69F00",
+    "difference": "#009E73",
+    "bos": "#999999",
+    "system": "#CC79A7",
+    "user": "#0072B2",
+    "assistant": "#D55E00",
+    "template": "#F0E442",
+    "sink": "#555555",
+}
+CYCLE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+DPI = 130  # a 6.4-inch figure is ~830 px wide: fits a page, stays sharp
+plt.rcParams.update(
+    {
+        "axes.prop_cycle": matplotlib.cycler(color=CYCLE),
+        "axes.titlesize": 10,
+        "axes.labelsize": 9,
+        "xtick.labelsize": 8,
+        "ytick.labelsize": 8,
+        "legend.fontsize": 8,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.alpha": 0.25,
+    }
+)
+
+
+def color(name: str, i: int = 0) -> str:
+    """The palette colour of a condition or role (``chat+prefix`` -> chat), else the ``i``-th cycle colour."""
+    key = name.split("+")[0].split(" ")[0].lower()
+    return PALETTE.get(key, CYCLE[i % len(CYCLE)])
+
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
@@ -147,19 +183,39 @@ def head_heatmaps(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
 
 
 def nih_heatmap(
-    recall: list[list[float]], lengths: list[int], depths: list[float], path: str | Path, title: str
+    recall: list[list[float]],
+    lengths: list[int],
+    depths: list[float],
+    path: str | Path,
+    title: str,
+    annotate: bool | None = None,
 ) -> Path:
-    """NIH heatmap like the original test's (paper Sec. 2.1): ``recall[depth][length]``, red (0) to green (1)."""
+    """NIH heatmap like the original test's (paper Sec. 2.1): ``recall[depth][length]``, red (0) to green (1).
+
+    Cells show their recall in percent when the grid is small enough to read (``annotate=None``: up to 12 x 12).
+    """
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(lengths), 1.2 + 0.3 * len(depths)))
-    im = ax.imshow(np.asarray(recall, dtype=float), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+    a = np.asarray(recall, dtype=float)
+    nd, nl = a.shape
+    annotate = (nd <= 12 and nl <= 12) if annotate is None else annotate
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.55 * nl), max(3.2, 1.4 + 0.4 * nd)))
+    im = ax.imshow(a, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.grid(False)
+    ax.set_xticks(
+        range(nl), [str(n) for n in lengths], rotation=45 if nl > 8 else 0, ha="right" if nl > 8 else "center"
+    )
+    ax.set_yticks(range(nd), [f"{d:g}" for d in depths])
+    if annotate:
+        for i in range(nd):
+            for j in range(nl):
+                if np.isfinite(a[i, j]):
+                    ax.text(j, i, f"{100 * a[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="black" if 0.25 < a[i, j] < 0.85 else "white")  # fmt: skip
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("needle depth (%)")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05, label="keyword recall")
+    ax.set_ylabel("needle depth (% of context)")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="keyword recall (0-1)")
     return _save(fig, path)
 
 
@@ -198,4 +254,200 @@ def length_histograms(series: dict[str, list[int]], path: str | Path, title: str
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend()
+    return _save(fig, path)
+
+
+# --- report figures (ctxaware report) ------------------------------------------------------------------------
+
+
+def paired_bars(
+    conditions: dict[str, tuple[float, float, float]],
+    difference: tuple[float, float, float] | None,
+    path: str | Path,
+    title: str,
+    ylabel: str,
+    difference_label: str = "chat − plain (paired)",
+) -> Path:
+    """Left: one bar per condition with its 95% CI; right: the paired difference with its CI (``(mean, low,
+    high)`` each, fractions in [0, 1], shown in percent)."""
+    names = list(conditions)
+    ncols = 2 if difference is not None else 1
+    fig, axes = plt.subplots(
+        1, ncols, figsize=(max(6.8, 1.1 * len(names) + 3.5), 3.8), squeeze=False,
+        gridspec_kw={"width_ratios": [max(2, len(names)), 1.2][:ncols]},
+    )  # fmt: skip
+    ax = axes[0][0]
+    m = [100 * conditions[n][0] for n in names]
+    err = [
+        [100 * (v[0] - v[1]) for v in conditions.values()],
+        [100 * (v[2] - v[0]) for v in conditions.values()],
+    ]
+    ax.bar(names, m, yerr=err, capsize=4, color=[color(n, i) for i, n in enumerate(names)])
+    for i, v in enumerate(m):
+        ax.text(i, v + err[1][i] + 1.5, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=15 if len(names) > 3 else 0)
+    if difference is not None:
+        d = axes[0][1]
+        dm = 100 * difference[0]
+        d.bar([difference_label], [dm], yerr=[[dm - 100 * difference[1]], [100 * difference[2] - dm]],
+              capsize=4, color=PALETTE["difference"])  # fmt: skip
+        d.axhline(0, color="k", lw=0.8)
+        d.set_ylabel("difference (percentage points)")
+        lim = max(10.0, abs(100 * difference[1]), abs(100 * difference[2])) * 1.15
+        d.set_ylim(-lim, lim)
+        d.text(0.05, dm / 2, f"{dm:+.1f}", ha="left", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def normalisation_panels(
+    shares: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str
+) -> Path:
+    """Attention per role in several normalisations side by side: ``shares[normalisation][condition][role]``;
+    one panel per normalisation, bars grouped by role, one colour per condition."""
+    import numpy as np
+
+    norms = list(shares)
+    fig, axes = plt.subplots(1, len(norms), figsize=(3.4 * len(norms) + 0.6, 3.6), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        conds = list(shares[norm])
+        roles = list(dict.fromkeys(r for c in conds for r in shares[norm][c]))
+        width = 0.8 / max(1, len(conds))
+        x = np.arange(len(roles))
+        for j, c in enumerate(conds):
+            v = [shares[norm][c].get(r, np.nan) for r in roles]
+            ax.bar(x + (j - (len(conds) - 1) / 2) * width, v, width, label=c, color=color(c, j))
+        ax.set_xticks(x, roles, rotation=20 if len(roles) > 3 else 0)
+        ax.set_ylim(0, 1)
+        ax.set_title(norm)
+        ax.set_ylabel("share of attention (0-1)")
+    axes[0][0].legend()
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def ratio_bars(table: dict[str, dict[str, float]], path: str | Path, title: str) -> Path:
+    """Paper Table 3: ``table[dataset][beta]`` = fraction of scored instructions with score > beta."""
+    import numpy as np
+
+    names = list(table)
+    betas = list(dict.fromkeys(b for r in table.values() for b in r))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(betas) + 2), 3.6))
+    x = np.arange(len(betas))
+    for j, n in enumerate(names):
+        v = [100 * table[n].get(b, np.nan) for b in betas]
+        bars = ax.bar(x + (j - (len(names) - 1) / 2) * width, v, width, label=n)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, [f"β = {b}" for b in betas])
+    ax.set_ylabel("instructions with score > β (%)")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def score_histogram(scores: list[float], betas: list[float], path: str | Path, title: str) -> Path:
+    """Distribution of context-dependency scores (eq. 2) with the thresholds β marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.hist(scores, bins=30, range=(0, 1), color=CYCLE[0], alpha=0.85)
+    for b in betas:
+        ax.axvline(b, color="k", ls=":", lw=1)
+        ax.text(b, ax.get_ylim()[1] * 0.95, f" β={b:g}", fontsize=7, va="top")
+    ax.set_xlabel("context-dependency score s (eq. 2, 0-1)")
+    ax.set_ylabel("assistant turns")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def checkpoint_lines(
+    checkpoints: list[str],
+    series: dict[str, list[tuple[float, float, float]]],
+    path: str | Path,
+    title: str,
+    ylabel: str,
+    zero_line: bool = True,
+) -> Path:
+    """One line per series across checkpoints (training stages), with its 95% CI as error bars:
+    ``series[name][i] = (mean, low, high)`` for ``checkpoints[i]`` (e.g. per-stage sensitivities)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.0 * len(checkpoints) + 3), 3.8))
+    x = np.arange(len(checkpoints))
+    k = len(series)
+    for j, (name, vals) in enumerate(series.items()):
+        m, lo, hi = (np.array(v, dtype=float) for v in zip(*vals))
+        off = (j - (k - 1) / 2) * 0.04
+        ax.errorbar(x + off, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=name)
+    if zero_line:
+        ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, checkpoints)
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def line_plot(
+    series: dict[str, tuple[list[float], list[float]]], path: str | Path, title: str, xlabel: str, ylabel: str
+) -> Path:
+    """Plain lines: ``series[name] = (xs, ys)`` (e.g. the training loss against steps)."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    return _save(fig, path)
+
+
+# --- stage study (`ctxaware stages`) ------------------------------------------------------------------------
+
+
+def stage_sensitivity(sens: dict[str, dict[str, dict]], path: str | Path) -> Path:
+    """Effect of each context characteristic across stages: ``sens[checkpoint][usage][characteristic]`` =
+    ``{coef, ci_low, ci_high}`` (standardised coefficients), one panel per usage measure, 95% CIs as bars."""
+    import numpy as np
+
+    ckpts = list(sens)
+    usages = list(next(iter(sens.values()))) if ckpts else []
+    chars = [c for c in (next(iter(sens[ckpts[0]].values())) if ckpts else {}) if not c.startswith("_")]
+    fig, axes = plt.subplots(1, max(1, len(usages)), figsize=(3.0 * max(1, len(usages)) + 0.6, 3.6), squeeze=False)
+    width = 0.8 / max(1, len(ckpts))
+    x = np.arange(len(chars))
+    for ax, u in zip(axes[0], usages):
+        for j, ck in enumerate(ckpts):
+            d = sens[ck][u]
+            ys = np.array([np.nan if d[c]["coef"] is None else d[c]["coef"] for c in chars], float)
+            lo = np.array([np.nan if d[c]["ci_low"] is None else d[c]["ci_low"] for c in chars], float)
+            hi = np.array([np.nan if d[c]["ci_high"] is None else d[c]["ci_high"] for c in chars], float)
+            err = np.vstack([np.nan_to_num(ys - lo), np.nan_to_num(hi - ys)])
+            ax.bar(x + (j - (len(ckpts) - 1) / 2) * width, np.nan_to_num(ys), width, yerr=err, capsize=2,
+                   label=ck, color=CYCLE[j % len(CYCLE)])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, [c.replace("_", "\n") for c in chars], fontsize=7)
+        ax.set_title(f"{u} (n={d.get('_n', {}).get('n', '?')})")
+    axes[0][0].set_ylabel("standardised coefficient (95% CI)")
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def stage_head_change(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
+    """Layer x head change of the sink-excluded user attention share between consecutive checkpoints."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps) + 0.8, 4.2), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        a = np.asarray(m)
+        lim = float(np.abs(a).max()) or 1.0
+        im = ax.imshow(a, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, origin="lower")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.suptitle("user share (sink-excluded): later − earlier checkpoint", fontsize=10)
     return _save(fig, path)

@@ -6,7 +6,13 @@ the same command opens the same directory, reads the keys already done and skips
 configuration differs from the one on disk is refused rather than mixed in. A torn last line (a run
 killed mid-write) is dropped and rewritten; nothing else is ever overwritten.
 
-Summaries and other whole files are written with `write_json_atomic` (temp file + ``os.replace``).
+Summaries and other whole files are written with `write_json_atomic` (temp file + ``os.replace``), with
+the same permissions as any file the user creates (umask), like the rows.
+
+Resume compares contents, not names (docs/resume.md): `fingerprint_inputs` replaces every input path in
+a run's configuration by a hash of the file's (or directory's) bytes, resolves model aliases
+(``default`` = ``smollm2-135m-instruct``) and fingerprints model directories by their files, so a dataset
+or ``heads.json`` edited in place is refused, while the same input spelled differently is accepted.
 """
 
 from __future__ import annotations
@@ -23,12 +29,24 @@ from typing import Any
 from ctxaware.errors import CtxawareError
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def make_user_readable(fd: int) -> None:
+    """Give a ``tempfile.mkstemp`` file (created 0600) the mode a plain ``open`` would: 0666 & ~umask."""
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON so that readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        make_user_readable(fd)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=str)
             f.write("\n")
@@ -42,6 +60,121 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 def fingerprint(config: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able configuration."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- content fingerprints
+
+_SAMPLE_ABOVE = 64 * 2**20  # files larger than this are fingerprinted by size + 64 sampled 1 MiB blocks
+_BLOCK, _N_BLOCKS = 2**20, 64
+_MAX_DIR_FILES = 10_000
+_digest_cache: dict[tuple, str] = {}
+MODEL_KEYS = ("model", "score_model", "judge_local_model", "base_model")
+NOT_INPUT_KEYS = ("output", "output_dir", "data_dir", "judge_model", "judge_url", "device")
+
+
+def file_digest(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes (files over 64 MiB: its size and 64 evenly spaced 1 MiB blocks,
+    which include the first and the last; a retrained safetensors file differs in every block)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _digest_cache:
+        return _digest_cache[key]
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        if st.st_size <= _SAMPLE_ABOVE:
+            for block in iter(lambda: f.read(_BLOCK), b""):
+                h.update(block)
+        else:
+            h.update(f"size={st.st_size}".encode())
+            step = (st.st_size - _BLOCK) / (_N_BLOCKS - 1)
+            for i in range(_N_BLOCKS):
+                f.seek(int(i * step))
+                h.update(f.read(_BLOCK))
+    _digest_cache[key] = out = f"sha256:{h.hexdigest()}"
+    return out
+
+
+def dir_digest(path: str | Path, recursive: bool = True) -> str:
+    """``sha256:<hex>`` over the relative names and `file_digest` of the files in a directory (hidden files,
+    lock files and, for a model directory, subdirectories such as ``checkpoint-*`` left out)."""
+    root = Path(path)
+    files = root.rglob("*") if recursive else root.iterdir()
+    h, n = hashlib.sha256(), 0
+    for f in sorted(x for x in files if x.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")) or rel.endswith(".lock"):
+            continue
+        n += 1
+        if n > _MAX_DIR_FILES:
+            raise CtxawareError(f"{root} holds more than {_MAX_DIR_FILES} files; point to the input itself")
+        h.update(f"{rel}\0{file_digest(f)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def model_fingerprint(spec: str) -> str:
+    """What a model spec loads: ``builtin:<name>`` with aliases resolved (``default``), the content digest
+    of a ``.gguf`` file or a model directory's files, else the spec itself (a hub id; its ``revision`` is
+    fingerprinted separately). Comma-separated lists are fingerprinted item by item."""
+    from ctxaware.models import BUILTIN_MODELS, DEFAULT_MODEL
+
+    parts = []
+    for s in (x.strip() for x in str(spec).split(",")):
+        name = DEFAULT_MODEL if s == "default" else s
+        p = Path(name).expanduser()
+        if name in BUILTIN_MODELS:
+            parts.append(f"builtin:{name}")
+        elif p.is_file():
+            parts.append(file_digest(p))
+        elif p.is_dir():
+            parts.append(dir_digest(p, recursive=False))
+        else:
+            parts.append(name)
+    return ",".join(parts)
+
+
+def _input_value(key: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_input_value(key, v) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    if key in MODEL_KEYS:
+        return model_fingerprint(value)
+    if key in NOT_INPUT_KEYS or "output" in key:
+        return os.path.normpath(os.path.abspath(os.path.expanduser(value))) if "output" in key else value
+    p = Path(value).expanduser()
+    if ("/" in value or "." in value) and p.exists():
+        try:
+            return file_digest(p) if p.is_file() else dir_digest(p)
+        except OSError as e:
+            raise CtxawareError(f"cannot read input {value} ({key}): {e.strerror or e}") from None
+    return value
+
+
+def fingerprint_inputs(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with every input named by path replaced by a digest of its contents (files, directories
+    such as a haystack), model specs by `model_fingerprint`, output paths made absolute. Two configs that
+    read the same bytes compare equal, however the paths are spelled; an input edited in place does not."""
+    return {k: _input_value(k, v) for k, v in config.items()}
+
+
+def config_changes(old_config: dict, old_inputs: dict | None, config: dict) -> list[str]:
+    """The keys in which ``config`` differs from a saved run (contents compared, see `fingerprint_inputs`).
+
+    ``old_inputs`` is the saved run's `fingerprint_inputs`; a run saved before contents were recorded
+    (``None``) is compared by normalised values, and options it did not know are accepted."""
+    now = fingerprint_inputs(config)
+    if old_inputs is not None:
+        return sorted(k for k in set(old_inputs) | set(now) if old_inputs.get(k) != now.get(k))
+    changed = []
+    for k in set(old_config) | set(config):
+        if k not in old_config:
+            continue
+        if k not in config:
+            changed.append(k)
+        elif old_config[k] != config[k] and fingerprint_inputs({k: old_config[k]})[k] != now[k]:
+            changed.append(k)
+    return sorted(changed)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
@@ -83,7 +216,8 @@ class ResultsWriter:
         self.path = self.dir / filename
         self.key_fields = tuple(key_fields)
         self.config = config
-        self.fingerprint = fingerprint(config)
+        self.inputs = fingerprint_inputs(config)
+        self.fingerprint = fingerprint(self.inputs)
         self.dir.mkdir(parents=True, exist_ok=True)
         # One writer per results file: a second process on the same file would duplicate rows.
         self._lock = (self.dir / f".{filename}.lock").open("w")
@@ -95,20 +229,26 @@ class ResultsWriter:
                 f"another process is writing {self.path}; wait for it to finish or use another --output"
             ) from None
         meta_path = self.dir / "meta.json"
+        meta = {"fingerprint": self.fingerprint, "config": config, "inputs": self.inputs}
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            if old.get("fingerprint") != self.fingerprint:
-                changed = sorted(
-                    k
-                    for k in set(old.get("config", {})) | set(config)
-                    if old.get("config", {}).get(k) != config.get(k)
-                )
+            try:
+                old = json.loads(meta_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self._lock.close()
                 raise CtxawareError(
-                    f"{self.dir} holds results of a different configuration (differs in: {', '.join(changed) or '?'}); "
-                    "use another --output directory, or delete it to start over"
+                    f"{meta_path} is not valid JSON; delete {self.dir} to start over, or use another --output"
+                ) from None
+            changed = config_changes(old.get("config", {}), old.get("inputs"), config)
+            if changed:
+                self._lock.close()
+                raise CtxawareError(
+                    f"{self.dir} holds results of a different configuration or of other input contents "
+                    f"(differs in: {', '.join(changed)}); use another --output directory, or delete it to start over"
                 )
+            if "inputs" not in old:  # a run from before contents were recorded: record them now
+                write_json_atomic(meta_path, meta)
         else:
-            write_json_atomic(meta_path, {"fingerprint": self.fingerprint, "config": config})
+            write_json_atomic(meta_path, meta)
         self._done: set[tuple] = set()
         self.rows: list[dict] = []
         self._repair_and_load()

@@ -4,6 +4,12 @@ Eq. (3): on each layer l, the retrieval head is ``h* = argmax_h sum_{x_i in U} A
 head that puts the most attention on user tokens when the last prompt token generates the first answer
 token. The paper picks one head per layer from a sampled NIH prompt without the chat template and steers
 all of them (Sec. 2.3, App. B.3). `top_heads` also gives the top-k per layer, averaged over prompts.
+
+The attention sink. Without the template, SmolLM2's position 0 is a user word, and most heads park most
+of their mass there (the attention sink), so the literal rule picks sink-dominated heads. By default U
+excludes the sink (`chat.ROLES`' ``sink``: position 0 of every prompt), i.e. U is the user tokens from
+position 1 on; ``include_sink=True`` (``--include-sink``) keeps the paper's literal rule, in which position
+0 belongs to U whenever it is user content (plain prompts without a BOS). See `eq3_user_share`.
 """
 
 from __future__ import annotations
@@ -79,12 +85,39 @@ def top_heads(user_share: torch.Tensor, k: int = 1, layers: list[int] | None = N
     }
 
 
-def find_heads(model, prompts, k: int = 1, layers: list[int] | None = None, batch_size: int = 4) -> Heads:
-    """Retrieval heads of ``model`` on ``prompts`` (Rendered; the paper uses one NIH prompt without template)."""
+def sink_is_user(prompt) -> bool:
+    """Whether position 0 of a Rendered prompt (the sink) is user content (plain mode without a BOS)."""
+    return any(s.role == "user" and s.start == 0 < s.end for s in prompt.spans)
+
+
+def eq3_user_share(shares: torch.Tensor, prompts, include_sink: bool = False) -> torch.Tensor:
+    """The sum of eq. (3), ``sum_{x_i in U} Att_{h,l}(x_-1, x_i)``: (N, L, H) from role mass (N, L, H, 5).
+
+    ``include_sink=False`` (default): U is the user-role tokens, which never include the sink (position 0).
+    ``include_sink=True``: the paper's literal U, all user content, so the sink's mass is added for every
+    prompt whose position 0 is user content (`sink_is_user`)."""
+    user = shares[..., ROLES.index("user")]
+    if include_sink:
+        flag = torch.tensor([sink_is_user(p) for p in prompts], dtype=user.dtype)
+        user = user + shares[..., ROLES.index("sink")] * flag.view(-1, *([1] * (user.dim() - 1)))
+    return user
+
+
+def find_heads(
+    model,
+    prompts,
+    k: int = 1,
+    layers: list[int] | None = None,
+    batch_size: int = 4,
+    include_sink: bool = False,
+) -> Heads:
+    """Retrieval heads of ``model`` on ``prompts`` (Rendered; the paper uses one NIH prompt without template).
+
+    ``include_sink``: the paper's literal rule (see `eq3_user_share`); default: the sink is not in U."""
     from ctxaware.attention import role_allocation
 
     shares = role_allocation(model, prompts, batch_size=batch_size)  # (N, L, H, 5)
-    return top_heads(shares[..., ROLES.index("user")], k=k, layers=layers)
+    return top_heads(eq3_user_share(shares, prompts, include_sink), k=k, layers=layers)
 
 
 def save_heads(heads: Heads, path: str | Path) -> Path:
@@ -126,6 +159,8 @@ class HeadsConfig(ModelConfig):
         lengths, depths: the NIH prompts used (the paper samples one prompt).
         chat: use the chat template (the paper finds heads without it).
         haystack: directory of haystack essays.
+        include_sink: count the sink (position 0) as user when it is user content (the paper's literal
+            eq. 3); by default it is excluded, so sink-dominated heads are not picked.
     """
 
     output: str = dataclasses.field(
@@ -140,6 +175,10 @@ class HeadsConfig(ModelConfig):
         default_factory=lambda: [50.0], metadata={"help": "needle depths in %"}
     )
     chat: bool = dataclasses.field(default=False, metadata={"help": "render prompts with the chat template"})
+    include_sink: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "eq. (3) as printed: position 0 counts as user when it is user content (default: excluded)"},
+    )
     haystack: str = dataclasses.field(
         default="auto",
         metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
@@ -156,7 +195,7 @@ def main(argv: list[str]) -> int:
         heads = all_heads(model)
     else:
         prompts = nih_prompts(tok, cfg.lengths, cfg.depths, chat=cfg.chat, haystack=cfg.haystack)
-        heads = find_heads(model, prompts, k=cfg.k)
+        heads = find_heads(model, prompts, k=cfg.k, include_sink=cfg.include_sink)
     path = save_heads(heads, cfg.output)
     print(f"wrote {sum(map(len, heads.values()))} heads on {len(heads)} layers to {path}")
     return 0

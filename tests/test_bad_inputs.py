@@ -1,0 +1,166 @@
+"""Every command, driven through a table of bad inputs: exit 2, exactly one line on stderr, no traceback,
+nothing written or lost (the files present before the call are byte-identical after it), and no model load
+(bad input fails before any compute).
+
+The cases are run in-process through `ctxaware.cli.main`; loading a model or tokenizer fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ctxaware import cli, config, models
+
+UNWRITABLE = "/sys/ctxaware-test-out"  # sysfs refuses new files, even to root
+
+# command -> (arguments that make the rest of the command line valid, output flag, output kind)
+OUTPUTS = {
+    "demo": ([], "--output", "dir"),
+    "nih": ([], "--output", "dir"),
+    "attention": ([], "--output", "dir"),
+    "heads": ([], "--output", "file"),
+    "eval": (["squad"], "--output", "dir"),
+    "score": (["{DATA}"], "--output", "file"),
+    "select": (["{SCORES}", "{DATA}"], "--output", "dir"),
+    "analyze": (["{SCORES}"], "--output", "dir"),
+    "train": (["--data", "{DATA}"], "--output-dir", "dir"),
+    "experiment": (["--data", "{DATA}"], "--output-dir", "dir"),
+    "report": (["{OUT}"], "--output", "file"),
+}
+
+
+def _output_cases() -> list[tuple[str, list[str]]]:
+    cases = []
+    for cmd, (base, flag, kind) in OUTPUTS.items():
+        wrong = "{FILE}" if kind == "dir" else "{OUT}"  # a file where a directory goes, and the reverse
+        for what, value in (("wrong kind", wrong), ("under a file", "{FILE}/sub"), ("unwritable", UNWRITABLE)):
+            cases.append((f"{cmd} output {what}", [cmd, *base, flag, value]))
+    return cases
+
+
+def _with_output(cmd: str, *args: str) -> list[str]:
+    """``cmd`` with valid base arguments, the existing results as its output, then ``args``."""
+    base, flag, kind = OUTPUTS[cmd]
+    return [cmd, *base, flag, "{OUT}" if kind == "dir" else "{OUTFILE}", *args]
+
+
+CASES: list[tuple[str, list[str]]] = [
+    *_output_cases(),
+    # numbers out of range (checked from the config's field rules, before any model loads)
+    ("nih batch-size 0", _with_output("nih", "--batch-size", "0")),
+    ("nih max-new-tokens 0", _with_output("nih", "--max-new-tokens", "0")),
+    ("nih depth 150", _with_output("nih", "--depths", "0,150")),
+    ("nih length 0", _with_output("nih", "--lengths", "0,200")),
+    ("attention batch-size 0", _with_output("attention", "--batch-size", "0")),
+    ("attention layer -1", _with_output("attention", "--layer", "-1")),
+    ("eval max-new-tokens 0", _with_output("eval", "--max-new-tokens", "0")),
+    ("eval batch-size 0", _with_output("eval", "--batch-size", "0")),
+    ("eval limit -3", _with_output("eval", "--limit", "-3")),
+    ("score limit -2", _with_output("score", "--limit", "-2")),
+    ("score max-tokens 0", _with_output("score", "--max-tokens", "0")),
+    ("heads k 0", _with_output("heads", "--k", "0")),
+    ("train negative learning rate", _with_output("train", "--learning-rate", "-1e-4")),
+    ("train batch size 0", _with_output("train", "--per-device-train-batch-size", "0")),
+    ("train epochs 0", _with_output("train", "--num-train-epochs", "0")),
+    ("experiment negative learning rate", _with_output("experiment", "--learning-rate", "-1")),
+    ("select beta 1.5", _with_output("select", "--beta", "1.5")),
+    ("nih batch-size not a number", _with_output("nih", "--batch-size", "x")),
+    # inputs that are not UTF-8
+    ("score latin-1 data", ["score", "{LATIN1}", "--output", "{OUTFILE}"]),
+    ("select latin-1 scores", ["select", "{LATIN1}", "{DATA}", "--output", "{OUT}"]),
+    ("select latin-1 data", ["select", "{SCORES}", "{LATIN1}", "--output", "{OUT}"]),
+    ("train latin-1 data", ["train", "--data", "{LATIN1}", "--output-dir", "{OUT}"]),
+    ("analyze latin-1 scores", ["analyze", "{LATIN1}", "--output", "{OUT}"]),
+    ("render latin-1 messages", ["render", "--messages", "{LATIN1}"]),
+    ("nih latin-1 needle file", _with_output("nih", "--needle-file", "{LATIN1}")),
+    ("eval latin-1 steer heads", _with_output("eval", "--steer", "{LATIN1}")),
+    ("demo latin-1 config", ["demo", "--config", "{LATIN1_YAML}"]),
+    ("train latin-1 config positional", ["train", "{LATIN1_YAML}"]),
+    # malformed or empty task files and inputs
+    ("eval malformed JSON task file", _with_output("eval", "--data-dir", "{BAD_JSON_DIR}")),
+    ("eval task file of non-objects", ["eval", "cf_world_facts", "--data-dir", "{NON_DICT_DIR}", "--output", "{OUT}"]),
+    ("eval task file not a list", ["eval", "cf_world_facts", "--data-dir", "{DICT_DIR}", "--output", "{OUT}"]),
+    ("eval empty task file", ["eval", "cf_world_facts", "--data-dir", "{EMPTY_DIR}", "--output", "{OUT}"]),
+    ("score empty data", ["score", "{EMPTY}", "--output", "{OUTFILE}"]),
+    ("select empty scores", ["select", "{EMPTY}", "{DATA}", "--output", "{OUT}"]),
+    ("select empty data", ["select", "{SCORES}", "{EMPTY}", "--output", "{OUT}"]),
+    ("select scores file is a directory", ["select", "{OUT}", "{DATA}", "--output", "{OUT}"]),
+    # every command: an unknown option and a missing --config file
+    *[(f"{c} unknown option", [c, "--no-such-option", "1"]) for c in cli.COMMANDS],
+    *[(f"{c} missing config", [c, "--config", "{MISSING}"]) for c in cli.COMMANDS],
+]
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, str]:
+    conv = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]}
+    (tmp_path / "data.jsonl").write_text(json.dumps(conv) + "\n")
+    score_row = {"conversation_id": "0", "source_row": 0, "turn": 0, "score": 0.7, "skipped": None}
+    (tmp_path / "scores.jsonl").write_text(json.dumps(score_row) + "\n")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    (tmp_path / "latin1.yaml").write_bytes(b"output: caf\xe9\n")
+    (tmp_path / "afile.txt").write_text("not a directory\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "existing"  # results of an earlier run, which a failed call must not touch
+    out.mkdir()
+    (out / "rows.jsonl").write_text('{"id": "1", "recall": 1.0}\n')
+    (out / "meta.json").write_text('{"fingerprint": "0", "config": {}}\n')
+    (tmp_path / "existing_scores.jsonl").write_text(json.dumps(score_row) + "\n")
+    dirs = {}
+    for name, rel, text in (
+        ("BAD_JSON_DIR", "qa/squad_v2_dev_small.json", '{"data": [ {"paragraphs": '),
+        ("NON_DICT_DIR", "conflict/cf_world_facts.json", '["a", "b", 3]'),
+        ("DICT_DIR", "conflict/cf_world_facts.json", '{"rows": []}'),
+        ("EMPTY_DIR", "conflict/cf_world_facts.json", "[]"),
+    ):
+        f = tmp_path / name.lower() / rel
+        f.parent.mkdir(parents=True)
+        f.write_text(text)
+        dirs[name] = str(tmp_path / name.lower())
+    return {
+        "DATA": str(tmp_path / "data.jsonl"),
+        "SCORES": str(tmp_path / "scores.jsonl"),
+        "LATIN1": str(tmp_path / "latin1.jsonl"),
+        "LATIN1_YAML": str(tmp_path / "latin1.yaml"),
+        "FILE": str(tmp_path / "afile.txt"),
+        "EMPTY": str(tmp_path / "empty.jsonl"),
+        "OUT": str(out),
+        "OUTFILE": str(tmp_path / "existing_scores.jsonl"),
+        "MISSING": str(tmp_path / "missing.yaml"),
+        **dirs,
+    }
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("argv", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(argv, inputs, tmp_path, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    monkeypatch.setattr(models, "load_tokenizer", no_model)
+    monkeypatch.setattr(config.ModelConfig, "load", no_model)
+    monkeypatch.chdir(tmp_path)  # default outputs (runs/...) would land here, and are checked below
+    argv = [a.format(**inputs) for a in argv]
+    before = _snapshot(tmp_path)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and err.startswith(f"ctxaware {argv[0]}: error: ")
+    assert _snapshot(tmp_path) == before  # nothing written, nothing lost
+    assert not any(p.name.startswith(".ctxaware-write-test") for p in Path(tmp_path).rglob("*"))
+
+
+def test_unwritable_path_is_really_unwritable():
+    """The table's unwritable path must refuse writes on this machine, or the cases above test nothing."""
+    with pytest.raises(OSError):
+        fd = os.open(UNWRITABLE, os.O_CREAT | os.O_WRONLY)
+        os.close(fd)
