@@ -160,25 +160,22 @@ def test_eq3_sink_exclusion_changes_the_head_on_a_constructed_case(smollm2_tok):
     assert top_heads(eq3_user_share(shares[1:], [chat], include_sink=True)) == {0: [1]}
 
 
-def _eq3_oracle(model, r, positions) -> torch.Tensor:
-    """(L, H): eager output_attentions mass of the last token on ``positions``."""
-    with attn_impl(model, "eager"), torch.no_grad():
-        att = model(input_ids=torch.tensor([r.input_ids]), output_attentions=True).attentions
-    return torch.stack([a[0, :, -1, positions].double().sum(-1) for a in att])
-
-
 def test_eq3_heads_match_eager_oracle_with_and_without_sink(smollm2):
     model, tok = smollm2
     if not HAYSTACK.is_dir():
         pytest.skip("shared haystack not found")
-    [r] = nih_prompts(tok, [150], [50], chat=False, haystack=HAYSTACK)
+    [r] = nih_prompts(tok, [120], [50], chat=False, haystack=HAYSTACK)
     user_roles = [i for i, role in enumerate(r.roles) if role == "user"]
     user_content = [i for s in r.spans if s.role == "user" for i in range(s.start, s.end)]
     assert user_content[0] == 0 and 0 not in user_roles  # plain SmolLM2: the sink is a user word
-    want_ex = _eq3_oracle(model, r, user_roles).argmax(-1).tolist()
-    want_in = _eq3_oracle(model, r, user_content).argmax(-1).tolist()
-    got_ex = find_heads(model, [r])
-    got_in = find_heads(model, [r], include_sink=True)
+    with attn_impl(model, "eager"), torch.no_grad():  # the oracle: eager output_attentions of the last token
+        att = model(input_ids=torch.tensor([r.input_ids]), output_attentions=True).attentions
+    last = torch.stack([a[0, :, -1].double() for a in att])  # (L, H, T)
+    want_ex = last[..., user_roles].sum(-1).argmax(-1).tolist()
+    want_in = last[..., user_content].sum(-1).argmax(-1).tolist()
+    shares = role_allocation(model, [r])  # find_heads = top_heads(eq3_user_share(role_allocation(...)))
+    got_ex = top_heads(eq3_user_share(shares, [r]))
+    got_in = top_heads(eq3_user_share(shares, [r], include_sink=True))
     assert [got_ex[layer][0] for layer in range(30)] == want_ex
     assert [got_in[layer][0] for layer in range(30)] == want_in
     assert want_ex != want_in  # the sink changes the chosen head on some layers
@@ -238,5 +235,7 @@ def test_attention_layer_is_validated_before_compute(tmp_path, capsys):
 
     for bad in ("99", "-1"):
         assert main(["attention", "--device", "cpu", "--layer", bad, "--output", str(tmp_path / bad)]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "layer" in err[0] and not (tmp_path / bad / "rows.jsonl").exists()
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if "error" in x.lower()]  # (the weight loader's progress aside)
+        assert len(lines) == 1 and "--layer" in lines[0] and "Traceback" not in err
+        assert not (tmp_path / bad / "rows.jsonl").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -84,7 +85,173 @@ def test_every_command_has_help(command, capsys):
     from ctxaware.cli import COMMANDS, main
 
     assert command in COMMANDS
-    with pytest.raises(SystemExit) as e:
-        main([command, "--help"])
-    assert e.value.code == 0
+    try:
+        code = main([command, "--help"])
+    except SystemExit as e:
+        code = e.code
+    assert code == 0
     assert "--config" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- resume compares contents
+
+
+def _writer(directory, **config):
+    return ResultsWriter(directory, config, ["k"])
+
+
+def test_resume_refuses_input_edited_in_place(tmp_path):
+    data, heads = tmp_path / "data.jsonl", tmp_path / "heads.json"
+    data.write_text('{"messages": []}\n')
+    heads.write_text('{"3": [1]}')
+    _writer(tmp_path / "run", data=str(data), steer=str(heads)).close()
+    _writer(tmp_path / "run", data=str(data), steer=str(heads)).close()  # same contents: resumes
+    heads.write_text('{"3": [2]}')  # edited in place, same path
+    with pytest.raises(CtxawareError, match="differs in: steer"):
+        _writer(tmp_path / "run", data=str(data), steer=str(heads))
+    heads.write_text('{"3": [1]}')
+    data.write_text('{"messages": [1]}\n')
+    with pytest.raises(CtxawareError, match="differs in: data"):
+        _writer(tmp_path / "run", data=str(data), steer=str(heads))
+
+
+def test_resume_accepts_same_inputs_spelled_differently(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data.jsonl").write_text('{"messages": []}\n')
+    monkeypatch.chdir(tmp_path)
+    _writer(tmp_path / "run", data="d/data.jsonl", model="default", output="out").close()
+    w = _writer(tmp_path / "run", data=str(tmp_path / "d" / "data.jsonl"), model="smollm2-135m-instruct",
+                output=str(tmp_path / "out"))  # fmt: skip
+    w.close()
+    with pytest.raises(CtxawareError, match="differs in: model"):
+        _writer(tmp_path / "run", data="d/data.jsonl", model="gemma3-270m", output="out")
+
+
+def test_model_directory_retrained_in_place_is_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2}')
+    (model / "model.safetensors").write_bytes(b"header" + bytes(1000))
+    _writer(tmp_path / "run", model=str(model)).close()
+    (model / "model.safetensors").write_bytes(b"header" + bytes(999) + b"\x01")  # same size, new weights
+    with pytest.raises(CtxawareError, match="differs in: model"):
+        _writer(tmp_path / "run", model=str(model))
+
+
+def test_large_file_digest_samples_blocks(tmp_path):
+    from ctxaware.results import file_digest
+
+    big = tmp_path / "w.safetensors"
+    with big.open("wb") as f:
+        f.truncate(80 * 2**20)
+    d0 = file_digest(big)
+    with big.open("r+b") as f:
+        f.seek(80 * 2**20 - 10)  # in the last block, which is always read
+        f.write(b"x")
+    assert file_digest(big) != d0
+
+
+def test_run_written_before_contents_were_recorded_still_resumes(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "meta.json").write_text(json.dumps({"fingerprint": "old", "config": {"model": "default"}}))
+    _writer(tmp_path / "run", model="smollm2-135m-instruct", new_option=1).close()
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["inputs"]["model"] == "builtin:smollm2-135m-instruct"  # recorded from now on
+    with pytest.raises(CtxawareError, match="differs in: model"):
+        _writer(tmp_path / "run", model="gemma3-270m", new_option=1)
+
+
+def test_summary_files_are_written_like_rows(tmp_path):
+    """write_json_atomic must not leave mkstemp's 0600: summaries are as readable as rows.jsonl."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "summary.json", {"a": 1})
+        with ResultsWriter(tmp_path / "run", {"a": 1}, ["k"]) as w:
+            w.write({"k": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "meta.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "rows.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_help_states_each_default_once():
+    from ctxaware.config import build_parser
+
+    @dataclasses.dataclass
+    class C:
+        """Options."""
+
+        layer: int | None = dataclasses.field(default=None, metadata={"help": "analysis layer (default: middle)"})
+        n: int | None = dataclasses.field(default=None, metadata={"help": "how many"})
+        k: int = dataclasses.field(default=3, metadata={"help": "heads"})
+
+    text = " ".join(build_parser(C, "x").format_help().split())
+    assert "analysis layer (default: middle) --n" in text  # stated once, not "(default: middle) (default: None)"
+    assert "how many (default: none)" in text and "heads (default: 3)" in text and "None" not in text
+
+
+def test_bootstrap_ci_says_when_n_is_too_small():
+    from ctxaware.stats import MIN_N_FOR_CI, fmt, summarize
+
+    s = summarize([1.0, 1.0, 1.0, 1.0])
+    assert s["n"] == 4 < MIN_N_FOR_CI and math.isnan(s["ci_low"]) and math.isnan(s["ci_high"])
+    assert fmt(s) == "100.0 [n=4 too small for a CI]"
+    big = summarize([0.0, 1.0] * 10)
+    assert big["ci_low"] < 0.5 < big["ci_high"] and "[" in fmt(big) and "too small" not in fmt(big)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with SmolLM2's tokenizer: a real model directory that loads in a second."""
+    from ctxaware.models import load_tokenizer
+    from tests.conftest import tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama().save_pretrained(d)
+    load_tokenizer("default").save_pretrained(d)
+    return d
+
+
+def _conversations(path, answers):
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]}
+            for i, a in enumerate(answers)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_score_resume_refuses_replaced_data_and_accepts_respelled_path(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from ctxaware.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _conversations(tmp_path / "data.jsonl", ["Yes.", "No."])
+    args = ["--model", str(tiny_model_dir), "--output", "scores.jsonl", "--no-progress"]
+    assert main(["score", "data.jsonl", *args]) == 0
+    first = (tmp_path / "scores.jsonl").read_bytes()
+    # the same file spelled as an absolute path, and the output too: accepted, same scores
+    assert main(["score", str(tmp_path / "data.jsonl"), *args[:3], str(tmp_path / "scores.jsonl"), "--no-progress"]) == 0
+    assert (tmp_path / "scores.jsonl").read_bytes() == first
+    capsys.readouterr()
+    _conversations(tmp_path / "data.jsonl", ["Maybe.", "Perhaps not."])  # new contents, same path
+    assert main(["score", "data.jsonl", *args]) == 2
+    err = capsys.readouterr().err
+    assert "differs in: data" in err.strip().splitlines()[-1]  # (earlier lines: transformers' load bar)
+    assert (tmp_path / "scores.jsonl").read_bytes() == first  # the old scores are not returned as new
+
+
+@pytest.mark.slow
+def test_nih_steer_resume_refuses_heads_edited_in_place(tiny_model_dir, tmp_path, capsys):
+    from ctxaware.cli import main
+
+    heads = tmp_path / "heads.json"
+    heads.write_text('{"0": [1]}')
+    argv = ["nih", "--model", str(tiny_model_dir), "--lengths", "200", "--depths", "50", "--modes", "chat",
+            "--prefix", "false", "--max-new-tokens", "2", "--steer", str(heads), "--alpha", "0.5",
+            "--haystack", "synthetic", "--output", str(tmp_path / "nih")]  # fmt: skip
+    assert main(argv) == 0
+    assert main(argv) == 0  # unchanged heads: resumes
+    capsys.readouterr()
+    heads.write_text('{"1": [2]}')
+    assert main(argv) == 2
+    assert "differs in: steer" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ctxaware.config import from_dict, load_yaml
+from ctxaware.errors import CtxawareError
 from ctxaware.experiment import ExperimentConfig, run, stage_select
 from ctxaware.train import TrainConfig
 from tests.conftest import SHARED_DATA, tiny_llama
@@ -42,7 +43,7 @@ def test_select_stage_marks_selected_turns_and_caches(tmp_path):
 @pytest.mark.parametrize("name", ["tinyllama_full", "llama_lora", "cpu_smoke"])
 def test_recipes_parse(name):
     cfg = from_dict(TrainConfig, load_yaml(RECIPES / f"{name}.yaml"))
-    assert cfg.chat_template == "zephyr"
+    assert cfg.chat_template == "zephyr" and cfg.loss_on == "all"  # the authors trained on all tokens
     if name == "llama_lora":
         assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.learning_rate) == (16, 16, 0.05, 2e-4)
         assert len(cfg.lora_target_modules) == 7
@@ -53,14 +54,18 @@ def test_recipes_parse(name):
             "cosine",
             0.1,
         )
+        # the paper's base and the authors' alignment-handbook batch: 16 per device x 2, max length 2048
+        assert cfg.model == "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
+        assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.max_length) == (16, 2, 2048)
+        assert cfg.num_train_epochs == 1
 
 
 def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     model_dir = tmp_path / "tiny"
     tiny_llama().save_pretrained(model_dir)
     smollm2_tok.save_pretrained(model_dir)
-    cfg = ExperimentConfig(
-        model=str(model_dir), score_model=str(model_dir), device="cpu", dtype="float32",
+    cfg = ExperimentConfig(  # seed_model: trained (the default): the vanilla SFT is the seed that scores
+        model=str(model_dir), device="cpu", dtype="float32",
         data=str(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json"), max_conversations=6, max_length=64,
         max_steps=2, per_device_train_batch_size=2, save_steps=1000, betas=[0.0], eval_tasks=["cf_world_facts"],
         eval_limit=2, eval_max_new_tokens=2, output_dir=str(tmp_path / "exp"),
@@ -71,6 +76,9 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     marked = json.loads((root / "data" / "marked_b0.0.json").read_text())
     assert len(marked) == 6 and all(r["conversations"][0]["value"].endswith("[IND]") for r in marked)
     assert (root / "train" / "vanilla" / "model" / "config.json").is_file()
+    seed = json.loads((root / "scores.seed.json").read_text())["seed_model"]
+    assert seed == str(root / "train" / "vanilla" / "model")  # scored with the trained seed, not the base
+    assert (root / "scores.jsonl").stat().st_mtime_ns > (root / "train" / "vanilla" / "train_summary.json").stat().st_mtime_ns
     ind_cfg = json.loads((root / "train" / "ind_indicator_b0.0" / "model" / "config.json").read_text())
     assert ind_cfg["vocab_size"] == 49153
     summary = json.loads((root / "comparison.json").read_text())
@@ -78,3 +86,20 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     t0 = time.perf_counter()
     assert run(cfg) == table  # every stage is cached
     assert time.perf_counter() - t0 < 5
+
+
+def test_seed_model_options():
+    from ctxaware.experiment import seed_spec
+
+    assert ExperimentConfig().seed_model == "trained" and seed_spec(ExperimentConfig()) == "trained"
+    assert seed_spec(ExperimentConfig(seed_model="default")) == "default"
+    assert seed_spec(ExperimentConfig(score_model="gemma3-270m")) == "gemma3-270m"  # the old spelling
+    assert ExperimentConfig().eval_max_new_tokens == 100  # paper App. A.3
+
+
+def test_experiment_rejects_bad_options_before_compute(tmp_path):
+    with pytest.raises(CtxawareError, match="eval_limit"):
+        run(ExperimentConfig(data="x.json", eval_limit=0, output_dir=str(tmp_path)))
+    with pytest.raises(CtxawareError, match="learning_rate"):
+        run(ExperimentConfig(data="x.json", learning_rate=-1.0, output_dir=str(tmp_path)))
+    assert not any(tmp_path.iterdir())

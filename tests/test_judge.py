@@ -117,3 +117,60 @@ def test_failure_is_recorded_per_example(stub):
 def test_unreachable_endpoint_times_out_cleanly():
     judge = HTTPJudge("http://127.0.0.1:9", retries=1, backoff=0, timeout=1)
     assert judge_items(judge, [{"system": "s", "user": "u"}])[0]["error"]
+
+
+def test_unset_key_warns_at_start(stub, monkeypatch, capsys):
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    HTTPJudge(stub.url, api_key_env="NO_SUCH_JUDGE_KEY")
+    err = capsys.readouterr().err
+    assert "$NO_SUCH_JUDGE_KEY is not set" in err and stub.requests == []
+    monkeypatch.setenv("NO_SUCH_JUDGE_KEY", "sk-x")
+    HTTPJudge(stub.url, api_key_env="NO_SUCH_JUDGE_KEY")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from ctxaware.models import load_tokenizer
+    from tests.conftest import tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama().save_pretrained(d)
+    load_tokenizer("default").save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("failure", ["401", "unreachable"])
+def test_failed_judgment_is_not_a_finished_row_and_the_rerun_judges_it(
+    failure, stub, tiny_model_dir, shared_data, tmp_path, monkeypatch, capsys
+):
+    """A 401 or an unreachable judge: exit 1, the count on stderr, no row; after the fix the rerun sends
+    the judge requests and writes the rows."""
+    import socket
+
+    from ctxaware.cli import main
+    from ctxaware.results import read_jsonl
+
+    monkeypatch.setenv("STUB_KEY", "sk-test")
+    if failure == "401":
+        stub.fail, stub.status, url = 100, 401, stub.url
+    else:
+        with socket.socket() as s:  # a port that nothing listens on
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    out = tmp_path / "eval"
+    argv = ["eval", "mt_bench", "--model", str(tiny_model_dir), "--modes", "chat", "--limit", "2",
+            "--mt-bench-max-new-tokens", "2", "--judge", "http", "--judge-api-key-env", "STUB_KEY",
+            "--judge-retries", "0", "--data-dir", str(shared_data), "--output", str(out)]  # fmt: skip
+    assert main([*argv, "--judge-url", url]) == 1
+    err = capsys.readouterr().err
+    assert "2 unit(s) NOT finished and left for the next run" in err
+    assert ("HTTP 401" in err) == (failure == "401")
+    rows = [r for f in out.rglob("rows.jsonl") for r in read_jsonl(f)]
+    assert rows == []  # a failed judgment is never a finished row
+    n_before = len(stub.requests)
+    stub.fail = 0
+    assert main([*argv, "--judge-url", stub.url]) == 0
+    assert len(stub.requests) - n_before == 4  # 2 examples x 2 turns judged on the rerun
+    rows = [r for f in out.rglob("rows.jsonl") for r in read_jsonl(f)]
+    assert len(rows) == 2 and all(r["scores"]["rating"] == 7.0 for r in rows)

@@ -279,4 +279,4 @@ def test_conflict_and_memorization_ratio():
     agg = aggregate(rows, "conflict")
     assert agg["p_s"]["mean"] == 0.75 and agg["p_o"]["mean"] == 0.5
     assert agg["memorization_ratio"]["mean"] == pytest.approx(0.5 / 1.25)
-    assert agg["p_s"]["ci_low"] <= 0.75 <= agg["p_s"]["ci_high"]
+    assert np.isnan(agg["p_s"]["ci_low"])  # n=4: too few for a bootstrap CI (stats.MIN_N_FOR_CI)

@@ -177,7 +177,9 @@ def _env(**kw) -> dict:
 @pytest.fixture(scope="module")
 def reference(tiny_dir, small_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "scores.jsonl"
-    subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True)
+    proc = subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    assert "tokens/s" in proc.stdout  # every run prints its throughput
     return out
 
 
@@ -191,8 +193,12 @@ def test_run_rows_and_bad_input(reference):
     assert long[1]["score"] is None and "truncated away" in long[1]["skipped"]
     assert summary["skipped_turns"]["total"] == 1 and summary["n_truncated"] >= 1
     assert all(len(r["heads"]) == 4 for r in rows if r["score"] is not None)
-    assert all(set(r["scores"]) == {"1", "2", "3"} for r in rows if r["score"] is not None)
+    # default layer round(15/22 * 4) = 3 (the paper's relative depth), plus --layers 1,3
+    assert summary["layers"] == [1, 3] and summary["max_tokens"] == 200
+    assert all(set(r["scores"]) == {"1", "3"} for r in rows if r["score"] is not None)
     assert len(rows) == summary["n_turns"] == summary["n_scored"] + 1
+    tp = summary["throughput"]  # tokens/s recorded in the summary (issue 13)
+    assert tp["tokens"] > 0 and tp["tokens_per_s"] > 0 and tp["wall_seconds_with_load"] >= tp["seconds"]
 
 
 def test_kill_and_resume_gives_the_same_file(tiny_dir, small_data, reference, tmp_path):
@@ -223,3 +229,71 @@ def test_two_process_run_equals_single_process(tiny_dir, small_data, reference, 
     parts = sorted(p.name for p in (tmp_path / "scores.jsonl.work").glob("part-*"))
     assert parts == ["part-000-of-002.jsonl", "part-001-of-002.jsonl"]
     assert out.read_text() == reference.read_text()
+
+
+@pytest.mark.slow  # about 35 s on 2 shared cores
+def test_two_process_accelerate_launch_gloo_equals_single_process(tiny_dir, small_data, reference, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only host (accelerate's ``--cpu`` alone starts
+    one process unless MPI is set up): two CPU ranks join a gloo group; same bytes as one process."""
+    if not shutil.which("accelerate"):
+        pytest.skip("accelerate is not installed")
+    out = tmp_path / "scores.jsonl"
+    cmd = _cmd(small_data, tiny_dir, out, "--max-batch", "4")
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+              "-m", "ctxaware.cli", *cmd[3:]]  # fmt: skip
+    proc = subprocess.run(launch, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = sorted(p.name for p in (tmp_path / "scores.jsonl.work").glob("part-*"))
+    assert parts == ["part-000-of-002.jsonl", "part-001-of-002.jsonl"]
+    assert out.read_text() == reference.read_text()
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert (
+        summary["world_size"] == 2 and summary["throughput"]["ranks"] == "all"
+    )  # the gloo group summed them
+
+
+# ----------------------------------------------------------------------------- defaults, checks, paths
+
+
+def test_default_layer_and_token_cut_follow_the_paper():
+    from types import SimpleNamespace as NS
+
+    def model(n, window=None):
+        return NS(config=NS(num_hidden_layers=n, max_position_embeddings=window))
+
+    assert S.default_layer(model(22)) == 15  # the paper's seed: TinyLlama, layer 15 of 22
+    assert (
+        S.default_layer(model(30)) == 20
+        and S.default_layer(model(18)) == 12
+        and S.default_layer(model(1)) == 0
+    )
+    assert S.default_max_tokens(model(22, 2048)) == 2047  # the paper's cut
+    assert S.default_max_tokens(model(22, 1024)) == 1024  # clamped to the window
+    assert (
+        S.default_max_tokens(model(22, 1024), 4096) == 1024
+        and S.default_max_tokens(model(22, 8192), 4096) == 4096
+    )
+
+
+@pytest.mark.parametrize("bad", [["--limit", "-2"], ["--max-tokens", "0"], ["--method", "fast"]])
+def test_bad_options_fail_before_loading(bad, tmp_path):
+    """One-line CtxawareError before any data or model is read (the model named here does not exist)."""
+    from ctxaware.errors import CtxawareError
+
+    with pytest.raises(CtxawareError) as e:
+        S.main([str(SFT / "alpaca_en_demo.json"), "--model", str(tmp_path / "no-model"), *bad])
+    assert "\n" not in str(e.value) and "no-model" not in str(e.value)
+
+
+def test_onehot_equals_chunked_scores(smollm2):
+    """The two exact capture paths (the model's kernel with V = user indicator; softmax rows) agree."""
+    model, tok = smollm2
+    convs = _convs("sharegpt_dummy_conversation.json", 3, min_turns=2, shortest_of=80)
+    lays = [S.layout(c.messages, tok) for c in convs]
+    a = S.score_layouts(model, lays, [2, 20], pad_id=tok.pad_token_id, method="onehot")
+    b = S.score_layouts(model, lays, [2, 20], pad_id=tok.pad_token_id, method="chunked")
+    pairs = [
+        (x["scores"][k], y["scores"][k]) for ca, cb in zip(a, b) for x, y in zip(ca, cb) if x for k in (2, 20)
+    ]
+    assert len(pairs) >= 8 and max(abs(x - y) for x, y in pairs) < 1e-5

@@ -123,3 +123,75 @@ def test_layer_disagreement_and_analyze(tmp_path):
         res["layer_agreement"]["disagreement"][0][2] == 1
         and (tmp_path / "a" / "layer_agreement.png").stat().st_size
     )
+
+
+def _tiny_data(tmp_path: Path, n: int = 3) -> Path:
+    data = tmp_path / "data.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(n)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_malformed_score_lines_are_counted_not_dropped(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    convs, _ = load_conversations(str(data))
+    good = [{"conversation_id": c.id, "source_row": c.source_row, "turn": 0, "score": 0.9} for c in convs]
+    lines = [json.dumps(good[0]), "{not json", json.dumps({"turn": 0, "score": 0.5}),
+             json.dumps({**good[1], "score": "high"}), "[1, 2]", json.dumps(good[2])]  # fmt: skip
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("\n".join(lines) + "\n")
+    from ctxaware.cli import main
+
+    assert main(["select", str(scores), str(data), "--output", str(tmp_path / "out"), "--no-hf"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 4 malformed score lines" in err
+    s = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert s["malformed_score_lines"]["total"] == 4
+    assert s["malformed_score_lines"]["by_reason"] == {
+        "not valid JSON": 1, "no source_row": 1, "score is not a number": 1, "line is not a JSON object": 1
+    }  # fmt: skip
+    assert s["n_scored"] == 2 and s["n_unscored"] == 1  # the row whose score was malformed is unscored
+
+
+def test_empty_inputs_are_errors_not_zero_of_zero(tmp_path):
+    data, empty = _tiny_data(tmp_path), tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(CtxawareError, match="holds no score rows"):
+        selection.load_scores(empty)
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(json.dumps({"conversation_id": "0", "source_row": 0, "turn": 0, "score": 0.9}) + "\n")
+    with pytest.raises(CtxawareError, match="holds no conversations"):
+        selection.run(selection.SelectConfig(scores=str(scores), data=str(empty), output=str(tmp_path / "o")))
+
+
+def test_selection_files_are_world_readable(tmp_path):
+    import os
+
+    data = _tiny_data(tmp_path)
+    convs, _ = load_conversations(str(data))
+    scores = tmp_path / "scores.jsonl"
+    _scores(convs, scores)
+    old = os.umask(0o022)
+    try:
+        selection.run(selection.SelectConfig(scores=str(scores), data=str(data), output=str(tmp_path / "o"), hf=False))
+    finally:
+        os.umask(old)
+    for name in ("data.jsonl", "selection.json"):
+        assert (tmp_path / "o" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_scores_of_replaced_data_are_refused(tmp_path):
+    """Scores record a digest of the data they scored; the same path with new contents is refused."""
+    from ctxaware.results import ResultsWriter
+
+    data = _tiny_data(tmp_path)
+    convs, _ = load_conversations(str(data))
+    scores = tmp_path / "scores.jsonl"
+    _scores(convs, scores)
+    ResultsWriter(tmp_path / "scores.jsonl.work", {"data": str(data)}, ["k"]).close()  # as ctxaware score
+    cfg = selection.SelectConfig(scores=str(scores), data=str(data), output=str(tmp_path / "o"), hf=False)
+    selection.run(cfg)
+    data.write_text(data.read_text().replace('"q1"', '"another question"'))
+    with pytest.raises(CtxawareError, match="other contents of"):
+        selection.run(cfg)

@@ -69,7 +69,7 @@ def test_loss_mask_is_assistant_content_and_end_of_turn(tok, template):
             f"<|user|>\nAnd 3+3?{eot}\n<|assistant|>\nSix, of course.{eot}\n"
         )
     for p, role in enumerate(r.roles):  # prompt tokens never get loss
-        if role in ("user", "system", "bos"):
+        if role in ("user", "system", "sink"):
             assert labels[p] == -100
 
 

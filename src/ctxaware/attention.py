@@ -141,10 +141,8 @@ def mean_normalisations(rows: Sequence[Mapping[str, Mapping[str, float]]]) -> di
 
 
 def _needle():
-    try:
-        from ctxaware import needle  # NIH prompt construction (imports none of attention/nih/steering)
-    except ImportError:  # pragma: no cover - older layout
-        from ctxaware import nih as needle
+    from ctxaware import needle  # NIH prompt construction (imports none of attention/nih/steering)
+
     return needle
 
 

@@ -78,6 +78,15 @@ class Rendered:
         """Roles as integers indexing `ROLES` (shape ``(T,)``)."""
         return torch.tensor([ROLES.index(r) for r in self.roles], dtype=torch.long)
 
+    def content_roles(self) -> list[str]:
+        """`roles` with the sink given back to its owner: the role of the message (or response prefix) whose
+        content position 0 is, else ``template`` (a BOS or marker). For comparing contents across modes."""
+        out = list(self.roles)
+        if out and out[0] == "sink":
+            owners = [s for s in [*self.spans, self.prefix_span] if s is not None and s.start == 0 < s.end]
+            out[0] = owners[0].role if owners else "template"
+        return out
+
     def tokens(self, tokenizer) -> list[str]:
         return tokenizer.convert_ids_to_tokens(self.input_ids)
 

@@ -2,7 +2,8 @@
 
 Each subcommand lives in the module that implements it and exposes ``main(argv) -> int``; this file only
 dispatches (one hop) and turns a `CtxawareError` into one line on stderr with exit code 2. ``--debug``
-shows the traceback instead.
+shows the traceback instead. A run that left units of work unfinished for an outside reason
+(`results.leave_for_next_run`, e.g. a failing MT-Bench judge) says so on stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -64,9 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxaware: unknown command {name!r}; commands are: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ctxaware.results import INCOMPLETE
+
+    INCOMPLETE.counts.clear(), INCOMPLETE.examples.clear()
     try:
         module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        rc = int(module.main(rest) or 0)
+        if INCOMPLETE.total:  # work that failed for an outside reason: not written, redone on the next run
+            why = "; ".join(f"{n} x {r}" for r, n in INCOMPLETE.counts.items())
+            print(f"ctxaware {name}: {INCOMPLETE.total} unit(s) NOT finished and left for the next run ({why}); "
+                  "fix the cause and rerun the same command", file=sys.stderr)  # fmt: skip
+            return rc or 1
+        return rc
     except CtxawareError as e:
         if debug:
             raise

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ctxaware.errors import CtxawareError
-from ctxaware.results import SkipCounter
+from ctxaware.results import SkipCounter, make_user_readable
 
 FORMATS = ("auto", "sharegpt", "messages", "alpaca")
 Format = Literal["auto", "sharegpt", "messages", "alpaca"]
@@ -406,6 +406,7 @@ def write_conversations(convs: Iterable[Conversation], path: str | Path, fmt: st
     rows = [to_row(c, fmt) for c in convs]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        make_user_readable(fd)  # 0644 under the usual umask, like every other output (not mkstemp's 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             if path.name.endswith(".jsonl"):
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

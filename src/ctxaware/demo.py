@@ -14,7 +14,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ctxaware.chat import render, user_prompt
+from ctxaware.chat import ROLES, render, user_prompt
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.generate import generate
 from ctxaware.provenance import provenance
@@ -25,6 +25,7 @@ DEMO_CONTEXT = (
     "The Harbor Street bakery opens at 6 a.m. on weekdays and at 8 a.m. on weekends. Its owner, Mira Okafor, "
     "bakes rye bread on Tuesdays and sourdough on Fridays."
 )
+ROLE_LETTER = {"sink": "K", "bos": "B", "system": "S", "user": "U", "assistant": "A", "template": "T"}
 DEMO_QUESTION = "On which day does the bakery bake sourdough?"
 
 
@@ -52,9 +53,12 @@ def show_rendering(model, tok) -> None:
         r = render(msgs, tok, mode)
         counts = {role: r.roles.count(role) for role in dict.fromkeys(r.roles)}
         print(f"[{mode}] {len(r)} tokens, roles: {counts}")
-        shown = [f"{tok.decode([t])!r}:{role[0].upper()}" for t, role in zip(r.input_ids, r.roles)]
+        shown = [
+            f"{tok.decode([t])!r}:{ROLE_LETTER.get(role, role[0].upper())}"
+            for t, role in zip(r.input_ids, r.roles)
+        ]
         print("   " + " ".join(shown[:48]) + (" ..." if len(shown) > 48 else ""))
-    print("   (roles: B=bos S=system U=user A=assistant T=template)")
+    print("   (roles: " + " ".join(f"{ROLE_LETTER.get(x, x[0].upper())}={x}" for x in ROLES) + ")")
 
 
 def show_generation(model, tok) -> None:
@@ -128,6 +132,18 @@ def save_rows(directory: Path, rows: list[dict], config: dict) -> None:
             w.write(r)
 
 
+def _views(raw) -> dict[str, dict[str, float]]:
+    """raw / paper / sink_excluded shares of one (5,) role mass, as `ctxaware attention` reports them."""
+    from ctxaware import attention
+
+    if hasattr(attention, "normalisations"):
+        return attention.normalisations(raw)
+    return {
+        "raw": dict(zip(ROLES, raw.tolist())),
+        "paper": dict(zip(attention.SHOWN, attention.renormalise(raw).tolist())),
+    }
+
+
 def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     """Attention per role (paper Sec. 2.2, Fig. 3-4) at the middle layer on the same NIH prompts.
 
@@ -153,7 +169,7 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
         return
     head = int(by_mode["plain"][..., ROLES.index("user")].mean(0).argmax())  # eq. (3), averaged over prompts
     print(
-        f"retrieval head (eq. 3, chosen without template): {head}; shares renormalised over bos/user/assistant"
+        f"retrieval head (eq. 3, chosen without template): {head}; shares renormalised over sink/user/assistant (paper)"
     )
     print(f"{'condition':<22}{ROLES[0]:>8}{'user':>8}{'assistant':>11}{'template (raw)':>16}")
     conditions = {}
@@ -163,8 +179,7 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
         print(
             f"{mode + ' + prefix':<22}{first:>8.3f}{user:>8.3f}{asst:>11.3f}{raw[ROLES.index('template')]:>16.3f}"
         )
-        paper = dict(zip((ROLES[0], "user", "assistant"), renormalise(raw).tolist()))
-        conditions[mode] = {"head": head, "raw": dict(zip(ROLES, raw.tolist())), "paper": paper}
+        conditions[mode] = {"head": head, **_views(raw)}
     write_json_atomic(  # the schema of `ctxaware attention`'s allocation.json (shares: means over prompts)
         Path(cfg.output) / "attention" / "allocation.json",
         {
@@ -172,12 +187,13 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
             "layer": layer,
             "n_prompts": len(by_mode["chat"]),
             "conditions": conditions,
+            "protocol": "query: last prompt token; prompts: the NIH grid of step 3 (response prefix); "
+            "head: eq. (3) on the plain prompts; views of the raw mass averaged over prompts",
         },
     )
     print(
-        f"({time.time() - t0:.0f}s; SmolLM2 adds no BOS without its template, so its first-token attention sink"
+        f"({time.time() - t0:.0f}s; the sink is position 0 in both modes, the paper's 'BOS'; see docs/attention.md)"
     )
-    print(" counts as 'user' in plain mode and as 'bos' with the template; see docs/attention.md)")
 
 
 def main(argv: list[str]) -> int:
@@ -195,9 +211,7 @@ def main(argv: list[str]) -> int:
         prompts = show_nih(model, tok, cfg)
         show_attention(model, tok, prompts, cfg)
         out = Path(cfg.output)
-        write_json_atomic(
-            out / "provenance.json", provenance(t0, model=cfg.model, revision=cfg.revision)
-        )
+        write_json_atomic(out / "provenance.json", provenance(t0, model=cfg.model, revision=cfg.revision))
         _section("5. the report of this run")
         path = write_report([out], out / "report.html", title=f"ctxaware demo: {model.name_or_path}")
         print(f"report: {path.resolve()}  (Markdown: {path.with_suffix('.md')})")

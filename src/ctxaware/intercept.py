@@ -213,7 +213,9 @@ def _capture_onehot(cap: Capture, base: str, fn, module, query, key, mask, bias,
         rows = cap.rows.to(query.device)  # (B, R)
         safe = rows.clamp(min=0)
         out = torch.gather(out, 2, safe[:, None, :, None].expand(B, H, -1, G))  # (B, H, R, G)
-        out = torch.where((rows >= 0)[:, None, :, None], out, 0.0)  # padding rows: 0 (never NaN from a pad row)
+        out = torch.where(
+            (rows >= 0)[:, None, :, None], out, 0.0
+        )  # padding rows: 0 (never NaN from a pad row)
     cap.results[module.layer_idx] = out.contiguous()
 
 

@@ -3,8 +3,9 @@
 A judge is anything with ``name``, ``comparable`` and ``complete(system, user) -> str``:
 
 - `HTTPJudge`: an OpenAI-compatible ``/chat/completions`` endpoint (stdlib ``urllib``), key read from an
-  environment variable, retried with exponential back-off; a request that still fails raises `JudgeError`,
-  which the caller records for that example only.
+  environment variable (a warning on stderr at start when it is unset), retried with exponential back-off;
+  a request that still fails raises `JudgeError`. `run_mtbench` then writes no row for that example: it is
+  left for the next run (`results.leave_for_next_run`), and the command reports the count and exits 1.
 - `LocalJudge`: a local Hugging Face model through the shared generation engine. The offline default; its
   ratings are NOT comparable to GPT-4-judged MT-Bench numbers (``comparable = False``).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +30,7 @@ from ctxaware.chat import render
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import generate
 from ctxaware.indicator import append_indicator
+from ctxaware.results import leave_for_next_run
 from ctxaware.tasks import default_data_dir
 
 NEED_REF = ("math", "reasoning", "coding")  # FastChat grades these against the reference answer
@@ -112,6 +115,9 @@ class HTTPJudge:
         )
         self.api_key = os.environ.get(api_key_env, "")
         self.name = f"http:{model}"
+        if not self.api_key:
+            print(f"ctxaware: warning: ${api_key_env} is not set; the judge at {self.url} gets no API key "
+                  "and will likely refuse (HTTP 401)", file=sys.stderr)  # fmt: skip
 
     def _post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -214,9 +220,10 @@ def _answers(model, tok, conversations, mode, prefix, desc: str, gen: dict) -> l
     return [g.text.strip() for g in generate(model, tok, prompts, desc=desc, **gen)]
 
 
-def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> None:
-    """Two-turn answers (turn 2 sees turn 1's answer), then one judgment per turn; a failed judgment is
-    recorded in the row, the generations are kept."""
+def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> int:
+    """Two-turn answers (turn 2 sees turn 1's answer), then one judgment per turn. An example whose judgment
+    failed (after the judge's retries) is not a finished row: nothing is written for it, it is counted with
+    `results.leave_for_next_run` and redone by the next run. Returns the number of such examples."""
     prompts = load_judge_prompts(
         Path(cfg.data_dir or default_data_dir()) / "general" / "mt_bench_judge_prompts.jsonl"
     )
@@ -225,7 +232,7 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
     gen = dict(
         max_new_tokens=cfg.mt_bench_max_new_tokens, batch_size=cfg.batch_size, batch_context=batch_context
     )
-    chunk = max(1, cfg.batch_size) * 2
+    chunk, failed = max(1, cfg.batch_size) * 2, 0
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         users = [
@@ -251,6 +258,11 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
         verdicts = judge_items(judge, items)
         for i, (ex, x1, x2) in enumerate(zip(part, a1, a2)):
             v = verdicts[2 * i : 2 * i + 2]
+            errors = [x["error"] for x in v if x["error"]]
+            if errors:
+                leave_for_next_run(f"MT-Bench judgment failed: {errors[0]}", ex.id)
+                failed += 1
+                continue
             ratings = [x["rating"] for x in v]
             ok = [r for r in ratings if r is not None]
             writer.write(
@@ -271,3 +283,4 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> No
                     },
                 }
             )
+    return failed

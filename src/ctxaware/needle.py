@@ -124,7 +124,7 @@ class NeedleConfig:
         metadata={"help": "auto (empty system turn, none for Gemma), default (template's own), or a text"},
     )
     chat_template: str = dataclasses.field(
-        default="model", metadata={"help": "model (the tokenizer's), gemma, zephyr or a .jinja file"}
+        default="model", metadata={"help": "model (the tokenizer's), gemma (Gemma's turn markers) or a .jinja"}
     )
 
 
@@ -271,15 +271,17 @@ def grid(cfg: NeedleConfig, window: int) -> tuple[list[int], list[float]]:
 
 
 def apply_chat_template_choice(tok, choice: str) -> None:
-    """``--chat-template``: keep the tokenizer's (``model``), or set Gemma's turn markers, Zephyr or a file."""
+    """``--chat-template``: keep the tokenizer's (``model``), or set Gemma's turn markers or a .jinja file."""
     if choice in ("model", "", None):
         return
     if choice == "gemma":
         tok.chat_template = GEMMA_TEMPLATE
-        return
-    from ctxaware.train import setup_chat_template
-
-    setup_chat_template(tok, choice)
+    elif choice.endswith((".jinja", ".j2")):
+        if not Path(choice).is_file():
+            raise CtxawareError(f"chat template file {choice} does not exist")
+        tok.chat_template = Path(choice).read_text()
+    else:
+        raise CtxawareError(f"--chat-template {choice!r} is not model, gemma or a .jinja file")
 
 
 def conditions(cfg: NeedleConfig, has_template: bool, model_name: str) -> list[Condition]:
@@ -293,12 +295,12 @@ def conditions(cfg: NeedleConfig, has_template: bool, model_name: str) -> list[C
         if not kept:
             raise CtxawareError(
                 f"{model_name} has no chat template, so only plain conditions can run; add --modes plain, "
-                "or give one with --chat-template gemma|zephyr|FILE.jinja"
+                "or give one with --chat-template gemma|FILE.jinja"
             )
         if len(kept) < len(conds):
             print(
                 f"note: {model_name} has no chat template; chat conditions skipped "
-                "(--chat-template gemma|zephyr|FILE.jinja gives it one)"
+                "(--chat-template gemma|FILE.jinja gives it one)"
             )
         conds = kept
     return conds
@@ -377,21 +379,24 @@ class AuthorsHaystack:
         while len(self.ids) < max_tokens:  # the tester repeats the files until they are long enough
             text += text
             self.ids = tok.encode(text, add_special_tokens=False)
+        self._cut: dict[int, list[int]] = {}
 
-    def context(self, length: int, depth: float, needle: str) -> tuple[str, int]:
-        """``(context, needle_token_index_in_context)`` for budget ``length`` and ``depth`` percent."""
+    def context(self, length: int, depth: float, needle: str) -> tuple[str, int, int]:
+        """``(context, needle_token_index, context_tokens)`` for budget ``length`` and ``depth`` percent."""
         tok = self.tok
-        ctx = tok.encode(tok.decode(self.ids[:length]), add_special_tokens=False)
+        if length not in self._cut:
+            self._cut[length] = tok.encode(tok.decode(self.ids[:length]), add_special_tokens=False)
+        ctx = self._cut[length]
         nd = tok.encode(needle + " ", add_special_tokens=False)  # the authors' needle ends with a space
         budget = length - BUFFER
         if len(ctx) + len(nd) > budget:
             ctx = ctx[: budget - len(nd)]  # Python slicing: a negative end for budgets below the needle
-        if depth == 100:
-            return tok.decode(ctx + nd), len(ctx)
-        at = int(len(ctx) * (depth / 100))
-        while at > 0 and tok.decode(ctx[at - 1]) != ".":
-            at -= 1
-        return tok.decode(ctx[:at] + nd + ctx[at:]), at
+        at = len(ctx)
+        if depth != 100:  # at 100 % the needle is appended at the end
+            at = int(len(ctx) * (depth / 100))
+            while at > 0 and tok.decode(ctx[at - 1]) != ".":
+                at -= 1
+        return tok.decode(ctx[:at] + nd + ctx[at:]), at, len(ctx) + len(nd)
 
 
 def fit_context(cfg, tok, model_name, hay, needle, question, prefix, ref, template, length, depth):
@@ -453,8 +458,7 @@ def build_prompts(
         for length in lengths:
             for depth in depths:
                 if authors:
-                    ctx, k = hay.context(length, depth, needle)
-                    n = len(tok.encode(ctx, add_special_tokens=False))
+                    ctx, k, n = hay.context(length, depth, needle)
                 else:
                     ctx, k, n = fit_context(
                         cfg, tok, model_name, hay, needle, question, prefix, ref, t, length, depth

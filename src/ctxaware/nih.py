@@ -111,10 +111,8 @@ def check(cfg: NIHConfig) -> None:
         raise CtxawareError("--alpha needs --steer (a heads JSON from `ctxaware heads`, or all)")
     if cfg.batch_size < 1:
         raise CtxawareError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.chat_template not in ("model", "gemma", "zephyr") and not cfg.chat_template.endswith(
-        (".jinja", ".j2")
-    ):
-        raise CtxawareError(f"--chat-template {cfg.chat_template!r} is not model, gemma, zephyr or a .jinja file")
+    if cfg.chat_template not in ("model", "gemma") and not cfg.chat_template.endswith((".jinja", ".j2")):
+        raise CtxawareError(f"--chat-template {cfg.chat_template!r} is not model, gemma or a .jinja file")
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise CtxawareError(f"--output {out} is a file; give a directory")

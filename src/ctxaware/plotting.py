@@ -44,6 +44,11 @@ plt.rcParams.update(
 )
 
 
+def _finite(x: float) -> float:
+    """0 for NaN (a CI bound that was not computed because n was too small), else ``x``."""
+    return 0.0 if x != x else x
+
+
 def color(name: str, i: int = 0) -> str:
     """The palette colour of a condition or role (``chat+prefix`` -> chat), else the ``i``-th cycle colour."""
     key = name.split("+")[0].split(" ")[0].lower()
@@ -73,7 +78,7 @@ def bar_chart(
     for j, s in enumerate(series):
         vals = [groups[g].get(s, (np.nan, np.nan, np.nan)) for g in names]
         m = np.array([v[0] for v in vals])
-        err = np.array([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]])
+        err = np.nan_to_num(np.array([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]]))
         ax.bar(x + (j - (len(series) - 1) / 2) * width, m, width, yerr=err, capsize=3, label=s)
     ax.set_xticks(x, names, rotation=15, ha="right")
     ax.set_ylabel(ylabel)
@@ -278,9 +283,9 @@ def paired_bars(
     )  # fmt: skip
     ax = axes[0][0]
     m = [100 * conditions[n][0] for n in names]
-    err = [
-        [100 * (v[0] - v[1]) for v in conditions.values()],
-        [100 * (v[2] - v[0]) for v in conditions.values()],
+    err = [  # no bar where n is too small for a CI (NaN bounds)
+        [_finite(100 * (v[0] - v[1])) for v in conditions.values()],
+        [_finite(100 * (v[2] - v[0])) for v in conditions.values()],
     ]
     ax.bar(names, m, yerr=err, capsize=4, color=[color(n, i) for i, n in enumerate(names)])
     for i, v in enumerate(m):
@@ -291,11 +296,11 @@ def paired_bars(
     if difference is not None:
         d = axes[0][1]
         dm = 100 * difference[0]
-        d.bar([difference_label], [dm], yerr=[[dm - 100 * difference[1]], [100 * difference[2] - dm]],
+        d.bar([difference_label], [dm], yerr=[[_finite(dm - 100 * difference[1])], [_finite(100 * difference[2] - dm)]],
               capsize=4, color=PALETTE["difference"])  # fmt: skip
         d.axhline(0, color="k", lw=0.8)
         d.set_ylabel("difference (percentage points)")
-        lim = max(10.0, abs(100 * difference[1]), abs(100 * difference[2])) * 1.15
+        lim = max(10.0, abs(dm), *(_finite(abs(100 * x)) for x in difference[1:])) * 1.15
         d.set_ylim(-lim, lim)
         d.text(0.05, dm / 2, f"{dm:+.1f}", ha="left", va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -379,7 +384,8 @@ def checkpoint_lines(
     for j, (name, vals) in enumerate(series.items()):
         m, lo, hi = (np.array(v, dtype=float) for v in zip(*vals))
         off = (j - (k - 1) / 2) * 0.04
-        ax.errorbar(x + off, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=name)
+        err = np.nan_to_num([m - lo, hi - m])  # NaN bounds (n too small for a CI): no bar
+        ax.errorbar(x + off, m, yerr=err, marker="o", capsize=3, label=name)
     if zero_line:
         ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, checkpoints)
@@ -416,7 +422,9 @@ def stage_sensitivity(sens: dict[str, dict[str, dict]], path: str | Path) -> Pat
     ckpts = list(sens)
     usages = list(next(iter(sens.values()))) if ckpts else []
     chars = [c for c in (next(iter(sens[ckpts[0]].values())) if ckpts else {}) if not c.startswith("_")]
-    fig, axes = plt.subplots(1, max(1, len(usages)), figsize=(3.0 * max(1, len(usages)) + 0.6, 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(usages)), figsize=(3.0 * max(1, len(usages)) + 0.6, 3.6), squeeze=False
+    )
     width = 0.8 / max(1, len(ckpts))
     x = np.arange(len(chars))
     for ax, u in zip(axes[0], usages):
@@ -426,8 +434,15 @@ def stage_sensitivity(sens: dict[str, dict[str, dict]], path: str | Path) -> Pat
             lo = np.array([np.nan if d[c]["ci_low"] is None else d[c]["ci_low"] for c in chars], float)
             hi = np.array([np.nan if d[c]["ci_high"] is None else d[c]["ci_high"] for c in chars], float)
             err = np.vstack([np.nan_to_num(ys - lo), np.nan_to_num(hi - ys)])
-            ax.bar(x + (j - (len(ckpts) - 1) / 2) * width, np.nan_to_num(ys), width, yerr=err, capsize=2,
-                   label=ck, color=CYCLE[j % len(CYCLE)])
+            ax.bar(
+                x + (j - (len(ckpts) - 1) / 2) * width,
+                np.nan_to_num(ys),
+                width,
+                yerr=err,
+                capsize=2,
+                label=ck,
+                color=CYCLE[j % len(CYCLE)],
+            )
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(x, [c.replace("_", "\n") for c in chars], fontsize=7)
         ax.set_title(f"{u} (n={d.get('_n', {}).get('n', '?')})")

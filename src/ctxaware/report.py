@@ -30,6 +30,18 @@ from ctxaware.errors import CtxawareError
 from ctxaware.provenance import git_commit, utc
 
 SKIP_DIRS = {"model", "adapter", "hf", "__pycache__", "context_reliance"}  # outputs with nothing to show
+KIND_ORDER = (
+    "nih",
+    "attention",
+    "heads",
+    "scores",
+    "selection",
+    "analysis",
+    "train",
+    "eval",
+    "experiment",
+    "stages",
+)
 SEEN_FILES = {
     "meta.json",
     "summary.md",
@@ -145,7 +157,12 @@ def discover(roots: list[Path], figs: rs.Figs) -> tuple[list[rs.Section], list[t
             )  # fmt: skip
             if any(o in d.parents for o in owned):
                 continue
+            html_stems = {p.stem for p in d.glob("*.html")}  # earlier reports and their figure folders
+            dirnames[:] = [
+                n for n in dirnames if not (n.endswith("_files") and n[: -len("_files")] in html_stems)
+            ]
             found, used, owns = classify(d, figs)
+            used = used | {f"{x}.html" for x in html_stems} | {f"{x}.md" for x in html_stems}
             for s in found:
                 s.provenance = provenance_of(s, root)
             sections += found
@@ -157,7 +174,8 @@ def discover(roots: list[Path], figs: rs.Figs) -> tuple[list[rs.Section], list[t
             )  # fmt: skip
             if left and not found:
                 unknown.append((d, left))
-    return sections, unknown
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    return sorted(sections, key=lambda s: order.get(s.kind, len(order))), unknown
 
 
 # ----------------------------------------------------------------------------------------- provenance

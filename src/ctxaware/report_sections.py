@@ -68,7 +68,7 @@ def ci(values: list[float]) -> tuple[float, float, float]:
     return bootstrap_ci([float(v) for v in values if v is not None])
 
 
-def pct(s: tuple[float, float, float] | dict | None) -> str:
+def pct(s: tuple[float, float, float] | dict | None, n: int | None = None) -> str:
     """``72.5 [68.1, 76.9]`` from ``(mean, low, high)`` or a stats dict (fractions -> percent)."""
     if not s:
         return "–"
@@ -77,12 +77,18 @@ def pct(s: tuple[float, float, float] | dict | None) -> str:
         return "–"
     if lo is None or hi is None:
         return f"{100 * m:.1f}"
+    if isinstance(lo, float) and math.isnan(lo):
+        n = s.get("n") if isinstance(s, dict) else n
+        return f"{100 * m:.1f} [{f'n={n} ' if n else ''}too few for a CI]"
     return f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def _num(s: Any) -> str:
     if isinstance(s, dict) and "mean" in s:
-        return f"{s['mean']:.2f} [{s.get('ci_low', float('nan')):.2f}, {s.get('ci_high', float('nan')):.2f}]"
+        lo, hi = s.get("ci_low"), s.get("ci_high")
+        if lo is None or hi is None or lo != lo:
+            return f"{s['mean']:.2f} [no CI]"
+        return f"{s['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
     return _cell(s)
 
 
@@ -105,8 +111,8 @@ def nih(d: Path, figs: Figs) -> Section:
     )
     table = []
     for c, rs in by_cond.items():
-        table.append([c, len(rs), pct(ci([r["recall"] for r in rs])), pct(ci([r.get("exact") for r in rs])),
-                      pct(ci([r.get("empty") for r in rs]))])  # fmt: skip
+        table.append([c, len(rs), pct(ci([r["recall"] for r in rs]), len(rs)), pct(ci([r.get("exact") for r in rs]), len(rs)),
+                      pct(ci([r.get("empty") for r in rs]), len(rs))])  # fmt: skip
     s.table(["condition", "n", "recall % [95% CI]", "all keywords % [95% CI]", "empty %"], table)
     for prefix_rest, (chat, plain) in _pairs(by_cond).items():
         diff = _paired(by_cond[chat], by_cond[plain])
@@ -125,11 +131,11 @@ def nih(d: Path, figs: Figs) -> Section:
             f"Recall with 95% CIs; right: chat − plain on the same (template, length, depth), n={n} pairs.",
         )
         if n:
-            s.p(f"Paired difference {chat} − {plain}: {pct(diff[0])} percentage points (n={n} pairs).")
+            s.p(f"Paired difference {chat} − {plain}: {pct(diff[0], n)} percentage points (n={n} pairs).")
     steer = {c: rs for c, rs in by_cond.items() if "+steer" in c}
     if steer:
         s.table(["steered condition (paper Table 1)", "alpha", "recall % [95% CI]", "n"],
-                [[c, c.split("+steer")[-1], pct(ci([r["recall"] for r in rs])), len(rs)] for c, rs in steer.items()])  # fmt: skip
+                [[c, c.split("+steer")[-1], pct(ci([r["recall"] for r in rs]), len(rs)), len(rs)] for c, rs in steer.items()])  # fmt: skip
     for c, rs in by_cond.items():
         lengths, depths = sorted({r["length"] for r in rs}), sorted({r["depth"] for r in rs})
         cell: dict = {}
@@ -169,8 +175,11 @@ def _paired(a: list[dict], b: list[dict]) -> tuple[tuple[float, float, float], l
 
 # --------------------------------------------------------------------------------------- attention
 
-NORMALISATIONS = {"raw": "raw mass per role", "paper": "paper (bos+user+assistant = 1)",
-                  "sink_excluded": "sink excluded (user+assistant = 1)"}  # fmt: skip
+NORMALISATIONS = {
+    "raw": "raw mass per role",
+    "paper": "paper (sink+user+assistant = 1)",
+    "sink_excluded": "sink excluded (system+user+assistant = 1)",
+}
 
 
 def attention(d: Path, figs: Figs) -> Section:
@@ -179,6 +188,7 @@ def attention(d: Path, figs: Figs) -> Section:
     data = load_json(d / name) or {}
     entries = {data.get("model", "?"): data} if "conditions" in data else dict(data.get("models") or {})
     cfg = data.get("config") if isinstance(data.get("config"), dict) else None
+    cfg = cfg or {k: data[k] for k in ("model", "layer", "n_prompts", "protocol") if k in data} or None
     s = Section("attention", f"Attention per role: {', '.join(map(str, entries)) or d.name}", d, config=cfg)
     s.p("Attention of the query token (the last prompt token) on each role, at the retrieval head of the "
         "analysis layer, averaged over prompts; three normalisations side by side.")  # fmt: skip

@@ -326,3 +326,14 @@ class SkipCounter:
 
     def as_dict(self) -> dict:
         return {"total": self.total, "by_reason": dict(self.counts), "examples": dict(self.examples)}
+
+
+# Units of work that failed for a reason outside the input (an unreachable judge, a refused API key) are
+# not written as finished rows: they are counted here and redone when the same command runs again. The
+# CLI reports the count on stderr and exits 1 when it is not zero.
+INCOMPLETE = SkipCounter()
+
+
+def leave_for_next_run(reason: str, where: str = "") -> None:
+    """Record one unit of work left unfinished (not written), to be redone by the next run."""
+    INCOMPLETE.skip(reason, where)

@@ -27,7 +27,6 @@ computed on any rank gives the same bits, a conversation batched with other neig
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -43,9 +42,21 @@ from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
 from ctxaware.results import ResultsWriter, SkipCounter, read_jsonl, write_json_atomic
+from ctxaware.sharding import (
+    all_ranks_throughput,
+    dist_info,
+    merge_parts,
+    plan_batches,
+    process_group,
+    write_jsonl_atomic,
+)
 
 HEAD_REDUCE = ("max", "mean")
-PAPER_LAYER, PAPER_LAYERS, PAPER_MAX_TOKENS = 15, 22, 2047  # the paper: layer 15 of TinyLlama's 22, 2,047 tokens
+PAPER_LAYER, PAPER_LAYERS, PAPER_MAX_TOKENS = (
+    15,
+    22,
+    2047,
+)  # the paper: layer 15 of TinyLlama's 22, 2,047 tokens
 
 
 def default_layer(model) -> int:
@@ -176,6 +187,7 @@ def score_layouts(
     head: int | None = None,
     pad_id: int = 0,
     chunk: int = 256,
+    method: str = "onehot",
 ) -> list[list[dict]]:
     """Score a batch of conversations in one forward pass (stopped after ``max(layers)``).
 
@@ -193,7 +205,14 @@ def score_layouts(
     dev = next(model.parameters()).device
     ids, mask, rows, groups = _pad_batch(layouts, pad_id)
     caps = capture_attention(
-        model, ids.to(dev), mask.to(dev), list(layers), rows.to(dev), groups.to(dev), chunk=chunk
+        model,
+        ids.to(dev),
+        mask.to(dev),
+        list(layers),
+        rows.to(dev),
+        groups.to(dev),
+        chunk=chunk,
+        method=method,
     )
     for layer in layers:
         res = caps[layer][..., 0].cpu()  # (B, H, R): user mass per head and response row
@@ -257,7 +276,8 @@ class ScoreConfig(ModelConfig):
         default="scores.jsonl", metadata={"help": "output JSONL (one row per assistant turn)"}
     )
     layer: int | None = field(
-        default=None, metadata={"help": "scoring layer (default: round(15/22 * num_layers), the paper's 15 of 22)"}
+        default=None,
+        metadata={"help": "scoring layer (default: round(15/22 * num_layers), the paper's 15 of 22)"},
     )
     layers: list[int] | None = field(default=None, metadata={"help": "extra layers scored in the same pass"})
     head_reduce: str = field(default="max", metadata={"help": "reduce heads by max (eq. 2) or mean"})
@@ -275,31 +295,14 @@ class ScoreConfig(ModelConfig):
     window: int = field(default=256, metadata={"help": "conversations sorted by length together"})
     chunk: int = field(default=256, metadata={"help": "query rows per softmax chunk (chunked method only)"})
     method: str = field(
-        default="onehot", metadata={"help": "capture path: onehot (the model's kernel, V = user indicator) or chunked"}
+        default="onehot",
+        metadata={"help": "capture path: onehot (the model's kernel, V = user indicator) or chunked"},
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     merge_timeout: float = field(default=86400.0, metadata={"help": "seconds rank 0 waits for other ranks"})
 
 
 KEY = ("source_row", "conversation_id", "turn")
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` from torchrun / accelerate launch environment variables (``(0, 1)`` alone)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
-    """Indices into ``lengths`` packed into batches, longest first; padded size B * T_max <= batch_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        b = batches[-1] if batches else None
-        if b and len(b) < max_batch and (len(b) + 1) * lengths[b[0]] <= batch_tokens:
-            b.append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def _layout_or_reason(conv, tokenizer, max_tokens: int) -> Layout | str:
@@ -350,17 +353,19 @@ def score_shard(
 ) -> dict:
     """Score this rank's batches (global batch index % world == rank); returns throughput numbers."""
     layers = _layers(cfg, model)
-    main = cfg.layer if cfg.layer is not None else model.config.num_hidden_layers // 2
+    main = cfg.layer if cfg.layer is not None else default_layer(model)
+    max_tokens = default_max_tokens(model, cfg.max_tokens)
     done = _done_keys(writer.dir, writer)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     bar = tqdm(total=len(convs), desc=f"score[{rank}/{world}]", disable=not cfg.progress, position=rank)
-    n_batch, tokens, t0 = 0, 0, time.perf_counter()
+    n_batch, tokens, planned, t0 = 0, 0, 0, time.perf_counter()
     for w0 in range(0, len(convs), cfg.window):
         window = convs[w0 : w0 + cfg.window]
-        lays = [_layout_or_reason(c, tok, cfg.max_tokens) for c in window]
+        lays = [_layout_or_reason(c, tok, max_tokens) for c in window]
         lengths = [len(x) if isinstance(x, Layout) else 0 for x in lays]
         for batch in plan_batches(lengths, cfg.batch_tokens, cfg.max_batch):
             n_batch += 1
+            planned += sum(lengths[i] for i in batch)
             bar.update(len(batch))  # progress through the global plan; other ranks' batches pass by
             if (n_batch - 1) % world != rank:
                 continue
@@ -368,7 +373,7 @@ def score_shard(
                 continue
             ok = [i for i in batch if isinstance(lays[i], Layout)]
             res = score_layouts(model, [lays[i] for i in ok], layers, head_reduce=cfg.head_reduce,
-                                head=cfg.head, pad_id=pad, chunk=cfg.chunk)  # fmt: skip
+                                head=cfg.head, pad_id=pad, chunk=cfg.chunk, method=cfg.method)  # fmt: skip
             by_conv = dict(zip(ok, res))
             tokens += sum(lengths[i] for i in ok)
             for i in sorted(batch):
@@ -381,43 +386,16 @@ def score_shard(
         "seconds": round(dt, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / max(dt, 1e-9), 1),
+        "planned_tokens": planned,  # tokens of every rank's batches (the whole dataset after truncation)
+        "max_tokens": max_tokens,
     }
 
 
 def _layers(cfg: ScoreConfig, model) -> list[int]:
-    main = cfg.layer if cfg.layer is not None else model.config.num_hidden_layers // 2
+    main = cfg.layer if cfg.layer is not None else default_layer(model)
     layers = sorted({main, *(cfg.layers or [])})
     check_layers(model, layers)
     return layers
-
-
-def merge_parts(work: Path, writer: ResultsWriter, convs: list, timeout: float) -> list[dict]:
-    """Wait until the part files of all ranks hold a row for every turn, then return them in input order."""
-    expected = [writer.key(k) for c in convs for k in _keys(c)]
-    t0, wait = time.perf_counter(), 0.5
-    while True:
-        rows: dict[tuple, dict] = {}
-        for part in sorted(work.glob("part-*.jsonl")):
-            for r in read_jsonl(part):
-                rows.setdefault(writer.key(r), r)
-        missing = sum(k not in rows for k in expected)
-        if not missing:
-            return [rows[k] for k in expected]
-        if time.perf_counter() - t0 > timeout:
-            raise CtxawareError(
-                f"{missing} turns still unscored after {timeout:.0f}s; rerun the command to resume"
-            )
-        time.sleep(wait)
-        wait = min(30.0, wait * 1.5)  # back off: rereading the parts is O(rows)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> Path:
-    """The merged scores, written to a temp file and renamed (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-    return path
 
 
 def summarize(rows: list[dict], loader: dict, extra: dict) -> dict:
@@ -440,29 +418,64 @@ def summarize(rows: list[dict], loader: dict, extra: dict) -> dict:
     }
 
 
+def check_config(cfg: ScoreConfig) -> None:
+    """One-line errors for bad options, before any data or model is loaded."""
+    if cfg.head_reduce not in HEAD_REDUCE:
+        raise CtxawareError(f"--head-reduce {cfg.head_reduce!r} is not one of {', '.join(HEAD_REDUCE)}")
+    if cfg.method not in ("onehot", "chunked"):
+        raise CtxawareError(f"--method {cfg.method!r} is not one of onehot, chunked")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise CtxawareError(f"--limit {cfg.limit} must be a positive number of input rows (or leave it out)")
+    for name in ("max_tokens", "batch_tokens", "max_batch", "window", "chunk"):
+        if getattr(cfg, name) < 1:
+            raise CtxawareError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
+    if cfg.merge_timeout <= 0:
+        raise CtxawareError(f"--merge-timeout {cfg.merge_timeout} must be positive (seconds)")
+
+
 def run(cfg: ScoreConfig) -> dict | None:
     """Score ``cfg.data`` into ``cfg.output``; returns the summary on rank 0 (``None`` on other ranks)."""
+    t_start = time.perf_counter()
+    check_config(cfg)
     rank, world = dist_info()
     out = Path(cfg.output)
     work = out.with_name(out.name + ".work")
-    if cfg.head_reduce not in HEAD_REDUCE:
-        raise CtxawareError(f"--head-reduce {cfg.head_reduce!r} is not one of {', '.join(HEAD_REDUCE)}")
     if cfg.device == "auto" and world > 1 and torch.cuda.is_available():
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     convs, loader = load_conversations(cfg.data, cfg.format, split=cfg.split, limit=cfg.limit)  # type: ignore[arg-type]
+    if not convs:
+        raise CtxawareError(
+            f"{cfg.data} holds no conversations ({loader['skipped']['total']} rows skipped); check the file"
+        )
     model, tok = cfg.load()
     layers = _layers(cfg, model)
+    grouped = process_group(world)
     run_cfg = {
         k: v for k, v in to_dict(cfg).items() if k not in ("output", "progress", "merge_timeout", "device")
     }
     run_cfg["layers"] = layers
-    with ResultsWriter(work, run_cfg, KEY, filename=f"part-{rank:03d}-of-{world:03d}.jsonl") as writer:
-        stats = score_shard(cfg, model, tok, convs, writer, rank, world)
-        if rank != 0:
-            return None
-        rows = merge_parts(work, writer, convs, cfg.merge_timeout)
+    run_cfg["max_tokens"] = default_max_tokens(model, cfg.max_tokens)
+    try:
+        with ResultsWriter(work, run_cfg, KEY, filename=f"part-{rank:03d}-of-{world:03d}.jsonl") as writer:
+            stats = score_shard(cfg, model, tok, convs, writer, rank, world)
+            throughput = all_ranks_throughput(stats, grouped)
+            if grouped:
+                import torch.distributed as dist
+
+                dist.barrier()  # every part file is complete
+            if rank != 0:
+                return None
+            expected = [writer.key(k) for c in convs for k in _keys(c)]
+            rows = merge_parts(work, writer, expected, cfg.merge_timeout)
+    finally:
+        if grouped:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     write_jsonl_atomic(out, rows)
-    summary = summarize(rows, loader, {"layers": layers, "world_size": world, "throughput_rank0": stats})
+    throughput["wall_seconds_with_load"] = round(time.perf_counter() - t_start, 2)
+    summary = summarize(rows, loader, {"layers": layers, "max_tokens": run_cfg["max_tokens"], "world_size": world,
+                                       "throughput": throughput, "throughput_rank0": stats})  # fmt: skip
     write_json_atomic(out.with_suffix(".summary.json"), summary)
     return summary
 
@@ -475,6 +488,9 @@ def main(argv: list[str]) -> int:
     summary = run(cfg)
     if summary is not None:
         sk = summary["skipped_turns"]["total"] + summary["skipped_rows"]["total"]
+        tp = summary["throughput"]
         print(f"scored {summary['n_scored']}/{summary['n_turns']} turns of {summary['n_conversations']} conversations "
               f"({summary['n_truncated']} truncated, {sk} skipped) -> {cfg.output}")  # fmt: skip
+        print(f"throughput: {tp['tokens_per_s']:.1f} tokens/s ({tp['tokens']} tokens in {tp['seconds']:.2f} s of "
+              f"scoring, {tp['ranks']}; {tp['wall_seconds_with_load']:.2f} s with loading)")  # fmt: skip
     return 0

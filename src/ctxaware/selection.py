@@ -10,6 +10,8 @@ from the scores file) are never selected; they are counted and left out of the r
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from ctxaware.config import parse_config
 from ctxaware.conversations import Conversation, load_conversations, to_hf_dataset, write_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.indicator import DEFAULT_INDICATOR, append_indicator
-from ctxaware.results import read_jsonl, write_json_atomic
+from ctxaware.results import SkipCounter, file_digest, write_json_atomic
 
 TABLE3_BETAS = (0.5, 0.6, 0.7, 0.8)
 
@@ -51,11 +53,51 @@ class SelectConfig:
     hf: bool = field(default=True, metadata={"help": "also save an HF dataset under OUTPUT/hf"})
 
 
-def load_scores(path: str | Path) -> dict[tuple[int, int], dict]:
-    """Score rows keyed by (source_row, turn)."""
-    if not Path(path).is_file():
+def _malformed(row) -> str | None:
+    """Why a parsed score line cannot be used (None when it can)."""
+    if not isinstance(row, dict):
+        return "line is not a JSON object"
+    for k in ("source_row", "turn", "conversation_id"):
+        if k not in row:
+            return f"no {k}"
+    if not isinstance(row["source_row"], int) or not isinstance(row["turn"], int):
+        return "source_row or turn is not an integer"
+    score = row.get("score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        return "score is not a number"
+    return None
+
+
+def load_scores(path: str | Path, skips: SkipCounter | None = None) -> dict[tuple[int, int], dict]:
+    """Score rows keyed by (source_row, turn). Malformed lines are skipped and counted in ``skips`` by
+    reason (never dropped silently); a file without a single usable row is an error."""
+    p = Path(path)
+    if not p.is_file():
         raise CtxawareError(f"scores file {path} does not exist; run ctxaware score first")
-    return {(r["source_row"], r["turn"]): r for r in read_jsonl(path)}
+    skips = skips if skips is not None else SkipCounter()
+    out: dict[tuple[int, int], dict] = {}
+    try:
+        with p.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    skips.skip("not valid JSON", f"line {i}")
+                    continue
+                why = _malformed(row)
+                if why:
+                    skips.skip(why, f"line {i}")
+                    continue
+                out[(row["source_row"], row["turn"])] = row
+    except UnicodeDecodeError:
+        raise CtxawareError(f"scores file {path} is not UTF-8 text; give the JSONL that ctxaware score wrote") from None
+    if not out:
+        raise CtxawareError(
+            f"scores file {path} holds no score rows ({skips.total} malformed lines); run ctxaware score first"
+        )
+    return out
 
 
 def ratio_table(scores: Iterable[float | None], betas: Sequence[float] = TABLE3_BETAS) -> dict[str, float]:
@@ -114,12 +156,35 @@ def _out_name(data: str) -> str:
     return "data.jsonl" if data.endswith((".jsonl", ".jsonl.gz")) or not Path(data).is_file() else "data.json"
 
 
+def check_scored_data(scores: str | Path, data: str | Path) -> None:
+    """Refuse scores computed on other contents of ``data``: ``ctxaware score`` records a digest of the
+    dataset in ``SCORES.work/meta.json`` (docs/resume.md); a file replaced at the same path differs."""
+    meta = Path(scores).with_name(Path(scores).name + ".work") / "meta.json"
+    if not meta.is_file() or not Path(data).is_file():
+        return
+    try:
+        recorded = (json.loads(meta.read_text()).get("inputs") or {}).get("data")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    if isinstance(recorded, str) and recorded.startswith("sha256:") and recorded != file_digest(data):
+        raise CtxawareError(
+            f"{scores} were computed on other contents of {data} (the file changed since it was scored); "
+            "score it again, or give the dataset that was scored"
+        )
+
+
 def run(cfg: SelectConfig) -> dict:
     """Select, write ``OUTPUT/data.json(l)``, ``OUTPUT/hf`` and ``OUTPUT/selection.json``; return the summary."""
     if not 0 < cfg.beta < 1:
         raise CtxawareError(f"--beta {cfg.beta} must lie in (0, 1)")
-    scores = load_scores(cfg.scores)
+    malformed = SkipCounter()
+    scores = load_scores(cfg.scores, malformed)
+    check_scored_data(cfg.scores, cfg.data)
     convs, report = load_conversations(cfg.data, cfg.format, limit=cfg.limit)  # type: ignore[arg-type]
+    if not convs:
+        raise CtxawareError(
+            f"{cfg.data} holds no conversations ({report['skipped']['total']} rows skipped); give the scored dataset"
+        )
     marked, counts = select(convs, scores, cfg.beta, cfg.indicator)
     out = Path(cfg.output)
     write_conversations(marked, out / _out_name(cfg.data))
@@ -127,7 +192,8 @@ def run(cfg: SelectConfig) -> dict:
         to_hf_dataset(marked).save_to_disk(str(out / "hf"))
     table = ratio_table(r["score"] for r in scores.values())
     summary = {"beta": cfg.beta, **counts, "ratio": counts["n_selected"] / max(1, counts["n_scored"]),
-               "table3": table, "skipped_rows": report["skipped"]}  # fmt: skip
+               "table3": table, "skipped_rows": report["skipped"],
+               "malformed_score_lines": malformed.as_dict()}  # fmt: skip
     write_json_atomic(out / "selection.json", summary)
     return summary
 
@@ -136,6 +202,11 @@ def main(argv: list[str]) -> int:
     """``ctxaware select SCORES DATA --beta 0.6 --output OUT``."""
     cfg = parse_config(SelectConfig, argv, prog="ctxaware select")
     s = run(cfg)
+    bad = s["malformed_score_lines"]
+    if bad["total"]:
+        why = ", ".join(f"{n} {r}" for r, n in bad["by_reason"].items())
+        print(f"ctxaware select: skipped {bad['total']} malformed score lines ({why}); see selection.json",
+              file=sys.stderr)  # fmt: skip
     print(format_table({Path(cfg.data).name: s["table3"]}))
     print(
         f"selected {s['n_selected']}/{s['n_scored']} scored turns (beta={cfg.beta}, {s['n_unscored']} unscored) "

@@ -158,6 +158,7 @@ def context_groups(r, tok, context: str, mode: str) -> torch.Tensor:
     b = a + len(context.strip()) if a >= 0 else -1
     g = torch.zeros(len(r), 5)
     for p, (role, (s, e)) in enumerate(zip(r.roles, enc["offset_mapping"])):
+        s += len(r.text[s:e]) - len(r.text[s:e].lstrip())  # a token's leading space is not context
         if p == 0 or role not in ("user", "system", "assistant"):
             g[p, G_EXCLUDED] = 1  # the attention sink (position 0) and template markers
         elif role == "user":

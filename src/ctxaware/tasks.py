@@ -381,7 +381,7 @@ def convert_mtbench(row: dict) -> Example:
 
 _QA = {"paper": QA_TEMPLATE, "simple": SIMPLE_TEMPLATE}
 _CF = {"paper": CONFLICT_TEMPLATE, "simple": SIMPLE_TEMPLATE}
-_ids = lambda rows: ({"id": str(i), **r} for i, r in enumerate(rows))  # noqa: E731  rows without ids
+_ids = lambda rows: ({"id": str(i), **r} if isinstance(r, dict) else r for i, r in enumerate(rows))  # noqa: E731
 
 TASKS: dict[str, Task] = {
     t.name: t

@@ -660,6 +660,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Seque
     except ValueError as e:  # e.g. LoRA target modules that the model does not have
         raise CtxawareError(f"cannot set up training: {str(e).splitlines()[0]}") from None
     _expose_head_bias(trainer.model)
+    _record_base(trainer.model, cfg.model)  # checkpoints' adapter_config.json name a loadable base too
     write_json_atomic(out / "train_config.json", {**run_config(cfg), "_inputs": fingerprint_inputs(run_config(cfg))})
     info = {"resume_from": resume, "data": report, "indicator_id": indicator_id}
     return trainer, info
@@ -682,6 +683,17 @@ def base_model_path(spec: str) -> str:
     if src.kind == "gguf":
         return str(Path(_convert_gguf(Path(src.path), False)).resolve())
     return str(Path(src.path).resolve()) if src.kind == "local" else src.path
+
+
+def _record_base(model, spec: str) -> str | None:
+    """Set every PEFT config's ``base_model_name_or_path`` to `base_model_path` (None: left as it is)."""
+    try:
+        base = base_model_path(spec)
+    except CtxawareError:  # a model handed in whose spec does not resolve: PEFT keeps its own name
+        return None
+    for pc in getattr(model, "peft_config", {}).values():
+        pc.base_model_name_or_path = base
+    return base
 
 
 def save_final(trainer, tokenizer, out: Path, method: str, base: str | None = None) -> Path:
@@ -708,7 +720,7 @@ def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=info["resume_from"])
     out = Path(cfg.output_dir)
-    path = save_final(trainer, trainer.processing_class, out, cfg.method, base_model_path(cfg.model))
+    path = save_final(trainer, trainer.processing_class, out, cfg.method, _record_base(trainer.model, cfg.model))
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     summary = {
         "fingerprint": fingerprint(run_config(cfg)),
