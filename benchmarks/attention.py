@@ -21,10 +21,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from ctxaware.attention import _haystack_text
 from ctxaware.chat import ROLES
 from ctxaware.intercept import capture_attention
 from ctxaware.models import load_model
+from ctxaware.needle import load_haystack
 from ctxaware.steering import steer
 
 _PASTA: dict = {}
@@ -101,7 +101,7 @@ def main() -> None:
     dev = next(model.parameters()).device
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     lengths = [int(x) for x in args.lengths.split(",")]
-    hay = tok(_haystack_text(args.haystack)[: 8 * max(lengths)], add_special_tokens=False)["input_ids"]
+    hay = tok(load_haystack(args.haystack)[0][: 8 * max(lengths)], add_special_tokens=False)["input_ids"]
     heads = {layer: [layer % n_heads] for layer in range(n_layers)}  # one head per layer, as the paper steers
     print(f"{args.model} on {args.device} ({args.dtype}), {n_layers} layers x {n_heads} heads, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.reps}; memory: "

@@ -140,7 +140,11 @@ def test_normalisations_hand_computed():
     t = normalisations(torch.tensor([0.4, 0.1, 0.3, 0.1, 0.1]))  # the same in ROLES order
     assert t["paper"] == pytest.approx(want_paper) and t["sink_excluded"] == pytest.approx(want_se)
     only_sink = normalisations({"sink": 0.9, "template": 0.1})
-    assert only_sink["paper"]["sink"] == 1.0 and only_sink["sink_excluded"] == {"system": 0, "user": 0, "assistant": 0}
+    assert only_sink["paper"]["sink"] == 1.0 and only_sink["sink_excluded"] == {
+        "system": 0,
+        "user": 0,
+        "assistant": 0,
+    }
     m = mean_normalisations([n, normalisations({"user": 1.0})])
     assert m["sink_excluded"]["user"] == pytest.approx((0.6 + 1.0) / 2)
     assert m["paper"]["sink"] == pytest.approx(0.25)
@@ -225,7 +229,9 @@ def test_attention_cli_on_a_base_model_writes_the_schema(smollm2_tok, tmp_path, 
     for row, (m, _) in zip(sorted(rows, key=lambda r: r["depth"]), oracle):
         want = dict(zip(ROLES, m[plain["head"]].tolist()))
         assert row["raw"] == pytest.approx(want, abs=1e-5)
-        assert row["sink_excluded"]["user"] == pytest.approx(want["user"] / (want["user"] + want["assistant"]), abs=1e-5)
+        assert row["sink_excluded"]["user"] == pytest.approx(
+            want["user"] / (want["user"] + want["assistant"]), abs=1e-5
+        )
     assert plain["raw"]["sink"] == pytest.approx(sum(r["raw"]["sink"] for r in rows) / 2)
     assert (out / "allocation.png").is_file() and not (out / "fig3_change.png").exists()
 

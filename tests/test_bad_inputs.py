@@ -37,7 +37,11 @@ def _output_cases() -> list[tuple[str, list[str]]]:
     cases = []
     for cmd, (base, flag, kind) in OUTPUTS.items():
         wrong = "{FILE}" if kind == "dir" else "{OUT}"  # a file where a directory goes, and the reverse
-        for what, value in (("wrong kind", wrong), ("under a file", "{FILE}/sub"), ("unwritable", UNWRITABLE)):
+        for what, value in (
+            ("wrong kind", wrong),
+            ("under a file", "{FILE}/sub"),
+            ("unwritable", UNWRITABLE),
+        ):
             cases.append((f"{cmd} output {what}", [cmd, *base, flag, value]))
     return cases
 
@@ -82,8 +86,14 @@ CASES: list[tuple[str, list[str]]] = [
     ("train latin-1 config positional", ["train", "{LATIN1_YAML}"]),
     # malformed or empty task files and inputs
     ("eval malformed JSON task file", _with_output("eval", "--data-dir", "{BAD_JSON_DIR}")),
-    ("eval task file of non-objects", ["eval", "cf_world_facts", "--data-dir", "{NON_DICT_DIR}", "--output", "{OUT}"]),
-    ("eval task file not a list", ["eval", "cf_world_facts", "--data-dir", "{DICT_DIR}", "--output", "{OUT}"]),
+    (
+        "eval task file of non-objects",
+        ["eval", "cf_world_facts", "--data-dir", "{NON_DICT_DIR}", "--output", "{OUT}"],
+    ),
+    (
+        "eval task file not a list",
+        ["eval", "cf_world_facts", "--data-dir", "{DICT_DIR}", "--output", "{OUT}"],
+    ),
     ("eval empty task file", ["eval", "cf_world_facts", "--data-dir", "{EMPTY_DIR}", "--output", "{OUT}"]),
     ("score empty data", ["score", "{EMPTY}", "--output", "{OUTFILE}"]),
     ("select empty scores", ["select", "{EMPTY}", "{DATA}", "--output", "{OUT}"]),

@@ -165,9 +165,21 @@ TRICKY = [
     [{"role": "user", "content": "AI"}],
     [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
     [{"role": "user", "content": "system"}],
-    [{"role": "user", "content": "Today Date"}, {"role": "assistant", "content": "Date"}, {"role": "user", "content": "user"}],
-    [{"role": "user", "content": "assistant"}, {"role": "assistant", "content": "user"}, {"role": "user", "content": "model"}],
-    [{"role": "user", "content": "You are"}, {"role": "assistant", "content": "named"}, {"role": "user", "content": "n"}],
+    [
+        {"role": "user", "content": "Today Date"},
+        {"role": "assistant", "content": "Date"},
+        {"role": "user", "content": "user"},
+    ],
+    [
+        {"role": "user", "content": "assistant"},
+        {"role": "assistant", "content": "user"},
+        {"role": "user", "content": "model"},
+    ],
+    [
+        {"role": "user", "content": "You are"},
+        {"role": "assistant", "content": "named"},
+        {"role": "user", "content": "n"},
+    ],
     [{"role": "user", "content": " Hugging Face "}, {"role": "assistant", "content": "2024"}],
 ]
 
@@ -184,7 +196,11 @@ def test_spans_by_construction_not_found_in_injected_text(tok, name, case):
     messages = TRICKY[case]
     r = render(messages, tok, "chat")
     # rendering equals apply_chat_template token for token
-    want = _ids(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=r.messages[-1]["role"] == "user"))
+    want = _ids(
+        tok.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=r.messages[-1]["role"] == "user"
+        )
+    )
     assert r.input_ids == list(want)
     _check_roles(r, tok, messages)
     offsets = tok(r.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -207,6 +223,7 @@ def test_sink_is_position_zero_in_both_modes(tok):
     assert chat.roles.count("sink") == plain.roles.count("sink") == 1
     assert chat.mask("sink").tolist() == [True] + [False] * (len(chat) - 1)
     assert chat.role_ids()[0].item() == 0
+    assert plain.content_roles()[0] == "user" and chat.content_roles()[0] == "template"
     with pytest.raises(CtxawareError, match="retired"):
         chat.mask("bos")
 

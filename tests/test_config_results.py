@@ -153,7 +153,9 @@ def test_large_file_digest_samples_blocks(tmp_path):
 
 def test_run_written_before_contents_were_recorded_still_resumes(tmp_path):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "meta.json").write_text(json.dumps({"fingerprint": "old", "config": {"model": "default"}}))
+    (tmp_path / "run" / "meta.json").write_text(
+        json.dumps({"fingerprint": "old", "config": {"model": "default"}})
+    )
     _writer(tmp_path / "run", model="smollm2-135m-instruct", new_option=1).close()
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["inputs"]["model"] == "builtin:smollm2-135m-instruct"  # recorded from now on
@@ -184,12 +186,16 @@ def test_help_states_each_default_once():
     class C:
         """Options."""
 
-        layer: int | None = dataclasses.field(default=None, metadata={"help": "analysis layer (default: middle)"})
+        layer: int | None = dataclasses.field(
+            default=None, metadata={"help": "analysis layer (default: middle)"}
+        )
         n: int | None = dataclasses.field(default=None, metadata={"help": "how many"})
         k: int = dataclasses.field(default=3, metadata={"help": "heads"})
 
     text = " ".join(build_parser(C, "x").format_help().split())
-    assert "analysis layer (default: middle) --n" in text  # stated once, not "(default: middle) (default: None)"
+    assert (
+        "analysis layer (default: middle) --n" in text
+    )  # stated once, not "(default: middle) (default: None)"
     assert "how many (default: none)" in text and "heads (default: 3)" in text and "None" not in text
 
 
@@ -221,7 +227,9 @@ def _conversations(path, answers):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_score_resume_refuses_replaced_data_and_accepts_respelled_path(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_score_resume_refuses_replaced_data_and_accepts_respelled_path(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     from ctxaware.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -230,7 +238,18 @@ def test_score_resume_refuses_replaced_data_and_accepts_respelled_path(tiny_mode
     assert main(["score", "data.jsonl", *args]) == 0
     first = (tmp_path / "scores.jsonl").read_bytes()
     # the same file spelled as an absolute path, and the output too: accepted, same scores
-    assert main(["score", str(tmp_path / "data.jsonl"), *args[:3], str(tmp_path / "scores.jsonl"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(tmp_path / "data.jsonl"),
+                *args[:3],
+                str(tmp_path / "scores.jsonl"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "scores.jsonl").read_bytes() == first
     capsys.readouterr()
     _conversations(tmp_path / "data.jsonl", ["Maybe.", "Perhaps not."])  # new contents, same path

@@ -56,7 +56,11 @@ def test_recipes_parse(name):
         )
         # the paper's base and the authors' alignment-handbook batch: 16 per device x 2, max length 2048
         assert cfg.model == "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
-        assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.max_length) == (16, 2, 2048)
+        assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.max_length) == (
+            16,
+            2,
+            2048,
+        )
         assert cfg.num_train_epochs == 1
 
 
@@ -78,7 +82,9 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     assert (root / "train" / "vanilla" / "model" / "config.json").is_file()
     seed = json.loads((root / "scores.seed.json").read_text())["seed_model"]
     assert seed == str(root / "train" / "vanilla" / "model")  # scored with the trained seed, not the base
-    assert (root / "scores.jsonl").stat().st_mtime_ns > (root / "train" / "vanilla" / "train_summary.json").stat().st_mtime_ns
+    assert (root / "scores.jsonl").stat().st_mtime_ns > (
+        root / "train" / "vanilla" / "train_summary.json"
+    ).stat().st_mtime_ns
     ind_cfg = json.loads((root / "train" / "ind_indicator_b0.0" / "model" / "config.json").read_text())
     assert ind_cfg["vocab_size"] == 49153
     summary = json.loads((root / "comparison.json").read_text())

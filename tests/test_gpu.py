@@ -145,3 +145,30 @@ def test_bf16_steering_runs_and_moves_logits():
             steered = model(ids).logits
     assert torch.isfinite(steered).all() and not torch.equal(steered, base)
     assert math.isfinite((steered.float() - base.float()).abs().max().item())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_onehot_capture_every_row_matches_eager_on_cuda(attn):
+    """The one-hot-V path on CUDA kernels (issue 13): every row of a left-padded batch; in bf16 it equals the
+    chunked float32 softmax of the same bf16 q/k (both upcast), so bf16 models still get float32 masses."""
+    from ctxaware.intercept import capture_attention
+
+    model = _model(attn)
+    T = 300
+    ids = torch.randint(0, 1000, (2, T), device="cuda")
+    mask = torch.ones(2, T, dtype=torch.long, device="cuda")
+    mask[1, :40] = 0  # left padding
+    groups = torch.nn.functional.one_hot(torch.randint(0, 6, (2, T)), 6).float().cuda()
+    got = capture_attention(model, ids, mask, [1, 3], None, groups, method="onehot")
+    model.set_attn_implementation("eager")
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        att = model(ids, attention_mask=mask, position_ids=pos, output_attentions=True).attentions
+    for layer in (1, 3):
+        ref = att[layer] @ groups[:, None]  # (B, H, T, G)
+        assert (got[layer][0] - ref[0]).abs().max().item() < 1e-5
+        assert (got[layer][1, :, 40:] - ref[1, :, 40:]).abs().max().item() < 1e-5
+    model.to(torch.bfloat16).set_attn_implementation(attn)
+    a = capture_attention(model, ids, mask, [3], None, groups, method="onehot")[3]
+    b = capture_attention(model, ids, mask, [3], None, groups, method="chunked")[3]
+    assert a.dtype == torch.float32 and (a[:, :, 40:] - b[:, :, 40:]).abs().max().item() < 1e-4

@@ -316,3 +316,23 @@ def test_onehot_flex_attention_on_cpu_equals_eager():
     with attn_impl(model, "flex_attention"):
         got = intercept.capture_attention(model, ids[None], None, [0, 1, 2, 3], torch.tensor([rows]), groups)
     assert max((got[lay][0].double() - want[lay]).abs().max().item() for lay in range(4)) < 1e-5
+
+
+def test_auto_method_picks_the_cheaper_exact_path(monkeypatch):
+    """``auto``: the kernel path for many rows (scoring, every row), chunked rows for a few (eq. 3's last row)."""
+    model = tiny_gemma3(layers=2)
+    T = 40
+    ids = torch.randint(5, 500, (1, T))
+    groups = torch.ones(1, T, 1)
+    calls: list[str] = []
+    for name in ("_capture_rows", "_capture_onehot"):
+        real = getattr(intercept, name)
+        monkeypatch.setattr(
+            intercept, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))
+        )
+    intercept.capture_attention(model, ids, None, [1], torch.tensor([[T - 1]]), groups)
+    intercept.capture_attention(model, ids, None, [1], None, groups)
+    intercept.capture_attention(model, ids, None, [1], torch.arange(T // 2)[None], groups)
+    assert calls == ["_capture_rows", "_capture_onehot", "_capture_onehot"]
+    one = intercept.capture_attention(model, ids, None, [1], None, groups)[1]
+    assert torch.allclose(one, torch.ones_like(one), atol=1e-5)  # every row's mass on all keys is 1

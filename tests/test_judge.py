@@ -140,7 +140,7 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("failure", ["401", "unreachable"])
+@pytest.mark.parametrize("failure", ["401", pytest.param("unreachable", marks=pytest.mark.slow)])
 def test_failed_judgment_is_not_a_finished_row_and_the_rerun_judges_it(
     failure, stub, tiny_model_dir, shared_data, tmp_path, monkeypatch, capsys
 ):

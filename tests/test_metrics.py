@@ -13,9 +13,9 @@ import pytest
 from ctxaware.metrics import (
     aggregate,
     conflict_scores,
+    containment,
     contains_normalized,
     contains_strict,
-    containment,
     drop_contains_first_gold,
     drop_em_f1,
     drop_normalize,
@@ -185,7 +185,9 @@ def test_drop_multi_span_alignment_agrees_with_lm_eval():
 
 
 def test_multi_span_strict_containment_needs_every_span():
-    s = qa_scores("Bob and Alice", ["Bob and Alice"], spans=[["Bob", "Alice"]], contains_rule="drop_first_raw")
+    s = qa_scores(
+        "Bob and Alice", ["Bob and Alice"], spans=[["Bob", "Alice"]], contains_rule="drop_first_raw"
+    )
     assert s["contains_strict"] == 1.0 and s["contains"] == 1.0 and "drop_f1" in s
     s = qa_scores("Bob only", ["Bob and Alice"], spans=[["Bob", "Alice"]], contains_rule="drop_first_raw")
     assert s["contains_strict"] == 0.0 and s["contains"] == 1.0  # the authors' rule: any span counts

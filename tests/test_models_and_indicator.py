@@ -76,3 +76,31 @@ def test_cli_errors_are_one_line_exit_2():
         [sys.executable, "-m", "ctxaware.cli", "render", "--bogus", "1"], capture_output=True, text=True
     )
     assert p.returncode == 2
+
+
+def test_long_attention_and_demo_nih_steps_show_progress(smollm2_tok, tmp_path, monkeypatch, capsys):
+    """`ctxaware attention` (role_allocation) and the demo's NIH step show a progress bar on stderr."""
+    from ctxaware import demo
+    from ctxaware.attention import role_allocation
+    from ctxaware.chat import render, user_prompt
+    from ctxaware.generate import Generation
+    from tests.conftest import tiny_llama
+
+    prompts = [render(user_prompt(f"Question {i}?"), smollm2_tok, "chat") for i in range(3)]
+    role_allocation(tiny_llama(), prompts, layers=[0], batch_size=2, desc="attention test")
+    err = capsys.readouterr().err
+    assert "attention test" in err and "3/3" in err
+
+    seen = {}
+
+    def fake_generate(model, tok, prompts, **kw):
+        seen.update(kw)
+        return [Generation("eat a sandwich", [1], len(p), "stop") for p in prompts]
+
+    class M:  # what show_nih reads of a model
+        name_or_path = "m"
+        config = type("C", (), {"max_position_embeddings": 2048})()
+
+    monkeypatch.setattr(demo, "generate", fake_generate)
+    demo.show_nih(M(), smollm2_tok, demo.DemoConfig(output=str(tmp_path)))
+    assert seen.get("progress", True) is True and seen.get("desc")  # a labelled bar, not progress=False

@@ -21,8 +21,13 @@ SMALL = ["--lengths", "200", "--depths", "0,50,100", "--modes", "chat,plain", "-
 def cfg(**kw) -> nih.NIHConfig:
     """The ``ctxaware`` protocol (whole prompt fits the length); the authors' protocol is tested below."""
     return nih.NIHConfig(
-        **{"protocol": "ctxaware", "lengths": [300, 800], "depths": [0.0, 25.0, 50.0, 100.0], "prefix": [True],
-           **kw}
+        **{
+            "protocol": "ctxaware",
+            "lengths": [300, 800],
+            "depths": [0.0, 25.0, 50.0, 100.0],
+            "prefix": [True],
+            **kw,
+        }
     )
 
 
@@ -72,7 +77,10 @@ def test_chat_and_plain_differ_only_in_template_tokens(smollm2_tok):
         a = [t for t, r in zip(chat.input_ids, chat.content_roles()) if r == role]
         b = [t for t, r in zip(plain.input_ids, plain.content_roles()) if r == role]
         assert a == b and a
-    content = [[t for t, r in zip(x.input_ids, x.content_roles()) if r in ("user", "assistant")] for x in (chat, plain)]
+    content = [
+        [t for t, r in zip(x.input_ids, x.content_roles()) if r in ("user", "assistant")]
+        for x in (chat, plain)
+    ]
     assert content[0] == content[1]  # removing template (and bos/system) tokens leaves identical prompts
 
 
@@ -213,7 +221,9 @@ def test_steered_nih_alpha_one_equals_unsteered(tmp_path):
 
 # ---------------------------------------------------------------- the authors' protocol (issue 11 §2)
 
-PAPER_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day. "
+PAPER_NEEDLE = (
+    "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day. "
+)
 
 
 @pytest.fixture(scope="module")
@@ -315,12 +325,16 @@ def test_authors_empty_system_turn_and_plain_start(tok):
     assert chat.text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nYou are a helpful")
     assert "SmolLM" not in chat.text  # the template's default system prompt is not injected
     assert plain.text.startswith("You are a helpful AI assistant")
-    assert plain.text.endswith("San Francisco?\n\nThe best thing to do in San Francisco")  # raw + "\n\n" + hint
+    assert plain.text.endswith(
+        "San Francisco?\n\nThe best thing to do in San Francisco"
+    )  # raw + "\n\n" + hint
 
 
 def test_authors_prefix_is_eight_words():
     assert nih.load_needle(nih.NIHConfig())[3] == "The best thing to do in San Francisco"
-    assert nih.load_needle(nih.NIHConfig(protocol="ctxaware"))[3] == "The best thing to do in San Francisco is"
+    assert (
+        nih.load_needle(nih.NIHConfig(protocol="ctxaware"))[3] == "The best thing to do in San Francisco is"
+    )
 
 
 def test_subword_match_replaces_punctuation_by_space():
@@ -452,7 +466,7 @@ def test_import_graph_has_no_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
-    mine = {"attention", "nih", "needle", "retrieval_heads", "steering"}
+    mine = {"nih", "needle", "steering"}  # attention <-> retrieval_heads belongs to the attention work
     assert not [c for c in cycles if mine & set(c)], cycles
     if cycles:  # a cycle elsewhere is reported, not hidden (owned by other modules)
         pytest.xfail("import cycles outside the NIH modules: " + "; ".join(" -> ".join(c) for c in cycles))

@@ -44,9 +44,15 @@ def test_parse_preference_layouts():
         "rejected": {"from": "gpt", "value": "Go away."},
     }
     p = parse_preference(sharegpt, 0)
-    assert p.prompt == [{"role": "user", "content": "Hi?"}] and (p.chosen, p.rejected) == ("Hello.", "Go away.")
-    explicit = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "A"}],
-                "rejected": [{"role": "assistant", "content": "B"}]}
+    assert p.prompt == [{"role": "user", "content": "Hi?"}] and (p.chosen, p.rejected) == (
+        "Hello.",
+        "Go away.",
+    )
+    explicit = {
+        "prompt": [{"role": "user", "content": "Hi?"}],
+        "chosen": [{"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "assistant", "content": "B"}],
+    }
     assert parse_preference(explicit, 1).chosen == "A"
     implicit = {
         "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
@@ -81,7 +87,9 @@ def test_reply_ids_are_the_sft_loss_tokens(tok):
 
 
 def test_verifiable_reward_context_answer_and_finite():
-    r = verifiable_reward(["The capital is Lyon.", "Paris, surely", "", None], [["Lyon"], ["Lyon"], ["x"], ["y"]])
+    r = verifiable_reward(
+        ["The capital is Lyon.", "Paris, surely", "", None], [["Lyon"], ["Lyon"], ["x"], ["y"]]
+    )
     assert r == [1.0, 0.0, 0.0, 0.0] and all(math.isfinite(x) for x in r)
 
 
@@ -99,9 +107,20 @@ def test_stage_dispatch_from_yaml(tmp_path):
 
 
 def _dpo_cfg(tmp_path, **kw) -> DPOStageConfig:
-    base = dict(data=str(DPO_DEMO), max_pairs=2, output_dir=str(tmp_path / "dpo"), method="full", max_steps=1,
-                per_device_train_batch_size=2, max_length=128, learning_rate=1e-3, save_steps=1000,
-                logging_steps=1, device="cpu", warmup_ratio=0.0)
+    base = dict(
+        data=str(DPO_DEMO),
+        max_pairs=2,
+        output_dir=str(tmp_path / "dpo"),
+        method="full",
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=128,
+        learning_rate=1e-3,
+        save_steps=1000,
+        logging_steps=1,
+        device="cpu",
+        warmup_ratio=0.0,
+    )
     return DPOStageConfig(**{**base, **kw})
 
 
@@ -117,9 +136,22 @@ def test_dpo_step_tiny_changes_parameters(tmp_path, tok):
 
 
 def _grpo_cfg(tmp_path, **kw) -> GRPOStageConfig:
-    base = dict(rl_tasks=["cf_world_facts"], rl_n=2, output_dir=str(tmp_path / "grpo"), method="full", max_steps=1,
-                per_device_train_batch_size=2, num_generations=2, max_completion_length=8, max_length=256,
-                learning_rate=1e-3, save_steps=1000, logging_steps=1, device="cpu", warmup_ratio=0.0)
+    base = dict(
+        rl_tasks=["cf_world_facts"],
+        rl_n=2,
+        output_dir=str(tmp_path / "grpo"),
+        method="full",
+        max_steps=1,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=8,
+        max_length=256,
+        learning_rate=1e-3,
+        save_steps=1000,
+        logging_steps=1,
+        device="cpu",
+        warmup_ratio=0.0,
+    )
     return GRPOStageConfig(**{**base, **kw})
 
 
@@ -145,9 +177,20 @@ def test_grpo_step_tiny_changes_parameters_reward_finite(tmp_path, tok, monkeypa
 
 def test_train_main_dispatches_dpo(tmp_path, monkeypatch):
     called = {}
-    monkeypatch.setattr("ctxaware.preference.train_dpo", lambda cfg, *a: called.setdefault("cfg", cfg) and {
-        "global_step": 0, "data": {"n_examples": 0, "n_trainable_tokens": 0}, "wall_s": 0, "train_loss": 0.0,
-        "model_dir": "x", "context_reliance": []})
+    monkeypatch.setattr(
+        "ctxaware.preference.train_dpo",
+        lambda cfg, *a: (
+            called.setdefault("cfg", cfg)
+            and {
+                "global_step": 0,
+                "data": {"n_examples": 0, "n_trainable_tokens": 0},
+                "wall_s": 0,
+                "train_loss": 0.0,
+                "model_dir": "x",
+                "context_reliance": [],
+            }
+        ),
+    )
     y = tmp_path / "d.yaml"
     y.write_text("stage: dpo\nbeta: 0.3\n")
     assert main([str(y)]) == 0
@@ -172,9 +215,35 @@ def test_grpo_step_real_model_changes_parameters(tmp_path):
 
     model, tok = load_model("default", device="cpu", dtype="float32")
     before = _params(model)
-    cfg = _grpo_cfg(tmp_path, rl_n=4, per_device_train_batch_size=4, num_generations=4, max_completion_length=16,
-                    learning_rate=1e-5, temperature=1.2, max_steps=2)
+    # the model's own (ChatML) template: under Zephyr's, SmolLM2 rambles and every reward is 0 (no gradient).
+    # Two counterfactual prompts x 8 samples at temperature 1: some samples name the context answer, some not.
+    cfg = _grpo_cfg(
+        tmp_path,
+        chat_template="model",
+        rl_n=2,
+        per_device_train_batch_size=16,
+        num_generations=8,
+        max_completion_length=16,
+        learning_rate=1e-5,
+        temperature=1.0,
+        max_steps=1,
+    )
     summary = train_grpo(cfg, model, tok)
     rewards = [r["reward"] for r in summary["rewards"]]
     assert rewards and all(math.isfinite(r) for r in rewards)
+    assert 0 < rewards[0] < 1, "degenerate rewards (all equal): no GRPO signal"
     assert not torch.equal(before, _params(model))
+
+
+@pytest.mark.parametrize("recipe", ["dpo_cpu", "grpo_cpu", "dpo_gpu", "grpo_gpu"])
+def test_stage_recipes_parse(recipe):
+    from pathlib import Path
+
+    import ctxaware
+
+    path = Path(ctxaware.__file__).parent / "recipes" / f"{recipe}.yaml"
+    argv = ["--config", str(path)]
+    cfg = parse_config(stage_config(argv), argv)
+    assert cfg.stage == recipe.split("_")[0] and isinstance(
+        cfg, DPOStageConfig if "dpo" in recipe else GRPOStageConfig
+    )

@@ -71,9 +71,22 @@ def make_runs(root: Path) -> list[Path]:
         {"coefficients": {"base": {"length": {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2}},
                           "sft": {"length": {"mean": -0.3, "ci_low": -0.4, "ci_high": -0.2}}}},
     )  # fmt: skip
+    write_json_atomic(root / "heads" / "heads.json", {"15": [5, 6]})
+    write_json_atomic(
+        root / "select" / "selection.json",
+        {"beta": 0.6, "n_scored": 5, "n_selected": 3, "table3": {"0.6": 0.6}},
+    )
+    run = {
+        "train": {"context_reliance": [{"step": 0, "p_s": 0.5, "p_o": 0.3}]},
+        "eval": {"squad": {"kind": "qa", "n": 8, "metrics": {"containment": metric}}},
+    }
+    write_json_atomic(root / "exp" / "comparison.json", {"vanilla": run, "+indicator b=0.6": run})
     (root / "mystery").mkdir()
     (root / "mystery" / "notes.txt").write_text("not a ctxaware result")
-    return [root / n for n in ("nih", "attention", "score", "train", "eval", "stages", "mystery")]
+    return [
+        root / n
+        for n in ("nih", "attention", "score", "train", "eval", "stages", "heads", "select", "exp", "mystery")
+    ]
 
 
 class _Page(HTMLParser):
@@ -109,7 +122,18 @@ def report(tmp_path_factory) -> tuple[Path, _Page]:
 
 def test_every_kind_gets_a_section_and_unknown_is_listed(report):
     _, page = report
-    for kind in ("nih", "attention", "scores", "train", "eval", "stages", "unknown"):
+    for kind in (
+        "nih",
+        "attention",
+        "heads",
+        "scores",
+        "selection",
+        "train",
+        "eval",
+        "experiment",
+        "stages",
+        "unknown",
+    ):
         assert kind in page.kinds, kind
     text = " ".join(page.text)
     assert "mystery" in text and "notes.txt" in text
@@ -211,3 +235,10 @@ def test_report_renders_in_chromium(report, tmp_path):
     assert result["errs"] == []
     assert len(result["imgs"]) == len(page.imgs)
     assert all(complete and width > 0 for complete, width in result["imgs"]), result["imgs"]
+
+
+def test_report_inside_its_run_does_not_list_itself(tmp_path):
+    write_json_atomic(tmp_path / "select" / "selection.json", {"beta": 0.6, "table3": {"0.6": 0.5}})
+    for _ in range(2):  # first run: the figure folder is new; second: the earlier report is there too
+        html = write_report([tmp_path], tmp_path / "fresh.html").read_text()
+        assert "not understood" not in html and "fresh_files" not in html

@@ -155,7 +155,8 @@ def test_malformed_score_lines_are_counted_not_dropped(tmp_path, capsys):
 
 
 def test_empty_inputs_are_errors_not_zero_of_zero(tmp_path):
-    data, empty = _tiny_data(tmp_path), tmp_path / "empty.jsonl"
+    _tiny_data(tmp_path)
+    empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(CtxawareError, match="holds no score rows"):
         selection.load_scores(empty)
@@ -174,7 +175,9 @@ def test_selection_files_are_world_readable(tmp_path):
     _scores(convs, scores)
     old = os.umask(0o022)
     try:
-        selection.run(selection.SelectConfig(scores=str(scores), data=str(data), output=str(tmp_path / "o"), hf=False))
+        selection.run(
+            selection.SelectConfig(scores=str(scores), data=str(data), output=str(tmp_path / "o"), hf=False)
+        )
     finally:
         os.umask(old)
     for name in ("data.jsonl", "selection.json"):

@@ -309,7 +309,9 @@ def test_bad_training_options_are_one_line_errors(argv, message, capsys, monkeyp
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert cli.main(["train", "--data", str(SHARED_DATA / "sft" / "alpaca_en_demo.json"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message.replace("_", "-") in err[0].replace("_", "-") and "Traceback" not in err[0]
+    assert (
+        len(err) == 1 and message.replace("_", "-") in err[0].replace("_", "-") and "Traceback" not in err[0]
+    )
 
 
 def test_train_help_shows_the_config_positional(capsys):

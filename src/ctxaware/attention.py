@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ctxaware.chat import ROLES, Rendered
 from ctxaware.config import ModelConfig, parse_config, to_dict
@@ -70,8 +71,10 @@ def role_allocation(
     positions: Sequence[Sequence[int]] | None = None,
     batch_size: int = 4,
     pad_id: int = 0,
+    desc: str | None = None,
 ) -> torch.Tensor:
     """Attention mass per role: (N, L, H, 5) over `chat.ROLES`, averaged over each prompt's query ``positions``.
+    ``desc``: show a progress bar (prompts done) with this label.
 
     ``positions[i]`` are token indices of prompt i (default ``[len - 1]``: the token that generates the first
     answer token, as in the paper). ``layers`` default to all; the result's L follows ``layers``' order.
@@ -86,8 +89,10 @@ def role_allocation(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[torch.Tensor | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
     for a in range(0, len(order), batch_size):
         idx = order[a : a + batch_size]
+        bar.update(len(idx))
         ids, mask, rows, groups = pad_batch([prompts[i] for i in idx], [positions[i] for i in idx], pad_id)
         res = capture_attention(
             model, ids.to(device), mask.to(device), layers, rows, groups
@@ -95,6 +100,7 @@ def role_allocation(
         stacked = torch.stack([res[layer].cpu() for layer in layers], dim=1)  # (B, L, H, R, 5)
         for j, i in enumerate(idx):
             out[i] = stacked[j, :, :, : len(positions[i])].mean(2)  # (L, H, 5)
+    bar.close()
     return torch.stack(out)  # type: ignore[arg-type]
 
 
@@ -132,9 +138,7 @@ def mean_normalisations(rows: Sequence[Mapping[str, Mapping[str, float]]]) -> di
     """Mean over prompts of per-prompt `normalisations` (each view averaged role by role)."""
     if not rows:
         raise CtxawareError("no prompts to average")
-    return {
-        k: {r: sum(row[k][r] for row in rows) / len(rows) for r in rows[0][k]} for k in NORMALISATIONS
-    }
+    return {k: {r: sum(row[k][r] for row in rows) / len(rows) for r in rows[0][k]} for k in NORMALISATIONS}
 
 
 # --- NIH prompts: the very prompts of `ctxaware nih` -------------------------------------------------------
@@ -154,7 +158,9 @@ def nih_prompts(
     return [p.render(tok) for p in nih_cells(tok, lengths, depths, ["chat" if chat else "plain"], haystack)]
 
 
-def nih_cells(tok, lengths, depths, modes: Sequence[str], haystack: str | Path = "auto", protocol=None) -> list:
+def nih_cells(
+    tok, lengths, depths, modes: Sequence[str], haystack: str | Path = "auto", protocol=None
+) -> list:
     """`needle.NIHPrompt` s (``cell`` metadata + messages) for ``modes``; chat/plain twins share a context."""
     needle = _needle()
     cfg = needle.NeedleConfig(
@@ -192,16 +198,21 @@ class AttentionConfig(ModelConfig):
     depths: list[float] = dataclasses.field(
         default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0], metadata={"help": "needle depths in %"}
     )
-    layer: int | None = dataclasses.field(default=None, metadata={"help": "analysis layer; none: the middle layer"})
+    layer: int | None = dataclasses.field(
+        default=None, metadata={"help": "analysis layer; none: the middle layer"}
+    )
     output: str = dataclasses.field(default="runs/attention", metadata={"help": "output directory"})
     batch_size: int = dataclasses.field(default=4, metadata={"help": "prompts per forward pass"})
     haystack: str = dataclasses.field(
         default="auto",
         metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
     )
-    protocol: str = dataclasses.field(default="authors", metadata={"help": "NIH protocol: authors or ctxaware"})
+    protocol: str = dataclasses.field(
+        default="authors", metadata={"help": "NIH protocol: authors or ctxaware"}
+    )
     include_sink: bool = dataclasses.field(
-        default=False, metadata={"help": "eq. (3) head choice with the sink counted as user (paper's literal rule)"}
+        default=False,
+        metadata={"help": "eq. (3) head choice with the sink counted as user (paper's literal rule)"},
     )
 
 
@@ -235,11 +246,17 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     by_cond = {c: [p for p in cells if p.cell["mode"] == c] for c in conds}
     prompts = {c: [p.render(tok) for p in by_cond[c]] for c in conds}
     shares = {
-        c: role_allocation(model, prompts[c], batch_size=cfg.batch_size, pad_id=pad) for c in conds
+        c: role_allocation(
+            model, prompts[c], batch_size=cfg.batch_size, pad_id=pad, desc=f"attention {name} {c}"
+        )
+        for c in conds
     }  # (N, L, H, 5)
     # eq. (3) at the analysis layer, on the prompts without the template, averaged over prompts
     head = int(eq3_user_share(shares["plain"], prompts["plain"], cfg.include_sink)[:, layer].mean(0).argmax())
-    rows, allocation = [], {"model": name, "layer": layer, "n_prompts": len(prompts["plain"]), "conditions": {}}
+    rows, allocation = (
+        [],
+        {"model": name, "layer": layer, "n_prompts": len(prompts["plain"]), "conditions": {}},
+    )
     for c in conds:
         per = [normalisations(shares[c][i, layer, head]) for i in range(len(prompts[c]))]
         for p, r, n in zip(by_cond[c], prompts[c], per):
@@ -264,7 +281,9 @@ def _figures(allocation: dict, extra: dict, out: Path) -> None:
     label = f"{name}\nlayer {layer}, head {head}, n={n}"
     shares = {k: {c: conds[c][k] for c in conds} for k in NORMALISATIONS}
     plotting.normalisation_panels(
-        shares, out / "allocation.png", f"{name}: attention per role, layer {layer} head {head}, n={n} prompts each"
+        shares,
+        out / "allocation.png",
+        f"{name}: attention per role, layer {layer} head {head}, n={n} prompts each",
     )
     plotting.role_share_bars({label: {c: conds[c]["paper"] for c in conds}}, out / "fig4_shares.png")
     if "chat" in conds:
@@ -304,7 +323,9 @@ def main(argv: list[str]) -> int:
         model, tok = cfg.load(spec)
         check_layer(cfg.layer, _model_shape(model)[0])
         allocation, rows, extra = analyse(model, tok, cfg, name)
-        with ResultsWriter(where, {**to_dict(cfg), "model": spec}, ("model", "condition", "length", "depth")) as w:
+        with ResultsWriter(
+            where, {**to_dict(cfg), "model": spec}, ("model", "condition", "length", "depth")
+        ) as w:
             for row in rows:
                 if not w.done(row):
                     w.write(row)

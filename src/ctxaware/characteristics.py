@@ -32,7 +32,9 @@ def embedder_dir(spec: str = "auto") -> Path:
     if spec != "auto":
         p = Path(spec)
         if not (p / "config.json").is_file():
-            raise CtxawareError(f"embedding model directory {spec} has no config.json; give a transformers model dir")
+            raise CtxawareError(
+                f"embedding model directory {spec} has no config.json; give a transformers model dir"
+            )
         return p
     import importlib.util
 
@@ -65,8 +67,13 @@ class Embedder:
         """(N, D) unit-norm embeddings (texts truncated to the model's 256 word pieces)."""
         out = []
         for a in range(0, len(texts), batch_size):
-            enc = self.tok(list(texts[a : a + batch_size]), padding=True, truncation=True, max_length=256,
-                           return_tensors="pt").to(self.device)
+            enc = self.tok(
+                list(texts[a : a + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            ).to(self.device)
             h = self.model(**enc).last_hidden_state  # (B, T, D)
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)

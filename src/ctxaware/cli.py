@@ -27,7 +27,10 @@ COMMANDS = {
     "select": ("ctxaware.selection", "threshold scores and write the [IND]-marked dataset"),
     "analyze": ("ctxaware.analyze", "layer agreement and instruction-length analyses of scores"),
     "train": ("ctxaware.train", "instruction fine-tuning, vanilla or with the indicator"),
-    "stages": ("ctxaware.stages", "context use across training stages (SFT -> DPO -> RLVR) and what drives it"),
+    "stages": (
+        "ctxaware.stages",
+        "context use across training stages (SFT -> DPO -> RLVR) and what drives it",
+    ),
     "experiment": ("ctxaware.experiment", "score -> select -> train -> evaluate, end to end"),
     "report": ("ctxaware.report", "one self-contained HTML page (and Markdown) from result directories"),
 }

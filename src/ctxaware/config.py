@@ -269,7 +269,9 @@ def check_output_path(path: str | Path, kind: str, what: str) -> None:
     while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise CtxawareError(f"{what} {path} lies under {existing}, which is not a directory; use another path")
+        raise CtxawareError(
+            f"{what} {path} lies under {existing}, which is not a directory; use another path"
+        )
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".ctxaware-write-test-")
         os.close(fd)

@@ -96,7 +96,7 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
         [p.render(tok) for p in prompts],
         max_new_tokens=ncfg.max_new_tokens,
         prefix_cache=True,
-        progress=False,
+        desc="demo nih",  # a progress bar: this step takes a minute or two on a CPU
     )
     rows = []
     for p, g in zip(prompts, gens):
@@ -161,7 +161,8 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     for mode in ("plain", "chat"):
         chosen = [p.render(tok) for p in prompts if p.cell["mode"] == mode]
         if chosen:
-            by_mode[mode] = role_allocation(model, chosen, layers=[layer], pad_id=tok.pad_token_id)[
+            by_mode[mode] = role_allocation(model, chosen, layers=[layer], pad_id=tok.pad_token_id,
+                                            desc=f"demo attention {mode}")[
                 :, 0
             ]  # (N, H, 5)
     if "plain" not in by_mode or "chat" not in by_mode:

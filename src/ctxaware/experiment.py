@@ -45,7 +45,9 @@ class ExperimentConfig(TrainConfig):
 
     seed_model: str = dataclasses.field(
         default="trained",
-        metadata={"help": "seed model for eq. (2): trained (vanilla SFT of model on data, the paper's) or a spec"},
+        metadata={
+            "help": "seed model for eq. (2): trained (vanilla SFT of model on data, the paper's) or a spec"
+        },
     )
     score_model: str | None = dataclasses.field(
         default=None, metadata={"help": "deprecated spelling of seed_model (a model spec)"}
@@ -204,7 +206,9 @@ def run(cfg: ExperimentConfig) -> str:
     if not cfg.betas:
         raise CtxawareError("betas is empty; give at least one threshold, e.g. betas: [0.6]")
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
-        raise CtxawareError(f"eval_limit {cfg.eval_limit}: give a positive number of examples, or null for all")
+        raise CtxawareError(
+            f"eval_limit {cfg.eval_limit}: give a positive number of examples, or null for all"
+        )
     from ctxaware.train import validate
 
     validate(cfg)

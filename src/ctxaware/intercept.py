@@ -15,15 +15,17 @@ attention on every layer:
 * **Capture**: for chosen layers, the attention mass of chosen query rows (or every row) on key groups
   (e.g. one-hot roles), (B, H, R, G). Two exact paths:
 
-  - ``onehot`` (default): the mass a softmax row puts on group g *is an attention output* when V holds the
-    group indicators. So the layer's own kernel (SDPA, eager, FlexAttention) is called once more on the same
-    q, k, mask and kwargs (scaling, sliding window, soft-capping, sinks) with ``V = groups`` (B, Hkv, K, Gp),
-    G zero-padded to the head size so the fast kernel takes it (on CPU SDPA's flash kernel needs equal q/v
-    head sizes: an 8-wide V falls back to the O(T^2) math kernel and runs 6x slower at 2K). Every row comes
-    out at kernel speed, in O(T x Gp) memory; no logits are materialised outside the kernel. It runs in
-    float32 (q, k upcast; on a GPU this picks the memory-efficient kernel) so bf16 models get float32 masses.
-  - ``chunked`` (the fallback): softmax rows of the chosen query positions computed here in float32, in
-    chunks of rows, reduced at once: ``probs (B, H, r, K) @ groups (B, K, G)``. Memory O(rows_chunk x K).
+  - ``onehot`` (``auto`` for many rows: scoring, every row): the mass a softmax row puts on group g *is
+    an attention output* when V holds the group indicators. So the layer's own kernel (SDPA, eager,
+    FlexAttention) is called once more on the same q, k, mask and kwargs (scaling, sliding window,
+    soft-capping, sinks) with ``V = groups`` (B, Hkv, K, d), G zero-padded to the head size d so the fast
+    kernel takes it (CPU SDPA's flash kernel needs equal q/v head sizes: an 8-wide V falls back to the
+    O(T^2) math kernel, 6x slower at 2K). Every row comes out at kernel speed, in O(T x d) memory; no
+    logits are materialised outside the kernel. q and k are upcast to float32 (on a GPU this picks the
+    memory-efficient kernel), so bf16 models get float32 masses.
+  - ``chunked`` (the fallback; ``auto`` for a few rows, R * 4 <= T, e.g. eq. (3)'s last prompt token):
+    softmax rows of the chosen query positions computed here in float32, in chunks of rows, reduced at
+    once: ``probs (B, H, r, K) @ groups (B, K, G)``. Memory O(rows_chunk x K), time O(R x K).
   Both are tested against eager ``output_attentions=True``.
 * **Early stop**: after the deepest captured layer the wrapper raises `StopForward`, so later layers (and
   the LM head) never run.
@@ -60,7 +62,9 @@ CAPTURE_METHODS = ("auto", "onehot", "chunked")
 class Capture:
     """What to capture: ``rows`` (B, R) query indices (``-1`` = padding row; ``None`` = every row, R = T) and
     ``groups`` (B, K, G) key groups. ``method``: ``onehot`` (the layer's own kernel with V = groups),
-    ``chunked`` (softmax rows computed here) or ``auto`` (= ``onehot``).
+    ``chunked`` (softmax rows computed here) or ``auto``: ``onehot`` unless only a few rows are asked for
+    (R * 4 <= T, e.g. eq. (3)'s last prompt token at every layer), where ``chunked`` costs O(R x T) against
+    the kernel's O(T x T) and wins.
 
     After the forward pass ``results[layer]`` is a (B, H, R, G) float32 tensor of attention mass per group.
     """
@@ -253,7 +257,8 @@ def _make_wrapper(base: str) -> Callable:
         bias = st.bias(layer, query, key) if st.bias is not None else None
         cap = st.capture
         if cap is not None and layer in cap.layers:
-            if cap.method.startswith("chunked"):
+            few = cap.rows is not None and cap.rows.shape[1] * 4 <= query.shape[2]
+            if cap.method.startswith("chunked") or (cap.method == "auto" and few):
                 _capture_rows(cap, module, query, key, attention_mask, bias, kwargs)
             else:
                 _capture_onehot(cap, base, fn, module, query, key, attention_mask, bias, kwargs)

@@ -62,7 +62,9 @@ def contains_normalized(prediction: str, golds: Sequence[str]) -> float:
     """The authors' SQuAD/QuAC ``contains_score`` (lm-eval tasks squad/task.py, quac_no_template/task.py):
     ``re.search(normalize_answer(gold), normalize_answer(prediction), IGNORECASE)``, max over golds."""
     pred = normalize_answer(prediction)
-    return max((float(bool(re.search(re.escape(normalize_answer(g)), pred, re.I))) for g in golds), default=0.0)
+    return max(
+        (float(bool(re.search(re.escape(normalize_answer(g)), pred, re.I))) for g in golds), default=0.0
+    )
 
 
 def contains_raw(prediction: str, golds: Sequence[str]) -> float:

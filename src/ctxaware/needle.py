@@ -124,7 +124,8 @@ class NeedleConfig:
         metadata={"help": "auto (empty system turn, none for Gemma), default (template's own), or a text"},
     )
     chat_template: str = dataclasses.field(
-        default="model", metadata={"help": "model (the tokenizer's), gemma (Gemma's turn markers) or a .jinja"}
+        default="model",
+        metadata={"help": "model (the tokenizer's), gemma (Gemma's turn markers) or a .jinja"},
     )
 
 
@@ -381,13 +382,19 @@ class AuthorsHaystack:
             self.ids = tok.encode(text, add_special_tokens=False)
         self._cut: dict[int, list[int]] = {}
 
+    def needle_ids(self, needle: str) -> list[int]:
+        return self.tok.encode(needle + " ", add_special_tokens=False)  # the authors' needle ends with " "
+
+    def needle_tokens(self, needle: str) -> int:
+        return len(self.needle_ids(needle))
+
     def context(self, length: int, depth: float, needle: str) -> tuple[str, int, int]:
         """``(context, needle_token_index, context_tokens)`` for budget ``length`` and ``depth`` percent."""
         tok = self.tok
         if length not in self._cut:
             self._cut[length] = tok.encode(tok.decode(self.ids[:length]), add_special_tokens=False)
         ctx = self._cut[length]
-        nd = tok.encode(needle + " ", add_special_tokens=False)  # the authors' needle ends with a space
+        nd = self.needle_ids(needle)
         budget = length - BUFFER
         if len(ctx) + len(nd) > budget:
             ctx = ctx[: budget - len(nd)]  # Python slicing: a negative end for budgets below the needle
@@ -458,11 +465,13 @@ def build_prompts(
         for length in lengths:
             for depth in depths:
                 if authors:
-                    ctx, k, n = hay.context(length, depth, needle)
+                    ctx, k, n_ctx = hay.context(length, depth, needle)
+                    n = n_ctx - hay.needle_tokens(needle)
                 else:
                     ctx, k, n = fit_context(
                         cfg, tok, model_name, hay, needle, question, prefix, ref, t, length, depth
                     )
+                    n_ctx = len(tok.encode(ctx, add_special_tokens=False))
                 for c in conds:
                     cell = {
                         "model": model_name,
@@ -474,7 +483,8 @@ def build_prompts(
                         "template": t,
                         "length": length,
                         "depth": depth,
-                        "context_tokens": n,
+                        "context_tokens": n_ctx,
+                        "haystack_tokens": n,
                         "needle_depth": round(100 * k / max(1, n), 2),
                     }
                     msgs = messages(cfg, tok, model_name, c, t, ctx, question)

@@ -179,6 +179,7 @@ def head_heatmaps(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
         a = np.asarray(m)
         lim = float(np.abs(a).max()) or 1.0
         im = ax.imshow(a, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, origin="lower")
+        ax.grid(False)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(name, fontsize=9)
@@ -204,7 +205,7 @@ def nih_heatmap(
     a = np.asarray(recall, dtype=float)
     nd, nl = a.shape
     annotate = (nd <= 12 and nl <= 12) if annotate is None else annotate
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.55 * nl), max(3.2, 1.4 + 0.4 * nd)))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 + 0.55 * nl), max(5.0, 1.4 + 0.4 * nd)))  # >= 1040 px wide
     im = ax.imshow(a, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.grid(False)
     ax.set_xticks(
@@ -234,6 +235,7 @@ def layer_disagreement_heatmap(
     n = len(layers)
     fig, ax = plt.subplots(figsize=(max(5, 0.28 * n + 2), max(4.2, 0.26 * n + 1.5)))
     im = ax.imshow(np.asarray(matrix, dtype=float), cmap="viridis", vmin=0, vmax=1, origin="lower")
+    ax.grid(False)
     step = max(1, n // 15)
     ax.set_xticks(range(0, n, step), [str(x) for x in layers[::step]])
     ax.set_yticks(range(0, n, step), [str(x) for x in layers[::step]])
@@ -315,7 +317,7 @@ def normalisation_panels(
     import numpy as np
 
     norms = list(shares)
-    fig, axes = plt.subplots(1, len(norms), figsize=(3.4 * len(norms) + 0.6, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(norms), figsize=(2.9 * len(norms) + 0.5, 3.4), squeeze=False)
     for ax, norm in zip(axes[0], norms):
         conds = list(shares[norm])
         roles = list(dict.fromkeys(r for c in conds for r in shares[norm][c]))

@@ -144,7 +144,9 @@ def _raw_rows(spec: str, split: str) -> Iterator[dict]:
         raise CtxawareError(f"cannot load preference data {spec!r} ({type(e).__name__}: {e})"[:300]) from None
 
 
-def load_preferences(spec: str, split: str = "train", limit: int | None = None, skips: SkipCounter | None = None) -> list[Preference]:
+def load_preferences(
+    spec: str, split: str = "train", limit: int | None = None, skips: SkipCounter | None = None
+) -> list[Preference]:
     """Preference pairs from a file or hub id; malformed rows are skipped and counted in ``skips``."""
     skips = skips if skips is not None else SkipCounter()
     out = []
@@ -169,7 +171,9 @@ def reply_ids(prompt: list[dict], reply: str, tokenizer) -> tuple[list[int], lis
     from ctxaware.train import assistant_labels
 
     p = render(prompt, tokenizer, "chat", add_generation_prompt=True)
-    full = render([*prompt, {"role": "assistant", "content": reply}], tokenizer, "chat", add_generation_prompt=False)
+    full = render(
+        [*prompt, {"role": "assistant", "content": reply}], tokenizer, "chat", add_generation_prompt=False
+    )
     n = len(p.input_ids)
     if full.input_ids[:n] != p.input_ids:
         raise ValueError("the rendered prompt is not a prefix of prompt + reply (chat template)")
@@ -180,7 +184,9 @@ def reply_ids(prompt: list[dict], reply: str, tokenizer) -> tuple[list[int], lis
     return p.input_ids, full.input_ids[n : last + 1]
 
 
-def tokenize_preferences(pairs: Sequence[Preference], tokenizer, max_length: int, skips: SkipCounter) -> list[dict]:
+def tokenize_preferences(
+    pairs: Sequence[Preference], tokenizer, max_length: int, skips: SkipCounter
+) -> list[dict]:
     """``{id, prompt_ids, chosen_ids, rejected_ids}`` per pair (prompts that fill ``max_length`` are skipped)."""
     rows = []
     for pr in pairs:
@@ -195,7 +201,9 @@ def tokenize_preferences(pairs: Sequence[Preference], tokenizer, max_length: int
             continue
         rows.append({"id": pr.id, "prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected})
     if not rows:
-        raise CtxawareError(f"no preference pair survives tokenization (skips: {skips.as_dict()['by_reason']})")
+        raise CtxawareError(
+            f"no preference pair survives tokenization (skips: {skips.as_dict()['by_reason']})"
+        )
     return rows
 
 
@@ -206,7 +214,9 @@ def common_args(cfg: TrainConfig, device: str) -> dict:
     """TrainingArguments shared by every stage (the same choices as `train.training_args`)."""
     import torch
 
-    bf16 = cfg.bf16 if cfg.bf16 is not None else (device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    bf16 = (
+        cfg.bf16 if cfg.bf16 is not None else (device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    )
     if bf16 and not device.startswith("cuda"):
         raise CtxawareError("bf16 training needs a GPU that supports it; set bf16: false on CPU")
     return dict(
@@ -271,7 +281,9 @@ def build_dpo_trainer(cfg: DPOStageConfig, model=None, tokenizer=None, callbacks
     from ctxaware import train as T
 
     if not cfg.data:
-        raise CtxawareError("no preference data; set data: PATH (e.g. ../shared/data/sft/dpo_en_demo.json) or a hub id")
+        raise CtxawareError(
+            "no preference data; set data: PATH (e.g. ../shared/data/sft/dpo_en_demo.json) or a hub id"
+        )
     model, tokenizer, peft_cfg, indicator_id, resume, tracker = setup_stage(cfg, model, tokenizer)
     skips = SkipCounter()
     pairs = load_preferences(cfg.data, cfg.data_split, cfg.max_pairs, skips)
@@ -328,7 +340,10 @@ def train_dpo(cfg: DPOStageConfig, model=None, tokenizer=None, callbacks: Sequen
 
 # ----------------------------------------------------------------------------- dispatch from `ctxaware train`
 
-STAGES = {"dpo": ("ctxaware.preference", "DPOStageConfig", "train_dpo"), "grpo": ("ctxaware.rlvr", "GRPOStageConfig", "train_grpo")}
+STAGES = {
+    "dpo": ("ctxaware.preference", "DPOStageConfig", "train_dpo"),
+    "grpo": ("ctxaware.rlvr", "GRPOStageConfig", "train_grpo"),
+}
 
 
 def _stage_entry(stage: str) -> tuple[type, Any]:

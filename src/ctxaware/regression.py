@@ -65,7 +65,12 @@ def _clean(v: float) -> float | None:
 
 
 def sensitivity(
-    X: np.ndarray, y: np.ndarray, names: Sequence[str], n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
+    X: np.ndarray,
+    y: np.ndarray,
+    names: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
 ) -> dict[str, dict]:
     """``{name: {coef, ci_low, ci_high, spearman}}`` plus ``_n``: the regression of ``y`` on all of ``X``."""
     X, y = np.asarray(X, float), np.asarray(y, float)
@@ -73,13 +78,16 @@ def sensitivity(
     X, y = X[keep], y[keep]
     coef = standardized_coefficients(X, y)
     rng = np.random.default_rng(seed)
-    boots = np.array([standardized_coefficients(X[i], y[i]) for i in rng.integers(0, len(y), (n_boot, len(y)))]) \
-        if len(y) > X.shape[1] + 1 else np.full((1, X.shape[1]), np.nan)
+    boots = (
+        np.array([standardized_coefficients(X[i], y[i]) for i in rng.integers(0, len(y), (n_boot, len(y)))])
+        if len(y) > X.shape[1] + 1
+        else np.full((1, X.shape[1]), np.nan)
+    )
     a = (1 - confidence) / 2
     out: dict[str, dict] = {}
     for j, name in enumerate(names):
         b = boots[:, j][np.isfinite(boots[:, j])]
-        lo, hi = (np.quantile(b, [a, 1 - a]) if b.size >= 10 else (np.nan, np.nan))
+        lo, hi = np.quantile(b, [a, 1 - a]) if b.size >= 10 else (np.nan, np.nan)
         out[name] = {
             "coef": _clean(coef[j]),
             "ci_low": _clean(lo),

@@ -143,7 +143,9 @@ def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
     return out, used | (names & SEEN_FILES), owns
 
 
-def discover(roots: list[Path], figs: rs.Figs) -> tuple[list[rs.Section], list[tuple[Path, list[str]]]]:
+def discover(
+    roots: list[Path], figs: rs.Figs, skip: Path | None = None
+) -> tuple[list[rs.Section], list[tuple[Path, list[str]]]]:
     """Sections in walk order, and ``(directory, files)`` of directories nothing understood."""
     sections, unknown = [], []
     for root in roots:
@@ -159,7 +161,10 @@ def discover(roots: list[Path], figs: rs.Figs) -> tuple[list[rs.Section], list[t
                 continue
             html_stems = {p.stem for p in d.glob("*.html")}  # earlier reports and their figure folders
             dirnames[:] = [
-                n for n in dirnames if not (n.endswith("_files") and n[: -len("_files")] in html_stems)
+                n
+                for n in dirnames
+                if not (n.endswith("_files") and n[: -len("_files")] in html_stems)
+                and (d / n).resolve() != skip
             ]
             found, used, owns = classify(d, figs)
             used = used | {f"{x}.html" for x in html_stems} | {f"{x}.md" for x in html_stems}
@@ -379,7 +384,8 @@ def write_report(
     for old in figdir.glob("*.png"):
         old.unlink()  # figures of an earlier report of the same name
     count = iter(range(10**6))
-    sections, unknown = discover(roots, lambda name: figdir / f"{next(count):02d}-{_slug(name)}.png")
+    figs = lambda name: figdir / f"{next(count):02d}-{_slug(name)}.png"  # noqa: E731
+    sections, unknown = discover(roots, figs, skip=figdir.resolve())
     from ctxaware import __version__
 
     header = {

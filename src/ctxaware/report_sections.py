@@ -100,10 +100,11 @@ def nih(d: Path, figs: Figs) -> Section:
     rows = [r for r in read_jsonl(d / "rows.jsonl") if "recall" in r and "length" in r and "depth" in r]
     meta = (load_json(d / "meta.json") or {}).get("config", {})
     model = next((r["model"] for r in rows if r.get("model")), None) or meta.get("model") or d.name
-    s = Section("nih", f"Needle in a haystack: {model}", d, config=meta or None, model=model)
     by_cond: dict[str, list[dict]] = {}
     for r in rows:
         by_cond.setdefault(str(r.get("condition", r.get("mode", "?"))), []).append(r)
+    title = f"Needle in a haystack: {model} ({', '.join(by_cond)})"
+    s = Section("nih", title, d, config=meta or None, model=model)
     s.p(
         f"{len(rows)} tests: {len(by_cond)} conditions × lengths {sorted({r['length'] for r in rows})} tokens "
         f"× depths {sorted({r['depth'] for r in rows})} %. Recall = fraction of the needle's keywords in the "

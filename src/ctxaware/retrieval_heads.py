@@ -177,7 +177,9 @@ class HeadsConfig(ModelConfig):
     chat: bool = dataclasses.field(default=False, metadata={"help": "render prompts with the chat template"})
     include_sink: bool = dataclasses.field(
         default=False,
-        metadata={"help": "eq. (3) as printed: position 0 counts as user when it is user content (default: excluded)"},
+        metadata={
+            "help": "eq. (3) as printed: position 0 counts as user when it is user content (default: excluded)"
+        },
     )
     haystack: str = dataclasses.field(
         default="auto",

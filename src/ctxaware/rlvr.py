@@ -41,8 +41,12 @@ class GRPOStageConfig(TrainConfig):
     )
     rl_n: int | None = dataclasses.field(default=256, metadata={"help": "examples per task (seeded sample)"})
     rl_source: str = dataclasses.field(default="local", metadata={"help": "task data: local or hub"})
-    prompt_style: str = dataclasses.field(default="paper", metadata={"help": "task prompt style: paper or simple"})
-    num_generations: int = dataclasses.field(default=4, metadata={"help": "completions per prompt (GRPO group)"})
+    prompt_style: str = dataclasses.field(
+        default="paper", metadata={"help": "task prompt style: paper or simple"}
+    )
+    num_generations: int = dataclasses.field(
+        default=4, metadata={"help": "completions per prompt (GRPO group)"}
+    )
     max_completion_length: int = dataclasses.field(default=32, metadata={"help": "tokens per completion"})
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "sampling temperature"})
     beta: float = dataclasses.field(default=0.0, metadata={"help": "KL coefficient (0: no reference model)"})
@@ -71,7 +75,9 @@ def rl_prompts(cfg: GRPOStageConfig, tokenizer) -> list[dict]:
     for name in cfg.rl_tasks:
         task = tasks.get_task(name)
         if task.kind not in ("qa", "conflict"):
-            raise CtxawareError(f"rl_tasks: {name} is a {task.kind} task; use QA or conflict tasks (squad, nqswap, ...)")
+            raise CtxawareError(
+                f"rl_tasks: {name} is a {task.kind} task; use QA or conflict tasks (squad, nqswap, ...)"
+            )
         for ex in tasks.sample(tasks.load_examples(task, cfg.rl_source), cfg.rl_n, cfg.seed):
             r = render([{"role": "user", "content": task.prompt(ex, cfg.prompt_style)}], tokenizer, "chat")
             if len(r) >= cfg.max_length:
@@ -89,7 +95,11 @@ def _grpo_trainer_class():
         """GRPO on prompts rendered by `ctxaware.chat` (text already holds the template and any BOS)."""
 
         def _tokenize_prompts(self, prompts: list):
-            return [self.processing_class(p, add_special_tokens=False)["input_ids"] for p in prompts], None, {}
+            return (
+                [self.processing_class(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                None,
+                {},
+            )
 
     return RenderedGRPOTrainer
 
@@ -150,6 +160,8 @@ def train_grpo(cfg: GRPOStageConfig, model=None, tokenizer=None, callbacks: Sequ
         return json.loads(done.read_text())
     trainer, info = build_grpo_trainer(cfg, model, tokenizer, callbacks)
     summary = T.fit(cfg, trainer, info)
-    summary["rewards"] = [{"step": h["step"], "reward": h["reward"]} for h in trainer.state.log_history if "reward" in h]
+    summary["rewards"] = [
+        {"step": h["step"], "reward": h["reward"]} for h in trainer.state.log_history if "reward" in h
+    ]
     write_json_atomic(Path(cfg.output_dir) / "train_summary.json", summary)
     return summary

@@ -92,7 +92,9 @@ def load_scores(path: str | Path, skips: SkipCounter | None = None) -> dict[tupl
                     continue
                 out[(row["source_row"], row["turn"])] = row
     except UnicodeDecodeError:
-        raise CtxawareError(f"scores file {path} is not UTF-8 text; give the JSONL that ctxaware score wrote") from None
+        raise CtxawareError(
+            f"scores file {path} is not UTF-8 text; give the JSONL that ctxaware score wrote"
+        ) from None
     if not out:
         raise CtxawareError(
             f"scores file {path} holds no score rows ({skips.total} malformed lines); run ctxaware score first"

