@@ -242,3 +242,11 @@ def test_report_inside_its_run_does_not_list_itself(tmp_path):
     for _ in range(2):  # first run: the figure folder is new; second: the earlier report is there too
         html = write_report([tmp_path], tmp_path / "fresh.html").read_text()
         assert "not understood" not in html and "fresh_files" not in html
+
+
+def test_unreadable_formats_are_reported_not_raised(tmp_path):
+    write_json_atomic(tmp_path / "att" / "allocation.json", {"models": {"m": "not a mapping"}})
+    (tmp_path / "nih").mkdir()
+    (tmp_path / "nih" / "rows.jsonl").write_text('{"length": 1, "depth": 0, "recall": "high"}\n')
+    html = write_report([tmp_path], tmp_path / "out" / "r.html").read_text()
+    assert html.count("could not be read") == 2 and "not readable" in html

@@ -135,6 +135,18 @@ def test_attention_shares_match_eager_reference(smollm2_tok):
         )
 
 
+def test_user_share_agrees_with_attention_sink_excluded_view(smollm2_tok):
+    """The per-head user share equals `ctxaware attention`'s sink-excluded view of the role allocation."""
+    from ctxaware.attention import SINK_EXCLUDED, renormalise, role_allocation
+
+    tok, model = smollm2_tok, tiny_llama()
+    ctx = "Lyon is the capital of France."
+    prompts = [render(user_prompt(f"Background: {ctx} Question: What is the capital?"), tok, "chat")]
+    got = attention_shares(model, prompts, [context_groups(prompts[0], tok, ctx, "chat")], 1, 0)
+    ref = renormalise(role_allocation(model, prompts, pad_id=0), SINK_EXCLUDED)[0, ..., SINK_EXCLUDED.index("user")]
+    np.testing.assert_allclose(np.array(got[0][1]), ref.numpy(), atol=2e-4)
+
+
 # --- the command -----------------------------------------------------------------------------------------
 
 

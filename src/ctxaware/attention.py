@@ -92,7 +92,6 @@ def role_allocation(
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
     for a in range(0, len(order), batch_size):
         idx = order[a : a + batch_size]
-        bar.update(len(idx))
         ids, mask, rows, groups = pad_batch([prompts[i] for i in idx], [positions[i] for i in idx], pad_id)
         res = capture_attention(
             model, ids.to(device), mask.to(device), layers, rows, groups
@@ -100,6 +99,7 @@ def role_allocation(
         stacked = torch.stack([res[layer].cpu() for layer in layers], dim=1)  # (B, L, H, R, 5)
         for j, i in enumerate(idx):
             out[i] = stacked[j, :, :, : len(positions[i])].mean(2)  # (L, H, 5)
+        bar.update(len(idx))
     bar.close()
     return torch.stack(out)  # type: ignore[arg-type]
 
@@ -189,6 +189,8 @@ class AttentionConfig(ModelConfig):
         protocol: NIH prompt protocol (authors or ctxaware, docs/nih.md).
         include_sink: pick the retrieval head by eq. (3) as printed (sink counted as user when it is user
             content); by default the sink is excluded.
+        chat_template: the template of the chat condition: the tokenizer's own, or Gemma's turn markers /
+            a .jinja file for a base model (as ``ctxaware nih --chat-template``).
     """
 
     lengths: list[int] = dataclasses.field(
@@ -213,6 +215,10 @@ class AttentionConfig(ModelConfig):
     include_sink: bool = dataclasses.field(
         default=False,
         metadata={"help": "eq. (3) head choice with the sink counted as user (paper's literal rule)"},
+    )
+    chat_template: str = dataclasses.field(
+        default="model",
+        metadata={"help": "model (the tokenizer's; none: plain only), gemma, or a .jinja file"},
     )
 
 
@@ -239,9 +245,13 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     check_layer(cfg.layer, n_layers)
     layer = middle_layer(model) if cfg.layer is None else cfg.layer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    _needle().apply_chat_template_choice(tok, cfg.chat_template)
     conds = ["plain"] + (["chat"] if getattr(tok, "chat_template", None) else [])
     if conds == ["plain"]:
-        print(f"note: {name} has no chat template; only the plain condition is measured")
+        print(
+            f"note: {name} has no chat template; only the plain condition is measured "
+            "(--chat-template gemma|FILE.jinja gives it one)"
+        )
     cells = nih_cells(tok, cfg.lengths, cfg.depths, conds, cfg.haystack, cfg.protocol)
     by_cond = {c: [p for p in cells if p.cell["mode"] == c] for c in conds}
     prompts = {c: [p.render(tok) for p in by_cond[c]] for c in conds}

@@ -161,10 +161,9 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     for mode in ("plain", "chat"):
         chosen = [p.render(tok) for p in prompts if p.cell["mode"] == mode]
         if chosen:
-            by_mode[mode] = role_allocation(model, chosen, layers=[layer], pad_id=tok.pad_token_id,
-                                            desc=f"demo attention {mode}")[
-                :, 0
-            ]  # (N, H, 5)
+            by_mode[mode] = role_allocation(
+                model, chosen, layers=[layer], pad_id=tok.pad_token_id, desc=f"demo attention {mode}"
+            )[:, 0]  # (N, H, 5)
     if "plain" not in by_mode or "chat" not in by_mode:
         print("(needs a model with a chat template)")
         return

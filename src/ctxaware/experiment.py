@@ -23,7 +23,7 @@ from pathlib import Path
 from ctxaware.config import parse_config
 from ctxaware.conversations import load_conversations, write_conversations
 from ctxaware.errors import CtxawareError
-from ctxaware.results import write_json_atomic
+from ctxaware.results import fingerprint_inputs, write_json_atomic
 from ctxaware.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None
     meta = root / "scores.seed.json"
     if out.with_suffix(".summary.json").is_file() and meta.is_file():
         if json.loads(meta.read_text()).get("seed_model") == seed_model:
+            from ctxaware.selection import check_scored_data
+
+            check_scored_data(out, str(cfg.data))  # data replaced at the same path: refused (docs/resume.md)
             return out
     optional = {"layer": cfg.score_layer, "max_tokens": cfg.score_max_tokens}
     run(ScoreConfig(data=str(cfg.data), model=seed_model, output=str(out), format=cfg.data_format,
@@ -121,7 +124,8 @@ def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: flo
     """The [IND]-marked copy of the training data for ``beta`` (same conversations, same order)."""
     out = root / "data" / f"marked_b{beta}.json"
     meta = out.with_suffix(".selection.json")
-    inputs = {"data": cfg.data, "limit": cfg.max_conversations, "token": cfg.indicator_token, "beta": beta}
+    inputs = {"data": cfg.data, "limit": cfg.max_conversations, "token": cfg.indicator_token, "beta": beta,
+              "contents": fingerprint_inputs({"data": str(cfg.data)})["data"]}  # fmt: skip
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("inputs") == inputs:
         return out  # cached: the same data, rows, token and threshold
     from ctxaware.selection import load_scores, select

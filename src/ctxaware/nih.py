@@ -51,12 +51,12 @@ class NIHConfig(ModelConfig, NeedleConfig):
 
     Prompt options (protocol, haystack, needle, grid, templates, conditions, system, chat template) are
     those of `ctxaware.needle.NeedleConfig`; docs/nih.md tabulates both protocols.
-    Parameters (run): max_new_tokens (none: authors 100, ctxaware 50), batch_size, prefix_cache, output,
+    Parameters (run): max_new_tokens (50, paper App. A.3), batch_size, prefix_cache, output,
         steer/alpha (paper eq. 1), dump_prompts (write the prompts and stop; loads only the tokenizer).
     """
 
     max_new_tokens: int | None = dataclasses.field(
-        default=None, metadata={"help": "greedy tokens per answer (none: authors' code 100, ctxaware 50)"}
+        default=None, metadata={"help": "greedy tokens per answer (default 50, paper App. A.3, both protocols)"}
     )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per generation batch"})
     prefix_cache: bool = dataclasses.field(
@@ -79,7 +79,7 @@ class NIHConfig(ModelConfig, NeedleConfig):
 
 
 def new_tokens(cfg: NIHConfig) -> int:
-    n = cfg.max_new_tokens if cfg.max_new_tokens is not None else (100 if cfg.protocol == "authors" else 50)
+    n = cfg.max_new_tokens if cfg.max_new_tokens is not None else 50  # paper App. A.3: "up to 50 tokens"
     if n < 1:
         raise CtxawareError(f"--max-new-tokens must be at least 1, got {n}")
     return n

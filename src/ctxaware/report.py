@@ -88,6 +88,18 @@ def _stages_file(d: Path, names: set[str]) -> Path | None:
     return d / "summary.json" if isinstance(j, dict) and ("stages" in j or "checkpoints" in j) else None
 
 
+def _safe(d: Path, build, *args) -> rs.Section:
+    """``build(*args)``, or a section saying why the files could not be read (a format it does not know)."""
+    try:
+        return build(*args)
+    except Exception as e:  # noqa: BLE001 - one unreadable directory must not stop the report
+        s = rs.Section(build.__name__, f"{build.__name__}: {d.name} (not readable)", d)
+        s.p(
+            f"{d}: the files look like {build.__name__} results but could not be read ({type(e).__name__}: {e})."
+        )
+        return s
+
+
 def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
     """Sections for directory ``d``, the file names they account for, and whether they own the subtree."""
     names = {p.name for p in d.iterdir() if p.is_file() and not p.name.startswith(".")}
@@ -96,49 +108,49 @@ def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
     owns = False
     first = rs.first_row(d / "rows.jsonl") if "rows.jsonl" in names else {}
     if {"length", "depth", "recall"} <= set(first):
-        out.append(rs.nih(d, figs))
+        out.append(_safe(d, rs.nih, d, figs))
         used |= {"rows.jsonl"}
         owns = True  # condition folders (summary.json + heatmap.png) are drawn again from the rows
     if names & {"allocation.json", "attention.json"}:
-        out.append(rs.attention(d, figs))
+        out.append(_safe(d, rs.attention, d, figs))
         used |= names & {"allocation.json", "attention.json", "fig3_change.png", "fig4_shares.png"}
         used |= {n for n in names if n.endswith(".png") or n.endswith(".jsonl")}
     stages = _stages_file(d, names)
     if stages is not None:
-        out.append(rs.stages(d, stages, figs))
+        out.append(_safe(d, rs.stages, d, stages, figs))
         used |= {stages.name} | {n for n in names if n.endswith(".png") or n.endswith(".jsonl")}
         owns = True
     j = rs.load_json(d / "summary.json") if "summary.json" in names and stages is None else None
     if isinstance(j, dict) and "results" in j or "results.json" in names:
-        out.append(rs.evaluation(d, figs))
+        out.append(_safe(d, rs.evaluation, d, figs))
         used |= names & {"summary.json", "results.json", "context_reliance.png"}
         owns = True  # per-task folders are in the summary
     for f in sorted(names):
         if f.endswith(".summary.json") and "n_scored" in (rs.load_json(d / f) or {}):
-            out.append(rs.scores(d, d / f, figs))
+            out.append(_safe(d, rs.scores, d, d / f, figs))
             used |= {f, f.replace(".summary.json", ".jsonl")}
     sel = [d / f for f in sorted(names) if f == "selection.json" or f.endswith(".selection.json")]
     if sel:
-        out.append(rs.selection(d, sel, figs))
+        out.append(_safe(d, rs.selection, d, sel, figs))
         used |= {p.name for p in sel} | {n for n in names if n.startswith(("data.json", "marked_"))}
     if "analysis.json" in names:
-        out.append(rs.analysis(d, figs))
+        out.append(_safe(d, rs.analysis, d, figs))
         used |= {"analysis.json", "layer_agreement.png", "instruction_lengths.png"}
     if names & {"train_summary.json", "train_config.json"}:
-        out.append(rs.train(d, figs))
+        out.append(_safe(d, rs.train, d, figs))
         used |= names & {"train_summary.json", "train_config.json", "context_reliance.png"}
         owns = True
     if "comparison.json" in names:
-        out.append(rs.experiment(d, figs))
+        out.append(_safe(d, rs.experiment, d, figs))
         used |= {"comparison.json", "context_reliance.png"}
     heads = [d / f for f in sorted(names - used) if f.endswith(".json") and _is_heads(d / f)]
     if heads:
-        out.append(rs.heads(d, heads, figs))
+        out.append(_safe(d, rs.heads, d, heads, figs))
         used |= {p.name for p in heads}
     if isinstance(j, dict) and not out and isinstance(next(iter(j.values()), None), dict):
         used |= {"summary.json", "conditions.png"}  # an NIH root: {model: {condition: summary}}; rows below
     if "kind" in (j or {}) and "metrics" in (j or {}):
-        out.append(rs.evaluation_task(d, j, figs))
+        out.append(_safe(d, rs.evaluation_task, d, j, figs))
         used |= {"summary.json", "rows.jsonl"}
     return out, used | (names & SEEN_FILES), owns
 

@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 USAGE = ("answer_changed", "logprob_shift", "p_s", "p_o", "context_attention")
 NO_CONTEXT_TEMPLATE = "Answer the question: {question}"
-STOPS = (". ", ".\n", "? ", "?\n", "! ", "!\n", "\n\n")
+# the first sentence, as `ctxaware eval`; no "\n\n" stop: base models often open with a blank line
+STOPS = (". ", ".\n", "? ", "?\n", "! ", "!\n")
 # context / other user / system / assistant / excluded (sink at position 0, template, padding)
 G_CONTEXT, G_USER, G_SYSTEM, G_ASSISTANT, G_EXCLUDED = range(5)
 
