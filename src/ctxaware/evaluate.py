@@ -255,17 +255,28 @@ def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
         "alpha",
     )
     t = get_task(task)
-    task_file = (str(Path(cfg.data_dir or default_data_dir()) / t.local_file)
-                 if cfg.source == "local" and t.local_file else None)  # hashed by ResultsWriter (docs/resume.md)
-    return {"model": model_name, "task": task, "mode": mode, "task_file": task_file, "protocol": PROTOCOL_VERSION,
-            **{k: getattr(cfg, k) for k in keys}}
+    task_file = (
+        str(Path(cfg.data_dir or default_data_dir()) / t.local_file)
+        if cfg.source == "local" and t.local_file
+        else None
+    )  # hashed by ResultsWriter (docs/resume.md)
+    return {
+        "model": model_name,
+        "task": task,
+        "mode": mode,
+        "task_file": task_file,
+        "protocol": PROTOCOL_VERSION,
+        **{k: getattr(cfg, k) for k in keys},
+    }
 
 
 def validate(cfg: EvalConfig) -> None:
     """Every option that can be checked without a model, before any compute (one-line errors); task names
     are resolved to their registry spelling (``mt-bench`` -> ``mt_bench``)."""
     if cfg.limit is not None and (isinstance(cfg.limit, bool) or cfg.limit < 1):
-        raise CtxawareError(f"--limit {cfg.limit}: give a positive number of examples per task, or leave it out")
+        raise CtxawareError(
+            f"--limit {cfg.limit}: give a positive number of examples per task, or leave it out"
+        )
     if cfg.max_new_tokens < 1 or cfg.mt_bench_max_new_tokens < 1:
         raise CtxawareError("--max-new-tokens and --mt-bench-max-new-tokens must be at least 1")
     if cfg.batch_size < 1:
@@ -318,12 +329,15 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
     t0 = time.perf_counter()
     with ResultsWriter(directory, _run_config(cfg, model_name, task.name, mode), key_fields=("id",)) as w:
         todo = [ex for ex in examples if not w.done({"id": ex.id})]
+        judge_failed = 0
         if task.kind == "choice":
             run_choice(model, tok, task, todo, w, cfg, mode)
         elif task.kind == "mtbench":
             from ctxaware.judge import run_mtbench
 
-            run_mtbench(model, tok, todo, w, cfg, mode, batch_context, judge or make_judge(cfg))
+            judge_failed = run_mtbench(
+                model, tok, todo, w, cfg, mode, batch_context, judge or make_judge(cfg)
+            )
         else:
             run_generative(model, tok, task, todo, w, cfg, mode, batch_context)
         wanted = {ex.id for ex in examples}
@@ -344,7 +358,8 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
         )
     if task.kind == "mtbench":
         result["judge"] = (rows[0].get("judge") if rows else None) or {}
-        result["judge_failures"] = sum(1 for r in rows for e in r.get("judge_errors", []) if e)
+        # examples whose judgment failed: not written, redone by the next run (judge.run_mtbench)
+        result["judge_failures"] = judge_failed
     write_json_atomic(directory / "summary.json", result)
     return result
 
@@ -454,7 +469,9 @@ def main(argv: list[str]) -> int:
     cfg.data_dir = cfg.data_dir or str(default_data_dir())
     for t in cfg.tasks:  # unreadable, malformed or empty task files fail before any model loads
         if cfg.source == "local" and not load_examples(get_task(t), cfg.source, cfg.data_dir):
-            raise CtxawareError(f"task {t} has no valid examples in its file under {cfg.data_dir}; check --data-dir")
+            raise CtxawareError(
+                f"task {t} has no valid examples in its file under {cfg.data_dir}; check --data-dir"
+            )
     out, t0 = Path(cfg.output), time.perf_counter()
     results: dict = {}
     judge = make_judge(cfg) if "mt_bench" in cfg.tasks else None

@@ -246,7 +246,11 @@ def _drop_local_spans(alt: str, passage: str) -> list[str]:
     in the passage but every part is (DROP spans are passage spans), else keep it whole."""
     parts = alt.split(" and ")
     low = passage.lower()
-    if len(parts) > 1 and alt.lower() not in low and all(p.strip() and p.strip().lower() in low for p in parts):
+    if (
+        len(parts) > 1
+        and alt.lower() not in low
+        and all(p.strip() and p.strip().lower() in low for p in parts)
+    ):
         return [p.strip() for p in parts]
     return [alt]
 
@@ -522,11 +526,15 @@ def raw_rows(task: Task, source: str = "local", data_dir: str | Path | None = No
     try:
         yield from task.read_local(path)  # type: ignore[misc]
     except json.JSONDecodeError as e:
-        raise CtxawareError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); fix or replace the file") from None
+        raise CtxawareError(
+            f"{path} is not valid JSON ({e.msg}, line {e.lineno}); fix or replace the file"
+        ) from None
     except UnicodeDecodeError:
         raise CtxawareError(f"{path} is not UTF-8 text; convert it, e.g. iconv -f latin1 -t utf-8") from None
     except AttributeError:  # e.g. a list where the layout has a mapping
-        raise CtxawareError(f"{path} does not have the layout task {task.name} reads; fix or replace the file") from None
+        raise CtxawareError(
+            f"{path} does not have the layout task {task.name} reads; fix or replace the file"
+        ) from None
 
 
 def load_examples(
