@@ -224,16 +224,28 @@ def test_attention_cli_on_a_base_model_writes_the_schema(smollm2_tok, tmp_path, 
         m = eager_role_oracle(model, torch.tensor(p.input_ids), p.role_ids(), [len(p) - 1])[1, :, 0]  # (H, 5)
         head = int(m[:, ROLES.index("user")].argmax()) if len(prompts) == 1 else None
         oracle.append((m, head))
-    mean_user = torch.stack([m[:, ROLES.index("user")] for m, _ in oracle]).mean(0)
-    assert plain["head"] == int(mean_user.argmax())  # eq. (3), sink excluded, averaged over prompts
-    for row, (m, _) in zip(sorted(rows, key=lambda r: r["depth"]), oracle):
-        want = dict(zip(ROLES, m[plain["head"]].tolist()))
+    # eq. (3) per prompt (App. B.3), sink excluded: each row is read at its own prompt's head
+    heads = [int(m[:, ROLES.index("user")].argmax()) for m, _ in oracle]
+    assert plain["head"] == max(set(heads), key=heads.count)
+    for row, (m, _), h in zip(sorted(rows, key=lambda r: r["depth"]), oracle, heads):
+        assert row["head"] == h
+        want = dict(zip(ROLES, m[h].tolist()))
         assert row["raw"] == pytest.approx(want, abs=1e-5)
         assert row["sink_excluded"]["user"] == pytest.approx(
             want["user"] / (want["user"] + want["assistant"]), abs=1e-5
         )
     assert plain["raw"]["sink"] == pytest.approx(sum(r["raw"]["sink"] for r in rows) / 2)
     assert (out / "allocation.png").is_file() and not (out / "fig3_change.png").exists()
+    # --head-selection mean: one head for all prompts, the argmax of the mean user share
+    out2 = tmp_path / "out_mean"
+    argv2 = [*argv, "--depths", "0,50", "--haystack", str(HAYSTACK), "--output", str(out2)]
+    assert main([*argv2, "--head-selection", "mean"]) == 0
+    mean_user = torch.stack([m[:, ROLES.index("user")] for m, _ in oracle]).mean(0)
+    res2 = json.loads((out2 / "allocation.json").read_text())
+    assert res2["conditions"]["plain"]["head"] == int(mean_user.argmax())
+    assert {json.loads(x)["head"] for x in (out2 / "rows.jsonl").read_text().splitlines()} == {
+        int(mean_user.argmax())
+    }
 
 
 def test_attention_layer_is_validated_before_compute(tmp_path, capsys):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -175,6 +176,24 @@ def nih_cells(
 # --- the command -------------------------------------------------------------------------------------------
 
 
+def sink_is_user(prompt) -> bool:
+    """Whether position 0 of a Rendered prompt (the sink) is user content (plain mode without a BOS)."""
+    return any(s.role == "user" and s.start == 0 < s.end for s in prompt.spans)
+
+
+def eq3_user_share(shares: torch.Tensor, prompts, include_sink: bool = False) -> torch.Tensor:
+    """The sum of eq. (3), ``sum_{x_i in U} Att_{h,l}(x_-1, x_i)``: (N, L, H) from role mass (N, L, H, 5).
+
+    ``include_sink=False`` (default): U is the user-role tokens, which never include the sink (position 0).
+    ``include_sink=True``: the paper's literal U, all user content, so the sink's mass is added for every
+    prompt whose position 0 is user content (`sink_is_user`)."""
+    user = shares[..., ROLES.index("user")]
+    if include_sink:
+        flag = torch.tensor([sink_is_user(p) for p in prompts], dtype=user.dtype)
+        user = user + shares[..., ROLES.index("sink")] * flag.view(-1, *([1] * (user.dim() - 1)))
+    return user
+
+
 @dataclasses.dataclass
 class AttentionConfig(ModelConfig):
     """Attention allocation per role on NIH prompts, with vs. without the chat template (paper Fig. 3-4).
@@ -187,6 +206,8 @@ class AttentionConfig(ModelConfig):
         batch_size: prompts per forward pass.
         haystack: directory of haystack essays.
         protocol: NIH prompt protocol (authors or ctxaware, docs/nih.md).
+        head_selection: ``prompt`` (paper App. B.3): each prompt's own eq. (3) head at the layer, chosen
+            without the template and reused for the prompt's chat twin; ``mean``: one head for all prompts.
         include_sink: pick the retrieval head by eq. (3) as printed (sink counted as user when it is user
             content); by default the sink is excluded.
         chat_template: the template of the chat condition: the tokenizer's own, or Gemma's turn markers /
@@ -211,6 +232,12 @@ class AttentionConfig(ModelConfig):
     )
     protocol: str = dataclasses.field(
         default="authors", metadata={"help": "NIH protocol: authors or ctxaware"}
+    )
+    head_selection: Literal["prompt", "mean"] = dataclasses.field(
+        default="prompt",
+        metadata={
+            "help": "eq. (3) head per prompt (paper App. B.3) or one head for all prompts (argmax of the mean)"
+        },
     )
     include_sink: bool = dataclasses.field(
         default=False,
@@ -239,7 +266,6 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     change of the paper-normalised user share (chat minus plain), when both conditions ran.
     """
     from ctxaware.models import middle_layer
-    from ctxaware.retrieval_heads import eq3_user_share
 
     n_layers, _ = _model_shape(model)
     check_layer(cfg.layer, n_layers)
@@ -262,17 +288,29 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
         for c in conds
     }  # (N, L, H, 5)
     # eq. (3) at the analysis layer, on the prompts without the template, averaged over prompts
-    head = int(eq3_user_share(shares["plain"], prompts["plain"], cfg.include_sink)[:, layer].mean(0).argmax())
+    # eq. (3) at the analysis layer on the prompts without the template (App. B.3): one head per prompt
+    # ("we select the retrieval head on layer 15 for each input prompt"), reused for its chat twin;
+    # --head-selection mean picks one head for all prompts (argmax of the mean user share).
+    user = eq3_user_share(shares["plain"], prompts["plain"], cfg.include_sink)[:, layer]  # (N, H)
+    if cfg.head_selection == "mean":
+        heads = [int(user.mean(0).argmax())] * len(prompts["plain"])
+    else:
+        heads = [int(h) for h in user.argmax(-1)]
+    head_of = {(p.cell["length"], p.cell["depth"]): h for p, h in zip(by_cond["plain"], heads)}
+    head = max(set(heads), key=heads.count)  # the most frequent head, for labels
     rows, allocation = (
         [],
         {"model": name, "layer": layer, "n_prompts": len(prompts["plain"]), "conditions": {}},
     )
     for c in conds:
-        per = [normalisations(shares[c][i, layer, head]) for i in range(len(prompts[c]))]
-        for p, r, n in zip(by_cond[c], prompts[c], per):
+        hs = [head_of[(p.cell["length"], p.cell["depth"])] for p in by_cond[c]]
+        per = [normalisations(shares[c][i, layer, h]) for i, h in enumerate(hs)]
+        for p, r, n, h in zip(by_cond[c], prompts[c], per, hs):
             key = {"model": name, "condition": c, "length": p.cell["length"], "depth": p.cell["depth"]}
-            rows.append(key | {"layer": layer, "head": head, "tokens": len(r)} | n)
-        allocation["conditions"][c] = {"head": head} | mean_normalisations(per)
+            rows.append(key | {"layer": layer, "head": h, "tokens": len(r)} | n)
+        allocation["conditions"][c] = {"head": head} | mean_normalisations(
+            per
+        )  # rows hold each prompt's head
     extra = {}
     if "chat" in conds:
         user = PAPER.index("user")

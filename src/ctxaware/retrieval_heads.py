@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ctxaware.chat import ROLES
+from ctxaware.attention import eq3_user_share, role_allocation, sink_is_user  # noqa: F401
 from ctxaware.config import ModelConfig, parse_config
 from ctxaware.errors import CtxawareError
 from ctxaware.results import write_json_atomic
@@ -85,24 +85,6 @@ def top_heads(user_share: torch.Tensor, k: int = 1, layers: list[int] | None = N
     }
 
 
-def sink_is_user(prompt) -> bool:
-    """Whether position 0 of a Rendered prompt (the sink) is user content (plain mode without a BOS)."""
-    return any(s.role == "user" and s.start == 0 < s.end for s in prompt.spans)
-
-
-def eq3_user_share(shares: torch.Tensor, prompts, include_sink: bool = False) -> torch.Tensor:
-    """The sum of eq. (3), ``sum_{x_i in U} Att_{h,l}(x_-1, x_i)``: (N, L, H) from role mass (N, L, H, 5).
-
-    ``include_sink=False`` (default): U is the user-role tokens, which never include the sink (position 0).
-    ``include_sink=True``: the paper's literal U, all user content, so the sink's mass is added for every
-    prompt whose position 0 is user content (`sink_is_user`)."""
-    user = shares[..., ROLES.index("user")]
-    if include_sink:
-        flag = torch.tensor([sink_is_user(p) for p in prompts], dtype=user.dtype)
-        user = user + shares[..., ROLES.index("sink")] * flag.view(-1, *([1] * (user.dim() - 1)))
-    return user
-
-
 def find_heads(
     model,
     prompts,
@@ -114,8 +96,6 @@ def find_heads(
     """Retrieval heads of ``model`` on ``prompts`` (Rendered; the paper uses one NIH prompt without template).
 
     ``include_sink``: the paper's literal rule (see `eq3_user_share`); default: the sink is not in U."""
-    from ctxaware.attention import role_allocation
-
     shares = role_allocation(model, prompts, batch_size=batch_size)  # (N, L, H, 5)
     return top_heads(eq3_user_share(shares, prompts, include_sink), k=k, layers=layers)
 
