@@ -143,7 +143,9 @@ def test_user_share_agrees_with_attention_sink_excluded_view(smollm2_tok):
     ctx = "Lyon is the capital of France."
     prompts = [render(user_prompt(f"Background: {ctx} Question: What is the capital?"), tok, "chat")]
     got = attention_shares(model, prompts, [context_groups(prompts[0], tok, ctx, "chat")], 1, 0)
-    ref = renormalise(role_allocation(model, prompts, pad_id=0), SINK_EXCLUDED)[0, ..., SINK_EXCLUDED.index("user")]
+    ref = renormalise(role_allocation(model, prompts, pad_id=0), SINK_EXCLUDED)[
+        0, ..., SINK_EXCLUDED.index("user")
+    ]
     np.testing.assert_allclose(np.array(got[0][1]), ref.numpy(), atol=2e-4)
 
 
