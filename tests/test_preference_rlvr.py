@@ -12,17 +12,17 @@ import torch
 from ctxaware.chat import render
 from ctxaware.config import parse_config
 from ctxaware.errors import CtxawareError
+from ctxaware.finetune import main, stage_config
 from ctxaware.preference import (
     DPOStageConfig,
     load_preferences,
     parse_preference,
     reply_ids,
-    stage_config,
     train_dpo,
 )
 from ctxaware.results import SkipCounter
 from ctxaware.rlvr import GRPOStageConfig, train_grpo, verifiable_reward
-from ctxaware.train import TrainConfig, main, run_config
+from ctxaware.train import TrainConfig, run_config
 from tests.conftest import SHARED_DATA, tiny_llama
 
 DPO_DEMO = SHARED_DATA / "sft" / "dpo_en_demo.json"
@@ -177,20 +177,20 @@ def test_grpo_step_tiny_changes_parameters_reward_finite(tmp_path, tok, monkeypa
 
 def test_train_main_dispatches_dpo(tmp_path, monkeypatch):
     called = {}
-    monkeypatch.setattr(
-        "ctxaware.preference.train_dpo",
-        lambda cfg, *a: (
-            called.setdefault("cfg", cfg)
-            and {
-                "global_step": 0,
-                "data": {"n_examples": 0, "n_trainable_tokens": 0},
-                "wall_s": 0,
-                "train_loss": 0.0,
-                "model_dir": "x",
-                "context_reliance": [],
-            }
-        ),
+    import ctxaware.finetune
+
+    fake_train_dpo = lambda cfg, *a: (
+        called.setdefault("cfg", cfg)
+        and {
+            "global_step": 0,
+            "data": {"n_examples": 0, "n_trainable_tokens": 0},
+            "wall_s": 0,
+            "train_loss": 0.0,
+            "model_dir": "x",
+            "context_reliance": [],
+        }
     )
+    monkeypatch.setitem(ctxaware.finetune.STAGES, "dpo", (DPOStageConfig, fake_train_dpo))
     y = tmp_path / "d.yaml"
     y.write_text("stage: dpo\nbeta: 0.3\n")
     assert main([str(y)]) == 0

@@ -26,7 +26,7 @@ COMMANDS = {
     "score": ("ctxaware.score", "context-dependency score of every assistant turn of a dataset (eq. 2)"),
     "select": ("ctxaware.selection", "threshold scores and write the [IND]-marked dataset"),
     "analyze": ("ctxaware.analyze", "layer agreement and instruction-length analyses of scores"),
-    "train": ("ctxaware.train", "instruction fine-tuning, vanilla or with the indicator"),
+    "train": ("ctxaware.finetune", "instruction fine-tuning, vanilla or with the indicator"),
     "stages": (
         "ctxaware.stages",
         "context use across training stages (SFT -> DPO -> RLVR) and what drives it",

@@ -241,7 +241,7 @@ def main(argv: list[str]) -> int:
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
     if any(a in ("-h", "--help") for a in argv):
-        from ctxaware.train import print_help
+        from ctxaware.finetune import print_help
 
         return print_help(ExperimentConfig, "ctxaware experiment")
     cfg = parse_config(ExperimentConfig, argv, prog="ctxaware experiment")

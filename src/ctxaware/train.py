@@ -34,7 +34,7 @@ import torch
 from transformers import TrainerCallback
 
 from ctxaware.chat import render
-from ctxaware.config import ModelConfig, parse_config, to_dict
+from ctxaware.config import ModelConfig, to_dict
 from ctxaware.conversations import Conversation, load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
@@ -668,7 +668,9 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Seque
         raise CtxawareError(f"cannot set up training: {str(e).splitlines()[0]}") from None
     _expose_head_bias(trainer.model)
     _record_base(trainer.model, cfg.model)  # checkpoints' adapter_config.json name a loadable base too
-    write_json_atomic(out / "train_config.json", {**run_config(cfg), "_inputs": fingerprint_inputs(run_config(cfg))})
+    write_json_atomic(
+        out / "train_config.json", {**run_config(cfg), "_inputs": fingerprint_inputs(run_config(cfg))}
+    )
     info = {"resume_from": resume, "data": report, "indicator_id": indicator_id}
     return trainer, info
 
@@ -727,7 +729,9 @@ def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=info["resume_from"])
     out = Path(cfg.output_dir)
-    path = save_final(trainer, trainer.processing_class, out, cfg.method, _record_base(trainer.model, cfg.model))
+    path = save_final(
+        trainer, trainer.processing_class, out, cfg.method, _record_base(trainer.model, cfg.model)
+    )
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     summary = {
         "fingerprint": fingerprint(run_config(cfg)),
@@ -761,45 +765,13 @@ def validate(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()) -> dict:
     """Fine-tune per ``cfg``; a finished run with the same config returns its saved summary."""
     validate(cfg)
-    if cfg.stage != "sft":  # DPO / GRPO stages live in their own modules
-        from ctxaware.preference import run_stage
-
-        return run_stage(cfg, model, tokenizer, callbacks)
+    if cfg.stage != "sft":
+        raise CtxawareError(
+            f"train() runs the SFT stage; run stage {cfg.stage!r} with ctxaware.finetune.run_stage"
+        )
     done = Path(cfg.output_dir) / "train_summary.json"
     if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint(run_config(cfg)):
         logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
         return json.loads(done.read_text())
     trainer, info = build_trainer(cfg, model, tokenizer, callbacks)
     return fit(cfg, trainer, info)
-
-
-def print_help(cls: type, prog: str) -> int:
-    """``--help`` with the positional ``CONFIG.yaml`` that the README uses (same as ``--config``)."""
-    from ctxaware.config import build_parser
-
-    parser = build_parser(cls, prog)
-    parser.add_argument("CONFIG.yaml", nargs="?", help="YAML file with the options (same as --config)")
-    parser.print_help()
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware train CONFIG.yaml [--option value ...]``."""
-    argv = list(argv)
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", *argv]  # the YAML path may be given positionally
-    if any(a in ("-h", "--help") for a in argv):
-        return print_help(TrainConfig, "ctxaware train")
-    from ctxaware.preference import stage_config
-
-    cfg = parse_config(stage_config(argv), argv, prog="ctxaware train")
-    summary = train(cfg)
-    d = summary["data"]
-    print(
-        f"trained {summary['global_step']} steps on {d['n_examples']} examples ({d['n_trainable_tokens']} loss tokens) "
-        f"in {summary['wall_s']} s; loss {summary['train_loss']:.3f}; model: {summary['model_dir']}"
-    )
-    if summary["context_reliance"]:
-        curve = ", ".join(f"{r['step']}: {r['p_s']:.2f}/{r['p_o']:.2f}" for r in summary["context_reliance"])
-        print(f"p_s/p_o by step: {curve}")
-    return 0
