@@ -231,7 +231,7 @@ def ifd_scores(model, lays) -> list[list[float]]:
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)  # (T, V)
         row = []
         for t in lay.turns:
-            if t.skipped is not None:
+            if t.skipped is not None or len(t.positions) < 2:  # IFD needs 2+ response tokens alone
                 continue
             pos = torch.tensor(t.positions)
             cond = -logp[pos - 1, ids[0, pos]].mean()  # loss of Y_m given its prefix
@@ -266,7 +266,9 @@ def main() -> int:
     p.add_argument("--parts", default="a,b,c")
     p.add_argument("--n", type=int, default=8, help="conversations")
     p.add_argument("--tokens", type=int, default=2000, help="tokens per conversation at most (<= 2047)")
-    p.add_argument("--layer", type=int, default=None, help="default: score.default_layer (20 of SmolLM2's 30)")
+    p.add_argument(
+        "--layer", type=int, default=None, help="default: score.default_layer (20 of SmolLM2's 30)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--eager-worker", default=None, help=argparse.SUPPRESS)

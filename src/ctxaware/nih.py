@@ -56,7 +56,8 @@ class NIHConfig(ModelConfig, NeedleConfig):
     """
 
     max_new_tokens: int | None = dataclasses.field(
-        default=None, metadata={"help": "greedy tokens per answer (default 50, paper App. A.3, both protocols)"}
+        default=None,
+        metadata={"help": "greedy tokens per answer (default 50, paper App. A.3, both protocols)"},
     )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per generation batch"})
     prefix_cache: bool = dataclasses.field(
