@@ -179,17 +179,11 @@ def test_train_main_dispatches_dpo(tmp_path, monkeypatch):
     called = {}
     import ctxaware.finetune
 
-    fake_train_dpo = lambda cfg, *a: (
-        called.setdefault("cfg", cfg)
-        and {
-            "global_step": 0,
-            "data": {"n_examples": 0, "n_trainable_tokens": 0},
-            "wall_s": 0,
-            "train_loss": 0.0,
-            "model_dir": "x",
-            "context_reliance": [],
-        }
-    )
+    def fake_train_dpo(cfg, *a):
+        called["cfg"] = cfg
+        summary = {"global_step": 0, "data": {"n_examples": 0, "n_trainable_tokens": 0}, "wall_s": 0}
+        return summary | {"train_loss": 0.0, "model_dir": "x", "context_reliance": []}
+
     monkeypatch.setitem(ctxaware.finetune.STAGES, "dpo", (DPOStageConfig, fake_train_dpo))
     y = tmp_path / "d.yaml"
     y.write_text("stage: dpo\nbeta: 0.3\n")

@@ -12,6 +12,7 @@ from ctxaware.chat import render
 from ctxaware.config import parse_config
 from ctxaware.conversations import Conversation, load_conversations
 from ctxaware.errors import CtxawareError
+from ctxaware.finetune import main
 from ctxaware.results import SkipCounter, read_jsonl
 from ctxaware.train import (
     TrainConfig,
@@ -20,7 +21,6 @@ from ctxaware.train import (
     counterfactual_conversations,
     filter_parametric,
     fit,
-    main,
     no_context_nll,
     setup_chat_template,
     tokenize,
