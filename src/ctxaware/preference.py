@@ -35,7 +35,7 @@ from ctxaware.chat import render
 from ctxaware.conversations import ROLE_MAP
 from ctxaware.errors import CtxawareError
 from ctxaware.results import SkipCounter, write_json_atomic
-from ctxaware.train import TrainConfig
+from ctxaware.train import TrainConfig, common_args
 
 logger = logging.getLogger(__name__)
 
@@ -208,41 +208,6 @@ def tokenize_preferences(
 
 
 # ----------------------------------------------------------------------------- trainer
-
-
-def common_args(cfg: TrainConfig, device: str) -> dict:
-    """TrainingArguments shared by every stage (the same choices as `train.training_args`)."""
-    import torch
-
-    bf16 = (
-        cfg.bf16 if cfg.bf16 is not None else (device.startswith("cuda") and torch.cuda.is_bf16_supported())
-    )
-    if bf16 and not device.startswith("cuda"):
-        raise CtxawareError("bf16 training needs a GPU that supports it; set bf16: false on CPU")
-    return dict(
-        output_dir=cfg.output_dir,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        weight_decay=cfg.weight_decay,
-        bf16=bool(bf16),
-        fp16=False,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        report_to="none",
-        use_cpu=device == "cpu",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
 
 
 def setup_stage(cfg: TrainConfig, model, tokenizer) -> tuple:

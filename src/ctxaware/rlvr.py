@@ -110,7 +110,8 @@ def build_grpo_trainer(cfg: GRPOStageConfig, model=None, tokenizer=None, callbac
     from trl import GRPOConfig
 
     from ctxaware import train as T
-    from ctxaware.preference import common_args, setup_stage
+    from ctxaware.preference import setup_stage
+    from ctxaware.train import common_args
 
     if cfg.num_generations < 2:
         raise CtxawareError("num_generations must be at least 2 (GRPO normalises rewards within a group)")

@@ -546,15 +546,14 @@ def _check_same_config(cfg: TrainConfig, saved_path: Path, what: str) -> None:
         )
 
 
-def training_args(cfg: TrainConfig, device: str):
-    from trl import SFTConfig
-
+def common_args(cfg: TrainConfig, device: str) -> dict:
+    """TrainingArguments shared by every stage (SFT here, DPO and GRPO in their modules)."""
     bf16 = (
         cfg.bf16 if cfg.bf16 is not None else (device.startswith("cuda") and torch.cuda.is_bf16_supported())
     )
     if bf16 and not device.startswith("cuda"):
         raise CtxawareError("bf16 training needs a GPU that supports it; set bf16: false on CPU")
-    return SFTConfig(
+    return dict(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -569,7 +568,6 @@ def training_args(cfg: TrainConfig, device: str):
         activation_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        max_length=cfg.max_length,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -579,6 +577,12 @@ def training_args(cfg: TrainConfig, device: str):
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
     )
+
+
+def training_args(cfg: TrainConfig, device: str):
+    from trl import SFTConfig
+
+    return SFTConfig(**common_args(cfg, device), max_length=cfg.max_length)
 
 
 def build_dataset(cfg: TrainConfig, model, tok, skips: SkipCounter) -> tuple[list[dict], dict]:
