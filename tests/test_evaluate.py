@@ -199,7 +199,9 @@ def test_real_smollm2_squad_end_to_end(smollm2, shared_data, tmp_path, monkeypat
     assert chat["metrics"]["empty"]["mean"] == 0.0  # with the template the model always answers
     rows = [
         json.loads(x)
-        for x in (tmp_path / "smollm2-135m-instruct" / "chat" / "squad" / "rows.jsonl").read_text().splitlines()
+        for x in (tmp_path / "smollm2-135m-instruct" / "chat" / "squad" / "rows.jsonl")
+        .read_text()
+        .splitlines()
     ]
     assert all(r["prompt"].startswith("<|im_start|>") for r in rows)
     assert "Answer the question according to the above passage:" in rows[0]["prompt"]

