@@ -475,11 +475,11 @@ def main(argv: list[str]) -> int:
     out, t0 = Path(cfg.output), time.perf_counter()
     results: dict = {}
     judge = make_judge(cfg) if "mt_bench" in cfg.tasks else None
-    from ctxaware.models import DEFAULT_MODEL
+    from ctxaware.models import canonical_spec
 
     for spec in expand_models(cfg.model):
         model, tok = cfg.load(spec)
-        spec = DEFAULT_MODEL if spec == "default" else spec  # one name throughout, as in nih and attention
+        spec = canonical_spec(spec)  # one name throughout, as in nih and attention
         bc = _steering_context(model, cfg)
         for mode in cfg.modes:
             cond = condition_name(mode, cfg.indicator)

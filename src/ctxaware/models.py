@@ -65,10 +65,14 @@ class ModelSource:
     name: str
 
 
+def canonical_spec(spec: str) -> str:
+    """The spec with the ``default`` alias resolved to the built-in it names; any other spec unchanged."""
+    return DEFAULT_MODEL if spec == "default" else spec
+
+
 def resolve_model(spec: str) -> ModelSource:
     """Turn a user's model spec (built-in name, .gguf path, directory or hub id) into a source."""
-    if spec == "default":
-        spec = DEFAULT_MODEL
+    spec = canonical_spec(spec)
     if spec in BUILTIN_MODELS:
         return ModelSource(spec, "gguf", str(BUILTIN_MODELS[spec]()), spec)
     p = Path(spec).expanduser()

@@ -89,9 +89,9 @@ def new_tokens(cfg: NIHConfig) -> int:
 def run_id(spec: str) -> str:
     """A safe, unique, readable directory name for a model spec: built-ins by name (``default`` resolved),
     hub ids with ``--`` for ``/``, paths as their last two components plus a hash of the absolute path."""
-    from ctxaware.models import BUILTIN_MODELS, DEFAULT_MODEL
+    from ctxaware.models import BUILTIN_MODELS, canonical_spec
 
-    spec = DEFAULT_MODEL if spec == "default" else spec
+    spec = canonical_spec(spec)
     if spec in BUILTIN_MODELS:
         return spec
     p = Path(spec).expanduser()

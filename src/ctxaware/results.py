@@ -116,11 +116,11 @@ def model_fingerprint(spec: str) -> str:
     """What a model spec loads: ``builtin:<name>`` with aliases resolved (``default``), the content digest
     of a ``.gguf`` file or a model directory's files, else the spec itself (a hub id; its ``revision`` is
     fingerprinted separately). Comma-separated lists are fingerprinted item by item."""
-    from ctxaware.models import BUILTIN_MODELS, DEFAULT_MODEL
+    from ctxaware.models import BUILTIN_MODELS, canonical_spec
 
     parts = []
     for s in (x.strip() for x in str(spec).split(",")):
-        name = DEFAULT_MODEL if s == "default" else s
+        name = canonical_spec(s)
         p = Path(name).expanduser()
         if name in BUILTIN_MODELS:
             parts.append(f"builtin:{name}")
