@@ -210,6 +210,26 @@ def tokenize_preferences(
 # ----------------------------------------------------------------------------- trainer
 
 
+def make_trainer(
+    trainer_cls: type, stage: str, cfg: TrainConfig, rows: list[dict], callbacks: Sequence, **kw
+):
+    """Build a TRL trainer for a post-SFT stage, with a one-line error on a bad set-up; record the config."""
+    from datasets import Dataset
+
+    from ctxaware import train as T
+
+    try:
+        trainer = trainer_cls(
+            train_dataset=Dataset.from_list(rows),
+            callbacks=[c for c in callbacks if c is not None],
+            **kw,
+        )
+    except ValueError as e:
+        raise CtxawareError(f"cannot set up {stage}: {str(e).splitlines()[0]}") from None
+    write_json_atomic(Path(cfg.output_dir) / "train_config.json", T.run_config(cfg))
+    return trainer
+
+
 def setup_stage(cfg: TrainConfig, model, tokenizer) -> tuple:
     """Shared set-up of the DPO and GRPO stages: resume point, model, template, PEFT config, tracker."""
     from ctxaware import train as T
@@ -240,10 +260,7 @@ def _dpo_trainer_class():
 
 def build_dpo_trainer(cfg: DPOStageConfig, model=None, tokenizer=None, callbacks: Sequence = ()):
     """A ready ``DPOTrainer`` and ``info`` (data report, resume point); checks happen before any compute."""
-    from datasets import Dataset
     from trl import DPOConfig
-
-    from ctxaware import train as T
 
     if not cfg.data:
         raise CtxawareError(
@@ -262,25 +279,23 @@ def build_dpo_trainer(cfg: DPOStageConfig, model=None, tokenizer=None, callbacks
         remove_unused_columns=False,
         dataset_num_proc=None,
     )
-    cbs = [c for c in (tracker, *callbacks) if c is not None]
     ref = None
     if peft_cfg is None:  # full fine-tuning: the frozen reference is the starting checkpoint itself
         import copy
 
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    try:
-        trainer = _dpo_trainer_class()(
-            model=model,
-            ref_model=ref,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=peft_cfg,
-            callbacks=cbs,
-        )
-    except ValueError as e:
-        raise CtxawareError(f"cannot set up DPO: {str(e).splitlines()[0]}") from None
-    write_json_atomic(Path(cfg.output_dir) / "train_config.json", T.run_config(cfg))
+    trainer = make_trainer(
+        _dpo_trainer_class(),
+        "DPO",
+        cfg,
+        rows,
+        (tracker, *callbacks),
+        model=model,
+        ref_model=ref,
+        args=args,
+        processing_class=tokenizer,
+        peft_config=peft_cfg,
+    )
     report = {
         "stage": "dpo",
         "n_examples": len(rows),

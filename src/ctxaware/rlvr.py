@@ -106,11 +106,9 @@ def _grpo_trainer_class():
 
 def build_grpo_trainer(cfg: GRPOStageConfig, model=None, tokenizer=None, callbacks: Sequence = ()):
     """A ready ``GRPOTrainer`` and ``info``; checks happen before any compute."""
-    from datasets import Dataset
     from trl import GRPOConfig
 
-    from ctxaware import train as T
-    from ctxaware.preference import setup_stage
+    from ctxaware.preference import make_trainer, setup_stage
     from ctxaware.train import common_args
 
     if cfg.num_generations < 2:
@@ -133,20 +131,18 @@ def build_grpo_trainer(cfg: GRPOStageConfig, model=None, tokenizer=None, callbac
         remove_unused_columns=False,
         log_completions=False,
     )
-    cbs = [c for c in (tracker, *callbacks) if c is not None]
-    try:
-        trainer = _grpo_trainer_class()(
-            model=model,
-            reward_funcs=verifiable_reward,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=peft_cfg,
-            callbacks=cbs,
-        )
-    except ValueError as e:
-        raise CtxawareError(f"cannot set up GRPO: {str(e).splitlines()[0]}") from None
-    write_json_atomic(Path(cfg.output_dir) / "train_config.json", T.run_config(cfg))
+    trainer = make_trainer(
+        _grpo_trainer_class(),
+        "GRPO",
+        cfg,
+        rows,
+        (tracker, *callbacks),
+        model=model,
+        reward_funcs=verifiable_reward,
+        args=args,
+        processing_class=tokenizer,
+        peft_config=peft_cfg,
+    )
     report = {"stage": "grpo", "n_examples": len(rows), "n_trainable_tokens": 0, "tasks": list(cfg.rl_tasks)}
     return trainer, {"resume_from": resume, "data": report, "indicator_id": indicator_id}
 
