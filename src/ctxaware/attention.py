@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from ctxaware import needle  # NIH prompt construction (imports no attention module)
 from ctxaware.chat import ROLES, Rendered
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.errors import CtxawareError
@@ -145,12 +146,6 @@ def mean_normalisations(rows: Sequence[Mapping[str, Mapping[str, float]]]) -> di
 # --- NIH prompts: the very prompts of `ctxaware nih` -------------------------------------------------------
 
 
-def _needle():
-    from ctxaware import needle  # NIH prompt construction (imports none of attention/nih/steering)
-
-    return needle
-
-
 def nih_prompts(
     tok, lengths: Sequence[int], depths: Sequence[float], chat: bool, haystack: str | Path = "auto"
 ) -> list[Rendered]:
@@ -163,7 +158,6 @@ def nih_cells(
     tok, lengths, depths, modes: Sequence[str], haystack: str | Path = "auto", protocol=None
 ) -> list:
     """`needle.NIHPrompt` s (``cell`` metadata + messages) for ``modes``; chat/plain twins share a context."""
-    needle = _needle()
     cfg = needle.NeedleConfig(
         lengths=[int(n) for n in lengths], depths=[float(d) for d in depths], modes=list(modes), prefix=[True]
     )
@@ -271,7 +265,7 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     check_layer(cfg.layer, n_layers)
     layer = middle_layer(model) if cfg.layer is None else cfg.layer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    _needle().apply_chat_template_choice(tok, cfg.chat_template)
+    needle.apply_chat_template_choice(tok, cfg.chat_template)
     conds = ["plain"] + (["chat"] if getattr(tok, "chat_template", None) else [])
     if conds == ["plain"]:
         print(
