@@ -73,6 +73,9 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
         data=str(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json"), max_conversations=6, max_length=64,
         max_steps=2, per_device_train_batch_size=2, save_steps=1000, betas=[0.0], eval_tasks=["cf_world_facts"],
         eval_limit=2, eval_max_new_tokens=2, output_dir=str(tmp_path / "exp"),
+        post_stages=["dpo", "grpo"], dpo_max_pairs=2, dpo_max_length=64, grpo_tasks=["cf_world_facts"], grpo_n=2,
+        grpo_max_steps=1, grpo_max_completion_length=2, nih_lengths=[120], nih_depths=[50.0],
+        attention_lengths=[120], attention_depths=[50.0], stages_n=2, stages_tasks=["cf_world_facts"],
     )  # fmt: skip
     table = run(cfg)
     root = tmp_path / "exp"
@@ -88,7 +91,20 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     ind_cfg = json.loads((root / "train" / "ind_indicator_b0.0" / "model" / "config.json").read_text())
     assert ind_cfg["vocab_size"] == 49153
     summary = json.loads((root / "comparison.json").read_text())
-    assert summary["+indicator b=0.0"]["selection"]["ratio"] == 1.0
+    runs = summary["runs"]
+    assert list(runs) == ["base", "vanilla", "+indicator b=0.0", "dpo", "grpo"]
+    assert runs["+indicator b=0.0"]["selection"]["ratio"] == 1.0
+    assert summary["table3"] == {"0.5": 1.0, "0.6": 1.0, "0.7": 1.0, "0.8": 1.0} or set(summary["table3"]) == {
+        "0.5", "0.6", "0.7", "0.8"}  # fmt: skip
+    # DPO starts from the vanilla SFT, GRPO from DPO; each merged model is saved
+    assert json.loads((root / "train" / "dpo" / "train_config.json").read_text())["model"] == runs["vanilla"]["model_dir"]
+    assert json.loads((root / "train" / "grpo" / "train_config.json").read_text())["model"] == runs["dpo"]["model_dir"]
+    for name, r in runs.items():
+        assert r["eval"]["cf_world_facts"]["n"] == 2, name
+        assert {c.removesuffix("+ind") for c in r["nih"]} == {"chat+prefix", "plain+prefix", "chat"}, name
+        assert set(r["attention"]["conditions"]) == {"chat", "plain"}, name
+    assert set(summary["stages"]["seconds"]) <= {"base", "vanilla", "dpo", "grpo"}
+    assert "Table 3" in table and "NIH" in table and "Paired differences" in table
     t0 = time.perf_counter()
     assert run(cfg) == table  # every stage is cached
     assert time.perf_counter() - t0 < 5

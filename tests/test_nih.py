@@ -467,3 +467,48 @@ def test_import_graph_has_no_cycles():
         if m not in state:
             visit(m, [])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_nih_rows_carry_prefill_attention_equal_to_eager(tmp_path, smollm2, monkeypatch, prefix_cache):
+    """Each NIH row's attention shares, read on its generation's own prefill (with and without prefix
+    reuse), equal eager ``output_attentions`` of the whole prompt at the last prompt token, reduced by
+    role; the generated outputs are those of a run without capture."""
+    import torch
+
+    from ctxaware.attention import normalisations
+    from ctxaware.chat import ROLES
+
+    model, tok = smollm2
+    monkeypatch.setattr(nih.NIHConfig, "load", lambda self, name=None: (model, tok))
+    common = dict(lengths=[200], depths=[50.0, 100.0], modes=["chat", "plain"], prefix=[True],
+                  max_new_tokens=2, batch_size=2, prefix_cache=prefix_cache)  # fmt: skip
+    c = nih.NIHConfig(**common, attention_layers=[3, 15], output=str(tmp_path / "a"))
+    _, rows = nih.run_model(c, "smollm2-135m-instruct")
+    _, plain_rows = nih.run_model(
+        nih.NIHConfig(**common, attention=False, output=str(tmp_path / "b")), "smollm2-135m-instruct"
+    )
+    key = lambda r: (r["condition"], r["depth"])  # noqa: E731
+    assert {key(r): r["output"] for r in rows} == {key(r): r["output"] for r in plain_rows}
+    assert all("attention" not in r for r in plain_rows) and len(rows) == 4
+    prompts = {key(p.cell): p.render(tok) for p in nih.build_prompts(c, tok, "smollm2-135m-instruct", 8192)}
+    eager = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        for r in rows:
+            p = prompts[key(r)]
+            with torch.no_grad():
+                att = model(torch.tensor([p.input_ids]), output_attentions=True).attentions
+            onehot = torch.nn.functional.one_hot(p.role_ids(), len(ROLES)).float()  # (T, 5)
+            for layer in (3, 15):
+                ref = att[layer][0, :, -1].float() @ onehot  # (H, 5)
+                got = torch.tensor(r["attention"][str(layer)]["heads"])
+                torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+                want = normalisations(ref.mean(0))
+                assert r["attention"][str(layer)]["sink_excluded"]["user"] == pytest.approx(
+                    want["sink_excluded"]["user"], abs=1e-5
+                )
+    finally:
+        model.config._attn_implementation = eager
+    s = nih.summarize([r for r in rows if r["condition"] == "chat+prefix"])
+    assert set(s["attention"]) == {"3", "15"} and 0 < s["attention"]["15"]["paper"]["user"] < 1

@@ -22,6 +22,7 @@ one), picks one retrieval head at the analysis layer by eq. (3) on the plain pro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -141,6 +142,53 @@ def mean_normalisations(rows: Sequence[Mapping[str, Mapping[str, float]]]) -> di
     if not rows:
         raise CtxawareError("no prompts to average")
     return {k: {r: sum(row[k][r] for row in rows) / len(rows) for r in rows[0][k]} for k in NORMALISATIONS}
+
+
+class PrefillShares:
+    """Attention shares per role of the last prompt token at ``layers``, read on `generate`'s own prefill.
+
+    Pass an instance as ``prefill_context`` of `ctxaware.generate.generate`: around each batch it captures
+    (`intercept.Capture` with rows ``"last"``, ``once``) the (H, 5) mass per role of the token that generates
+    the first answer token, on the same forward pass that prefills the KV cache, at the cost of one softmax
+    row per head and layer. ``shares[i]`` is then, for prompt ``i`` of the call, ``{layer: {"raw", "paper",
+    "sink_excluded"}}`` (head-mean, `normalisations`) plus ``"heads"``: the raw (H, 5) mass in `ROLES` order.
+    """
+
+    def __init__(self, model, layers: Sequence[int]) -> None:
+        n_layers, _ = _model_shape(model)
+        for layer in layers:
+            check_layer(layer, n_layers)
+        self.model, self.layers, self.shares = model, sorted(set(layers)), {}
+
+    @contextlib.contextmanager
+    def __call__(self, batch):
+        from ctxaware.intercept import Capture, intercepted
+
+        B, T = batch.input_ids.shape
+        groups = torch.zeros(B, T, len(ROLES))
+        for i, p in enumerate(batch.items):
+            groups[i, T - len(p) :] = torch.nn.functional.one_hot(p.role_ids(), len(ROLES)).float()
+        cap = Capture(self.layers, "last", groups, stop_early=False, once=True)
+        with intercepted(self.model, capture=cap):
+            yield
+        missing = [layer for layer in self.layers if layer not in cap.results]
+        if missing:
+            raise CtxawareError(f"attention capture never reached layers {missing} during the prefill")
+        for j, i in enumerate(batch.indices):
+            rec = {}
+            for layer in self.layers:
+                heads = cap.results[layer][j, :, 0].float().cpu()  # (H, 5)
+                rec[str(layer)] = {**normalisations(heads.mean(0)),
+                                   "heads": [[round(x, 5) for x in h] for h in heads.tolist()]}  # fmt: skip
+            self.shares[i] = rec
+
+
+def mean_prefill_shares(rows: Sequence[Mapping]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{layer: mean_normalisations}`` over rows that carry ``attention`` (NIH rows); ``{}`` when none do."""
+    rows = [r["attention"] for r in rows if r.get("attention")]
+    if not rows:
+        return {}
+    return {layer: mean_normalisations([r[layer] for r in rows]) for layer in rows[0]}
 
 
 # --- NIH prompts: the very prompts of `ctxaware nih` -------------------------------------------------------
@@ -342,11 +390,27 @@ def _model_dir_name(spec: str) -> str:
     return resolve_model(spec).name
 
 
+def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = None) -> dict:
+    """One model: load it, analyse, write ``where/allocation.json``, ``rows.jsonl`` and the figures."""
+    from ctxaware.results import ResultsWriter, write_json_atomic
+
+    model, tok = cfg.load(spec)
+    check_layer(cfg.layer, _model_shape(model)[0])
+    allocation, rows, extra = analyse(model, tok, cfg, name or _model_dir_name(spec))
+    with ResultsWriter(
+        where, {**to_dict(cfg), "model": spec}, ("model", "condition", "length", "depth")
+    ) as w:
+        for row in rows:
+            if not w.done(row):
+                w.write(row)
+    write_json_atomic(where / "allocation.json", allocation)
+    _figures(allocation, extra, where)
+    return allocation
+
+
 def main(argv: list[str]) -> int:
     """``ctxaware attention``: ``allocation.json``, per-prompt rows and figures per model."""
     import time
-
-    from ctxaware.results import ResultsWriter, write_json_atomic
 
     cfg = parse_config(AttentionConfig, argv, prog="ctxaware attention")
     check_layer(cfg.layer)
@@ -362,17 +426,7 @@ def main(argv: list[str]) -> int:
     for spec, name in zip(specs, names):
         t0 = time.time()
         where = out if len(specs) == 1 else out / name
-        model, tok = cfg.load(spec)
-        check_layer(cfg.layer, _model_shape(model)[0])
-        allocation, rows, extra = analyse(model, tok, cfg, name)
-        with ResultsWriter(
-            where, {**to_dict(cfg), "model": spec}, ("model", "condition", "length", "depth")
-        ) as w:
-            for row in rows:
-                if not w.done(row):
-                    w.write(row)
-        write_json_atomic(where / "allocation.json", allocation)
-        _figures(allocation, extra, where)
+        allocation = run_one(cfg, spec, where, name)
         for c, v in allocation["conditions"].items():
             se, pa = v["sink_excluded"], v["paper"]
             print(
@@ -381,5 +435,4 @@ def main(argv: list[str]) -> int:
                 f"({time.time() - t0:.0f} s)"
             )
         print(f"wrote {where / 'allocation.json'}, {where / 'rows.jsonl'} and figures")
-        del model
     return 0

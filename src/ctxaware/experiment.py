@@ -1,16 +1,20 @@
-"""The paper's experiment end to end (Sec. 4, Table 4, Table 9): ``ctxaware experiment CONFIG.yaml``.
+"""The paper's experiment end to end (Sec. 4, Table 3, Table 4, Table 9) plus SFT -> DPO -> RLVR:
+``ctxaware experiment CONFIG.yaml``.
 
-seed (the paper's seed model: a vanilla SFT of the base on the same data with the training template; with
-``seed_model: trained``, the default, this is the vanilla run itself) -> score (eq. 2 with the seed) -> select
-(beta, [IND]-marked data) -> train +indicator (same seed, same conversations in the same order) -> evaluate
-every run (QA and conflict sets, NIH; the +indicator model with the indicator on every query) -> a
-Table-4-style comparison (``comparison.md``/``.json``) and the context-reliance curves of every run. One
-``+indicator`` run per beta in ``betas`` gives the Table-9 ablation. Every stage caches its output under
-``output_dir`` and a rerun skips what is finished (``train/vanilla`` is the seed stage's cache too).
+data (``data_files``: every set cleaned as the paper cleans ShareGPT, combined and shuffled once) -> seed
+(the paper's seed model: a vanilla SFT of the base on the same data with the training template; with
+``seed_model: trained``, the default, this is the vanilla run itself, tracked for context-parametric
+inversion) -> score (eq. 2 with the seed) -> Table 3 (selected ratio at beta 0.5-0.8) -> select (beta,
+[IND]-marked data) -> train +indicator (same base, same conversations in the same order) -> DPO then GRPO
+from the vanilla run (``post_stages``) -> evaluate every checkpoint, the base included (QA and conflict
+sets, NIH chat vs plain with and without the prefix, attention per role in three normalisations, MT-Bench
+with an offline judge; the +indicator model with the indicator on every query) -> the stage analysis over
+base -> SFT -> DPO -> GRPO -> ``comparison.md``/``.json`` and plots.
 
-Layout: ``scores.jsonl``, ``data/marked_b{beta}.json``, ``train/{run}/``, ``eval/{run}/``, ``nih/``,
-``comparison.md``, ``context_reliance.png``. The stages call the other modules' functions; this module only
-wires them.
+Every stage caches its output under ``output_dir``; a rerun (after a kill at any point) skips what is
+finished and resumes training from its last checkpoint. Layout: ``data/``, ``scores.jsonl``,
+``table3.json``, ``train/{run}/``, ``eval/{run}/``, ``nih/{run}/``, ``attention/{run}/``, ``stages/``,
+``comparison.md``, ``context_reliance.png``, ``timing.json``. This module only wires the other modules.
 """
 
 from __future__ import annotations
@@ -18,31 +22,47 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
+import time
 from pathlib import Path
 
 from ctxaware.config import parse_config
 from ctxaware.conversations import load_conversations, write_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.results import fingerprint_inputs, write_json_atomic
-from ctxaware.train import TrainConfig, train
+from ctxaware.train import ZEPHYR_TEMPLATE, TrainConfig, train
 
 logger = logging.getLogger(__name__)
+POST_STAGES = ("dpo", "grpo")
 
 
 @dataclasses.dataclass
 class ExperimentConfig(TrainConfig):
-    """Every `TrainConfig` option (applied to both runs; ``output_dir`` is the experiment's root) plus:
+    """Every `TrainConfig` option (applied to every SFT run; ``output_dir`` is the experiment's root) plus:
 
     Parameters:
+        data_files: SFT sets combined into ``data/sft.json`` (cleaned, shuffled with ``seed``, first
+            ``max_conversations``); empty: ``data`` is used as it is.
         seed_model: the model that scores the data (eq. 2): ``trained`` (default, the paper's choice: the
             vanilla SFT of ``model`` on ``data`` with the training template, trained first as a stage) or a
             model spec (e.g. ``default`` = SmolLM2-135M-Instruct) used as it is.
         score_layer / score_max_tokens: scoring layer and truncation (default: `ctxaware.score`'s defaults).
         betas: thresholds; one +indicator run per beta (the first is the headline, more give Table 9).
+        table3_betas: thresholds whose selected ratio is reported (paper Table 3).
+        post_stages: ``dpo`` and/or ``grpo``, trained in that order from the vanilla SFT model (each from the
+            previous one); ``dpo_*`` / ``grpo_*`` set them.
+        eval_base: evaluate the base model too (with the training template in the chat condition).
         eval_tasks: `ctxaware.tasks` names evaluated for every run; eval_limit examples each (seeded).
-        nih_lengths / nih_depths: the NIH grid (empty lengths: no NIH).
+        nih_lengths / nih_depths: the NIH grid (empty lengths: no NIH); nih_conditions: which of
+            ``chat+prefix``, ``plain+prefix``, ``chat``, ``plain``.
+        attention_lengths / attention_depths: NIH prompts of the attention analysis (empty: none).
+        mt_bench_limit: MT-Bench questions per run, judged by ``judge_local_model`` offline (0: none).
+        stages_n / stages_tasks: the stage analysis over base -> vanilla -> post stages (0: none).
     """
 
+    data_files: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "SFT sets to clean, combine and shuffle (empty: data)"}
+    )
     seed_model: str = dataclasses.field(
         default="trained",
         metadata={
@@ -61,6 +81,28 @@ class ExperimentConfig(TrainConfig):
     betas: list[float] = dataclasses.field(
         default_factory=lambda: [0.6], metadata={"help": "selection thresholds"}
     )
+    table3_betas: list[float] = dataclasses.field(
+        default_factory=lambda: [0.5, 0.6, 0.7, 0.8], metadata={"help": "Table 3 thresholds"}
+    )
+    post_stages: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "dpo and/or grpo after the vanilla SFT, in order"}
+    )
+    dpo_data: str = dataclasses.field(
+        default="../shared/data/sft/dpo_en_demo.json", metadata={"help": "preference pairs for DPO"}
+    )
+    dpo_max_pairs: int | None = dataclasses.field(default=64, metadata={"help": "DPO pairs", "min": 1})
+    dpo_max_length: int = dataclasses.field(default=384, metadata={"help": "DPO max length", "min": 8})
+    dpo_learning_rate: float = dataclasses.field(default=5e-5, metadata={"help": "DPO lr (LoRA)", "gt": 0})
+    dpo_beta: float = dataclasses.field(default=0.1, metadata={"help": "DPO beta", "gt": 0})
+    grpo_tasks: list[str] = dataclasses.field(
+        default_factory=lambda: ["squad", "cf_world_facts"], metadata={"help": "GRPO reward tasks"}
+    )
+    grpo_n: int = dataclasses.field(default=32, metadata={"help": "GRPO prompts per task", "min": 1})
+    grpo_max_steps: int = dataclasses.field(default=20, metadata={"help": "GRPO steps", "min": 1})
+    grpo_learning_rate: float = dataclasses.field(default=2e-5, metadata={"help": "GRPO lr", "gt": 0})
+    grpo_num_generations: int = dataclasses.field(default=2, metadata={"help": "completions per prompt"})
+    grpo_max_completion_length: int = dataclasses.field(default=16, metadata={"help": "completion tokens"})
+    eval_base: bool = dataclasses.field(default=True, metadata={"help": "evaluate the base model too"})
     eval_tasks: list[str] = dataclasses.field(
         default_factory=lambda: ["squad", "quac", "drop", "cf_world_facts", "nqswap"],
         metadata={"help": "evaluation tasks (ctxaware.tasks names)"},
@@ -71,20 +113,82 @@ class ExperimentConfig(TrainConfig):
     eval_max_new_tokens: int = dataclasses.field(
         default=100, metadata={"help": "new tokens per answer (paper App. A.3: 100)"}
     )
+    eval_batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per generation batch"})
     nih_lengths: list[int] = dataclasses.field(default_factory=list, metadata={"help": "NIH context lengths"})
     nih_depths: list[float] = dataclasses.field(
         default_factory=lambda: [0.0, 50.0, 100.0], metadata={"help": "NIH needle depths (%)"}
     )
+    nih_conditions: list[str] = dataclasses.field(
+        default_factory=lambda: ["chat+prefix", "plain+prefix", "chat"],
+        metadata={"help": "NIH conditions: chat, plain, chat+prefix, plain+prefix"},
+    )
+    attention_lengths: list[int] = dataclasses.field(
+        default_factory=list, metadata={"help": "attention analysis lengths (empty: none)"}
+    )
+    attention_depths: list[float] = dataclasses.field(
+        default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0], metadata={"help": "attention depths (%)"}
+    )
+    mt_bench_limit: int = dataclasses.field(default=0, metadata={"help": "MT-Bench questions (0: none)"})
+    mt_bench_max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "MT-Bench answer tokens"})
+    judge_local_model: str = dataclasses.field(default="default", metadata={"help": "offline judge model"})
+    stages_n: int = dataclasses.field(
+        default=0, metadata={"help": "stage analysis examples per task (0: none)"}
+    )
+    stages_tasks: list[str] = dataclasses.field(
+        default_factory=lambda: ["squad", "cf_world_facts"], metadata={"help": "stage analysis tasks"}
+    )
 
 
-def _train_config(cfg: ExperimentConfig, **changes) -> TrainConfig:
+class _Timer:
+    """Wall seconds per stage in ``timing.json`` (a stage served from its cache records nothing new)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "timing.json"
+        self.times = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def __call__(self, name: str, fn, *args, **kw):
+        t0 = time.time()
+        out = fn(*args, **kw)
+        if time.time() - t0 > 1:
+            self.times[name] = round(self.times.get(name, 0) + time.time() - t0, 1)
+            write_json_atomic(self.path, self.times)
+        return out
+
+
+def _train_config(cfg: ExperimentConfig, cls: type = TrainConfig, **changes) -> TrainConfig:
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**values, **changes})
+    return cls(**{**values, **changes})
 
 
 def seed_spec(cfg: ExperimentConfig) -> str:
     """The seed model's spec as configured: ``trained`` or a model spec (``score_model`` wins if set)."""
     return cfg.score_model or cfg.seed_model
+
+
+def stage_data(cfg: ExperimentConfig, root: Path) -> str:
+    """``data_files`` cleaned (`ctxaware.conversations`: refusals, empty and incomplete turns removed),
+    combined and shuffled with ``seed``, first ``max_conversations`` kept: ``data/sft.json``. Without
+    ``data_files`` this is ``data``."""
+    if not cfg.data_files:
+        return str(cfg.data)
+    out = root / "data" / "sft.json"
+    meta = out.with_suffix(".sources.json")
+    inputs = {"files": fingerprint_inputs({f: f for f in cfg.data_files}), "seed": cfg.seed,
+              "limit": cfg.max_conversations}  # fmt: skip
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("inputs") == inputs:
+        return str(out)
+    tagged, counts = [], {}
+    for f in cfg.data_files:
+        part, _ = load_conversations(f, "auto")  # type: ignore[arg-type]
+        counts[f] = len(part)
+        stem = Path(f).name.split(".")[0]  # ids stay unique across files
+        tagged += [(f, dataclasses.replace(c, id=f"{stem}:{c.id}")) for c in part]
+    random.Random(cfg.seed).shuffle(tagged)
+    tagged = tagged[: cfg.max_conversations] if cfg.max_conversations else tagged
+    kept = {f: sum(src == f for src, _ in tagged) for f in cfg.data_files}
+    write_conversations([c for _, c in tagged], out, "sharegpt")
+    write_json_atomic(meta, {"inputs": inputs, "clean_per_file": counts, "n": len(tagged), "kept": kept})
+    return str(out)
 
 
 def stage_seed(cfg: ExperimentConfig, root: Path) -> tuple[str, dict | None]:
@@ -120,6 +224,16 @@ def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None
     return out
 
 
+def stage_table3(cfg: ExperimentConfig, root: Path, scores_path: Path) -> dict[str, float]:
+    """Paper Table 3: the fraction of scored turns selected at each of ``table3_betas``."""
+    from ctxaware.selection import load_scores, ratio_table
+
+    scores = load_scores(scores_path)
+    table = ratio_table([r.get("score") for r in scores.values()], cfg.table3_betas)
+    write_json_atomic(root / "table3.json", {"n_scored": len(scores), "ratio": table})
+    return table
+
+
 def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: float) -> Path:
     """The [IND]-marked copy of the training data for ``beta`` (same conversations, same order)."""
     out = root / "data" / f"marked_b{beta}.json"
@@ -141,12 +255,49 @@ def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: flo
 
 
 def stage_train(cfg: ExperimentConfig, root: Path, name: str, data: str, indicator: bool) -> dict:
-    """Train one run (skipped when its summary exists; resumed from its last checkpoint otherwise)."""
+    """Train one SFT run (skipped when its summary exists; resumed from its last checkpoint otherwise)."""
     return train(_train_config(cfg, data=data, indicator=indicator, output_dir=str(root / "train" / name)))
 
 
+def stage_post(cfg: ExperimentConfig, root: Path, stage: str, start: str) -> dict:
+    """One post-SFT stage (``dpo`` or ``grpo``) from the model dir ``start``, LoRA merged on save."""
+    from ctxaware.finetune import run_stage
+    from ctxaware.preference import DPOStageConfig
+    from ctxaware.rlvr import GRPOStageConfig
+
+    out = str(root / "train" / stage)
+    common = {"model": start, "output_dir": out, "stage": stage, "indicator": False, "chat_template": "model"}
+    if stage == "dpo":
+        scfg = _train_config(cfg, DPOStageConfig, **common, data=cfg.dpo_data, max_pairs=cfg.dpo_max_pairs,
+                             max_length=cfg.dpo_max_length, learning_rate=cfg.dpo_learning_rate,
+                             beta=cfg.dpo_beta, max_steps=-1)  # fmt: skip
+    else:
+        scfg = _train_config(cfg, GRPOStageConfig, **common, data=None, rl_tasks=cfg.grpo_tasks,
+                             rl_n=cfg.grpo_n, max_steps=cfg.grpo_max_steps, learning_rate=cfg.grpo_learning_rate,
+                             num_generations=cfg.grpo_num_generations, lr_scheduler_type="constant",
+                             warmup_ratio=0.0, max_completion_length=cfg.grpo_max_completion_length,
+                             max_length=512)  # fmt: skip
+    return run_stage(scfg)
+
+
+def template_file(root: Path, cfg: ExperimentConfig) -> str:
+    """The training chat template as a file, so every checkpoint (the base too) is evaluated with it."""
+    path = root / "template.jinja"
+    if cfg.chat_template in ("zephyr", None):
+        text = ZEPHYR_TEMPLATE
+    elif cfg.chat_template.endswith((".jinja", ".j2")):
+        text = Path(cfg.chat_template).read_text()
+    else:
+        return "model"
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(path)
+
+
 def stage_evaluate(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool) -> dict:
-    """QA/conflict tasks and NIH for one trained model; cached in ``eval/{name}/results.json``."""
+    """QA/conflict tasks and MT-Bench for one model; rows resume in ``eval/{name}/``; cached in
+    ``eval/{name}/results.json``."""
     done = root / "eval" / name / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -154,85 +305,227 @@ def stage_evaluate(cfg: ExperimentConfig, root: Path, name: str, model_dir: str,
     from ctxaware.models import load_model
 
     model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
-    ecfg = EvalConfig(model=model_dir, modes=["chat"], indicator=indicator, limit=cfg.eval_limit, seed=cfg.seed,
-                      data_dir=None, device=cfg.device, dtype=cfg.dtype,
-                      max_new_tokens=cfg.eval_max_new_tokens, output=str(root / "eval" / name))  # fmt: skip
+    tmpl = template_file(root, cfg)
+    if tmpl != "model":
+        tok.chat_template = Path(tmpl).read_text()
+    base = dict(model=model_dir, modes=["chat"], indicator=indicator, seed=cfg.seed, data_dir=None,
+                device=cfg.device, dtype=cfg.dtype, batch_size=cfg.eval_batch_size,
+                output=str(root / "eval" / name))  # fmt: skip
+    ecfg = EvalConfig(**base, limit=cfg.eval_limit, max_new_tokens=cfg.eval_max_new_tokens)
     results = evaluate_tasks(
         model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=root / "eval" / name
     )
+    if cfg.mt_bench_limit:  # the offline judge (evaluate.make_judge: judge_local_model)
+        mcfg = EvalConfig(**base, limit=cfg.mt_bench_limit, mt_bench_max_new_tokens=cfg.mt_bench_max_new_tokens,
+                          judge="local", judge_local_model=cfg.judge_local_model)  # fmt: skip
+        results.update(evaluate_tasks(model, tok, ["mt_bench"], mcfg, model_name=name,
+                                      output_dir=root / "eval" / name))  # fmt: skip
     del model
-    if cfg.nih_lengths:
-        results["nih"] = stage_nih(cfg, root, name, model_dir, indicator)
     write_json_atomic(done, results)
     return results
 
 
+NIH_CONDITIONS = {"chat+prefix": ("chat", True), "plain+prefix": ("plain", True), "chat": ("chat", False),
+                  "plain": ("plain", False)}  # fmt: skip
+
+
 def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool) -> dict:
+    """NIH (authors' protocol) under ``nih_conditions``: ``{condition: summary}`` (rows resume)."""
     from ctxaware import nih
 
-    ncfg = nih.NIHConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype, lengths=cfg.nih_lengths,
-                         depths=cfg.nih_depths, modes=["chat"], indicator=[indicator], prefix=[False],
-                         output=str(root / "nih" / name))  # fmt: skip
-    short, rows = nih.run_model(ncfg, model_dir)
-    summary = next(iter(nih.report(Path(ncfg.output), short, rows).values()))
-    return {"kind": "nih", "n": len(rows), "metrics": {"recall": summary["recall"]}}
+    done = root / "nih" / name / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    out: dict = {}
+    for prefix in (True, False):
+        modes = [m for c, (m, p) in NIH_CONDITIONS.items() if c in cfg.nih_conditions and p == prefix]
+        if not modes:
+            continue
+        ncfg = nih.NIHConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype, lengths=cfg.nih_lengths,
+                             depths=cfg.nih_depths, modes=modes, indicator=[indicator], prefix=[prefix],
+                             chat_template=template_file(root, cfg),
+                             output=str(root / "nih" / name / ("prefix" if prefix else "no_prefix")))  # fmt: skip
+        short, rows = nih.run_model(ncfg, model_dir)
+        out.update(nih.report(Path(ncfg.output), short, rows))
+    write_json_atomic(done, out)
+    return out
 
 
-def compare(root: Path, runs: dict[str, dict]) -> str:
-    """Table-4-style markdown (tasks x runs, 95% CIs) and the context-reliance curves of every run."""
+def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str) -> dict:
+    """Attention per role (three normalisations, Fig. 3-4) on NIH prompts; ``attention/{name}/``."""
+    from ctxaware import attention
+
+    where = root / "attention" / name
+    if (where / "allocation.json").is_file():
+        return json.loads((where / "allocation.json").read_text())
+    acfg = attention.AttentionConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype,
+                                     lengths=cfg.attention_lengths, depths=cfg.attention_depths,
+                                     chat_template=template_file(root, cfg), output=str(where))  # fmt: skip
+    return attention.run_one(acfg, model_dir, where)
+
+
+def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> dict:
+    """The stage analysis (`ctxaware stages`) over base -> vanilla SFT -> DPO -> GRPO."""
+    from ctxaware.stages import StagesConfig, run
+
+    scfg = StagesConfig(checkpoints=[f"{k}={v}" for k, v in chain.items()], tasks=cfg.stages_tasks,
+                        n=cfg.stages_n, mode="zephyr" if cfg.chat_template == "zephyr" else "auto",
+                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, output=str(root / "stages"))  # fmt: skip
+    if (root / "stages" / "summary.json").is_file():
+        return json.loads((root / "stages" / "summary.json").read_text())
+    return run(scfg)
+
+
+def paired(root: Path, a: str, b: str, task: str, metric: str) -> dict:
+    """Paired difference ``b - a`` of a per-example metric on the same examples (bootstrap 95% CI)."""
+    from ctxaware.stats import summarize
+
+    def rows(name: str) -> dict:
+        path = root / "eval" / name / task / "rows.jsonl"
+        out = {}
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            r = json.loads(line)
+            if isinstance(r.get("scores"), dict) and r["scores"].get(metric) is not None:
+                out[r["id"]] = float(r["scores"][metric])
+        return out
+
+    ra, rb = rows(a), rows(b)
+    return summarize([rb[i] - ra[i] for i in ra if i in rb])
+
+
+QA_METRIC = {"qa": "contains", "conflict": "p_s"}
+
+
+def compare(root: Path, runs: dict[str, dict], extra: dict) -> str:
+    """``comparison.md``: Table 3, Table 4 (tasks x checkpoints, 95% CIs), paired differences against the
+    vanilla SFT, NIH per checkpoint and condition, attention per role, the inversion curves and the stage
+    analysis; ``comparison.json`` holds everything."""
     from ctxaware.evaluate import summary_markdown
     from ctxaware.plotting import context_reliance_steps
     from ctxaware.stats import fmt
 
-    table = summary_markdown(
-        {name: {"chat": {k: v for k, v in r["eval"].items() if k != "nih"}} for name, r in runs.items()}
-    )
-    nih_rows = [
-        f"| {name} | {fmt(r['eval']['nih']['metrics']['recall'])} |"
-        for name, r in runs.items()
-        if "nih" in r["eval"]
-    ]
-    if nih_rows:
-        table += "\n\n| run | NIH recall |\n|---|---|\n" + "\n".join(nih_rows)
-    curves = {
-        name: r["train"]["context_reliance"] for name, r in runs.items() if r["train"].get("context_reliance")
-    }
+    parts = []
+    if extra.get("table3"):
+        t3 = extra["table3"]
+        parts.append("## Table 3: ratio of selected turns\n\n| beta | " + " | ".join(t3) + " |\n|---"
+                     + "|---" * len(t3) + "|\n| ratio | " + " | ".join(f"{v:.3f}" for v in t3.values()) + " |")  # fmt: skip
+    evals = {name: {"chat": r["eval"]} for name, r in runs.items() if r.get("eval")}
+    if evals:
+        parts.append(
+            "## Table 4 analogue (chat template; percent, 95% bootstrap CI)\n\n" + summary_markdown(evals)
+        )
+    ref = "vanilla"
+    lines = []
+    for name, r in runs.items():
+        if name == ref or not r.get("eval"):
+            continue
+        for task, res in r["eval"].items():
+            metric = QA_METRIC.get(res.get("kind"))
+            if metric:
+                d = paired(root, runs[ref]["slug"], r["slug"], task, metric)
+                lines.append(f"| {name} - {ref} | {task} | {metric} | {fmt(d)} | {d['n']} |")
+    if lines:
+        parts.append("## Paired differences against the vanilla SFT (same examples)\n\n"
+                     "| runs | task | metric | difference (points) [95% CI] | n |\n|---|---|---|---|---|\n"
+                     + "\n".join(lines))  # fmt: skip
+    nih_lines = [f"| {name} | {cond} | {fmt(s['recall'])} | {100 * s['empty_rate']:.1f} | {s['n']} |"
+                 for name, r in runs.items() for cond, s in (r.get("nih") or {}).items()]  # fmt: skip
+    if nih_lines:
+        parts.append("## NIH (authors' protocol): recall % [95% CI]\n\n| run | condition | recall | empty % | n |\n"
+                     "|---|---|---|---|---|\n" + "\n".join(nih_lines))  # fmt: skip
+    att = []
+    for name, r in runs.items():
+        for cond, v in ((r.get("attention") or {}).get("conditions") or {}).items():
+            att.append(f"| {name} | {cond} | {v['head']} | {v['raw']['user']:.3f} | {v['paper']['user']:.3f} | "
+                       f"{v['paper']['sink']:.3f} | {v['sink_excluded']['user']:.3f} |")  # fmt: skip
+    if att:
+        parts.append("## Attention to user tokens at the last prompt token (mean over prompts)\n\n"
+                     "| run | condition | head | raw user | paper user | paper sink | sink-excluded user |\n"
+                     "|---|---|---|---|---|---|---|\n" + "\n".join(att))  # fmt: skip
+    curves = {name: r["train"]["context_reliance"] for name, r in runs.items()
+              if (r.get("train") or {}).get("context_reliance")}  # fmt: skip
     if curves:
         context_reliance_steps(curves, root / "context_reliance.png")
-    (root / "comparison.md").write_text(table + "\n")
-    write_json_atomic(root / "comparison.json", runs)
-    return table
+        rows = [
+            f"| {name} | {p['step']} | {p['p_s']:.3f} | {p['p_o']:.3f} |"
+            for name, c in curves.items()
+            for p in c
+        ]
+        parts.append("## Context reliance during training (held-out counterfactuals)\n\n| run | step | p_s | p_o |\n"
+                     "|---|---|---|---|\n" + "\n".join(rows) + "\n\n![context reliance](context_reliance.png)")  # fmt: skip
+    if extra.get("stages"):
+        sens = extra["stages"].get("sensitivity") or {}
+        parts.append("## Stage analysis\n\nSee `stages/summary.json`, `stages/sensitivity.png` and "
+                     f"`stages/head_change.png` ({len(sens)} usage measures).")  # fmt: skip
+    text = "\n\n".join(parts) + "\n"
+    (root / "comparison.md").write_text(text)
+    write_json_atomic(root / "comparison.json", {"runs": runs, **extra})
+    return text
 
 
 def run(cfg: ExperimentConfig) -> str:
-    if not cfg.data:
-        raise CtxawareError("no data; set data: PATH (the instruction dataset to score, select and train on)")
+    if not cfg.data and not cfg.data_files:
+        raise CtxawareError(
+            "no data; set data: PATH or data_files: [PATH, ...] (the SFT data to score and train on)"
+        )
     if not cfg.betas:
         raise CtxawareError("betas is empty; give at least one threshold, e.g. betas: [0.6]")
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
         raise CtxawareError(
             f"eval_limit {cfg.eval_limit}: give a positive number of examples, or null for all"
         )
+    bad = [s for s in cfg.post_stages if s not in POST_STAGES] + [
+        c for c in cfg.nih_conditions if c not in NIH_CONDITIONS
+    ]
+    if bad:
+        raise CtxawareError(f"{bad[0]!r} is not a post stage ({', '.join(POST_STAGES)}) or NIH condition "
+                            f"({', '.join(NIH_CONDITIONS)})")  # fmt: skip
+    for f in cfg.data_files:
+        if not Path(f).is_file():
+            raise CtxawareError(f"data file {f} does not exist; fix data_files")
     from ctxaware.train import validate
 
-    validate(cfg)
     root = Path(cfg.output_dir)
-    seed_model, seed_summary = stage_seed(cfg, root)
-    scores = stage_score(cfg, root, seed_model)
+    timer = _Timer(root)
+    cfg.data = timer("data", stage_data, cfg, root)
+    validate(cfg)
+    seed_model, seed_summary = timer("train vanilla (seed)", stage_seed, cfg, root)
+    scores = timer("score", stage_score, cfg, root, seed_model)
+    extra: dict = {"table3": stage_table3(cfg, root, scores)}
     plan = {"vanilla": (str(cfg.data), False)}
     for beta in cfg.betas:
         plan[f"+indicator b={beta}"] = (str(stage_select(cfg, root, scores, beta)), True)
-    runs = {}
+    runs: dict[str, dict] = {}
+    if cfg.eval_base:
+        runs["base"] = {"slug": "base", "model_dir": cfg.model, "indicator": False, "train": {}}
     for name, (data, indicator) in plan.items():
         slug = name.replace("+", "ind_").replace(" b=", "_b").replace(" ", "_")
-        summary = stage_train(cfg, root, slug, data, indicator)
+        summary = timer(f"train {slug}", stage_train, cfg, root, slug, data, indicator)
         runs[name] = {
+            "slug": slug,
+            "model_dir": summary["model_dir"],
+            "indicator": indicator,
             "train": summary,
-            "eval": stage_evaluate(cfg, root, slug, summary["model_dir"], indicator),
         }
         if indicator:
             runs[name]["selection"] = json.loads(Path(data).with_suffix(".selection.json").read_text())
-    return compare(root, runs)
+    start = runs["vanilla"]["model_dir"]
+    for stage in cfg.post_stages:
+        summary = timer(f"train {stage}", stage_post, cfg, root, stage, start)
+        runs[stage] = {"slug": stage, "model_dir": summary["model_dir"], "indicator": False, "train": summary}
+        start = summary["model_dir"]
+    for r in runs.values():
+        slug, md, ind = r["slug"], r["model_dir"], r["indicator"]
+        r["eval"] = timer(f"eval {slug}", stage_evaluate, cfg, root, slug, md, ind)
+        if cfg.nih_lengths:
+            r["nih"] = timer(f"nih {slug}", stage_nih, cfg, root, slug, md, ind)
+        if cfg.attention_lengths:
+            r["attention"] = timer(f"attention {slug}", stage_attention, cfg, root, slug, md)
+    if cfg.stages_n:
+        chain = {k: runs[k]["model_dir"] for k in ("base", "vanilla", *cfg.post_stages) if k in runs}
+        extra["stages"] = timer("stages", stage_stages, cfg, root, chain)
+    extra["timing"] = timer.times
+    return compare(root, runs, extra)
 
 
 def main(argv: list[str]) -> int:

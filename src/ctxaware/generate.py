@@ -182,6 +182,7 @@ def generate(
     stop: Sequence[str] = (),
     batch_size: int = 8,
     batch_context: Callable[[Batch], contextlib.AbstractContextManager] | None = None,
+    prefill_context: Callable[[Batch], contextlib.AbstractContextManager] | None = None,
     progress: bool = True,
     desc: str = "generating",
     prefix_cache: bool = False,
@@ -193,7 +194,9 @@ def generate(
     Prompts are sorted by length into batches of ``batch_size`` to waste little padding; ``stop`` strings
     end a row early and are cut from its text. ``prefix_cache`` sorts them lexicographically instead and
     prefills shared prefixes once (see the module docstring; it is off under ``batch_context``, whose
-    interventions expect whole-prompt forwards). ``callback(indices, generations)`` runs after each batch;
+    interventions expect whole-prompt forwards). ``prefill_context`` is entered around each batch like
+    ``batch_context`` but only reads the first forward of the batch (attention capture with rows
+    ``"last"``), so prefix reuse stays on. ``callback(indices, generations)`` runs after each batch;
     ``stats`` (a dict), when given, receives ``prompt_tokens`` and ``prefill_tokens``.
     """
     device = next(model.parameters()).device
@@ -217,12 +220,10 @@ def generate(
         ids, mask = left_pad([seqs[i] for i in idx], cfg.pad_token_id, device)
         criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, ids.shape[1])]) if stop else None
         extra = {"past_key_values": chain.batch_cache([seqs[i] for i in idx], ids.shape[1])} if chain else {}
-        ctx = (
-            batch_context(Batch(ids, mask, [prompts[i] for i in idx], idx))
-            if batch_context
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        batch = Batch(ids, mask, [prompts[i] for i in idx], idx)
+        ctx = batch_context(batch) if batch_context else contextlib.nullcontext()
+        pre = prefill_context(batch) if prefill_context else contextlib.nullcontext()
+        with ctx, pre:
             seq = model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=criteria, **extra
             )

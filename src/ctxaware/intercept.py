@@ -34,6 +34,7 @@ attention on every layer:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,8 +61,11 @@ CAPTURE_METHODS = ("auto", "onehot", "chunked")
 
 @dataclass
 class Capture:
-    """What to capture: ``rows`` (B, R) query indices (``-1`` = padding row; ``None`` = every row, R = T) and
-    ``groups`` (B, K, G) key groups. ``method``: ``onehot`` (the layer's own kernel with V = groups),
+    """What to capture: ``rows`` (B, R) query indices (``-1`` = padding row; ``None`` = every row, R = T;
+    ``"last"``: the last query row of each call, R = 1, which is the last prompt token of a left-padded
+    prefill even when a KV cache holds the prompt's prefix) and ``groups`` (B, K, G) key groups.
+    ``once``: capture only the first call of each layer (the prefill of a ``generate`` call; decoding steps
+    pass through). ``method``: ``onehot`` (the layer's own kernel with V = groups),
     ``chunked`` (softmax rows computed here) or ``auto``: ``onehot`` unless only a few rows are asked for
     (R * 4 <= T, e.g. eq. (3)'s last prompt token at every layer), where ``chunked`` costs O(R x T) against
     the kernel's O(T x T) and wins.
@@ -70,11 +74,12 @@ class Capture:
     """
 
     layers: list[int]
-    rows: torch.Tensor | None
+    rows: torch.Tensor | None | str
     groups: torch.Tensor
     chunk: int = 256
     stop_early: bool = True
     method: str = "auto"
+    once: bool = False
     results: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,10 @@ class Capture:
             raise CtxawareError(f"capture method {self.method!r} is not one of {', '.join(CAPTURE_METHODS)}")
         if self.rows is None and self.method == "chunked":
             self.method = "chunked-all"
+        if isinstance(self.rows, str) and self.rows != "last":
+            raise CtxawareError(
+                f"capture rows {self.rows!r}: give a (B, R) tensor, None (every row) or 'last'"
+            )
 
 
 @dataclass
@@ -256,7 +265,11 @@ def _make_wrapper(base: str) -> Callable:
         st.fired.add(layer)
         bias = st.bias(layer, query, key) if st.bias is not None else None
         cap = st.capture
-        if cap is not None and layer in cap.layers:
+        if cap is not None and layer in cap.layers and not (cap.once and layer in cap.results):
+            if isinstance(cap.rows, str):  # "last": this call's last query row, for every batch row
+                B, Q = query.shape[0], query.shape[2]
+                last = torch.full((B, 1), Q - 1, dtype=torch.long, device=query.device)
+                cap = dataclasses.replace(cap, rows=last, results=cap.results)
             few = cap.rows is not None and cap.rows.shape[1] * 4 <= query.shape[2]
             if cap.method.startswith("chunked") or (cap.method == "auto" and few):
                 _capture_rows(cap, module, query, key, attention_mask, bias, kwargs)

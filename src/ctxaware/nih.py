@@ -52,7 +52,10 @@ class NIHConfig(ModelConfig, NeedleConfig):
     Prompt options (protocol, haystack, needle, grid, templates, conditions, system, chat template) are
     those of `ctxaware.needle.NeedleConfig`; docs/nih.md tabulates both protocols.
     Parameters (run): max_new_tokens (50, paper App. A.3), batch_size, prefix_cache, output,
-        steer/alpha (paper eq. 1), dump_prompts (write the prompts and stop; loads only the tokenizer).
+        steer/alpha (paper eq. 1), dump_prompts (write the prompts and stop; loads only the tokenizer),
+        attention / attention_layers: every row also carries the last prompt token's attention per role
+        (raw, paper, sink_excluded; head-mean and per head) at those layers, captured on the prefill of its
+        own generation (`attention.PrefillShares`; unsteered conditions only).
     """
 
     max_new_tokens: int | None = dataclasses.field(
@@ -76,6 +79,15 @@ class NIHConfig(ModelConfig, NeedleConfig):
     )
     dump_prompts: str | None = dataclasses.field(
         default=None, metadata={"help": "write every prompt as JSONL to this file and run nothing"}
+    )
+    attention: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "record each test's attention shares per role, read on the generation's own prefill"
+        },
+    )
+    attention_layers: list[int] = dataclasses.field(
+        default_factory=list, metadata={"help": "layers of --attention (empty: the middle layer)"}
     )
 
 
@@ -186,6 +198,8 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
                 "needle_token_pos": needle_position(r, tok, needle),
             }
             row.update(output=g.text, stop_reason=g.stop_reason, recall=rec, exact=float(rec == 1.0))
+            if shares is not None and j in shares.shares:
+                row["attention"] = shares.shares.pop(j)
             writer.write({**row, "empty": float(not g.text.strip())})
             progress["tests"] += 1
             progress["tokens"] += len(r)
@@ -199,6 +213,12 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
             )
 
     heads = _steering_heads(cfg, model)
+    shares = None
+    if cfg.attention:
+        from ctxaware.attention import PrefillShares
+        from ctxaware.models import middle_layer
+
+        shares = PrefillShares(model, cfg.attention_layers or [middle_layer(model)])
     t0 = time.time()
     with writer:  # one engine call per length and alpha: a killed run leaves conditions equally far along
         for length in sorted({p.cell["length"] for p in todo}):
@@ -218,6 +238,7 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
                     batch_size=cfg.batch_size,
                     prefix_cache=cfg.prefix_cache,
                     batch_context=None if alpha is None else steering.batch_context(model, heads, alpha),
+                    prefill_context=shares if alpha is None else None,
                     desc=f"nih {short} length {length} [{progress['tests']}/{len(todo)} done]"
                     + ("" if alpha is None else f" alpha={alpha:g}"),
                     callback=lambda idx, gens, part=part: write(idx, gens, part),
@@ -280,6 +301,11 @@ def summarize(rows: list[dict]) -> dict:
         for t in sorted({r["template"] for r in rows})
     }
     s["per_template"] = per_t
+    from ctxaware.attention import mean_prefill_shares
+
+    att = mean_prefill_shares(rows)
+    if att:
+        s["attention"] = att
     s["template_mean"], s["template_std"] = (
         float(np.mean(list(per_t.values()))),
         float(np.std(list(per_t.values()))),
