@@ -105,6 +105,11 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
         assert set(r["attention"]["conditions"]) == {"chat", "plain"}, name
     assert set(summary["stages"]["seconds"]) <= {"base", "vanilla", "dpo", "grpo"}
     assert "Table 3" in table and "NIH" in table and "Paired differences" in table
+    from ctxaware.report import write_report
+
+    md = write_report([root], tmp_path / "r.html").with_suffix(".md").read_text()
+    for text in ("Table 3", "NIH condition", "sink-excluded user share", "+indicator b=0.0", "grpo"):
+        assert text in md, text
     t0 = time.perf_counter()
     assert run(cfg) == table  # every stage is cached
     assert time.perf_counter() - t0 < 5

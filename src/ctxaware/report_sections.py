@@ -392,8 +392,11 @@ def evaluation_task(d: Path, j: dict, figs: Figs) -> Section:
 
 
 def experiment(d: Path, figs: Figs) -> Section:
-    runs = load_json(d / "comparison.json") or {}
+    j = load_json(d / "comparison.json") or {}
+    runs = j["runs"] if isinstance(j.get("runs"), dict) else j  # older files held the runs at the top
     s = Section("experiment", f"Experiment (paper Table 4): {d.name}", d)
+    if isinstance(j.get("table3"), dict):
+        s.table(["Table 3", *[f"beta={b}" for b in j["table3"]]], [["ratio selected", *j["table3"].values()]])
     flat = {
         name: {k: v for k, v in (r.get("eval") or {}).items() if isinstance(v, dict)}
         for name, r in runs.items()
@@ -408,6 +411,15 @@ def experiment(d: Path, figs: Figs) -> Section:
             r["selection"].get("ratio")] for n, r in runs.items() if isinstance(r.get("selection"), dict)]  # fmt: skip
     if sel:
         s.table(["run", "beta", "selected", "scored", "ratio"], sel)
+    nih = [[n, c, _num(v.get("recall")), v.get("n")] for n, r in runs.items()
+           for c, v in (r.get("nih") or {}).items() if isinstance(v, dict)]  # fmt: skip
+    if nih:
+        s.table(["run", "NIH condition", "recall (95% CI)", "n"], nih)
+    att = [[n, c, v.get("head"), _num(v["paper"]["user"]), _num(v["sink_excluded"]["user"])]
+           for n, r in runs.items() for c, v in ((r.get("attention") or {}).get("conditions") or {}).items()
+           if isinstance(v, dict) and "paper" in v]  # fmt: skip
+    if att:
+        s.table(["run", "condition", "head", "paper user share", "sink-excluded user share"], att)
     curves = {
         n: r["train"]["context_reliance"]
         for n, r in runs.items()
