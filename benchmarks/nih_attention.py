@@ -5,7 +5,9 @@ generation (`attention.PrefillShares`). This runs the same grid twice in one pro
 capture, in alternating order (off, on, on, off) so that a change of CPU load hits both alike; asserts that
 the generated outputs are identical; prints both times and the ratio (goal: <= 1.1x).
 
-    python benchmarks/nih_attention.py --lengths 500,1000,2000 --depths 0,50,100 --layers 15
+    python benchmarks/nih_attention.py --lengths 500,1000,2000 --depths 0,50,100 --layers 15 --repeats 1
+    python benchmarks/nih_attention.py --level generate --lengths 1000 --repeats 2   # the engine alone
+        (also without prefix reuse: --no-prefix-cache)
 """
 
 from __future__ import annotations
@@ -21,6 +23,34 @@ from ctxaware import nih
 from ctxaware.models import load_model
 
 
+def engine_level(a, model, tok) -> None:
+    """The same comparison one level down: `generate` on the rendered prompts, with and without
+    ``prefill_context``; outputs compared token for token."""
+    from ctxaware.attention import PrefillShares
+    from ctxaware.generate import generate
+
+    cfg = nih.NIHConfig(lengths=[int(x) for x in a.lengths.split(",")], modes=["chat", "plain"], prefix=[True],
+                        depths=[float(x) for x in a.depths.split(",")])  # fmt: skip
+    prompts = [p.render(tok) for p in nih.build_prompts(cfg, tok, "bench", 8192)]
+    layers = [int(x) for x in a.layers.split(",")]
+    times, outs = {False: 0.0, True: 0.0}, {}
+    for attention in (False, True, True, False) * a.repeats:
+        shares = PrefillShares(model, layers) if attention else None
+        t0 = time.perf_counter()
+        gens = generate(model, tok, prompts, max_new_tokens=50, batch_size=8, prefix_cache=not a.no_prefix_cache,
+                        prefill_context=shares, progress=False)  # fmt: skip
+        times[attention] += time.perf_counter() - t0
+        assert outs.setdefault(attention, [g.token_ids for g in gens]) == [g.token_ids for g in gens]
+        assert shares is None or len(shares.shares) == len(prompts)
+    assert outs[True] == outs[False], "capture changed the generated tokens"
+    off, on = times[False] / (2 * a.repeats), times[True] / (2 * a.repeats)
+    print(
+        f"generate, {len(prompts)} NIH prompts ({a.lengths} tokens), prefix reuse {not a.no_prefix_cache}: "
+        f"without attention {off:.1f} s, with {on:.1f} s = {on / off:.3f}x; tokens identical; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -28,16 +58,21 @@ def main() -> None:
     p.add_argument("--depths", default="0,50,100")
     p.add_argument("--layers", default="15", help="capture layers (comma-separated)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="rounds of off, on, on, off")
+    p.add_argument("--level", choices=["run", "generate"], default="run")
+    p.add_argument("--no-prefix-cache", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
+    if a.level == "generate":
+        return engine_level(a, model, tok)
     times: dict[bool, float] = {False: 0.0, True: 0.0}
     outputs: dict[bool, dict] = {}
     n_rows = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for i, attention in enumerate((False, True, True, False)):
+        for i, attention in enumerate((False, True, True, False) * a.repeats):
             cfg = nih.NIHConfig(
-                model=a.model, lengths=[int(x) for x in a.lengths.split(",")],
+                model=a.model, prefix_cache=not a.no_prefix_cache, lengths=[int(x) for x in a.lengths.split(",")],
                 depths=[float(x) for x in a.depths.split(",")], modes=["chat", "plain"], prefix=[True],
                 attention=attention, attention_layers=[int(x) for x in a.layers.split(",")],
                 output=os.path.join(tmp, str(i)),
@@ -51,7 +86,7 @@ def main() -> None:
             n_rows = len(rows)
             assert all(("attention" in r) == attention for r in rows)
     assert outputs[True] == outputs[False], "capture changed the generated outputs"
-    off, on = times[False] / 2, times[True] / 2
+    off, on = times[False] / (2 * a.repeats), times[True] / (2 * a.repeats)
     print(
         f"NIH {n_rows} tests ({a.lengths} tokens x depths {a.depths}, chat+plain, 50 new tokens), layers {a.layers}: "
         f"without attention {off:.1f} s, with attention {on:.1f} s = {on / off:.3f}x (goal <= 1.1x); "
