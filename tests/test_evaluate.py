@@ -264,3 +264,23 @@ def test_authors_cut_and_quac_unanswerable_scored_zero(tiny, shared_data, tmp_pa
     assert res["quac"]["contains_disagreements"] == sum(
         r["scores"]["contains"] != r["scores"]["contains_strict"] for r in rows
     )
+
+
+def test_two_models_named_model_get_their_own_output_dirs(smollm2_tok, tmp_path):
+    """``.../a/model`` and ``.../b/model`` must not write into one directory (nih's run ids are used)."""
+    from ctxaware.models import run_id
+
+    specs = []
+    for name in ("a", "b"):
+        d = tmp_path / name / "model"
+        tiny_llama().save_pretrained(d)
+        smollm2_tok.save_pretrained(d)
+        specs.append(str(d))
+    out = tmp_path / "out"
+    argv = ["cf_world_facts", "--model", ",".join(specs), "--limit", "1", "--max-new-tokens", "1",
+            "--modes", "chat", "--device", "cpu", "--output", str(out)]  # fmt: skip
+    assert ev.main(argv) == 0
+    dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert dirs == sorted(run_id(s) for s in specs) and len(set(dirs)) == 2
+    for d in dirs:
+        assert (out / d / "chat" / "cf_world_facts" / "rows.jsonl").is_file()

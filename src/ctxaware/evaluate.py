@@ -143,10 +143,6 @@ def condition_name(mode: str, indicator: bool) -> str:
     return mode + ("+ind" if indicator else "")
 
 
-def _slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec.strip("/"))[-80:]
-
-
 # --- prompts and scoring -----------------------------------------------------------------------------
 
 
@@ -475,7 +471,7 @@ def main(argv: list[str]) -> int:
     out, t0 = Path(cfg.output), time.perf_counter()
     results: dict = {}
     judge = make_judge(cfg) if "mt_bench" in cfg.tasks else None
-    from ctxaware.models import canonical_spec
+    from ctxaware.models import canonical_spec, run_id
 
     for spec in expand_models(cfg.model):
         model, tok = cfg.load(spec)
@@ -490,7 +486,7 @@ def main(argv: list[str]) -> int:
                 cfg,
                 mode=mode,
                 model_name=spec,
-                output_dir=out / _slug(spec) / cond,
+                output_dir=out / run_id(spec) / cond,  # unique per model (nih's run ids)
                 batch_context=bc,
                 judge=judge,
             )

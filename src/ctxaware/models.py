@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -252,3 +253,19 @@ def load_model(
 def middle_layer(model) -> int:
     """The paper's default analysis layer: the middle of the decoder stack."""
     return model.config.num_hidden_layers // 2
+
+
+def run_id(spec: str) -> str:
+    """A safe, unique, readable directory name for a model spec: built-ins by name (``default`` resolved),
+    hub ids with ``--`` for ``/``, paths as their last two components plus a hash of the absolute path."""
+    spec = canonical_spec(spec)
+    if spec in BUILTIN_MODELS:
+        return spec
+    p = Path(spec).expanduser()
+    if p.exists() or spec.startswith((".", "/", "~")):
+        full = p.resolve()
+        readable = "-".join(full.parts[-2:])
+        name = f"{readable}-{hashlib.sha256(str(full).encode()).hexdigest()[:8]}"
+    else:
+        name = spec.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "model"

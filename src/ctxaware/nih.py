@@ -13,9 +13,7 @@ context.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from ctxaware import plotting, stats, steering
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import generate
+from ctxaware.models import run_id  # noqa: F401  (re-exported)
 from ctxaware.needle import (  # noqa: F401  (re-exported: the NIH API lives in ctxaware.needle)
     TEMPLATES,
     Condition,
@@ -96,24 +95,6 @@ def new_tokens(cfg: NIHConfig) -> int:
     if n < 1:
         raise CtxawareError(f"--max-new-tokens must be at least 1, got {n}")
     return n
-
-
-def run_id(spec: str) -> str:
-    """A safe, unique, readable directory name for a model spec: built-ins by name (``default`` resolved),
-    hub ids with ``--`` for ``/``, paths as their last two components plus a hash of the absolute path."""
-    from ctxaware.models import BUILTIN_MODELS, canonical_spec
-
-    spec = canonical_spec(spec)
-    if spec in BUILTIN_MODELS:
-        return spec
-    p = Path(spec).expanduser()
-    if p.exists() or spec.startswith((".", "/", "~")):
-        full = p.resolve()
-        readable = "-".join(full.parts[-2:])
-        name = f"{readable}-{hashlib.sha256(str(full).encode()).hexdigest()[:8]}"
-    else:
-        name = spec.replace("/", "--")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "model"
 
 
 def check(cfg: NIHConfig) -> None:
