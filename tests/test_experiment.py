@@ -97,8 +97,14 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     assert summary["table3"] == {"0.5": 1.0, "0.6": 1.0, "0.7": 1.0, "0.8": 1.0} or set(summary["table3"]) == {
         "0.5", "0.6", "0.7", "0.8"}  # fmt: skip
     # DPO starts from the vanilla SFT, GRPO from DPO; each merged model is saved
-    assert json.loads((root / "train" / "dpo" / "train_config.json").read_text())["model"] == runs["vanilla"]["model_dir"]
-    assert json.loads((root / "train" / "grpo" / "train_config.json").read_text())["model"] == runs["dpo"]["model_dir"]
+    assert (
+        json.loads((root / "train" / "dpo" / "train_config.json").read_text())["model"]
+        == runs["vanilla"]["model_dir"]
+    )
+    assert (
+        json.loads((root / "train" / "grpo" / "train_config.json").read_text())["model"]
+        == runs["dpo"]["model_dir"]
+    )
     for name, r in runs.items():
         assert r["eval"]["cf_world_facts"]["n"] == 2, name
         assert {c.removesuffix("+ind") for c in r["nih"]} == {"chat+prefix", "plain+prefix", "chat"}, name
