@@ -23,6 +23,19 @@ from ctxaware import nih
 from ctxaware.models import load_model
 
 
+def alternate(run, repeats: int) -> tuple[float, float]:
+    """Time ``run(attention)`` in the order off, on, on, off (``repeats`` rounds); assert every call with the
+    same setting, and both settings, give the same outputs; return the mean seconds without and with."""
+    times, outs = {False: 0.0, True: 0.0}, {}
+    for attention in (False, True, True, False) * repeats:
+        t0 = time.perf_counter()
+        got = run(attention)
+        times[attention] += time.perf_counter() - t0
+        assert outs.setdefault(attention, got) == got
+    assert outs[True] == outs[False], "capture changed the generated outputs"
+    return times[False] / (2 * repeats), times[True] / (2 * repeats)
+
+
 def engine_level(a, model, tok) -> None:
     """The same comparison one level down: `generate` on the rendered prompts, with and without
     ``prefill_context``; outputs compared token for token."""
@@ -33,17 +46,15 @@ def engine_level(a, model, tok) -> None:
                         depths=[float(x) for x in a.depths.split(",")])  # fmt: skip
     prompts = [p.render(tok) for p in nih.build_prompts(cfg, tok, "bench", 8192)]
     layers = [int(x) for x in a.layers.split(",")]
-    times, outs = {False: 0.0, True: 0.0}, {}
-    for attention in (False, True, True, False) * a.repeats:
+
+    def run(attention: bool) -> list[list[int]]:
         shares = PrefillShares(model, layers) if attention else None
-        t0 = time.perf_counter()
         gens = generate(model, tok, prompts, max_new_tokens=50, batch_size=8, prefix_cache=not a.no_prefix_cache,
                         prefill_context=shares, progress=False)  # fmt: skip
-        times[attention] += time.perf_counter() - t0
-        assert outs.setdefault(attention, [g.token_ids for g in gens]) == [g.token_ids for g in gens]
         assert shares is None or len(shares.shares) == len(prompts)
-    assert outs[True] == outs[False], "capture changed the generated tokens"
-    off, on = times[False] / (2 * a.repeats), times[True] / (2 * a.repeats)
+        return [g.token_ids for g in gens]
+
+    off, on = alternate(run, a.repeats)
     print(
         f"generate, {len(prompts)} NIH prompts ({a.lengths} tokens), prefix reuse {not a.no_prefix_cache}: "
         f"without attention {off:.1f} s, with {on:.1f} s = {on / off:.3f}x; tokens identical; "
@@ -66,27 +77,24 @@ def main() -> None:
     model, tok = load_model(a.model)
     if a.level == "generate":
         return engine_level(a, model, tok)
-    times: dict[bool, float] = {False: 0.0, True: 0.0}
-    outputs: dict[bool, dict] = {}
-    n_rows = 0
+    n_rows, calls = 0, iter(range(10**6))
     with tempfile.TemporaryDirectory() as tmp:
-        for i, attention in enumerate((False, True, True, False) * a.repeats):
+
+        def run(attention: bool) -> dict:
+            nonlocal n_rows
             cfg = nih.NIHConfig(
                 model=a.model, prefix_cache=not a.no_prefix_cache, lengths=[int(x) for x in a.lengths.split(",")],
                 depths=[float(x) for x in a.depths.split(",")], modes=["chat", "plain"], prefix=[True],
                 attention=attention, attention_layers=[int(x) for x in a.layers.split(",")],
-                output=os.path.join(tmp, str(i)),
+                output=os.path.join(tmp, str(next(calls))),
             )  # fmt: skip
             cfg.load = lambda name=None: (model, tok)  # type: ignore[method-assign]  # loaded once
-            t0 = time.perf_counter()
             _, rows = nih.run_model(cfg, a.model)
-            times[attention] += time.perf_counter() - t0
-            got = {(r["condition"], r["length"], r["depth"]): r["output"] for r in rows}
-            assert outputs.setdefault(attention, got) == got
             n_rows = len(rows)
             assert all(("attention" in r) == attention for r in rows)
-    assert outputs[True] == outputs[False], "capture changed the generated outputs"
-    off, on = times[False] / (2 * a.repeats), times[True] / (2 * a.repeats)
+            return {(r["condition"], r["length"], r["depth"]): r["output"] for r in rows}
+
+        off, on = alternate(run, a.repeats)
     print(
         f"NIH {n_rows} tests ({a.lengths} tokens x depths {a.depths}, chat+plain, 50 new tokens), layers {a.layers}: "
         f"without attention {off:.1f} s, with attention {on:.1f} s = {on / off:.3f}x (goal <= 1.1x); "

@@ -56,14 +56,20 @@ def pad_batch(prompts: Sequence[Rendered], positions: Sequence[Sequence[int]], p
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.long)
     rows = torch.full((B, R), -1, dtype=torch.long)
-    groups = torch.zeros(B, T, len(ROLES))
     for i, (p, qs) in enumerate(zip(prompts, positions)):
         off = T - len(p)
         ids[i, off:] = torch.tensor(p.input_ids)
         mask[i, off:] = 1
         rows[i, : len(qs)] = torch.tensor([q + off for q in qs], dtype=torch.long)
-        groups[i, off:] = torch.nn.functional.one_hot(p.role_ids(), len(ROLES)).float()  # (T_i, 5)
-    return ids, mask, rows, groups
+    return ids, mask, rows, role_groups(prompts, T)
+
+
+def role_groups(prompts: Sequence[Rendered], width: int) -> torch.Tensor:
+    """One-hot `ROLES` of left-padded prompts, ``(B, width, 5)``; padding rows are all zero."""
+    groups = torch.zeros(len(prompts), width, len(ROLES))
+    for i, p in enumerate(prompts):
+        groups[i, width - len(p) :] = torch.nn.functional.one_hot(p.role_ids(), len(ROLES)).float()
+    return groups
 
 
 @torch.inference_mode()
@@ -164,10 +170,7 @@ class PrefillShares:
     def __call__(self, batch):
         from ctxaware.intercept import Capture, intercepted
 
-        B, T = batch.input_ids.shape
-        groups = torch.zeros(B, T, len(ROLES))
-        for i, p in enumerate(batch.items):
-            groups[i, T - len(p) :] = torch.nn.functional.one_hot(p.role_ids(), len(ROLES)).float()
+        groups = role_groups(batch.items, batch.input_ids.shape[1])
         cap = Capture(self.layers, "last", groups, stop_early=False, once=True)
         with intercepted(self.model, capture=cap):
             yield

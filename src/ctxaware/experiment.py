@@ -29,7 +29,7 @@ from pathlib import Path
 from ctxaware.config import parse_config
 from ctxaware.conversations import load_conversations, write_conversations
 from ctxaware.errors import CtxawareError
-from ctxaware.results import fingerprint_inputs, write_json_atomic
+from ctxaware.results import fingerprint_inputs, read_jsonl, write_json_atomic
 from ctxaware.train import ZEPHYR_TEMPLATE, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -303,11 +303,10 @@ def stage_evaluate(cfg: ExperimentConfig, root: Path, name: str, model_dir: str,
         return json.loads(done.read_text())
     from ctxaware.evaluate import EvalConfig, evaluate_tasks
     from ctxaware.models import load_model
+    from ctxaware.needle import apply_chat_template_choice
 
     model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
-    tmpl = template_file(root, cfg)
-    if tmpl != "model":
-        tok.chat_template = Path(tmpl).read_text()
+    apply_chat_template_choice(tok, template_file(root, cfg))  # as nih and attention do
     base = dict(model=model_dir, modes=["chat"], indicator=indicator, seed=cfg.seed, data_dir=None,
                 device=cfg.device, dtype=cfg.dtype, batch_size=cfg.eval_batch_size,
                 output=str(root / "eval" / name))  # fmt: skip
@@ -368,11 +367,11 @@ def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> di
     """The stage analysis (`ctxaware stages`) over base -> vanilla SFT -> DPO -> GRPO."""
     from ctxaware.stages import StagesConfig, run
 
+    if (root / "stages" / "summary.json").is_file():
+        return json.loads((root / "stages" / "summary.json").read_text())
     scfg = StagesConfig(checkpoints=[f"{k}={v}" for k, v in chain.items()], tasks=cfg.stages_tasks,
                         n=cfg.stages_n, mode="zephyr" if cfg.chat_template == "zephyr" else "auto",
                         device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, output=str(root / "stages"))  # fmt: skip
-    if (root / "stages" / "summary.json").is_file():
-        return json.loads((root / "stages" / "summary.json").read_text())
     return run(scfg)
 
 
@@ -381,10 +380,8 @@ def paired(root: Path, a: str, b: str, task: str, metric: str) -> dict:
     from ctxaware.stats import summarize
 
     def rows(name: str) -> dict:
-        path = root / "eval" / name / task / "rows.jsonl"
         out = {}
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            r = json.loads(line)
+        for r in read_jsonl(root / "eval" / name / task / "rows.jsonl"):
             if isinstance(r.get("scores"), dict) and r["scores"].get(metric) is not None:
                 out[r["id"]] = float(r["scores"][metric])
         return out
@@ -406,9 +403,11 @@ def compare(root: Path, runs: dict[str, dict], extra: dict) -> str:
 
     parts = []
     if extra.get("table3"):
-        t3 = extra["table3"]
-        parts.append("## Table 3: ratio of selected turns\n\n| beta | " + " | ".join(t3) + " |\n|---"
-                     + "|---" * len(t3) + "|\n| ratio | " + " | ".join(f"{v:.3f}" for v in t3.values()) + " |")  # fmt: skip
+        from ctxaware.selection import format_table
+
+        parts.append(
+            "## Table 3: ratio of selected turns\n\n" + format_table({"training data": extra["table3"]})
+        )
     evals = {name: {"chat": r["eval"]} for name, r in runs.items() if r.get("eval")}
     if evals:
         parts.append(

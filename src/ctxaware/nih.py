@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ctxaware import plotting, stats, steering
+from ctxaware.attention import PrefillShares, mean_prefill_shares
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import generate
-from ctxaware.models import run_id  # noqa: F401  (re-exported)
+from ctxaware.models import middle_layer, run_id  # run_id is re-exported
 from ctxaware.needle import (  # noqa: F401  (re-exported: the NIH API lives in ctxaware.needle)
     TEMPLATES,
     Condition,
@@ -196,9 +197,6 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     heads = _steering_heads(cfg, model)
     shares = None
     if cfg.attention:
-        from ctxaware.attention import PrefillShares
-        from ctxaware.models import middle_layer
-
         shares = PrefillShares(model, cfg.attention_layers or [middle_layer(model)])
     t0 = time.time()
     with writer:  # one engine call per length and alpha: a killed run leaves conditions equally far along
@@ -282,8 +280,6 @@ def summarize(rows: list[dict]) -> dict:
         for t in sorted({r["template"] for r in rows})
     }
     s["per_template"] = per_t
-    from ctxaware.attention import mean_prefill_shares
-
     att = mean_prefill_shares(rows)
     if att:
         s["attention"] = att
