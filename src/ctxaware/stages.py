@@ -103,6 +103,11 @@ class StagesConfig(ModelConfig):
 # ----------------------------------------------------------------------------- inputs
 
 
+# Version of the per-row measures: rows of another version are refused on resume (2: the per-head
+# measure is the context share `head_context_attention`; 1 had a per-head user share).
+ROW_SCHEMA = 2
+
+
 def parse_checkpoints(items: Sequence[str]) -> list[tuple[str, str, str | None]]:
     """``["base=a,sft=b@rev"]`` -> ``[("base", "a", None), ("sft", "b", "rev")]``."""
     out = []
@@ -179,7 +184,12 @@ def context_groups(r, tok, context: str, mode: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def attention_shares(model, prompts, groups, batch_size: int, pad_id: int) -> list[tuple[float, list]]:
-    """Per prompt: (mean sink-excluded context share over layers x heads, (L, H) sink-excluded user share)."""
+    """Per prompt: (mean sink-excluded context share over layers x heads, the same share per (L, H) head).
+
+    The per-head measure is the context share, not the user share: on a single-turn prompt without a
+    system turn (e.g. the Zephyr template) every non-excluded key is a user token, so a user share is 1.0
+    in every head and carries no information.
+    """
     cfg = getattr(model.config, "text_config", None) or model.config
     layers = list(range(cfg.num_hidden_layers))
     device = next(model.parameters()).device
@@ -201,9 +211,9 @@ def attention_shares(model, prompts, groups, batch_size: int, pad_id: int) -> li
         res = capture_attention(model, ids.to(device), mask.to(device), layers, rows.to(device), g.to(device))
         m = torch.stack([res[layer].float().cpu()[:, :, 0] for layer in layers], 1)  # (B, L, H, 5)
         denom = m[..., :G_EXCLUDED].sum(-1).clamp(min=1e-12)
-        ctx, user = m[..., G_CONTEXT] / denom, (m[..., G_CONTEXT] + m[..., G_USER]) / denom
+        ctx = m[..., G_CONTEXT] / denom
         for j, i in enumerate(idx):
-            out[i] = (ctx[j].mean().item(), user[j].round(decimals=4).tolist())
+            out[i] = (ctx[j].mean().item(), ctx[j].round(decimals=4).tolist())
     return out
 
 
@@ -254,7 +264,7 @@ def measure_checkpoint(model, tok, items, cfg: StagesConfig) -> list[dict]:
                 "p_s": sc["p_s"],
                 "p_o": sc["p_o"] if ex.memory_answers else None,
                 "context_attention": att[k][0],
-                "head_user_attention": att[k][1],
+                "head_context_attention": att[k][1],
                 "mode": mode,
             }
         )
@@ -272,10 +282,10 @@ def _top_heads(d: np.ndarray, flat_idx) -> list[dict]:
 
 
 def head_change(rows: Sequence[dict], names: Sequence[str]) -> tuple[dict, dict]:
-    """Consecutive-checkpoint change of the mean sink-excluded user share per head: (report, maps)."""
+    """Consecutive-checkpoint change of the mean sink-excluded context share per head: (report, maps)."""
     mean = {}
     for name in names:
-        mats = [np.asarray(r["head_user_attention"]) for r in rows if r["checkpoint"] == name]
+        mats = [np.asarray(r["head_context_attention"]) for r in rows if r["checkpoint"] == name]
         if mats:
             mean[name] = np.mean(mats, 0)
     report, maps = {}, {}
@@ -379,7 +389,7 @@ def run(cfg: StagesConfig) -> dict:
         k: v
         for k, v in to_dict(cfg).items()
         if k not in ("checkpoints", "output", "batch_size", "n_boot", "device")
-    }
+    } | {"row_schema": ROW_SCHEMA}
     timing = {}
     with ResultsWriter(out, conf, key_fields=("checkpoint", "task", "id")) as w:
         for name, spec, rev in ckpts:
