@@ -114,8 +114,20 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     from ctxaware.report import write_report
 
     md = write_report([root], tmp_path / "r.html").with_suffix(".md").read_text()
-    for text in ("Table 3", "NIH condition", "sink-excluded user share", "+indicator b=0.0", "grpo"):
-        assert text in md, text
+    for text in (
+        "Table 3",
+        "NIH condition",
+        "sink-excluded user share",
+        "+indicator b=0.0",
+        "grpo",
+        "## Training stages: stages",
+        "Head-level change",
+        "## Needle in a haystack: grpo-",
+    ):
+        assert text in md, text  # fmt: skip
+    evals = [sec for sec in md.split("\n## ") if sec.startswith("Evaluation")]
+    assert evals and not any(f"directory: `{root / 'nih'}" in sec for sec in evals)  # NIH cache is no eval
+    assert "Stage analysis (usage pooled over tasks" in table
     t0 = time.perf_counter()
     assert run(cfg) == table  # every stage is cached
     assert time.perf_counter() - t0 < 5

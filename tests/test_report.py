@@ -66,10 +66,14 @@ def make_runs(root: Path) -> list[Path]:
         root / "eval" / "summary.json",
         {"config": {"model": "default"}, "results": {"default": {"chat": {"squad": {"kind": "qa", "n": 8, "metrics": {"containment": metric}}}}}},
     )  # fmt: skip
-    write_json_atomic(
-        root / "stages" / "stages_summary.json",
-        {"coefficients": {"base": {"length": {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2}},
-                          "sft": {"length": {"mean": -0.3, "ci_low": -0.4, "ci_high": -0.2}}}},
+    u = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 8}
+    coef = {"coef": -0.3, "ci_low": -0.4, "ci_high": -0.2, "spearman": -0.25}
+    write_json_atomic(  # the format `ctxaware stages` writes
+        root / "stages" / "summary.json",
+        {"checkpoints": ["base", "sft"], "usage": {"base": {"p_s": u}, "sft": {"p_s": u}},
+         "sensitivity": {"base": {"p_s": {"context_length": coef}}, "sft": {"p_s": {"context_length": coef}}},
+         "head_change": {"sft - base": {"comparable": False, "reason": "layer x head shapes differ"}},
+         "config": {"checkpoints": ["base=gemma3-270m", "sft=default"], "model": "default"}},
     )  # fmt: skip
     write_json_atomic(root / "heads" / "heads.json", {"15": [5, 6]})
     write_json_atomic(
@@ -137,6 +141,13 @@ def test_every_kind_gets_a_section_and_unknown_is_listed(report):
         assert kind in page.kinds, kind
     text = " ".join(page.text)
     assert "mystery" in text and "notes.txt" in text
+
+
+def test_stages_section_reads_the_stages_summary(report):
+    text = " ".join(report[1].text)
+    assert "-0.30 [-0.40, -0.20]" in text  # the sensitivity whose CI excludes zero
+    assert "0.500 [0.400, 0.600]" in text and "not comparable: layer x head shapes differ" in text
+    assert "base=gemma3-270m, sft=default" in text  # the checkpoints, not the config's unused `model`
 
 
 def test_images_are_embedded_pngs_and_nothing_is_external(report):

@@ -27,6 +27,7 @@ from ctxaware.stages import (
     parse_checkpoints,
     prepare_tokenizer,
     run,
+    summary_markdown,
 )
 from tests.conftest import tiny_llama
 
@@ -205,9 +206,42 @@ def test_stages_end_to_end_tiny_and_resume(tmp_path, smollm2_tok):
     assert s["head_change"]["dpo - sft"]["comparable"] is False  # 3 layers vs 2: said, not plotted
     assert set(s["sensitivity"]["base"]["logprob_shift"]) >= {"similarity", "log_perplexity", "_n"}
     assert (out / "sensitivity.png").is_file() and (out / "head_change.png").is_file()
+    assert "| sft - base |" in (out / "summary.md").read_text()
     before = (out / "rows.jsonl").read_text()
     assert main(argv) == 0  # resume: nothing to do, nothing rewritten
     assert (out / "rows.jsonl").read_text() == before
+
+
+def test_summary_markdown_reports_only_cis_excluding_zero():
+    u = lambda m, lo, hi, n=10: {"mean": m, "ci_low": lo, "ci_high": hi, "n": n}  # noqa: E731
+    c = lambda coef, lo, hi: {"coef": coef, "ci_low": lo, "ci_high": hi, "spearman": 0.1}  # noqa: E731
+    none = {"coef": None, "ci_low": None, "ci_high": None, "spearman": None}
+    usage = {"answer_changed": u(1.0, 1.0, 1.0), "p_s": u(0.5, 0.4, 0.6), "p_o": u(float("nan"), 0, 0, 0)}
+    s = {
+        "usage": {"base": usage, "sft": usage},
+        "sensitivity": {
+            "base": {
+                "p_s": {"similarity": c(0.4, 0.1, 0.7), "context_length": c(0.2, -0.1, 0.5), "_n": {}},
+                "answer_changed": {"similarity": none},
+            },
+            "sft": {"p_s": {"similarity": c(-0.3, -0.5, -0.01), "context_length": c(0.0, -0.2, 0.2)}},
+        },  # fmt: skip
+        "head_change": {
+            "sft - base": {
+                "comparable": True,
+                "mean_change": 0.01,
+                "gain": [{"layer": 1, "head": 0, "change": 0.2}],
+                "loss": [{"layer": 0, "head": 1, "change": -0.1}],
+            },
+        },  # fmt: skip
+    }
+    md = summary_markdown(s)
+    assert "| checkpoint | answer_changed | p_s |" in md  # p_o has n = 0 everywhere: no column
+    assert "| base | p_s | similarity | +0.40 [+0.10, +0.70] |" in md
+    assert "| sft | p_s | similarity | -0.30 [-0.50, -0.01] |" in md
+    assert "context_length" not in md.split("Sensitivities")[1].split("Constant")[0].replace("_n", "")
+    assert "of 4 (" in md and "Constant in every checkpoint (no regression possible): answer_changed." in md
+    assert "| sft - base | +0.0100 | L1H0 +0.200 | L0H1 -0.100 |" in md
 
 
 @pytest.mark.slow

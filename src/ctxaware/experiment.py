@@ -453,9 +453,11 @@ def compare(root: Path, runs: dict[str, dict], extra: dict) -> str:
         parts.append("## Context reliance during training (held-out counterfactuals)\n\n| run | step | p_s | p_o |\n"
                      "|---|---|---|---|\n" + "\n".join(rows) + "\n\n![context reliance](context_reliance.png)")  # fmt: skip
     if extra.get("stages"):
-        sens = extra["stages"].get("sensitivity") or {}
-        parts.append("## Stage analysis\n\nSee `stages/summary.json`, `stages/sensitivity.png` and "
-                     f"`stages/head_change.png` ({len(sens)} usage measures).")  # fmt: skip
+        from ctxaware.stages import summary_markdown
+
+        parts.append("## Stage analysis (usage pooled over tasks, mean [95% CI])\n\n"
+                     + summary_markdown(extra["stages"])
+                     + "\n\n![sensitivity](stages/sensitivity.png)\n\n![head change](stages/head_change.png)")  # fmt: skip
     text = "\n\n".join(parts) + "\n"
     (root / "comparison.md").write_text(text)
     write_json_atomic(root / "comparison.json", {"runs": runs, **extra})

@@ -368,36 +368,6 @@ def score_histogram(scores: list[float], betas: list[float], path: str | Path, t
     return _save(fig, path)
 
 
-def checkpoint_lines(
-    checkpoints: list[str],
-    series: dict[str, list[tuple[float, float, float]]],
-    path: str | Path,
-    title: str,
-    ylabel: str,
-    zero_line: bool = True,
-) -> Path:
-    """One line per series across checkpoints (training stages), with its 95% CI as error bars:
-    ``series[name][i] = (mean, low, high)`` for ``checkpoints[i]`` (e.g. per-stage sensitivities)."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.0 * len(checkpoints) + 3), 3.8))
-    x = np.arange(len(checkpoints))
-    k = len(series)
-    for j, (name, vals) in enumerate(series.items()):
-        m, lo, hi = (np.array(v, dtype=float) for v in zip(*vals))
-        off = (j - (k - 1) / 2) * 0.04
-        err = np.nan_to_num([m - lo, hi - m])  # NaN bounds (n too small for a CI): no bar
-        ax.errorbar(x + off, m, yerr=err, marker="o", capsize=3, label=name)
-    if zero_line:
-        ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(x, checkpoints)
-    ax.set_xlabel("checkpoint")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
 def line_plot(
     series: dict[str, tuple[list[float], list[float]]], path: str | Path, title: str, xlabel: str, ylabel: str
 ) -> Path:

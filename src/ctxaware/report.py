@@ -121,7 +121,11 @@ def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
         used |= {stages.name} | {n for n in names if n.endswith(".png") or n.endswith(".jsonl")}
         owns = True
     j = rs.load_json(d / "summary.json") if "summary.json" in names and stages is None else None
-    if isinstance(j, dict) and "results" in j or "results.json" in names:
+    res = rs.load_json(d / "results.json") if "results.json" in names else None
+    res_vals = [v for v in res.values() if isinstance(v, dict)] if isinstance(res, dict) else []
+    if res_vals and all("recall" in v for v in res_vals):
+        used |= {"results.json"}  # `ctxaware experiment`'s NIH cache {condition: summary}; rows below
+    elif isinstance(j, dict) and "results" in j or "results.json" in names:
         out.append(_safe(d, rs.evaluation, d, figs))
         used |= names & {"summary.json", "results.json", "context_reliance.png"}
         owns = True  # per-task folders are in the summary

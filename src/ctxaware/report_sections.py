@@ -190,7 +190,12 @@ def attention(d: Path, figs: Figs) -> Section:
     entries = {data.get("model", "?"): data} if "conditions" in data else dict(data.get("models") or {})
     cfg = data.get("config") if isinstance(data.get("config"), dict) else None
     cfg = cfg or {k: data[k] for k in ("model", "layer", "n_prompts", "protocol") if k in data} or None
-    s = Section("attention", f"Attention per role: {', '.join(map(str, entries)) or d.name}", d, config=cfg)
+    title = ", ".join(map(str, entries)) or d.name
+    if title != d.name:
+        title += (
+            f" ({d.name})"  # a trained model's directory is often just `model`; its run folder says which
+        )
+    s = Section("attention", f"Attention per role: {title}", d, config=cfg)
     s.p("Attention of the query token (the last prompt token) on each role, at the retrieval head of the "
         "analysis layer, averaged over prompts; three normalisations side by side.")  # fmt: skip
     for model, e in entries.items():
@@ -435,37 +440,25 @@ def experiment(d: Path, figs: Figs) -> Section:
 
 
 def stages(d: Path, f: Path, figs: Figs) -> Section:
-    """A stages summary: per-checkpoint coefficients ``{checkpoint: {measure: stats|number}}`` wherever they are."""
+    """``summary.json`` of ``ctxaware stages``: usage per checkpoint, sensitivities, head-level change."""
+    from ctxaware.stages import summary_blocks
+
     j = load_json(f) or {}
-    s = Section(
-        "stages",
-        f"Training stages: {f.name}",
-        d,
-        config=j.get("config") if isinstance(j.get("config"), dict) else None,
-    )
-    coef = next((j[k] for k in ("coefficients", "sensitivities", "effects", "checkpoints", "stages")
-                 if isinstance(j.get(k), dict)), None)  # fmt: skip
-    if not coef or not all(isinstance(v, dict) for v in coef.values()):
+    cfg = j.get("config") if isinstance(j.get("config"), dict) else None
+    s = Section("stages", f"Training stages: {d.name}", d, config=cfg,
+                model=", ".join(cfg.get("checkpoints", [])) if cfg else None)  # fmt: skip
+    if not isinstance(j.get("usage"), dict):
         s.p(
-            f"{f.name}: no per-checkpoint coefficients found (keys: {', '.join(map(str, j)) or 'none'}); listed only."
+            f"{f.name}: no per-checkpoint usage found (keys: {', '.join(map(str, j)) or 'none'}); listed only."
         )
         return s
-    cks = list(coef)
-    measures = list(dict.fromkeys(m for v in coef.values() for m in v))
-    series, rows = {}, []
-    for m in measures:
-        vals = []
-        for c in cks:
-            v = coef[c].get(m)
-            if isinstance(v, dict) and "mean" in v:
-                vals.append((v["mean"], v.get("ci_low", v["mean"]), v.get("ci_high", v["mean"])))
-            elif isinstance(v, (int, float)):
-                vals.append((float(v),) * 3)
-            else:
-                vals.append((float("nan"),) * 3)
-        series[m] = vals
-        rows.append([m, *[_num(coef[c].get(m)) for c in cks]])
-    s.table(["measure", *cks], rows)
-    s.fig(plotting.checkpoint_lines(cks, series, figs("stages"), f"Sensitivity per checkpoint ({f.name})", "coefficient (95% CI)"),
-          "Effect of each context characteristic at each checkpoint.")  # fmt: skip
+    for kind, *rest in summary_blocks(j):
+        s.p(rest[0]) if kind == "p" else s.table(*rest)
+    if isinstance(j.get("sensitivity"), dict) and j["sensitivity"]:
+        s.fig(plotting.stage_sensitivity(j["sensitivity"], figs("stages_sensitivity")),
+              "Standardised coefficient of each context characteristic per usage measure, one bar per checkpoint (95% CI).")  # fmt: skip
+    s.fig(
+        d / "head_change.png",
+        "Head-level change of the sink-excluded context share between consecutive checkpoints.",
+    )
     return s

@@ -424,26 +424,81 @@ def run(cfg: StagesConfig) -> dict:
     maps = summary.pop("_maps")
     summary |= {"config": to_dict(cfg), "n_items": len(items), "seconds": timing}
     write_json_atomic(out / "summary.json", summary)
+    (out / "summary.md").write_text(summary_markdown(summary) + "\n")
     plotting.stage_sensitivity(summary["sensitivity"], out / "sensitivity.png")
     if maps:
         plotting.stage_head_change(maps, out / "head_change.png")
     return summary
 
 
+def _ci(v: dict, digits: int = 3) -> str:
+    if v.get("mean") is None or v["mean"] != v["mean"]:
+        return "-"
+    return f"{v['mean']:.{digits}f} [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
+
+
+def summary_blocks(s: dict) -> list[tuple]:
+    """A ``summary.json`` as blocks ``("p", text)`` / ``("table", header, rows)``: usage per checkpoint
+    (mean [95% CI], pooled over tasks), the sensitivities whose 95% CI excludes zero, and the head-level
+    change between consecutive checkpoints. `summary_markdown` and `ctxaware report` both render these."""
+    names = list(s["usage"])
+    measures = [m for m in USAGE if any(s["usage"][n].get(m, {}).get("n") for n in names)]
+    blocks: list[tuple] = [
+        ("table", ["checkpoint", *measures], [[n, *(_ci(s["usage"][n][m]) for m in measures)] for n in names])
+    ]
+    tested = [
+        (n, m, c, v)
+        for n, per in s.get("sensitivity", {}).items()
+        for m, cs in per.items()
+        for c, v in cs.items()
+        if c != "_n" and v.get("coef") is not None
+    ]
+    sig = [
+        [n, m, c, f"{v['coef']:+.2f} [{v['ci_low']:+.2f}, {v['ci_high']:+.2f}]", f"{v['spearman']:+.2f}"]
+        for n, m, c, v in tested
+        if v["ci_low"] > 0 or v["ci_high"] < 0
+    ]
+    blocks.append(("p", f"Sensitivities whose 95% CI excludes zero, of {len(tested)} (standardised OLS "
+                        f"coefficient; about {0.05 * len(tested):.0f} would by chance alone; all others span "
+                        "zero)" + (":" if sig else ": none.")))  # fmt: skip
+    if sig:
+        blocks.append(
+            ("table", ["checkpoint", "measure", "characteristic", "coefficient [95% CI]", "Spearman"], sig)
+        )
+    constant = [m for m in measures if all(
+        s["usage"][n][m]["ci_low"] == s["usage"][n][m]["ci_high"] for n in names)]  # fmt: skip
+    if constant:
+        blocks.append(("p", f"Constant in every checkpoint (no regression possible): {', '.join(constant)}."))
+    top = lambda hs: ", ".join(f"L{x['layer']}H{x['head']} {x['change']:+.3f}" for x in hs[:3])  # noqa: E731
+    heads = [
+        [key, f"{h['mean_change']:+.4f}", top(h["gain"]), top(h["loss"])]
+        if h["comparable"]
+        else [key, f"not comparable: {h['reason']}", "", ""]
+        for key, h in s.get("head_change", {}).items()
+    ]
+    if heads:
+        blocks.append(("p", "Head-level change of the sink-excluded context share (later minus earlier):"))
+        blocks.append(("table", ["change", "mean over heads", "largest gains", "largest losses"], heads))
+    return blocks
+
+
+def summary_markdown(s: dict) -> str:
+    """Markdown of a ``summary.json`` (the blocks of `summary_blocks`)."""
+    out = []
+    for kind, *rest in summary_blocks(s):
+        if kind == "p":
+            out.append(rest[0])
+        else:
+            header, rows = rest
+            out.append("\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+                                  *("| " + " | ".join(map(str, r)) + " |" for r in rows)]))  # fmt: skip
+    return "\n\n".join(out)
+
+
 def main(argv: list[str]) -> int:
     """``ctxaware stages base=SPEC,sft=SPEC,... [--tasks ...] [--n N]``."""
     cfg = parse_config(StagesConfig, argv, prog="ctxaware stages")
     s = run(cfg)
-    for name, u in s["usage"].items():
-        print(
-            f"{name}: "
-            + ", ".join(
-                f"{k} {v['mean']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
-                for k, v in u.items()
-                if k != "by_task" and v["n"]
-            )
-        )
-    for key, h in s["head_change"].items():
-        print(f"head change {key}: " + ("comparable" if h["comparable"] else h["reason"]))
-    print(f"wrote {Path(cfg.output) / 'summary.json'}, rows.jsonl and plots")
+    print(summary_markdown(s))
+    print(f"wrote {Path(cfg.output) / 'summary.json'}, summary.md, rows.jsonl and plots")
     return 0
