@@ -13,15 +13,13 @@ from ctxaware.config import parse_config
 from ctxaware.conversations import Conversation, load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.finetune import main
+from ctxaware.inversion import counterfactual_conversations, filter_parametric, no_context_nll
 from ctxaware.results import SkipCounter, read_jsonl
 from ctxaware.train import (
     TrainConfig,
     assistant_labels,
     build_trainer,
-    counterfactual_conversations,
-    filter_parametric,
     fit,
-    no_context_nll,
     setup_chat_template,
     tokenize,
     train,
