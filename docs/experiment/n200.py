@@ -7,12 +7,12 @@ through the experiment's own evaluation stage (same template, seed, 100 new toke
 paired differences. Output: runs/experiment_gemma_n200_TASK/ (rows resume after a kill).
 """
 
-import json
 import sys
 from pathlib import Path
 
 from ctxaware.config import parse_config
 from ctxaware.experiment import ExperimentConfig, paired, stage_evaluate
+from ctxaware.results import write_json_atomic
 
 TASK = sys.argv[1] if len(sys.argv) > 1 else "cf_world_facts"
 
@@ -48,7 +48,7 @@ pairs = {}
 for a, b in (("base", "vanilla"), ("vanilla", "ind_indicator_b0.6")):
     for m in ("p_s", "p_o") if TASK.startswith("cf") else ("contains",):
         pairs[f"{b} - {a} {m}"] = paired(root, a, b, TASK, m)
-json.dump({"results": out, "paired": pairs}, open(root / "n200.json", "w"), indent=2, default=str)
+write_json_atomic(root / "n200.json", {"results": out, "paired": pairs})
 for k, v in pairs.items():
     print(k, {x: round(100 * v[x], 1) for x in ("mean", "ci_low", "ci_high")}, v["n"])
 for k, v in out.items():

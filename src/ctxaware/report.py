@@ -28,6 +28,7 @@ from ctxaware import report_sections as rs
 from ctxaware.config import parse_config
 from ctxaware.errors import CtxawareError
 from ctxaware.provenance import git_commit, utc
+from ctxaware.stats import markdown_table
 
 SKIP_DIRS = {"model", "adapter", "hf", "__pycache__", "context_reliance"}  # outputs with nothing to show
 KIND_ORDER = (
@@ -310,15 +311,6 @@ def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f"<table{f' class={cls!r}' if cls else ''}>{head}<tbody>{body}</tbody></table>"
 
 
-def _md_cell(c: str) -> str:
-    return str(c).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows])
-
-
 def render_html(title: str, sections: list[rs.Section], unknown: list, header: dict) -> str:
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
@@ -370,14 +362,14 @@ def render_markdown(title: str, sections: list[rs.Section], unknown: list, heade
             if b[0] == "p":
                 out += [b[1], ""]
             elif b[0] == "table":
-                out += [_md_table(b[1], b[2]), ""]
+                out += [markdown_table(b[1], b[2]), ""]
             else:
                 out += [f"![{b[2]}]({rel}/{b[1].name})", "", f"*{b[2]}*", ""]
     if unknown:
         out += [
             "## Directories not understood",
             "",
-            _md_table(["directory", "files"], [[str(d), ", ".join(f)] for d, f in unknown]),
+            markdown_table(["directory", "files"], [[str(d), ", ".join(f)] for d, f in unknown]),
             "",
         ]
     return "\n".join(out)

@@ -453,7 +453,10 @@ def stages(d: Path, f: Path, figs: Figs) -> Section:
         )
         return s
     for kind, *rest in summary_blocks(j):
-        s.p(rest[0]) if kind == "p" else s.table(*rest)
+        if kind == "p":
+            s.p(rest[0])
+        else:
+            s.table(*rest)
     if isinstance(j.get("sensitivity"), dict) and j["sensitivity"]:
         s.fig(plotting.stage_sensitivity(j["sensitivity"], figs("stages_sensitivity")),
               "Standardised coefficient of each context characteristic per usage measure, one bar per checkpoint (95% CI).")  # fmt: skip

@@ -48,7 +48,7 @@ from ctxaware.intercept import capture_attention
 from ctxaware.metrics import conflict_scores, first_sentence, normalize_answer
 from ctxaware.regression import sensitivity
 from ctxaware.results import ResultsWriter, write_json_atomic
-from ctxaware.stats import summarize
+from ctxaware.stats import fmt, markdown_table, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -431,12 +431,6 @@ def run(cfg: StagesConfig) -> dict:
     return summary
 
 
-def _ci(v: dict, digits: int = 3) -> str:
-    if v.get("mean") is None or v["mean"] != v["mean"]:
-        return "-"
-    return f"{v['mean']:.{digits}f} [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
-
-
 def summary_blocks(s: dict) -> list[tuple]:
     """A ``summary.json`` as blocks ``("p", text)`` / ``("table", header, rows)``: usage per checkpoint
     (mean [95% CI], pooled over tasks), the sensitivities whose 95% CI excludes zero, and the head-level
@@ -444,7 +438,11 @@ def summary_blocks(s: dict) -> list[tuple]:
     names = list(s["usage"])
     measures = [m for m in USAGE if any(s["usage"][n].get(m, {}).get("n") for n in names)]
     blocks: list[tuple] = [
-        ("table", ["checkpoint", *measures], [[n, *(_ci(s["usage"][n][m]) for m in measures)] for n in names])
+        (
+            "table",
+            ["checkpoint", *measures],
+            [[n, *(fmt(s["usage"][n][m], pct=False, digits=3) for m in measures)] for n in names],
+        )
     ]
     tested = [
         (n, m, c, v)
@@ -484,15 +482,7 @@ def summary_blocks(s: dict) -> list[tuple]:
 
 def summary_markdown(s: dict) -> str:
     """Markdown of a ``summary.json`` (the blocks of `summary_blocks`)."""
-    out = []
-    for kind, *rest in summary_blocks(s):
-        if kind == "p":
-            out.append(rest[0])
-        else:
-            header, rows = rest
-            out.append("\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
-                                  *("| " + " | ".join(map(str, r)) + " |" for r in rows)]))  # fmt: skip
-    return "\n\n".join(out)
+    return "\n\n".join(b[1] if b[0] == "p" else markdown_table(*b[1:]) for b in summary_blocks(s))
 
 
 def main(argv: list[str]) -> int:

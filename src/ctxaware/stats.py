@@ -44,12 +44,22 @@ def _nan(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def fmt(s: dict, pct: bool = True) -> str:
-    """``"72.5 [68.1, 76.9]"`` for tables (percent by default); ``"100.0 [n=4 too small for a CI]"`` when
-    there are too few values for an interval."""
+def fmt(s: dict, pct: bool = True, digits: int = 1) -> str:
+    """``"72.5 [68.1, 76.9]"`` for tables (percent by default, ``digits`` decimals); ``"100.0 [n=4 too
+    small for a CI]"`` when there are too few values for an interval."""
     k = 100.0 if pct else 1.0
     if _nan(s.get("mean")):
         return "-"
     if _nan(s.get("ci_low")) or _nan(s.get("ci_high")):
-        return f"{s['mean'] * k:.1f} [n={s.get('n', '?')} too small for a CI]"
-    return f"{s['mean'] * k:.1f} [{s['ci_low'] * k:.1f}, {s['ci_high'] * k:.1f}]"
+        return f"{s['mean'] * k:.{digits}f} [n={s.get('n', '?')} too small for a CI]"
+    return f"{s['mean'] * k:.{digits}f} [{s['ci_low'] * k:.{digits}f}, {s['ci_high'] * k:.{digits}f}]"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; ``|`` and newlines inside cells are escaped so that a cell stays one cell."""
+
+    def cell(c: object) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
