@@ -33,6 +33,16 @@ def test_cut_at_stop():
     assert cut_at_stop("yes", ["."]) == ("yes", False)
 
 
+def test_max_new_tokens_must_be_a_positive_int():
+    """None would let transformers fall back to its default max_length (20 new tokens) with only a warning."""
+    import pytest
+
+    model, tok = tiny_llama(vocab_size=512).eval(), _Tok()
+    for bad in (None, 0, 2.5):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            generate(model, tok, [[5, 6, 7]], max_new_tokens=bad, progress=False)
+
+
 def test_prefix_reuse_identical_on_tiny_model():
     model, tok = tiny_llama(vocab_size=512).eval(), _Tok()
     model.generation_config.eos_token_id = 1

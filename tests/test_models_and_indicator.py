@@ -104,3 +104,5 @@ def test_long_attention_and_demo_nih_steps_show_progress(smollm2_tok, tmp_path, 
     monkeypatch.setattr(demo, "generate", fake_generate)
     demo.show_nih(M(), smollm2_tok, demo.DemoConfig(output=str(tmp_path)))
     assert seen.get("progress", True) is True and seen.get("desc")  # a labelled bar, not progress=False
+    # the paper's 50 new tokens (App. A.3); None made transformers cap the demo's answers at 20
+    assert seen["max_new_tokens"] == 50

@@ -94,7 +94,7 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
         model,
         tok,
         [p.render(tok) for p in prompts],
-        max_new_tokens=ncfg.max_new_tokens,
+        max_new_tokens=nih.new_tokens(ncfg),
         prefix_cache=True,
         desc="demo nih",  # a progress bar: this step takes a minute or two on a CPU
     )

@@ -199,6 +199,9 @@ def generate(
     ``"last"``), so prefix reuse stays on. ``callback(indices, generations)`` runs after each batch;
     ``stats`` (a dict), when given, receives ``prompt_tokens`` and ``prefill_tokens``.
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        # None would let transformers fall back to its model-agnostic max_length (20 new tokens)
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     device = next(model.parameters()).device
     seqs = [_ids(p) for p in prompts]
     use_prefix = prefix_cache and batch_context is None and all(len(s) >= 2 for s in seqs)

@@ -58,9 +58,9 @@ class NIHConfig(ModelConfig, NeedleConfig):
         own generation (`attention.PrefillShares`; unsteered conditions only).
     """
 
-    max_new_tokens: int | None = dataclasses.field(
-        default=None,
-        metadata={"help": "greedy tokens per answer (default 50, paper App. A.3, both protocols)"},
+    max_new_tokens: int = dataclasses.field(
+        default=50,
+        metadata={"help": "greedy tokens per answer (paper App. A.3: up to 50, both protocols)"},
     )
     batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per generation batch"})
     prefix_cache: bool = dataclasses.field(
@@ -92,7 +92,7 @@ class NIHConfig(ModelConfig, NeedleConfig):
 
 
 def new_tokens(cfg: NIHConfig) -> int:
-    n = cfg.max_new_tokens if cfg.max_new_tokens is not None else 50  # paper App. A.3: "up to 50 tokens"
+    n = cfg.max_new_tokens
     if n < 1:
         raise CtxawareError(f"--max-new-tokens must be at least 1, got {n}")
     return n
