@@ -193,12 +193,19 @@ def test_zero_bias_is_exact_noop_and_early_stop(smollm2):
     with torch.no_grad():
         base = model(ids).logits
 
-    def zero(layer, q, k):
-        return ([0, 3], torch.zeros(q.shape[0], 2, 1, k.shape[2])) if layer == 4 else None
+    def zero(layer, q, k):  # a per-query bias: the explicit-mask path
+        return ([0, 3], torch.zeros(q.shape[0], 2, q.shape[2], k.shape[2])) if layer == 4 else None
 
     with intercept.intercepted(model, bias=zero) as st, torch.no_grad():
         got = model(ids).logits
     assert torch.equal(got, base) and st.biased == {4}
+
+    def zero_per_key(layer, q, k):  # eq. (1)'s shape: the reweighted-V path, exact up to float rounding
+        return ([0, 3], torch.zeros(q.shape[0], 2, 1, k.shape[2])) if layer == 4 else None
+
+    with intercept.intercepted(model, bias=zero_per_key) as st, torch.no_grad():
+        got = model(ids).logits
+    assert (got - base).abs().max() < 1e-4 and st.biased == {4}
     cap = intercept.Capture([2], torch.tensor([[ids.shape[1] - 1]]), torch.ones(1, ids.shape[1], 1))
     with intercept.intercepted(model, capture=cap) as st, pytest.raises(intercept.StopForward):
         model(ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -44,6 +45,34 @@ def _decode(model, ids, steps: int, ctx_fn, mask=None):
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 pos = pos[:, -1:] + 1
     return torch.cat(out, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_every_head_and_the_explicit_mask_path_match_reference(smollm2, impl):
+    """Steering every head of a layer (the base call is skipped) and a per-query bias (B, h, Q, K), which
+    takes the explicit float-mask path instead of the reweighted-V one, against the eq. (1) reference."""
+    from ctxaware import intercept
+    from ctxaware.steering import _Bias
+
+    model, tok = smollm2
+    r = _prompts(tok)[0]
+    ids, emph = torch.tensor([r.input_ids]), r.mask("user")
+    heads = {5: list(range(model.config.num_attention_heads)), 20: [7, 2]}  # unsorted on purpose
+    ref = reference_logits(model, ids, heads, emph[None], 0.1)
+
+    class PerQuery(_Bias):
+        def __call__(self, layer, query, key):
+            got = super().__call__(layer, query, key)
+            return None if got is None else (got[0], got[1].expand(-1, -1, query.shape[2], -1))
+
+    with attn_impl(model, impl), torch.no_grad():
+        with steer(model, heads, emph, 0.1):
+            fast = model(ids).logits.float()
+        with intercept.intercepted(model, bias=PerQuery(heads, emph[None], 0.1)):
+            masked = model(ids).logits.float()
+        plain = model(ids).logits.float()
+    assert (fast - ref).abs().max() < TOL and (masked - ref).abs().max() < TOL
+    assert (plain - ref).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -123,13 +152,11 @@ def test_bf16_padded_batch_has_no_nan(smollm2):
     model, tok = smollm2
     rs = _prompts(tok)
     ids, mask = left_pad([r.input_ids for r in rs], tok.pad_token_id or 0, "cpu")
-    model.to(torch.bfloat16)
-    try:
-        with steer(model, HEADS, emphasis_mask(rs, ids.shape[1]), 0.01), torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask).logits
-        assert torch.isfinite(out[:, -1]).all()
-    finally:
-        model.to(torch.float32)
+    # a copy: bf16 and back would round the shared model's weights and RoPE buffers for later tests
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    with steer(model, HEADS, emphasis_mask(rs, ids.shape[1]), 0.01), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(out[:, -1]).all()
 
 
 @pytest.mark.slow  # compiling flex attention takes ~1 min on CPU (and fails without a working C++ toolchain)

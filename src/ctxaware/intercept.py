@@ -10,8 +10,12 @@ attention on every layer:
   points the model's config at it for the duration of the ``with`` block and restores it in ``finally``.
   Layers without work pass straight through to the base function.
 * **Bias** (steering): a `BiasFn` returns, for a layer, the heads to bias and an additive logit bias of
-  shape (B, h, 1, K). Only those heads are recomputed with a float mask; the others keep the fast path.
-  On FlexAttention the bias goes in as a ``score_mod`` term (transformers' ``position_bias``).
+  shape (B, h, 1, K) (per key, eq. 1) or (B, h, Q, K). Only those heads are recomputed; the others keep
+  the fast path. A per-key bias b needs no mask at all: softmax(s + b)·v = (p·(w v)) / (p·w) with
+  p = softmax(s) and w = exp(b), so the biased heads are one more call of the layer's own kernel (causal
+  fast path, FlexAttention without a new ``score_mod``) with V = [w v | w], no (Q, K) tensor anywhere. A
+  per-query bias, or a model with attention sinks, takes an explicit float mask (on FlexAttention a
+  ``score_mod`` term, transformers' ``position_bias``).
 * **Capture**: for chosen layers, the attention mass of chosen query rows (or every row) on key groups
   (e.g. one-hot roles), (B, H, R, G). Two exact paths:
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -232,17 +237,62 @@ def _capture_onehot(cap: Capture, base: str, fn, module, query, key, mask, bias,
     cap.results[module.layer_idx] = out.contiguous()
 
 
+@functools.lru_cache(maxsize=512)
+def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``heads`` as an index tensor on ``device``, built once: a fresh host-to-device copy on every layer
+    call would synchronise a GPU stream per steered layer."""
+    return torch.tensor(heads, device=device)
+
+
+def _has_sinks(module, kwargs: dict) -> bool:
+    return kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None
+
+
+def _reweighted_call(fn, proxy, q_s, k_s, v_s, mask, bias, kwargs, fallback):
+    """Eq. (1) through the model's fast kernel: a per-key logit bias b is a reweighting of V.
+
+    softmax(s + b) . v = sum_k p_k w_k v_k / sum_k p_k w_k with p = softmax(s) and w = exp(b). One kernel
+    call on 2h heads (the causal fast path, no (Q, K) mask) gives both sums: the first h heads take
+    V = w * v, the last h take V = w in column 0 (zero-padded to the head size). Exact in exact
+    arithmetic; w <= 1 for eq. (1)'s log(alpha) <= 0. Rows whose every key is masked (padding) keep
+    ``fallback`` (the base output; None: the kernel's own) instead of 0/0.
+    """
+    h, d = q_s.shape[1], v_s.shape[-1]
+    w = bias.float().exp().transpose(-1, -2)  # (B, h, K, 1)
+    num_v = (v_s.float() * w).to(v_s.dtype)  # (B, h, K, d)
+    den_v = torch.nn.functional.pad(w, (0, d - 1)).to(v_s.dtype)  # (B, h, K, d): w in column 0
+    B = max(q_s.shape[0], num_v.shape[0])
+    q2 = torch.cat([q_s, q_s], 1).expand(B, -1, -1, -1)
+    k2 = torch.cat([k_s, k_s], 1).expand(B, -1, -1, -1)
+    v2 = torch.cat([num_v.expand(B, -1, -1, -1), den_v.expand(B, -1, -1, -1)], 1)  # (B, 2h, K, d)
+    o, _ = fn(proxy, q2, k2, v2, mask, **kwargs)  # (B, Q, 2h, d)
+    num, den = o[:, :, :h].float(), o[:, :, h:, :1].float()  # (B, Q, h, d), (B, Q, h, 1)
+    keep = num if fallback is None else fallback.float()
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), keep)
+
+
 def _biased_call(base: str, fn, module, query, key, value, mask, heads, bias, kwargs):
     """Run the base attention, then recompute ``heads`` with ``bias`` added to their logits.
 
-    The unbiased call keeps the model's fast path (GQA-native, ``is_causal``); only the biased heads pay
-    for an explicit float mask, and they read their own KV heads (``head // n_rep``) without repeating all.
+    The unbiased call keeps the model's fast path (GQA-native, ``is_causal``); only the biased heads are
+    recomputed, reading their own KV heads (``head // n_rep``) without repeating all. When every head is
+    biased the base call is skipped. A per-key bias (B, h, 1, K), eq. (1)'s, goes through
+    `_reweighted_call` on the same fast kernel; a per-query bias (B, h, Q, K), or a model with attention
+    sinks, takes an explicit float mask (FlexAttention: transformers' ``position_bias`` score_mod).
     """
-    out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
+    idx = _head_index(tuple(heads), query.device)
+    every = len(heads) == query.shape[1]
     n_rep = query.shape[1] // key.shape[1]
-    idx = torch.tensor(heads, device=query.device)
     q_s, k_s, v_s = query[:, idx], key[:, idx // n_rep], value[:, idx // n_rep]  # (B, h, Q|K, d)
     proxy = _GroupedProxy(module)
+    if bias.shape[2] == 1 and not _has_sinks(module, kwargs):
+        if every:
+            out_s = _reweighted_call(fn, proxy, q_s, k_s, v_s, mask, bias, kwargs, None)
+            return out_s[:, :, torch.argsort(idx)].to(query.dtype), None
+        out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
+        out_s = _reweighted_call(fn, proxy, q_s, k_s, v_s, mask, bias, kwargs, out[:, :, idx])
+        return out.index_copy(2, idx, out_s.to(out.dtype)), None
+    out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
     if base == "flex_attention":
         pb = bias.expand(query.shape[0], len(heads), query.shape[2], key.shape[2])  # a view: no copy
         out_s, _ = fn(proxy, q_s, k_s, v_s, mask, position_bias=pb, **kwargs)

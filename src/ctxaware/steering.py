@@ -14,7 +14,9 @@ Differences from the released implementations, on purpose:
   tokens generated during decoding; PASTA's code leaves generated tokens unscaled (its mask only covers the
   prompt). Here keys beyond the prompt always get ``log(alpha)``.
 * **Any attention kernel.** The bias goes through the attention function (sdpa/eager/flex), in prefill and
-  in cached decoding, for left-padded batches; no ``output_attentions``, no eager-only hook.
+  in cached decoding, for left-padded batches; no ``output_attentions``, no eager-only hook. Because the
+  bias is per key, the steered heads run on the kernel's fast causal path with a reweighted V
+  (`ctxaware.intercept`, no (Q, K) mask is built).
 
 Use with the generation engine::
 
@@ -82,7 +84,9 @@ class _Bias:
         if self.emph.shape[0] not in (1, B):
             raise CtxawareError(f"the emphasis mask has {self.emph.shape[0]} rows but the batch has {B}")
         self.seen[layer] = total
-        emph = self.emph.to(query.device)
+        if self.emph.device != query.device:  # once: a copy per layer call would sync a GPU stream
+            self.emph = self.emph.to(query.device)
+        emph = self.emph
         if total > P:  # generated keys are never emphasised (eq. 1)
             emph = torch.cat([emph, emph.new_zeros(emph.shape[0], total - P)], dim=1)
         emph = emph[:, total - K : total]  # (B|1, K) the keys this call sees
