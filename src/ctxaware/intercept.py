@@ -27,7 +27,8 @@ attention on every layer:
     O(T^2) math kernel, 6x slower at 2K). Every row comes out at kernel speed, in O(T x d) memory; no
     logits are materialised outside the kernel. q and k are upcast to float32 (on a GPU this picks the
     memory-efficient kernel), so bf16 models get float32 masses.
-  - ``chunked`` (the fallback; ``auto`` for a few rows, R * 4 <= T, e.g. eq. (3)'s last prompt token):
+  - ``chunked`` (the fallback; ``auto`` for a few rows, R * 4 <= T, e.g. eq. (3)'s last prompt token,
+    unless the mask is a FlexAttention BlockMask, which only the kernel reads):
     softmax rows of the chosen query positions computed here in float32, in chunks of rows, reduced at
     once: ``probs (B, H, r, K) @ groups (B, K, G)``. Memory O(rows_chunk x K), time O(R x K).
   Both are tested against eager ``output_attentions=True``.
@@ -321,6 +322,9 @@ def _make_wrapper(base: str) -> Callable:
                 last = torch.full((B, 1), Q - 1, dtype=torch.long, device=query.device)
                 cap = dataclasses.replace(cap, rows=last, results=cap.results)
             few = cap.rows is not None and cap.rows.shape[1] * 4 <= query.shape[2]
+            few = few and (
+                attention_mask is None or isinstance(attention_mask, torch.Tensor)
+            )  # not a BlockMask
             if cap.method.startswith("chunked") or (cap.method == "auto" and few):
                 _capture_rows(cap, module, query, key, attention_mask, bias, kwargs)
             else:
