@@ -224,7 +224,13 @@ def test_summary_markdown_reports_only_cis_excluding_zero():
                 "p_s": {"similarity": c(0.4, 0.1, 0.7), "context_length": c(0.2, -0.1, 0.5), "_n": {}},
                 "answer_changed": {"similarity": none},
             },
-            "sft": {"p_s": {"similarity": c(-0.3, -0.5, -0.01), "context_length": c(0.0, -0.2, 0.2)}},
+            "sft": {
+                "p_s": {
+                    "similarity": c(-0.3, -0.5, -0.01),
+                    "context_length": c(0.0, -0.2, 0.2),
+                    "fluency": c(0.9, None, None),
+                }
+            },  # a coefficient without a CI (too few rows)
         },  # fmt: skip
         "head_change": {
             "sft - base": {

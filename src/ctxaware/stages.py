@@ -449,7 +449,7 @@ def summary_blocks(s: dict) -> list[tuple]:
         for n, per in s.get("sensitivity", {}).items()
         for m, cs in per.items()
         for c, v in cs.items()
-        if c != "_n" and v.get("coef") is not None
+        if c != "_n" and v.get("coef") is not None and v.get("ci_low") is not None  # too few rows: no CI
     ]
     sig = [
         [n, m, c, f"{v['coef']:+.2f} [{v['ci_low']:+.2f}, {v['ci_high']:+.2f}]", f"{v['spearman']:+.2f}"]
