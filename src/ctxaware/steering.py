@@ -69,6 +69,7 @@ class _Bias:
     def __init__(self, heads: dict[int, list[int]], emphasize: torch.Tensor, alpha: float) -> None:
         self.heads, self.emph, self.log_alpha = heads, emphasize, math.log(alpha)  # emph: (B|1, P)
         self.seen: dict[int, int] = {}
+        self._last: tuple[tuple, torch.Tensor] | None = None  # every layer of one forward sees the same keys
 
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor):
         heads = self.heads.get(layer)
@@ -86,11 +87,14 @@ class _Bias:
         self.seen[layer] = total
         if self.emph.device != query.device:  # once: a copy per layer call would sync a GPU stream
             self.emph = self.emph.to(query.device)
-        emph = self.emph
-        if total > P:  # generated keys are never emphasised (eq. 1)
-            emph = torch.cat([emph, emph.new_zeros(emph.shape[0], total - P)], dim=1)
-        emph = emph[:, total - K : total]  # (B|1, K) the keys this call sees
-        bias = torch.where(emph, 0.0, self.log_alpha).to(torch.float32)  # (B|1, K)
+        key_id = (total, K, query.device)
+        if self._last is None or self._last[0] != key_id:  # once per forward pass, not once per layer
+            emph = self.emph
+            if total > P:  # generated keys are never emphasised (eq. 1)
+                emph = torch.cat([emph, emph.new_zeros(emph.shape[0], total - P)], dim=1)
+            emph = emph[:, total - K : total]  # (B|1, K) the keys this call sees
+            self._last = (key_id, torch.where(emph, 0.0, self.log_alpha).to(torch.float32))  # (B|1, K)
+        bias = self._last[1]
         return heads, bias[:, None, None, :].expand(B, len(heads), 1, K)  # (B, h, 1, K)
 
 
