@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--haystack", default="../shared/data/haystack/paul_graham_essays")
+    ap.add_argument("--steer-only", action="store_true", help="time only unsteered vs steered SDPA")
     args = ap.parse_args()
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation="sdpa")
     dev = next(model.parameters()).device
@@ -117,9 +118,10 @@ def main() -> None:
         rows = torch.tensor([[T - 1]], device=dev)
         layers = list(range(n_layers))
         with torch.inference_mode():
-            cap = measure(
+            skip = (float("nan"), float("nan"))
+            cap = skip if args.steer_only else measure(
                 lambda: capture_attention(model, ids, None, layers, rows, groups), args.device, args.reps
-            )
+            )  # fmt: skip
 
             def eager_all():
                 set_impl(model, "eager")
@@ -129,7 +131,7 @@ def main() -> None:
                 finally:
                     set_impl(model, "sdpa")
 
-            eag = measure(eager_all, args.device, args.reps)
+            eag = skip if args.steer_only else measure(eager_all, args.device, args.reps)
             plain = measure(lambda: model(ids, use_cache=False), args.device, args.reps)
 
             def steered():
@@ -146,7 +148,7 @@ def main() -> None:
                 finally:
                     set_impl(model, "sdpa")
 
-            pa = measure(pasta, args.device, args.reps)
+            pa = skip if args.steer_only else measure(pasta, args.device, args.reps)
         print(f"| {T} | {cap[0]:.3f} | {eag[0]:.3f} | {eag[0] / cap[0]:.1f}x | {cap[1]:.0f} | {eag[1]:.0f} | "
               f"{plain[0]:.3f} | {st[0]:.3f} | {st[0] / plain[0]:.2f}x | {pa[0]:.3f} | {pa[0] / plain[0]:.2f}x |", flush=True)  # fmt: skip
 
