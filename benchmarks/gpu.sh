@@ -35,16 +35,18 @@ OUT=${OUT:-runs/gpu_bench}
 SHAPE=${SHAPE:-llama-1b}            # SHAPE=smollm2-135m LENGTHS=256 REPS=1: a quick check of this script on a CPU
 LENGTHS=${LENGTHS:-1024,2048,4096}
 REPS=${REPS:-5}
+STEER_ONLY=${STEER_ONLY:-}          # STEER_ONLY=--steer-only: the steering columns alone
+SCORE=${SCORE:-1}                   # SCORE=0: skip the scoring runs
 mkdir -p "$OUT"
 [ -f "$ASSETS/convs.jsonl" ] || { echo "no $ASSETS: run 'bash benchmarks/gpu.sh prepare' first and carry it" >&2; exit 2; }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')" | tee "$OUT/device.txt"
 M="$OUT/$SHAPE"
 [ -d "$M" ] || python benchmarks/make_random_model.py --shape "$SHAPE" --tokenizer "$ASSETS/tokenizer" --out "$M"
 # steering ratio (goal <= 1.3x at 4K) and capture vs eager output_attentions, bf16
-python benchmarks/attention.py --model "$M" --device "$DEVICE" --dtype bfloat16 --lengths "$LENGTHS" --reps "$REPS" \
+python benchmarks/attention.py --model "$M" --device "$DEVICE" --dtype bfloat16 --lengths "$LENGTHS" --reps "$REPS" --haystack synthetic $STEER_ONLY \
     | tee "$OUT/attention_${SHAPE}_bf16.md"
 # scoring throughput at 2K tokens: the CLI prints and records tokens/s (first run warms up the kernels)
-for run in warmup timed; do
+[ "$SCORE" = 1 ] && for run in warmup timed; do
     rm -f "$OUT/scores_$run.jsonl"*
     python -m ctxaware.cli score "$ASSETS/convs.jsonl" --model "$M" --device "$DEVICE" --dtype bfloat16 \
         --output "$OUT/scores_$run.jsonl" --no-progress 2>&1 | tail -3 | tee "$OUT/score_$run.log"

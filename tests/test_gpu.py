@@ -170,5 +170,9 @@ def test_onehot_capture_every_row_matches_eager_on_cuda(attn):
         assert (got[layer][1, :, 40:] - ref[1, :, 40:]).abs().max().item() < 1e-5
     model.to(torch.bfloat16).set_attn_implementation(attn)
     a = capture_attention(model, ids, mask, [3], None, groups, method="onehot")[3]
+    model.set_attn_implementation(
+        "sdpa" if attn == "flex_attention" else attn
+    )  # chunked can't read a BlockMask
     b = capture_attention(model, ids, mask, [3], None, groups, method="chunked")[3]
-    assert a.dtype == torch.float32 and (a[:, :, 40:] - b[:, :, 40:]).abs().max().item() < 1e-4
+    tol = 5e-4 if attn == "flex_attention" else 1e-4  # flex's float32 kernel: 1.9e-4 on an H100 (TF32 dots)
+    assert a.dtype == torch.float32 and (a[:, :, 40:] - b[:, :, 40:]).abs().max().item() < tol

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -239,61 +240,58 @@ def _capture_onehot(cap: Capture, base: str, fn, module, query, key, mask, bias,
 
 
 @functools.lru_cache(maxsize=512)
-def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``heads`` as an index tensor on ``device``, built once: a fresh host-to-device copy on every layer
-    call would synchronise a GPU stream per steered layer."""
-    return torch.tensor(heads, device=device)
+def _head_index(heads: tuple[int, ...], n_rep: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Index tensors of ``heads`` on ``device``, built once per (heads, device): the query heads, their KV
+    heads (``head // n_rep``), both doubled for the reweighted call, and the order that sorts ``heads``. A
+    fresh host-to-device copy per layer call would synchronise a GPU stream."""
+    idx = torch.tensor(heads, device=device)
+    kv = idx // n_rep
+    return idx, kv, torch.cat([idx, idx]), torch.cat([kv, kv]), torch.argsort(idx)
 
 
 def _has_sinks(module, kwargs: dict) -> bool:
     return kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None
 
 
-def _reweighted_call(fn, proxy, q_s, k_s, v_s, mask, bias, kwargs, fallback):
+def _reweighted_call(fn, proxy, query, key, value, mask, bias, kwargs, index) -> torch.Tensor:
     """Eq. (1) through the model's fast kernel: a per-key logit bias b is a reweighting of V.
 
     softmax(s + b) . v = sum_k p_k w_k v_k / sum_k p_k w_k with p = softmax(s) and w = exp(b). One kernel
     call on 2h heads (the causal fast path, no (Q, K) mask) gives both sums: the first h heads take
     V = w * v, the last h take V = w in column 0 (zero-padded to the head size). Exact in exact
-    arithmetic; w <= 1 for eq. (1)'s log(alpha) <= 0. Rows whose every key is masked (padding) keep
-    ``fallback`` (the base output; None: the kernel's own) instead of 0/0.
+    arithmetic; w <= 1 for eq. (1)'s log(alpha) <= 0. A row whose every key is masked (padding, never
+    read by a real token) gets 0 instead of 0/0. Returns (B, Q, h, d) for the heads of ``index``.
     """
-    h, d = q_s.shape[1], v_s.shape[-1]
-    w = bias.float().exp().transpose(-1, -2)  # (B, h, K, 1)
-    num_v = (v_s.float() * w).to(v_s.dtype)  # (B, h, K, d)
-    den_v = torch.nn.functional.pad(w, (0, d - 1)).to(v_s.dtype)  # (B, h, K, d): w in column 0
-    B = max(q_s.shape[0], num_v.shape[0])
-    q2 = torch.cat([q_s, q_s], 1).expand(B, -1, -1, -1)
-    k2 = torch.cat([k_s, k_s], 1).expand(B, -1, -1, -1)
-    v2 = torch.cat([num_v.expand(B, -1, -1, -1), den_v.expand(B, -1, -1, -1)], 1)  # (B, 2h, K, d)
-    o, _ = fn(proxy, q2, k2, v2, mask, **kwargs)  # (B, Q, 2h, d)
-    num, den = o[:, :, :h].float(), o[:, :, h:, :1].float()  # (B, Q, h, d), (B, Q, h, 1)
-    keep = num if fallback is None else fallback.float()
-    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), keep)
+    _, kv, idx2, kv2, _ = index
+    h, d = kv.shape[0], value.shape[-1]
+    w = bias.exp().transpose(-1, -2).to(value.dtype)  # (B, h, K, 1)
+    v2 = torch.cat([value[:, kv] * w, torch.nn.functional.pad(w, (0, d - 1))], 1)  # (B, 2h, K, d)
+    o, _ = fn(proxy, query[:, idx2], key[:, kv2], v2, mask, **kwargs)  # (B, Q, 2h, d)
+    return torch.nan_to_num(o[:, :, :h] / o[:, :, h:, :1], nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _biased_call(base: str, fn, module, query, key, value, mask, heads, bias, kwargs):
     """Run the base attention, then recompute ``heads`` with ``bias`` added to their logits.
 
     The unbiased call keeps the model's fast path (GQA-native, ``is_causal``); only the biased heads are
-    recomputed, reading their own KV heads (``head // n_rep``) without repeating all. When every head is
-    biased the base call is skipped. A per-key bias (B, h, 1, K), eq. (1)'s, goes through
-    `_reweighted_call` on the same fast kernel; a per-query bias (B, h, Q, K), or a model with attention
-    sinks, takes an explicit float mask (FlexAttention: transformers' ``position_bias`` score_mod).
+    recomputed, reading their own KV heads without repeating all. When every head is biased the base call
+    is skipped. A per-key bias (B, h, 1, K), eq. (1)'s, goes through `_reweighted_call` on the same fast
+    kernel; a per-query bias (B, h, Q, K), or a model with attention sinks, takes an explicit float mask
+    (FlexAttention: transformers' ``position_bias`` score_mod).
     """
-    idx = _head_index(tuple(heads), query.device)
-    every = len(heads) == query.shape[1]
     n_rep = query.shape[1] // key.shape[1]
-    q_s, k_s, v_s = query[:, idx], key[:, idx // n_rep], value[:, idx // n_rep]  # (B, h, Q|K, d)
+    index = _head_index(tuple(heads), n_rep, query.device)
+    idx, kv = index[0], index[1]
     proxy = _GroupedProxy(module)
     if bias.shape[2] == 1 and not _has_sinks(module, kwargs):
-        if every:
-            out_s = _reweighted_call(fn, proxy, q_s, k_s, v_s, mask, bias, kwargs, None)
-            return out_s[:, :, torch.argsort(idx)].to(query.dtype), None
+        if len(heads) == query.shape[1]:  # every head: no unbiased call
+            out_s = _reweighted_call(fn, proxy, query, key, value, mask, bias, kwargs, index)
+            return out_s[:, :, index[4]], None
         out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
-        out_s = _reweighted_call(fn, proxy, q_s, k_s, v_s, mask, bias, kwargs, out[:, :, idx])
+        out_s = _reweighted_call(fn, proxy, query, key, value, mask, bias, kwargs, index)
         return out.index_copy(2, idx, out_s.to(out.dtype)), None
     out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
+    q_s, k_s, v_s = query[:, idx], key[:, kv], value[:, kv]  # (B, h, Q|K, d)
     if base == "flex_attention":
         pb = bias.expand(query.shape[0], len(heads), query.shape[2], key.shape[2])  # a view: no copy
         out_s, _ = fn(proxy, q_s, k_s, v_s, mask, position_bias=pb, **kwargs)
@@ -370,6 +368,18 @@ def _configs(model) -> list:
     return out
 
 
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hooks_of(model) -> tuple[list, list]:
+    """The attention modules and configs of ``model``, found once per model: walking every module on each
+    ``steer`` / capture block costs milliseconds, as much as a launch-bound GPU forward's attention."""
+    got = _HOOKS.get(model)
+    if got is None:
+        got = _HOOKS[model] = (attention_modules(model), _configs(model))
+    return got
+
+
 @contextlib.contextmanager
 def intercepted(model, *, bias: BiasFn | None = None, capture: Capture | None = None) -> Iterator[_State]:
     """Route the model's attention through ctxaware's wrapper for the duration of the block."""
@@ -380,13 +390,12 @@ def intercepted(model, *, bias: BiasFn | None = None, capture: Capture | None = 
             f"attention implementation {impl!r} cannot be intercepted; load the model with "
             f"--attn-implementation one of {', '.join(SUPPORTED)}"
         )
-    mods = attention_modules(model)
+    mods, configs = _hooks_of(model)
     if any(getattr(m, "_ctxaware_state", None) is not None for m in mods):
         raise CtxawareError(
             "this model is already intercepted (nested steer/capture); combine them in one block"
         )
     state = _State(base, bias, capture)
-    configs = _configs(model)
     old = [c._attn_implementation for c in configs]
     try:
         for c in configs:
