@@ -284,11 +284,10 @@ def _biased_call(base: str, fn, module, query, key, value, mask, heads, bias, kw
     idx, kv = index[0], index[1]
     proxy = _GroupedProxy(module)
     if bias.shape[2] == 1 and not _has_sinks(module, kwargs):
+        out_s = _reweighted_call(fn, proxy, query, key, value, mask, bias, kwargs, index)
         if len(heads) == query.shape[1]:  # every head: no unbiased call
-            out_s = _reweighted_call(fn, proxy, query, key, value, mask, bias, kwargs, index)
             return out_s[:, :, index[4]], None
         out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
-        out_s = _reweighted_call(fn, proxy, query, key, value, mask, bias, kwargs, index)
         return out.index_copy(2, idx, out_s.to(out.dtype)), None
     out, _ = fn(module, query, key, value, mask, **kwargs)  # (B, Q, H, d)
     q_s, k_s, v_s = query[:, idx], key[:, kv], value[:, kv]  # (B, h, Q|K, d)
@@ -319,10 +318,11 @@ def _make_wrapper(base: str) -> Callable:
                 B, Q = query.shape[0], query.shape[2]
                 last = torch.full((B, 1), Q - 1, dtype=torch.long, device=query.device)
                 cap = dataclasses.replace(cap, rows=last, results=cap.results)
-            few = cap.rows is not None and cap.rows.shape[1] * 4 <= query.shape[2]
-            few = few and (
-                attention_mask is None or isinstance(attention_mask, torch.Tensor)
-            )  # not a BlockMask
+            few = (
+                cap.rows is not None
+                and cap.rows.shape[1] * 4 <= query.shape[2]
+                and (attention_mask is None or isinstance(attention_mask, torch.Tensor))  # not a BlockMask
+            )
             if cap.method.startswith("chunked") or (cap.method == "auto" and few):
                 _capture_rows(cap, module, query, key, attention_mask, bias, kwargs)
             else:

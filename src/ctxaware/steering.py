@@ -87,7 +87,7 @@ class _Bias:
         self.seen[layer] = total
         if self.emph.device != query.device:  # once: a copy per layer call would sync a GPU stream
             self.emph = self.emph.to(query.device)
-        key_id = (total, K, query.device)
+        key_id = (total, K)
         if self._last is None or self._last[0] != key_id:  # once per forward pass, not once per layer
             emph = self.emph
             if total > P:  # generated keys are never emphasised (eq. 1)
