@@ -61,6 +61,8 @@ class Rendered:
     mode: str
     prefix_span: Span | None = None  # the response prefix, when one was given
     messages: list[dict] = field(default_factory=list, repr=False)
+    special_tokens: bool = False  # whether the tokenizer added its special tokens (BOS) to ``text``
+    offsets: list[tuple[int, int]] = field(default_factory=list, repr=False)  # characters of each token
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -144,19 +146,58 @@ def _chat_text(messages: list[dict], tokenizer, add_generation_prompt: bool) -> 
         ) from None
 
 
-def _plain_text(messages: list[dict], response_prefix: str | None) -> tuple[str, list[tuple[int, int]]]:
-    """Contents separated by blank lines, no role markers; the response prefix follows the last message.
+def _plain_text(
+    messages: list[dict], response_prefix: str | None, separator: str = "\n\n", prefix_separator: str = "\n"
+) -> tuple[str, list[tuple[int, int]]]:
+    """Contents joined by ``separator`` (default a blank line), no role markers; the response prefix follows
+    the last message after ``prefix_separator``.
 
     Returns the text and the character span of every message's content, known by construction."""
     text, spans = "", []
     for i, m in enumerate(messages):
         if i:
-            text += "\n\n"
+            text += separator
         spans.append((len(text), len(text) + len(m["content"])))
         text += m["content"]
     if response_prefix is not None:
-        text += "\n" + response_prefix if text else response_prefix
+        text += prefix_separator + response_prefix if text else response_prefix
     return text, spans
+
+
+def _trim_closing(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """``text.strip().removesuffix(eos).removesuffix(bos).strip()`` with the content spans moved along."""
+    core = text.strip()
+    for special in (tokenizer.eos_token, tokenizer.bos_token):
+        if special:
+            core = core.removesuffix(special)
+    core = core.strip()
+    lead = len(text) - len(text.lstrip())
+    n = len(core)
+    return core, [(min(max(0, a - lead), n), min(max(0, b - lead), n)) for a, b in spans]
+
+
+def with_empty_system(messages: Sequence[dict], tokenizer) -> list[dict]:
+    """``messages`` with an empty system turn first when they have none and the chat template accepts one
+    (the authors' scorer, NIH tester and lm-eval wrapper; alignment-handbook's ``maybe_insert_system_message``).
+    A template that refuses a system turn (Gemma) gets the conversation as it is."""
+    msgs = [dict(m) for m in messages]
+    if msgs and msgs[0].get("role") != "system":
+        try:
+            _chat_text([{"role": "system", "content": ""}, {"role": "user", "content": "x"}], tokenizer, False)
+        except CtxawareError:
+            return msgs
+        msgs.insert(0, {"role": "system", "content": ""})
+    return msgs
+
+
+def end_of_turn(tokenizer, role: str = "assistant") -> str:
+    """The text the chat template writes right after a ``role`` message's content when it is the last
+    message (``"<|im_end|>\\n"`` for ChatML, ``"</s>"`` for Zephyr, ``"<end_of_turn>\\n"`` for Gemma)."""
+    msgs = [{"role": "user", "content": _sentinel(0)}]
+    if role == "assistant":
+        msgs.append({"role": "assistant", "content": _sentinel(1)})
+    text = _chat_text(msgs, tokenizer, add_generation_prompt=False)
+    return text.split(_sentinel(len(msgs) - 1), 1)[1]
 
 
 def _sentinel(i: int) -> str:
@@ -231,6 +272,10 @@ def render(
     add_generation_prompt: bool | None = None,
     response_prefix: str | None = None,
     max_tokens: int | None = None,
+    separator: str = "\n\n",
+    prefix_separator: str = "\n",
+    add_special_tokens: bool | None = None,
+    trim_closing: bool = False,
 ) -> Rendered:
     """Render ``messages`` with roles per token.
 
@@ -244,6 +289,16 @@ def render(
         response_prefix: text that starts the assistant's answer (role ``assistant``), e.g. the first
             words of the NIH needle.
         max_tokens: keep only the first ``max_tokens`` tokens (spans are clipped).
+        separator, prefix_separator: plain mode only: the text between two contents (default a blank
+            line) and before the response prefix (default a newline). The authors' attention-analysis
+            script joins the user turn and the answer with one space (``prefix_separator=" "``).
+        add_special_tokens: let the tokenizer add its special tokens (BOS). Default: in plain mode yes, in
+            chat mode no (templates write BOS themselves). ``True`` in chat mode reproduces code that calls
+            ``tokenizer(prompt)`` on a rendered template, which gives templates that write their own BOS
+            (Gemma, Llama-3) a second one; the first BOS is then the sink, the template's one ``template``.
+        trim_closing: chat mode: strip the text, remove a trailing EOS and then BOS text, strip again (the
+            authors' lm-eval chat wrapper, which renders an empty assistant turn and cuts its closing
+            marker: a ChatML prompt then ends ``<|im_start|>assistant``).
     """
     msgs = validate_messages(messages)
     if not getattr(tokenizer, "is_fast", False):
@@ -257,15 +312,19 @@ def render(
             )
         text = _chat_text(msgs, tokenizer, add_generation_prompt)
         char_spans = _locate_chat(text, msgs, tokenizer, add_generation_prompt)
+        if trim_closing:
+            text, char_spans = _trim_closing(text, char_spans, tokenizer)
         if response_prefix is not None:
             text += response_prefix
         add_special = False  # chat templates write BOS themselves when the model wants it
     elif mode == "plain":
-        text, char_spans = _plain_text(msgs, response_prefix)
+        text, char_spans = _plain_text(msgs, response_prefix, separator, prefix_separator)
         add_special = True
     else:
         raise CtxawareError(f"mode {mode!r} is not one of chat, plain")
 
+    if add_special_tokens is not None:
+        add_special = add_special_tokens
     owner = [-1] * len(text)  # message index owning each character; -1 = template
     for i, (a, b) in enumerate(char_spans):
         owner[a:b] = [i] * (b - a)
@@ -293,8 +352,10 @@ def render(
     if roles:
         roles[0] = "sink"  # the attention sink: position 0, whatever its text (spans still locate its owner)
 
+    offsets = [tuple(o) for o in offsets]
     if max_tokens is not None and len(ids) > max_tokens:
         ids, roles, token_owner = ids[:max_tokens], roles[:max_tokens], token_owner[:max_tokens]
+        offsets = offsets[:max_tokens]
 
     def span_of(o: int, role: str, index: int) -> Span:
         where = [p for p, t in enumerate(token_owner) if t == o]
@@ -302,7 +363,7 @@ def render(
 
     spans = [span_of(i, m["role"], i) for i, m in enumerate(msgs)]
     prefix_span = span_of(prefix_owner, "assistant", len(msgs)) if response_prefix else None
-    return Rendered(text, list(ids), roles, spans, mode, prefix_span, msgs)
+    return Rendered(text, list(ids), roles, spans, mode, prefix_span, msgs, add_special, offsets)
 
 
 def user_prompt(content: str, system: str | None = None) -> list[dict]:

@@ -19,8 +19,9 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal
 
-from ctxaware.chat import render
+from ctxaware.chat import render, with_empty_system
 from ctxaware.config import ModelConfig, parse_config
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import continuation_logprobs, generate
@@ -36,6 +37,7 @@ from ctxaware.metrics import (
 from ctxaware.results import ResultsWriter, SkipCounter, write_json_atomic
 from ctxaware.stats import fmt
 from ctxaware.tasks import (
+    EMPTY_FIRST_GOLD,
     TASKS,
     Example,
     Task,
@@ -51,7 +53,7 @@ AUTHORS_STOPS = (". ",)  # the authors' lm-eval tasks: generate_until [". "] (an
 QA_CUTS = ("authors", "sentence")
 # The version of the task readers and metrics (QuAC first question, `contains` rules, answer cut); rows
 # written under an older protocol are not resumed into a newer one.
-PROTOCOL_VERSION = "authors-2"
+PROTOCOL_VERSION = "authors-3"
 
 
 @dataclasses.dataclass
@@ -77,6 +79,13 @@ class EvalConfig(ModelConfig):
         default_factory=lambda: ["chat", "plain"], metadata={"help": "chat and/or plain"}
     )
     indicator: bool = dataclasses.field(default=False, metadata={"help": "append [IND] to every prompt"})
+    protocol: Literal["authors", "ctxaware"] = dataclasses.field(
+        default="authors",
+        metadata={
+            "help": "authors (their lm-eval wrapper: empty system turn, prompt ends at the assistant marker, "
+            "DROP 256 new tokens) or ctxaware (user turn alone, template's generation prompt; docs/evaluate.md)"
+        },
+    )
     prompt_style: str = dataclasses.field(default="paper", metadata={"help": "paper (Tables 5-6) or simple"})
     plain_prefix: str = dataclasses.field(
         default="Answer:", metadata={"help": "response prefix in plain mode"}
@@ -91,6 +100,13 @@ class EvalConfig(ModelConfig):
     seed: int = dataclasses.field(default=0, metadata={"help": "sampling seed"})
     max_new_tokens: int = dataclasses.field(
         default=100, metadata={"help": "new tokens for QA and conflict tasks (paper App. A.3: 100)"}
+    )
+    drop_max_new_tokens: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "new tokens for DROP; none: authors 256 (their DROP task sets no max_gen_toks, so "
+            "lm-eval's default applies), ctxaware --max-new-tokens"
+        },
     )
     qa_cut: str = dataclasses.field(
         default="authors",
@@ -120,6 +136,13 @@ class EvalConfig(ModelConfig):
     )
     alpha: float = dataclasses.field(default=0.01, metadata={"help": "steering scale for non-user tokens"})
     output: str = dataclasses.field(default="runs/eval", metadata={"help": "output directory"})
+    dump_prompts: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "write every prompt (task, id, mode, text, ids) to this JSONL and exit; tokenizer only",
+            "path": "output_file",
+        },
+    )
 
 
 # --- models and conditions ---------------------------------------------------------------------------
@@ -139,6 +162,20 @@ def expand_models(spec: str) -> list[str]:
     return out
 
 
+LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's default when a task sets no max_gen_toks (the authors' DROP)
+
+
+def max_new_tokens(cfg: "EvalConfig", task: str) -> int:
+    """New tokens for ``task``: ``drop_max_new_tokens`` for DROP (none: authors 256, ctxaware the common
+    ``max_new_tokens``), else ``max_new_tokens`` (100, App. A.3 and the authors' SQuAD/QuAC tasks)."""
+    if task == "drop":
+        if cfg.drop_max_new_tokens is not None:
+            return cfg.drop_max_new_tokens
+        if cfg.protocol == "authors":
+            return LM_EVAL_MAX_GEN_TOKS
+    return cfg.max_new_tokens
+
+
 def condition_name(mode: str, indicator: bool) -> str:
     return mode + ("+ind" if indicator else "")
 
@@ -147,26 +184,48 @@ def condition_name(mode: str, indicator: bool) -> str:
 
 
 def build_prompt(
-    task: Task, ex: Example, tok, mode: str, style: str, indicator: bool, plain_prefix: str | None
+    task: Task,
+    ex: Example,
+    tok,
+    mode: str,
+    style: str,
+    indicator: bool,
+    plain_prefix: str | None,
+    protocol: str = "authors",
 ):
-    """The rendered prompt of one example: template, optional ``[IND]``, chat template or plain + prefix."""
-    content = task.prompt(ex, style)
+    """The rendered prompt of one example: template, optional ``[IND]``, chat template or plain + prefix.
+
+    Chat mode under ``protocol="authors"`` is the authors' lm-eval wrapper (``wrap_chat_template``): an
+    empty system turn, the user turn and an empty assistant turn rendered without a generation prompt, the
+    closing EOS/BOS text cut and the ends stripped (ChatML ends ``<|im_start|>assistant``); the data's
+    context and question are not stripped. ``protocol="ctxaware"``: the user turn alone with the template's
+    generation prompt (SmolLM2's template then injects its default system prompt)."""
+    authors = protocol == "authors"
+    content = task.prompt(ex, style, strip=not authors)
     if indicator:
         content = append_indicator(content)
     msgs = [{"role": "user", "content": content}]
     if mode == "chat":
+        if authors:
+            msgs = with_empty_system(msgs, tok) + [{"role": "assistant", "content": ""}]
+            return render(msgs, tok, "chat", add_generation_prompt=False, trim_closing=True)
         return render(msgs, tok, "chat")
     if mode == "plain":
         return render(msgs, tok, "plain", response_prefix=plain_prefix or None)
     raise CtxawareError(f"mode {mode!r} is not one of chat, plain")
 
 
-def score_example(task: Task, ex: Example, prediction: str) -> dict:
-    """The task's metrics of one prediction, plus ``empty`` (the model answered nothing, e.g. EOS at once)."""
+def score_example(task: Task, ex: Example, prediction: str, protocol: str = "authors") -> dict:
+    """The task's metrics of one prediction, plus ``empty`` (the model answered nothing, e.g. EOS at once).
+
+    DROP under ``protocol="authors"``: an example whose first gold is empty (hub data) scores ``contains``
+    1 whatever the prediction, as the authors' empty regex matches every text."""
     if task.kind == "conflict":
         scores = conflict_scores(prediction, ex.answers, ex.memory_answers)
     else:
         scores = qa_scores(prediction, ex.answers, ex.spans, task.contains_rule)
+        if protocol == "authors" and ex.category == EMPTY_FIRST_GOLD:
+            scores["contains"] = 1.0
     return {**scores, "empty": float(not prediction.strip())}
 
 
@@ -188,12 +247,15 @@ def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> 
     chunk = max(1, cfg.batch_size)  # one batch per write: a killed run loses at most one batch
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
-        prompts = [build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix) for ex in part]
+        prompts = [
+            build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix, cfg.protocol)
+            for ex in part
+        ]
         gens = generate(
             model,
             tok,
             prompts,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=max_new_tokens(cfg, task.name),
             stop=AUTHORS_STOPS if authors else STOPS,
             batch_size=cfg.batch_size,
             batch_context=batch_context,
@@ -207,7 +269,7 @@ def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> 
                     "output": g.text,
                     "prediction": pred,
                     "stop_reason": g.stop_reason,
-                    "scores": score_example(task, ex, pred),
+                    "scores": score_example(task, ex, pred, cfg.protocol),
                 }
             )
 
@@ -215,7 +277,7 @@ def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> 
 def run_choice(model, tok, task, todo, writer, cfg, mode) -> None:
     """MemoTrap: the class whose continuation has the highest summed log-probability is the answer."""
     for ex in todo:
-        r = build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, None)
+        r = build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, None, cfg.protocol)
         conts = [tok(c, add_special_tokens=False)["input_ids"] for c in ex.classes]
         lps = continuation_logprobs(model, tok, [r.input_ids] * len(conts), conts, batch_size=cfg.batch_size)
         pick = max(range(len(lps)), key=lps.__getitem__)
@@ -239,6 +301,8 @@ def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
     keys = (
         "revision",
         "dtype",
+        "protocol",
+        "drop_max_new_tokens",
         "prompt_style",
         "plain_prefix",
         "source",
@@ -261,7 +325,7 @@ def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
         "task": task,
         "mode": mode,
         "task_file": task_file,
-        "protocol": PROTOCOL_VERSION,
+        "reader_version": PROTOCOL_VERSION,
         **{k: getattr(cfg, k) for k in keys},
     }
 
@@ -468,6 +532,10 @@ def main(argv: list[str]) -> int:
             raise CtxawareError(
                 f"task {t} has no valid examples in its file under {cfg.data_dir}; check --data-dir"
             )
+    if cfg.dump_prompts:
+        n = dump_prompts(cfg, cfg.dump_prompts)
+        print(f"wrote {n} prompts to {cfg.dump_prompts}")
+        return 0
     out, t0 = Path(cfg.output), time.perf_counter()
     results: dict = {}
     judge = make_judge(cfg) if "mt_bench" in cfg.tasks else None
@@ -506,6 +574,30 @@ def main(argv: list[str]) -> int:
     plot = _reliance_plot(results, out) if len(results) > 1 else None
     print(md + f"\nwrote {out / 'summary.md'}" + (f" and {plot}" if plot else ""))
     return 0
+
+
+def dump_prompts(cfg: EvalConfig, path: str | Path) -> int:
+    """``--dump-prompts``: one JSON line per (model, mode, task, example) with the rendered prompt's text and
+    ids, from the tokenizer alone (no model load), in the order the evaluation would run them."""
+    from ctxaware.models import canonical_spec, load_tokenizer
+    from ctxaware.sharding import write_jsonl_atomic
+
+    rows = []
+    for spec in expand_models(cfg.model):
+        tok = load_tokenizer(spec, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        for mode in cfg.modes:
+            prefix = cfg.plain_prefix if mode == "plain" else None
+            for name in cfg.tasks:
+                task = get_task(name)
+                if task.kind not in ("qa", "conflict", "choice"):
+                    continue  # MT-Bench turns depend on the model's own first answer
+                for ex in sample(load_examples(task, cfg.source, cfg.data_dir), cfg.limit, cfg.seed):
+                    r = build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix, cfg.protocol)
+                    rows.append({"model": canonical_spec(spec), "task": task.name, "id": ex.id,
+                                 "mode": condition_name(mode, cfg.indicator), "protocol": cfg.protocol,
+                                 "prompt_text": r.text, "input_ids": r.input_ids})  # fmt: skip
+    write_jsonl_atomic(Path(path), rows)
+    return len(rows)
 
 
 def _headline(r: dict) -> str:

@@ -26,7 +26,7 @@ import json
 import random
 import string
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import yaml
@@ -127,6 +127,32 @@ class NeedleConfig:
         default="model",
         metadata={"help": "model (the tokenizer's), gemma (Gemma's turn markers) or a .jinja"},
     )
+    prefix_separator: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "plain mode: text between the user turn and the response prefix; none: the protocol's "
+            "(authors: a blank line, their tester's user_prompt + '\\n\\n' + hint; ctxaware: a newline)"
+        },
+    )
+    chat_bos: Literal["auto", "tokenizer", "template"] = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "chat prompts: tokenizer (tokenizer(prompt) adds its BOS, as the authors' tester: a "
+            "second BOS for templates that write their own, e.g. Gemma, Llama-3), template (only the "
+            "template's BOS), auto (authors: tokenizer; ctxaware: template)"
+        },
+    )
+
+    def chat_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens to a rendered chat prompt (`chat_bos`)."""
+        if self.chat_bos == "auto":
+            return self.protocol == "authors"
+        return self.chat_bos == "tokenizer"
+
+    def plain_prefix_separator(self) -> str:
+        if self.prefix_separator is not None:
+            return self.prefix_separator
+        return "\n\n" if self.protocol == "authors" else "\n"
 
 
 class Condition(NamedTuple):
@@ -140,14 +166,26 @@ class Condition(NamedTuple):
 
 
 class NIHPrompt(NamedTuple):
-    """One test: ``cell`` (metadata), the ``messages`` and the ``response_prefix``."""
+    """One test: ``cell`` (metadata), the ``messages`` and the ``response_prefix``.
+
+    ``prefix_separator``: the text between the user turn and the prefix in plain mode. ``special_tokens``:
+    whether the tokenizer adds its special tokens to the chat text (``None``: `chat.render`'s default)."""
 
     cell: dict
     messages: list[dict]
     response_prefix: str | None
+    prefix_separator: str = "\n"
+    special_tokens: bool | None = None
 
     def render(self, tok) -> Rendered:
-        return render(self.messages, tok, self.cell["mode"], response_prefix=self.response_prefix)
+        return render(
+            self.messages,
+            tok,
+            self.cell["mode"],
+            response_prefix=self.response_prefix,
+            prefix_separator=self.prefix_separator,
+            add_special_tokens=self.special_tokens,
+        )
 
 
 # ---------------------------------------------------------------- haystack, needle, metric
@@ -328,8 +366,6 @@ def messages(
     table = AUTHORS_TEMPLATES if cfg.protocol == "authors" else TEMPLATES
     q = append_indicator(question) if cond.indicator else question
     content = table[template - 1].format(context=context, retrieval_question=q)
-    if cfg.protocol == "authors" and cond.mode == "plain" and cond.prefix:
-        content += "\n"  # with render's "\n" before the prefix: user_prompt + "\n\n" + hint (authors' raw)
     if cfg.system == "auto":
         system = None if cond.mode == "plain" or is_gemma(tok, model_name) else ""
     else:
@@ -412,7 +448,9 @@ def fit_context(cfg, tok, model_name, hay, needle, question, prefix, ref, templa
     def size(n: int) -> tuple[int, str, int]:
         ctx, k = hay.context(n, depth, needle)
         msgs = messages(cfg, tok, model_name, ref, template, ctx, question)
-        return len(render(msgs, tok, ref.mode, response_prefix=prefix if ref.prefix else None)), ctx, k
+        special = cfg.chat_special_tokens() if ref.mode == "chat" else None
+        p = NIHPrompt({"mode": ref.mode}, msgs, prefix if ref.prefix else None, cfg.plain_prefix_separator(), special)
+        return len(p.render(tok)), ctx, k
 
     base = size(0)[0]
     if base > length:
@@ -488,7 +526,9 @@ def build_prompts(
                         "needle_depth": round(100 * k / max(1, n), 2),
                     }
                     msgs = messages(cfg, tok, model_name, c, t, ctx, question)
-                    out.append(NIHPrompt(cell, msgs, prefix if c.prefix else None))
+                    special = cfg.chat_special_tokens() if c.mode == "chat" else None
+                    sep = cfg.plain_prefix_separator()
+                    out.append(NIHPrompt(cell, msgs, prefix if c.prefix else None, sep, special))
     return out
 
 
@@ -497,7 +537,7 @@ def needle_position(r: Rendered, tok, needle: str) -> int:
     at = r.text.find(needle.strip())
     if at < 0:
         raise CtxawareError("the needle does not appear in the rendered prompt")
-    enc = tok(r.text, add_special_tokens=r.mode == "plain", return_offsets_mapping=True)
+    enc = tok(r.text, add_special_tokens=r.special_tokens, return_offsets_mapping=True)
     assert enc["input_ids"] == r.input_ids, "re-tokenisation differs from render()"
     return next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > at and b > a)
 

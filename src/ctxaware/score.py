@@ -32,11 +32,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from ctxaware.chat import render
+from ctxaware.chat import end_of_turn, render, with_empty_system
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
@@ -109,25 +110,63 @@ class Layout:
         return len(self.input_ids)
 
 
-def layout(messages: Sequence[dict], tokenizer, max_tokens: int | None = 4096) -> Layout:
+PROTOCOLS = ("authors", "ctxaware")
+
+
+def _dropped_ids(tokenizer) -> set[int]:
+    """The authors' user mask drops the newline, BOS and EOS ids (Llama-2's 13, 1 and 2): here every token
+    that decodes to exactly one newline, and the BOS and EOS ids of this tokenizer."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
+    nl = tokenizer.encode("\n", add_special_tokens=False)
+    return ids | ({nl[0]} if len(nl) == 1 else set())
+
+
+def layout(
+    messages: Sequence[dict], tokenizer, max_tokens: int | None = 4096, protocol: str = "authors"
+) -> Layout:
     """Render ``messages`` with the chat template and locate U_m and Y_m for every assistant turn m.
+
+    ``protocol="authors"`` (default) follows the authors' released scorer (docs/scoring.md): an empty system
+    turn first (when the template accepts one), ``tokenizer(text)`` with its special tokens (a second BOS for
+    templates that write their own), Y_m = the response and the template's end-of-turn text (up to the next
+    user marker), U = system and user content tokens except newline, BOS and EOS ids.
+    ``protocol="ctxaware"``: the conversation as given, the template's own BOS, Y_m = response content tokens,
+    U = user content tokens.
 
     A turn cut by ``max_tokens`` is scored on the response tokens that remain (``truncated``); a turn cut
     entirely is ``skipped`` with a reason.
     """
-    r = render(messages, tokenizer, "chat", add_generation_prompt=False)
+    if protocol not in PROTOCOLS:
+        raise CtxawareError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    authors = protocol == "authors"
+    msgs = with_empty_system(messages, tokenizer) if authors else list(messages)
+    r = render(msgs, tokenizer, "chat", add_generation_prompt=False, add_special_tokens=authors or None)
     T = len(r) if max_tokens is None else min(len(r), max_tokens)
-    user = [role == "user" for role in r.roles[:T]]
+    roles = r.content_roles()[:T]
+    if authors:
+        drop = _dropped_ids(tokenizer)
+        user = [ro in ("user", "system") and t not in drop for ro, t in zip(roles, r.input_ids)]
+        eot = end_of_turn(tokenizer)
+    else:
+        user = [ro == "user" for ro in roles]
     user_spans = [s for s in r.spans if s.role == "user"]
     turns = []
     for m, span in enumerate(s for s in r.spans if s.role == "assistant"):
-        positions = [p for p in range(span.start, min(span.end, T)) if r.roles[p] == "assistant"]
-        # U_m: user content tokens before Y_m; user tokens of later turns must all lie after Y_m.
+        end = span.end
+        if authors and span.end > span.start:  # the end-of-turn text belongs to Y_m
+            char_end = r.offsets[span.end - 1][1]
+            if r.text.startswith(eot, char_end):
+                while end < len(r) and r.offsets[end][0] < char_end + len(eot):
+                    end += 1
+        positions = list(range(span.start, min(end, T)))
+        if not authors:
+            positions = [p for p in positions if r.roles[p] == "assistant"]
+        # U_m: user tokens before Y_m; user tokens of later turns must all lie after Y_m.
         n_user = sum(user[: min(span.start, T)])
         later = [s for s in user_spans if s.start >= span.start]
-        if any(s.start < span.end for s in later):
+        if any(s.start < end for s in later):
             raise CtxawareError(f"assistant turn {m} overlaps a later user message in the rendered ids")
-        t = TurnLayout(m, positions, n_user, truncated=span.end > T)
+        t = TurnLayout(m, positions, n_user, truncated=end > T)
         if span.end <= span.start:
             t.skipped = "empty response after tokenization"
         elif not positions:
@@ -237,6 +276,7 @@ def context_dependency_score(
     head_reduce: str = "max",
     head: int | None = None,
     max_tokens: int | None = PAPER_MAX_TOKENS,
+    protocol: str = "authors",
 ) -> list[float | None]:
     """s_M(Y_m) of eq. (2) for every assistant turn of one conversation (``None`` for a skipped turn).
 
@@ -244,7 +284,7 @@ def context_dependency_score(
     model's window.
     """
     layer = default_layer(model) if layer is None else layer
-    lay = layout(messages, tokenizer, default_max_tokens(model, max_tokens))
+    lay = layout(messages, tokenizer, default_max_tokens(model, max_tokens), protocol)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     (res,) = score_layouts(model, [lay], [layer], head_reduce=head_reduce, head=head, pad_id=pad)
     return [r["scores"][layer] if r else None for r in res]
@@ -287,6 +327,13 @@ class ScoreConfig(ModelConfig):
         default=PAPER_MAX_TOKENS,
         metadata={"help": "truncate conversations to this many tokens (clamped to the model's window)"},
     )
+    protocol: Literal["authors", "ctxaware"] = field(
+        default="authors",
+        metadata={
+            "help": "authors (their scorer: empty system turn, tokenizer(text) BOS, end-of-turn tokens in "
+            "Y, newline/BOS/EOS out of U) or ctxaware (content tokens only; docs/scoring.md)"
+        },
+    )
     format: str = field(default="auto", metadata={"help": "auto, sharegpt, messages or alpaca"})
     split: str = field(default="train", metadata={"help": "split, for hub datasets"})
     limit: int | None = field(default=None, metadata={"help": "read at most this many input rows"})
@@ -305,9 +352,9 @@ class ScoreConfig(ModelConfig):
 KEY = ("source_row", "conversation_id", "turn")
 
 
-def _layout_or_reason(conv, tokenizer, max_tokens: int) -> Layout | str:
+def _layout_or_reason(conv, tokenizer, max_tokens: int, protocol: str = "authors") -> Layout | str:
     try:
-        return layout(conv.messages, tokenizer, max_tokens)
+        return layout(conv.messages, tokenizer, max_tokens, protocol)
     except CtxawareError as e:
         return f"cannot render: {str(e).split(';')[0]}"
 
@@ -361,7 +408,7 @@ def score_shard(
     n_batch, tokens, planned, t0 = 0, 0, 0, time.perf_counter()
     for w0 in range(0, len(convs), cfg.window):
         window = convs[w0 : w0 + cfg.window]
-        lays = [_layout_or_reason(c, tok, max_tokens) for c in window]
+        lays = [_layout_or_reason(c, tok, max_tokens, cfg.protocol) for c in window]
         lengths = [len(x) if isinstance(x, Layout) else 0 for x in lays]
         for batch in plan_batches(lengths, cfg.batch_tokens, cfg.max_batch):
             n_batch += 1

@@ -34,6 +34,9 @@ CONFLICT_TEMPLATE = "Background: {context} Question: {question}"
 SIMPLE_TEMPLATE = "{context} {question}"
 
 
+EMPTY_FIRST_GOLD = "empty_first_gold"  # DROP: the first gold answer is empty (the authors score it 1)
+
+
 class Malformed(Exception):
     """A raw row that cannot become an example; the message is the skip reason."""
 
@@ -74,12 +77,16 @@ class Task:
     description: str = ""
     contains_rule: str = "normalized"  # the authors' `contains` for this task (metrics.paper_contains)
 
-    def prompt(self, ex: Example, style: str) -> str:
+    def prompt(self, ex: Example, style: str, strip: bool = True) -> str:
+        """The user text of ``ex``. ``strip=False`` keeps the context and question as the data has them
+        (the authors' lm-eval tasks: QuAC's passage keeps the space that ``removesuffix('CANNOTANSWER')``
+        leaves before "\\nAnswer ...")."""
         if style not in self.templates:
             raise CtxawareError(
                 f"task {self.name} has no {style!r} prompt; styles: {', '.join(self.templates)}"
             )
-        return self.templates[style].format(context=ex.context.strip(), question=ex.question.strip())
+        context, question = (ex.context.strip(), ex.question.strip()) if strip else (ex.context, ex.question)
+        return self.templates[style].format(context=context, question=question)
 
 
 # --- field helpers -----------------------------------------------------------------------------------
@@ -268,6 +275,7 @@ def convert_drop(row: dict) -> Example:
         passage, question = m.group(1), m.group(2)
         alts = _answer_list(_text(row, "ref_text").split("|"), "ref_text")
         spans = [_drop_local_spans(alt, passage) for alt in alts]
+    empty_first = bool(spans) and not any(isinstance(s, str) and s.strip() for s in spans[0])
     spans = [[s for s in g if isinstance(s, str) and s.strip()] for g in spans]
     spans = [g for g in spans if g]
     if not spans or not passage.strip() or not question.strip():
@@ -278,6 +286,7 @@ def convert_drop(row: dict) -> Example:
         passage,
         answers=[" and ".join(g) for g in spans],
         spans=spans,
+        category=EMPTY_FIRST_GOLD if empty_first else "",
     )
 
 
