@@ -221,10 +221,6 @@ def test_steered_nih_alpha_one_equals_unsteered(tmp_path):
 
 # ---------------------------------------------------------------- the authors' protocol (issue 11 §2)
 
-PAPER_NEEDLE = (
-    "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day. "
-)
-
 
 @pytest.fixture(scope="module")
 def tok():
@@ -234,81 +230,10 @@ def tok():
     return load_tokenizer("default")
 
 
-def _reference_context(tok, essay_ids: list[int], length: int, depth: int, buffer: int = 200):
-    """gkamradt's insertion, written from its description: ``(context, text before the needle, n tokens)``."""
-    ids = essay_ids[:length]
-    context = tok.decode(ids)
-    toks = tok.encode(context, add_special_tokens=False)
-    needle = tok.encode(PAPER_NEEDLE, add_special_tokens=False)
-    budget = length - buffer
-    if len(toks) + len(needle) > budget:
-        toks = toks[: budget - len(needle)]
-    if depth == 100:
-        return tok.decode(toks + needle), tok.decode(toks), len(toks + needle)
-    point = int(len(toks) * (depth / 100))
-    head = toks[:point]
-    while head and tok.decode(head[-1]) not in ["."]:
-        point -= 1
-        head = toks[:point]
-    new = head + needle + toks[point:]
-    return tok.decode(new), tok.decode(head), len(new)
-
-
-def _essays() -> str:
-    from ctxaware.needle import PG_ESSAYS
-
-    out = ""
-    for path in sorted(PG_ESSAYS.glob("*.txt")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                out += line[:-1] + " "
-    return out
-
-
-@pytest.mark.parametrize(
-    "n", [pytest.param(20, marks=pytest.mark.slow, id="paper-20x20"), pytest.param(4, id="4x4")]
+# the tester's prompts token for token: tests/conformance/test_authors.py
+PAPER_NEEDLE = (
+    "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 )
-def test_dump_matches_independent_gkamradt_insertion(tok, tmp_path, monkeypatch, n):
-    """`--dump-prompts` (tokenizer only) on the paper's 20 x 20 grid (slow: ~1 min) and on a 4 x 4 grid equals
-    an independent implementation of the authors' tester token for token; its needle index points at the
-    needle."""
-    import json
-
-    import numpy as np
-
-    import ctxaware.models
-
-    pytest.importorskip("ctxaware.needle").PG_ESSAYS.is_dir() or pytest.skip("no essays")
-    monkeypatch.setattr(ctxaware.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    out = tmp_path / "p.jsonl"
-    top = 2000 if n == 20 else 1000
-    argv = ["--max-length", str(top), "--n-lengths", str(n), "--n-depths", str(n)]
-    assert nih.main([*argv, "--modes", "chat", "--prefix", "true", "--dump-prompts", str(out)]) == 0
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    lengths = [int(x) for x in np.round(np.linspace(200, top, n))]
-    depths = [int(x) for x in np.round(np.linspace(0, 100, n))]
-    assert sorted({r["length"] for r in rows}) == lengths and sorted({r["depth"] for r in rows}) == depths
-    assert len(rows) == n * n
-    essay_ids = tok.encode(_essays(), add_special_tokens=False)
-    for r in rows:
-        context, before, n_tokens = _reference_context(tok, essay_ids, r["length"], int(r["depth"]))
-        user = (
-            "You are a helpful AI assistant that answers a question using only the provided document: \n"
-            f"{context}\n\nQuestion: What is the best thing to do in San Francisco?"
-        )
-        conv = [
-            {"role": "system", "content": ""},
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": "The best thing to do in San Francisco"},  # 8 words
-        ]
-        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=False).strip()
-        text = text.removesuffix(tok.eos_token).strip()
-        enc = tok(text, return_offsets_mapping=True)
-        assert r["prompt_text"] == text and r["input_ids"] == enc["input_ids"], (r["length"], r["depth"])
-        at = text.index(context) + len(before)
-        want = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > at)
-        assert r["needle_token_index"] == want
-        assert r["context_tokens"] == n_tokens
 
 
 def test_authors_length_is_a_budget_minus_200(tok):

@@ -77,7 +77,7 @@ def test_scores_equal_eager_oracle(smollm2, eager):
         "alpaca_en_demo.json", 1, shortest_of=40
     )
     layers, variants = [3, 15, 29], ({}, {"head_reduce": "mean"}, {"head": 4})
-    lays = [S.layout(c.messages, tok) for c in convs]
+    lays = [S.layout(c.messages, tok, protocol="ctxaware") for c in convs]
     assert sum(len(x.turns) for x in lays) >= 8
     got = {
         i: S.score_layouts(model, lays, layers, pad_id=tok.pad_token_id, **v) for i, v in enumerate(variants)
@@ -105,13 +105,13 @@ def test_batched_equals_unbatched(smollm2):
 def test_truncation_scores_what_remains(smollm2, eager):
     model, tok = smollm2
     (c,) = _convs("sharegpt_dummy_conversation.json", 1, min_turns=2)
-    full = S.layout(c.messages, tok, None)
+    full = S.layout(c.messages, tok, None, "ctxaware")
     cut = full.turns[0].positions[len(full.turns[0].positions) // 2]  # inside Y_1: Y_2 is cut away
-    lay = S.layout(c.messages, tok, cut)
+    lay = S.layout(c.messages, tok, cut, "ctxaware")
     t0, t1 = lay.turns[0], lay.turns[1]
     assert t0.truncated and t0.skipped is None and len(t0.positions) < len(full.turns[0].positions)
     assert t1.skipped and "truncated away" in t1.skipped
-    got = S.context_dependency_score(model, tok, c.messages, 15, max_tokens=cut)
+    got = S.context_dependency_score(model, tok, c.messages, 15, max_tokens=cut, protocol="ctxaware")
     ref = oracle(eager, tok, c.messages, [15], max_tokens=cut)[15, 0]
     assert got[1] is None and abs(got[0] - ref[0]) < 1e-4
 
@@ -290,7 +290,7 @@ def test_onehot_equals_chunked_scores(smollm2):
     """The two exact capture paths (the model's kernel with V = user indicator; softmax rows) agree."""
     model, tok = smollm2
     convs = _convs("sharegpt_dummy_conversation.json", 3, min_turns=2, shortest_of=80)
-    lays = [S.layout(c.messages, tok) for c in convs]
+    lays = [S.layout(c.messages, tok, protocol="ctxaware") for c in convs]
     a = S.score_layouts(model, lays, [2, 20], pad_id=tok.pad_token_id, method="onehot")
     b = S.score_layouts(model, lays, [2, 20], pad_id=tok.pad_token_id, method="chunked")
     pairs = [

@@ -194,28 +194,88 @@ def mean_prefill_shares(rows: Sequence[Mapping]) -> dict[str, dict[str, dict[str
     return {layer: mean_normalisations([r[layer] for r in rows]) for layer in rows[0]}
 
 
-# --- NIH prompts: the very prompts of `ctxaware nih` -------------------------------------------------------
+# --- prompts: the authors' attention-analysis script (default) or the NIH tester's -------------------------
+
+PROMPT_STYLES = ("analysis", "nih")
+ANALYSIS_PREFIX_WORDS = 9  # "The best thing to do in San Francisco is": the query is "is"
+
+
+def needle_config(
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    modes: Sequence[str],
+    haystack: str | Path = "auto",
+    protocol: str = "authors",
+    prompts: str = "analysis",
+) -> needle.NeedleConfig:
+    """The NIH cells of an attention measurement (docs/attention.md, protocol table).
+
+    ``prompts="analysis"`` (default): the authors' attention-analysis script
+    (``analyse_dataset/analyze_attention_distribution.py``, ``avg_attn_over_response=False``): template
+    "initial", the answer opened by the needle's first 9 words so that the query (the last prompt token) is
+    "is", the no-template text joining the user turn and the answer with one space, the chat text with an
+    empty system turn (none for Gemma) and only the template's own BOS. ``prompts="nih"``: the very prompts
+    of ``ctxaware nih`` (its tester's 8-word prefix, query "Francisco", a blank line before the prefix).
+    """
+    if prompts not in PROMPT_STYLES:
+        raise CtxawareError(f"prompts {prompts!r} is not one of {', '.join(PROMPT_STYLES)}")
+    cfg = needle.NeedleConfig(
+        protocol=protocol,
+        haystack=str(haystack),
+        lengths=[int(n) for n in lengths],
+        depths=[float(d) for d in depths],
+        modes=list(modes),
+        prefix=[True],
+    )
+    if prompts == "analysis":
+        cfg.prefix_words, cfg.prefix_separator, cfg.chat_bos = ANALYSIS_PREFIX_WORDS, " ", "template"
+    return cfg
+
+
+def prompt_cells(tok, cfg: needle.NeedleConfig, prompts: str = "analysis") -> list:
+    """`needle.NIHPrompt` s of ``cfg``; chat/plain twins share a context. Under ``analysis`` every prompt must
+    end with the token "is" (the authors' script raises otherwise)."""
+    cells = needle.build_prompts(cfg, tok)
+    if prompts == "analysis":
+        for p in cells[:1]:
+            r = p.render(tok)
+            last = tok.decode(r.input_ids[-1:]).strip()
+            if last != "is":
+                raise CtxawareError(
+                    f"the analysis prompt ends with {last!r}, not 'is': this tokenizer merges the response "
+                    "prefix's last word; use --prompts nih"
+                )
+    return cells
 
 
 def nih_prompts(
-    tok, lengths: Sequence[int], depths: Sequence[float], chat: bool, haystack: str | Path = "auto"
+    tok,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    chat: bool,
+    haystack: str | Path = "auto",
+    prompts: str = "analysis",
 ) -> list[Rendered]:
-    """One NIH prompt per (length, depth) (paper Fig. 1): template 1 of Table 8 with the response prefix,
-    rendered with (``chat``) or without the chat template; the prompts of `ctxaware nih`."""
-    return [p.render(tok) for p in nih_cells(tok, lengths, depths, ["chat" if chat else "plain"], haystack)]
+    """One rendered prompt per (length, depth) for attention work (`ctxaware heads`, the demo): the authors'
+    analysis prompts by default, with (``chat``) or without the chat template."""
+    cfg = needle_config(lengths, depths, ["chat" if chat else "plain"], haystack, prompts=prompts)
+    return [p.render(tok) for p in prompt_cells(tok, cfg, prompts)]
 
 
-def nih_cells(
-    tok, lengths, depths, modes: Sequence[str], haystack: str | Path = "auto", protocol=None
-) -> list:
-    """`needle.NIHPrompt` s (``cell`` metadata + messages) for ``modes``; chat/plain twins share a context."""
-    cfg = needle.NeedleConfig(
-        lengths=[int(n) for n in lengths], depths=[float(d) for d in depths], modes=list(modes), prefix=[True]
-    )
-    cfg.haystack = str(haystack)
-    if protocol is not None:
-        cfg.protocol = protocol
-    return needle.build_prompts(cfg, tok)
+def dump_prompts(cells: Sequence, path: str | Path) -> int:
+    """``ctxaware attention --dump-prompts``: per prompt and condition the text, ids, every token's role and
+    the query index (tokenizer only). ``cells``: ``(tokenizer, model_name, NIHPrompt)`` triples."""
+    from ctxaware.sharding import write_jsonl_atomic
+
+    rows = []
+    for tok, model_name, p in cells:
+        r = p.render(tok)
+        c = p.cell
+        rows.append({"model": model_name, "condition": c["mode"], "length": c["length"], "depth": c["depth"],
+                     "prompt_text": r.text, "input_ids": r.input_ids, "roles": r.roles,
+                     "query_index": len(r) - 1, "query_token": tok.decode(r.input_ids[-1:])})  # fmt: skip
+    write_jsonl_atomic(Path(path), rows)
+    return len(rows)
 
 
 # --- the command -------------------------------------------------------------------------------------------
@@ -260,11 +320,25 @@ class AttentionConfig(ModelConfig):
     """
 
     lengths: list[int] = dataclasses.field(
-        default_factory=lambda: [200, 650, 1100, 1550, 2000],
-        metadata={"help": "NIH context lengths (tokens)"},
+        default_factory=lambda: [400, 578, 756, 933, 1111, 1289, 1467, 1644, 1822, 2000],
+        metadata={"help": "NIH context lengths (tokens; authors' protocol: a budget, 200 of it the buffer)"},
     )
     depths: list[float] = dataclasses.field(
         default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0], metadata={"help": "needle depths in %"}
+    )
+    prompts: Literal["analysis", "nih"] = dataclasses.field(
+        default="analysis",
+        metadata={
+            "help": "analysis (the authors' attention script: 9-word prefix, query 'is', plain text joined "
+            "by a space) or nih (the NIH tester's prompts: 8-word prefix, query 'Francisco', blank line)"
+        },
+    )
+    dump_prompts: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "write every prompt (text, ids, roles, query index) to this JSONL and exit; tokenizer only",
+            "path": "output_file",
+        },
     )
     layer: int | None = dataclasses.field(
         default=None, metadata={"help": "analysis layer; none: the middle layer"}
@@ -303,12 +377,45 @@ def check_layer(layer: int | None, n_layers: int | None = None) -> None:
         raise CtxawareError(f"--layer {layer} does not exist; the model has layers {top}")
 
 
+def conditions_of(tok, name: str) -> list[str]:
+    """``plain`` and, when the tokenizer has a chat template, ``chat``."""
+    conds = ["plain"] + (["chat"] if getattr(tok, "chat_template", None) else [])
+    if conds == ["plain"]:
+        print(
+            f"note: {name} has no chat template; only the plain condition is measured "
+            "(--chat-template gemma|FILE.jinja gives it one)"
+        )
+    return conds
+
+
+def layer_statistics(shares: dict, prompts: dict, heads: dict) -> dict:
+    """Per layer: each condition's three views and the paired chat - plain difference, every value a mean
+    over prompts with its bootstrap CI over prompts (`stats.summarize`). ``heads[l][i]`` is prompt i's
+    eq. (3) head at layer l (chosen without the template, reused for the chat twin)."""
+    from ctxaware.stats import summarize
+
+    out = {}
+    for layer, hs in heads.items():
+        views = {c: [normalisations(shares[c][i, layer, h]) for i, h in enumerate(hs)] for c in shares}
+        rec = {c: {v: {r: summarize([x[v][r] for x in views[c]]) for r in views[c][0][v]} for v in NORMALISATIONS}
+               for c in views}  # fmt: skip
+        if "chat" in views:
+            rec["chat_minus_plain"] = {
+                v: {r: summarize([c[v][r] - p[v][r] for c, p in zip(views["chat"], views["plain"])])
+                    for r in views["plain"][0][v]}
+                for v in NORMALISATIONS
+            }  # fmt: skip
+        out[str(layer)] = rec
+    return out
+
+
 def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict, list[dict], dict]:
     """One model: ``(allocation, rows, extra)``.
 
     ``allocation`` follows the ``allocation.json`` schema (docs/attention.md); ``rows`` hold one record
-    per prompt (all three normalisations at the chosen head); ``extra`` holds the layer x head map of the
-    change of the paper-normalised user share (chat minus plain), when both conditions ran.
+    per prompt (all three normalisations at its head, at the analysis layer and at every layer);
+    ``extra`` holds the per-layer statistics (``layers``: means and bootstrap CIs over prompts) and the
+    layer x head map of the change of the paper-normalised user share (chat minus plain).
     """
     from ctxaware.models import middle_layer
 
@@ -317,50 +424,61 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     layer = middle_layer(model) if cfg.layer is None else cfg.layer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     needle.apply_chat_template_choice(tok, cfg.chat_template)
-    conds = ["plain"] + (["chat"] if getattr(tok, "chat_template", None) else [])
-    if conds == ["plain"]:
-        print(
-            f"note: {name} has no chat template; only the plain condition is measured "
-            "(--chat-template gemma|FILE.jinja gives it one)"
-        )
-    cells = nih_cells(tok, cfg.lengths, cfg.depths, conds, cfg.haystack, cfg.protocol)
+    conds = conditions_of(tok, name)
+    ncfg = needle_config(cfg.lengths, cfg.depths, conds, cfg.haystack, cfg.protocol, cfg.prompts)
+    cells = prompt_cells(tok, ncfg, cfg.prompts)
     by_cond = {c: [p for p in cells if p.cell["mode"] == c] for c in conds}
     prompts = {c: [p.render(tok) for p in by_cond[c]] for c in conds}
+    distinct = len({tuple(r.input_ids) for r in prompts["plain"]})
+    if distinct < len(prompts["plain"]):
+        print(f"note: {len(prompts['plain']) - distinct} of the {len(prompts['plain'])} cells repeat another "
+              "cell's prompt (lengths whose budget gives the same context); n counts distinct prompts")  # fmt: skip
     shares = {
         c: role_allocation(
             model, prompts[c], batch_size=cfg.batch_size, pad_id=pad, desc=f"attention {name} {c}"
         )
         for c in conds
     }  # (N, L, H, 5)
-    # eq. (3) at the analysis layer, on the prompts without the template, averaged over prompts
-    # eq. (3) at the analysis layer on the prompts without the template (App. B.3): one head per prompt
-    # ("we select the retrieval head on layer 15 for each input prompt"), reused for its chat twin;
-    # --head-selection mean picks one head for all prompts (argmax of the mean user share).
-    user = eq3_user_share(shares["plain"], prompts["plain"], cfg.include_sink)[:, layer]  # (N, H)
+    # eq. (3) on the prompts without the template (App. B.3): one head per prompt and layer ("we select the
+    # retrieval head on layer 15 for each input prompt"), reused for its chat twin; --head-selection mean
+    # picks one head for all prompts (argmax of the mean user share).
+    user = eq3_user_share(shares["plain"], prompts["plain"], cfg.include_sink)  # (N, L, H)
     if cfg.head_selection == "mean":
-        heads = [int(user.mean(0).argmax())] * len(prompts["plain"])
+        heads = {lyr: [int(user[:, lyr].mean(0).argmax())] * user.shape[0] for lyr in range(n_layers)}
     else:
-        heads = [int(h) for h in user.argmax(-1)]
-    head_of = {(p.cell["length"], p.cell["depth"]): h for p, h in zip(by_cond["plain"], heads)}
-    head = max(set(heads), key=heads.count)  # the most frequent head, for labels
-    rows, allocation = (
-        [],
-        {"model": name, "layer": layer, "n_prompts": len(prompts["plain"]), "conditions": {}},
-    )
+        heads = {lyr: [int(h) for h in user[:, lyr].argmax(-1)] for lyr in range(n_layers)}
+    # keep only distinct prompts: a repeated cell would count one prompt twice in n and in the CIs
+    keep = list({tuple(r.input_ids): i for i, r in reversed(list(enumerate(prompts["plain"])))}.values())
+    keep.sort()
+    shares = {c: shares[c][keep] for c in conds}
+    heads = {lyr: [hs[i] for i in keep] for lyr, hs in heads.items()}
+    by_cond = {c: [by_cond[c][i] for i in keep] for c in conds}
+    prompts = {c: [prompts[c][i] for i in keep] for c in conds}
+    layers = layer_statistics(shares, prompts, heads)
+    rows: list[dict] = []
+    allocation = {"model": name, "layer": layer, "n_prompts": len(keep), "prompts": cfg.prompts,
+                  "interval": "95% percentile bootstrap over prompts (NIH cells of one haystack)",
+                  "conditions": {}}  # fmt: skip
     for c in conds:
-        hs = [head_of[(p.cell["length"], p.cell["depth"])] for p in by_cond[c]]
-        per = [normalisations(shares[c][i, layer, h]) for i, h in enumerate(hs)]
-        for p, r, n, h in zip(by_cond[c], prompts[c], per, hs):
+        for i, (p, r) in enumerate(zip(by_cond[c], prompts[c])):
             key = {"model": name, "condition": c, "length": p.cell["length"], "depth": p.cell["depth"]}
-            rows.append(key | {"layer": layer, "head": h, "tokens": len(r)} | n)
-        allocation["conditions"][c] = {"head": head} | mean_normalisations(
-            per
-        )  # rows hold each prompt's head
-    extra = {}
+            by_layer = {str(lyr): {"head": heads[lyr][i], **normalisations(shares[c][i, lyr, heads[lyr][i]])}
+                        for lyr in range(n_layers)}  # fmt: skip
+            rows.append(key | {"layer": layer, "head": heads[layer][i], "tokens": len(r),
+                               "query_token": tok.decode(r.input_ids[-1:])}
+                        | by_layer[str(layer)] | {"layers": by_layer})  # fmt: skip
+        per = [normalisations(shares[c][i, layer, h]) for i, h in enumerate(heads[layer])]
+        head = max(set(heads[layer]), key=heads[layer].count)  # the most frequent head, for labels
+        allocation["conditions"][c] = (
+            {"head": head} | mean_normalisations(per) | {"ci": layers[str(layer)][c]}
+        )
     if "chat" in conds:
-        user = PAPER.index("user")
+        allocation["chat_minus_plain"] = layers[str(layer)]["chat_minus_plain"]
+    extra = {"layers": layers}
+    if "chat" in conds:
+        u = PAPER.index("user")
         extra["user_change_layer_head"] = (
-            renormalise(shares["chat"])[..., user].mean(0) - renormalise(shares["plain"])[..., user].mean(0)
+            renormalise(shares["chat"])[..., u].mean(0) - renormalise(shares["plain"])[..., u].mean(0)
         ).tolist()
     return allocation, rows, extra
 
@@ -385,6 +503,23 @@ def _figures(allocation: dict, extra: dict, out: Path) -> None:
         plotting.head_heatmaps(
             {f"{name}, n={n}": extra["user_change_layer_head"]}, out / "user_change_heatmap.png"
         )
+    layers = extra["layers"]
+    order = sorted(layers, key=int)
+
+    def curve(cond: str, view: str = "paper", role: str = "user") -> list[tuple[float, float, float]]:
+        return [
+            tuple(layers[lyr][cond][view][role][k] for k in ("mean", "ci_low", "ci_high")) for lyr in order
+        ]
+
+    panels = {"user share (paper view), eq. (3) head per prompt and layer": {c: curve(c) for c in conds}}
+    if "chat" in conds:
+        panels["chat - plain (paired, per prompt)"] = {"difference": curve("chat_minus_plain")}
+    plotting.layer_curves(
+        panels,
+        [int(x) for x in order],
+        out / "layers.png",
+        f"{name}: attention to user tokens by layer, n={n}",
+    )
 
 
 def _model_dir_name(spec: str) -> str:
@@ -407,6 +542,11 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
             if not w.done(row):
                 w.write(row)
     write_json_atomic(where / "allocation.json", allocation)
+    write_json_atomic(
+        where / "layers.json",
+        {"model": allocation["model"], "n_prompts": allocation["n_prompts"], "interval": allocation["interval"],
+         "layers": extra["layers"]},
+    )  # fmt: skip
     _figures(allocation, extra, where)
     return allocation
 
@@ -426,6 +566,19 @@ def main(argv: list[str]) -> int:
     if not specs:
         raise CtxawareError("--model is empty; give a model name")
     names = [_model_dir_name(s) for s in specs]
+    if cfg.dump_prompts:
+        from ctxaware.models import load_tokenizer
+
+        cells = []
+        for spec, name in zip(specs, names):
+            tok = load_tokenizer(spec, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+            needle.apply_chat_template_choice(tok, cfg.chat_template)
+            ncfg = needle_config(cfg.lengths, cfg.depths, conditions_of(tok, name), cfg.haystack, cfg.protocol,
+                                 cfg.prompts)  # fmt: skip
+            cells += [(tok, name, p) for p in prompt_cells(tok, ncfg, cfg.prompts)]
+        n = dump_prompts(cells, cfg.dump_prompts)
+        print(f"wrote {n} prompts to {cfg.dump_prompts}")
+        return 0
     for spec, name in zip(specs, names):
         t0 = time.time()
         where = out if len(specs) == 1 else out / name

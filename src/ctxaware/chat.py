@@ -183,7 +183,9 @@ def with_empty_system(messages: Sequence[dict], tokenizer) -> list[dict]:
     msgs = [dict(m) for m in messages]
     if msgs and msgs[0].get("role") != "system":
         try:
-            _chat_text([{"role": "system", "content": ""}, {"role": "user", "content": "x"}], tokenizer, False)
+            _chat_text(
+                [{"role": "system", "content": ""}, {"role": "user", "content": "x"}], tokenizer, False
+            )
         except CtxawareError:
             return msgs
         msgs.insert(0, {"role": "system", "content": ""})

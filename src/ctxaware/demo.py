@@ -145,21 +145,24 @@ def _views(raw) -> dict[str, dict[str, float]]:
 
 
 def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
-    """Attention per role (paper Sec. 2.2, Fig. 3-4) at the middle layer on the same NIH prompts.
-
-    The query is the last prompt token (it generates the first answer token). The retrieval head is the
-    head with the most attention on user tokens without the template (eq. 3), as in the paper's code.
+    """Attention per role (paper Sec. 2.2, Fig. 3-4) at the middle layer on the cells of the NIH grid, with
+    the prompts and query of the authors' attention-analysis script (`attention.needle_config`): the answer
+    opened by the needle's first 9 words, the query "is", the plain text joined by a space. The retrieval
+    head is the head with the most attention on user tokens without the template (eq. 3).
     """
-    from ctxaware.attention import renormalise, role_allocation
+    from ctxaware.attention import nih_prompts, renormalise, role_allocation
     from ctxaware.chat import ROLES
     from ctxaware.models import middle_layer
 
     layer = middle_layer(model)
-    _section(f"4. attention per role at layer {layer}, last prompt token (paper Fig. 3-4)")
+    _section(f"4. attention per role at layer {layer}, query 'is' as the authors' script (paper Fig. 3-4)")
     t0 = time.time()
     by_mode = {}
+    lengths = sorted({p.cell["length"] for p in prompts})
+    depths = sorted({p.cell["depth"] for p in prompts})
+    modes = {p.cell["mode"] for p in prompts}
     for mode in ("plain", "chat"):
-        chosen = [p.render(tok) for p in prompts if p.cell["mode"] == mode]
+        chosen = nih_prompts(tok, lengths, depths, chat=mode == "chat") if mode in modes else []
         if chosen:
             by_mode[mode] = role_allocation(
                 model, chosen, layers=[layer], pad_id=tok.pad_token_id, desc=f"demo attention {mode}"
@@ -187,8 +190,9 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
             "layer": layer,
             "n_prompts": len(by_mode["chat"]),
             "conditions": conditions,
-            "protocol": "query: last prompt token; prompts: the NIH grid of step 3 (response prefix); "
-            "head: eq. (3) on the plain prompts; views of the raw mass averaged over prompts",
+            "protocol": "prompts: the authors' attention-analysis script on the cells of step 3's grid "
+            "(9-word answer prefix, query 'is', plain text joined by a space); head: eq. (3) on the plain "
+            "prompts, averaged; views of the raw mass averaged over prompts",
         },
     )
     print(

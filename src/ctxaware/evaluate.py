@@ -165,7 +165,7 @@ def expand_models(spec: str) -> list[str]:
 LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's default when a task sets no max_gen_toks (the authors' DROP)
 
 
-def max_new_tokens(cfg: "EvalConfig", task: str) -> int:
+def max_new_tokens(cfg: EvalConfig, task: str) -> int:
     """New tokens for ``task``: ``drop_max_new_tokens`` for DROP (none: authors 256, ctxaware the common
     ``max_new_tokens``), else ``max_new_tokens`` (100, App. A.3 and the authors' SQuAD/QuAC tasks)."""
     if task == "drop":
@@ -592,7 +592,9 @@ def dump_prompts(cfg: EvalConfig, path: str | Path) -> int:
                 if task.kind not in ("qa", "conflict", "choice"):
                     continue  # MT-Bench turns depend on the model's own first answer
                 for ex in sample(load_examples(task, cfg.source, cfg.data_dir), cfg.limit, cfg.seed):
-                    r = build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix, cfg.protocol)
+                    r = build_prompt(
+                        task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix, cfg.protocol
+                    )
                     rows.append({"model": canonical_spec(spec), "task": task.name, "id": ex.id,
                                  "mode": condition_name(mode, cfg.indicator), "protocol": cfg.protocol,
                                  "prompt_text": r.text, "input_ids": r.input_ids})  # fmt: skip

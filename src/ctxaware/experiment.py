@@ -51,7 +51,8 @@ class ExperimentConfig(TrainConfig):
         table3_betas: thresholds whose selected ratio is reported (paper Table 3).
         post_stages: ``dpo`` and/or ``grpo``, trained in that order from the vanilla SFT model (each from the
             previous one); ``dpo_*`` / ``grpo_*`` set them.
-        eval_base: evaluate the base model too (with the training template in the chat condition).
+        eval_base: evaluate the base model too: without a template (the paper's base rows), and with the
+            training template as extra information (``eval_chat_template``).
         eval_tasks: `ctxaware.tasks` names evaluated for every run; eval_limit examples each (seeded).
         nih_lengths / nih_depths: the NIH grid (empty lengths: no NIH); nih_conditions: which of
             ``chat+prefix``, ``plain+prefix``, ``chat``, ``plain``.
@@ -295,10 +296,14 @@ def template_file(root: Path, cfg: ExperimentConfig) -> str:
     return str(path)
 
 
-def stage_evaluate(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool) -> dict:
-    """QA/conflict tasks and MT-Bench for one model; rows resume in ``eval/{name}/``; cached in
-    ``eval/{name}/results.json``."""
-    done = root / "eval" / name / "results.json"
+def stage_evaluate(
+    cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool, mode: str = "chat"
+) -> dict:
+    """QA/conflict tasks and MT-Bench for one model in one ``mode``; rows resume in ``eval/{name}/`` (plain:
+    ``eval/{name}/plain/``); cached in ``results.json`` there. The base is evaluated as the paper's base rows
+    are, without a template (``mode="plain"``), and with the training template as extra information."""
+    where = root / "eval" / name / ("plain" if mode == "plain" else "")
+    done = where / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
     from ctxaware.evaluate import EvalConfig, evaluate_tasks
@@ -307,14 +312,12 @@ def stage_evaluate(cfg: ExperimentConfig, root: Path, name: str, model_dir: str,
 
     model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
     apply_chat_template_choice(tok, template_file(root, cfg))  # as nih and attention do
-    base = dict(model=model_dir, modes=["chat"], indicator=indicator, seed=cfg.seed, data_dir=None,
+    base = dict(model=model_dir, modes=[mode], indicator=indicator, seed=cfg.seed, data_dir=None,
                 device=cfg.device, dtype=cfg.dtype, batch_size=cfg.eval_batch_size,
-                output=str(root / "eval" / name))  # fmt: skip
+                output=str(where))  # fmt: skip
     ecfg = EvalConfig(**base, limit=cfg.eval_limit, max_new_tokens=cfg.eval_max_new_tokens)
-    results = evaluate_tasks(
-        model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=root / "eval" / name
-    )
-    if cfg.mt_bench_limit:  # the offline judge (evaluate.make_judge: judge_local_model)
+    results = evaluate_tasks(model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=where)
+    if cfg.mt_bench_limit and mode == "chat":  # the offline judge (evaluate.make_judge: judge_local_model)
         mcfg = EvalConfig(**base, limit=cfg.mt_bench_limit, mt_bench_max_new_tokens=cfg.mt_bench_max_new_tokens,
                           judge="local", judge_local_model=cfg.judge_local_model)  # fmt: skip
         results.update(evaluate_tasks(model, tok, ["mt_bench"], mcfg, model_name=name,
@@ -517,7 +520,11 @@ def run(cfg: ExperimentConfig) -> str:
         start = summary["model_dir"]
     for r in runs.values():
         slug, md, ind = r["slug"], r["model_dir"], r["indicator"]
-        r["eval"] = timer(f"eval {slug}", stage_evaluate, cfg, root, slug, md, ind)
+        if slug == "base":  # the paper's base rows: no template; the training template's view beside it
+            r["eval"] = timer("eval base (plain)", stage_evaluate, cfg, root, slug, md, ind, "plain")
+            r["eval_chat_template"] = timer("eval base (chat)", stage_evaluate, cfg, root, slug, md, ind)
+        else:
+            r["eval"] = timer(f"eval {slug}", stage_evaluate, cfg, root, slug, md, ind)
         if cfg.nih_lengths:
             r["nih"] = timer(f"nih {slug}", stage_nih, cfg, root, slug, md, ind)
         if cfg.attention_lengths:

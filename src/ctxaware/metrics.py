@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ctxaware.stats import summarize
+from ctxaware.stats import summarize, summarize_proportion
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
@@ -273,13 +273,18 @@ METRICS_BY_KIND = {
 }
 
 
+# 0/1 per example: a proportion, with the exact Clopper-Pearson interval (`stats.summarize_proportion`);
+# F1 scores and judge ratings keep the bootstrap.
+PROPORTIONS = frozenset({"contains", "contains_strict", "em", "drop_em", "empty", "p_s", "p_o", "accuracy"})
+
+
 def aggregate(rows: Sequence[dict], kind: str) -> dict[str, dict]:
-    """``{metric: {mean, ci_low, ci_high, n}}`` over result rows (each holding ``scores``)."""
+    """``{metric: {mean, ci_low, ci_high, n, interval}}`` over result rows (each holding ``scores``)."""
     out: dict[str, dict] = {}
     for name in METRICS_BY_KIND[kind]:
         vals = [r["scores"][name] for r in rows if r.get("scores", {}).get(name) is not None]
         if vals:
-            out[name] = summarize(vals)
+            out[name] = summarize_proportion(vals) if name in PROPORTIONS else summarize(vals)
     if kind == "conflict" and rows:
         out["memorization_ratio"] = memorization_ratio(
             [r["scores"]["p_o"] for r in rows], [r["scores"]["p_s"] for r in rows]

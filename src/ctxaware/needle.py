@@ -449,7 +449,9 @@ def fit_context(cfg, tok, model_name, hay, needle, question, prefix, ref, templa
         ctx, k = hay.context(n, depth, needle)
         msgs = messages(cfg, tok, model_name, ref, template, ctx, question)
         special = cfg.chat_special_tokens() if ref.mode == "chat" else None
-        p = NIHPrompt({"mode": ref.mode}, msgs, prefix if ref.prefix else None, cfg.plain_prefix_separator(), special)
+        p = NIHPrompt(
+            {"mode": ref.mode}, msgs, prefix if ref.prefix else None, cfg.plain_prefix_separator(), special
+        )
         return len(p.render(tok)), ctx, k
 
     base = size(0)[0]

@@ -259,14 +259,35 @@ def steering_table(summaries: dict) -> str:
     return steering.table(rows) if rows else ""
 
 
+PROMPT_KEY = ("condition", "template", "indicator", "depth", "context_tokens", "n_prompt_tokens")
+
+
+def distinct_rows(rows: list[dict]) -> list[dict]:
+    """One row per distinct prompt. Under the authors' protocol two budgets can give the same context (the
+    200-token buffer: lengths 200 and 400 both give a 200-token context, and the same cut gives the same
+    haystack), hence the same prompt and the same greedy answer; counting it twice would shrink the CI."""
+    seen, out = set(), []
+    for r in rows:
+        key = tuple(r.get(k) for k in PROMPT_KEY)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Recall, recall error, exact match (95% bootstrap CIs), empty-output rate, per-template means (Table 7)."""
+    """Recall, recall error, exact match, empty-output rate, per-template means (Table 7), over distinct
+    prompts. Recall (sevenths) gets the Wilson interval, exact match (0/1) the exact Clopper-Pearson one
+    (`stats.summarize_proportion`); ``n_cells`` counts the grid cells, ``n`` the distinct prompts."""
+    cells = len(rows)
+    rows = distinct_rows(rows)
     recall = [r["recall"] for r in rows]
     s = {
-        "recall": stats.summarize(recall),
-        "exact": stats.summarize([r["exact"] for r in rows]),
+        "recall": stats.summarize_proportion(recall),
+        "exact": stats.summarize_proportion([r["exact"] for r in rows]),
         "empty_rate": float(np.mean([r["empty"] for r in rows])),
         "n": len(rows),
+        "n_cells": cells,
     }
     rc = s["recall"]
     s["recall_error"] = {
@@ -274,6 +295,7 @@ def summarize(rows: list[dict]) -> dict:
         "ci_low": 1 - rc["ci_high"],
         "ci_high": 1 - rc["ci_low"],
         "n": rc["n"],
+        "interval": rc["interval"],
     }
     per_t = {
         t: float(np.mean([r["recall"] for r in rows if r["template"] == t]))
@@ -283,10 +305,11 @@ def summarize(rows: list[dict]) -> dict:
     att = mean_prefill_shares(rows)
     if att:
         s["attention"] = att
-    s["template_mean"], s["template_std"] = (
-        float(np.mean(list(per_t.values()))),
-        float(np.std(list(per_t.values()))),
-    )
+    if len(per_t) > 1:  # the spread over templates means something only when several ran
+        s["template_mean"], s["template_std"] = (
+            float(np.mean(list(per_t.values()))),
+            float(np.std(list(per_t.values()))),
+        )
     return s
 
 
@@ -301,6 +324,10 @@ def report(out: Path, model: str, rows: list[dict]) -> dict[str, dict]:
             cell.setdefault((r["depth"], r["length"]), []).append(r["recall"])
         grid_ = [[float(np.mean(cell.get((d, n), [np.nan]))) for n in lengths] for d in depths]
         result[cond] = summarize(rs)
+        if result[cond]["n"] < result[cond]["n_cells"]:
+            print(f"note: {model} {cond}: {result[cond]['n_cells'] - result[cond]['n']} of "
+                  f"{result[cond]['n_cells']} cells repeat another cell's prompt (the authors' 200-token buffer "
+                  "gives several lengths one context); n and the CIs count distinct prompts")  # fmt: skip
         write_json_atomic(
             out / model / cond / "summary.json", {"model": model, "condition": cond, **result[cond]}
         )
@@ -316,20 +343,20 @@ def report(out: Path, model: str, rows: list[dict]) -> dict[str, dict]:
 
 
 def table(summaries: dict[str, dict[str, dict]]) -> str:
-    """The Markdown summary table (recall and exact match in %, 95% bootstrap CI)."""
-    lines = [
-        "| model | condition | recall % [95% CI] | recall error % | all-keywords % [95% CI] | empty % | "
-        "templates mean ± std | n |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """The Markdown summary table: recall (95% Wilson CI) and all-keywords rate (95% Clopper-Pearson CI) in
+    %, over distinct prompts; the template spread only when several templates ran."""
+    many = any("template_mean" in s for conds in summaries.values() for s in conds.values())
+    head = ["model", "condition", "recall % [95% Wilson CI]", "recall error %",
+            "all-keywords % [95% exact CI]", "empty %"] + (["templates mean ± std"] if many else []) + ["n"]  # fmt: skip
+    rows = []
     for model, conds in summaries.items():
         for cond, s in conds.items():
-            lines.append(
-                f"| {model} | {cond} | {stats.fmt(s['recall'])} | {100 * s['recall_error']['mean']:.1f} | "
-                f"{stats.fmt(s['exact'])} | {100 * s['empty_rate']:.1f} | "
-                f"{100 * s['template_mean']:.1f} ± {100 * s['template_std']:.1f} | {s['n']} |"
-            )
-    return "\n".join(lines)
+            spread = (f"{100 * s['template_mean']:.1f} ± {100 * s['template_std']:.1f}"
+                      if "template_mean" in s else "one template")  # fmt: skip
+            rows.append([model, cond, stats.fmt(s["recall"]), f"{100 * s['recall_error']['mean']:.1f}",
+                         stats.fmt(s["exact"]), f"{100 * s['empty_rate']:.1f}"] + ([spread] if many else [])
+                        + [s["n"]])  # fmt: skip
+    return stats.markdown_table(head, rows)
 
 
 def _dump(cfg: NIHConfig, names: list[str]) -> int:

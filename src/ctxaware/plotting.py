@@ -368,6 +368,32 @@ def score_histogram(scores: list[float], betas: list[float], path: str | Path, t
     return _save(fig, path)
 
 
+def layer_curves(
+    panels: dict[str, dict[str, list[tuple[float, float, float]]]],
+    layers: list[int],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """One panel per entry of ``panels``; in each, one line per series with its CI band: ``(mean, low, high)``
+    per layer (NaN bounds, too few prompts for a CI, draw no band). A zero line in difference panels."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for i, (label, vals) in enumerate(series.items()):
+            m, lo, hi = (np.array(v, dtype=float) for v in zip(*vals))
+            ax.plot(layers, m, marker=".", label=label, color=color(label, i))
+            if not (np.isnan(lo).any() or np.isnan(hi).any()):
+                ax.fill_between(layers, lo, hi, alpha=0.2, color=color(label, i))
+        if "difference" in series:
+            ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("layer")
+        ax.set_title(name, fontsize=9)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def line_plot(
     series: dict[str, tuple[list[float], list[float]]], path: str | Path, title: str, xlabel: str, ylabel: str
 ) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -165,6 +166,10 @@ class HeadsConfig(ModelConfig):
         default="auto",
         metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
     )
+    prompts: Literal["analysis", "nih"] = dataclasses.field(
+        default="analysis",
+        metadata={"help": "analysis (the authors' attention script: query 'is') or nih (the NIH tester's)"},
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -176,7 +181,9 @@ def main(argv: list[str]) -> int:
     if cfg.all_heads:
         heads = all_heads(model)
     else:
-        prompts = nih_prompts(tok, cfg.lengths, cfg.depths, chat=cfg.chat, haystack=cfg.haystack)
+        prompts = nih_prompts(
+            tok, cfg.lengths, cfg.depths, chat=cfg.chat, haystack=cfg.haystack, prompts=cfg.prompts
+        )
         heads = find_heads(model, prompts, k=cfg.k, include_sink=cfg.include_sink)
     path = save_heads(heads, cfg.output)
     print(f"wrote {sum(map(len, heads.values()))} heads on {len(heads)} layers to {path}")

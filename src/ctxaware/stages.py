@@ -48,11 +48,18 @@ from ctxaware.intercept import capture_attention
 from ctxaware.metrics import conflict_scores, first_sentence, normalize_answer
 from ctxaware.regression import sensitivity
 from ctxaware.results import ResultsWriter, write_json_atomic
-from ctxaware.stats import fmt, markdown_table, summarize
+from ctxaware.stats import fmt, markdown_table, summarize, summarize_proportion
 
 logger = logging.getLogger(__name__)
 
 USAGE = ("answer_changed", "logprob_shift", "p_s", "p_o", "context_attention")
+BINARY_USAGE = ("answer_changed", "p_s", "p_o")  # 0/1 per example: exact intervals
+
+
+def _usage_ci(name: str, values: list) -> dict:
+    return summarize_proportion(values) if name in BINARY_USAGE else summarize(values)
+
+
 NO_CONTEXT_TEMPLATE = "Answer the question: {question}"
 # the first sentence, as `ctxaware eval`; no "\n\n" stop: base models often open with a blank line
 STOPS = (". ", ".\n", "? ", "?\n", "! ", "!\n")
@@ -318,10 +325,11 @@ def summarise(rows: Sequence[dict], names: Sequence[str], cfg: StagesConfig) -> 
         rs = [r for r in rows if r["checkpoint"] == name]
         if not rs:
             continue
-        out["usage"][name] = {u: summarize([r[u] for r in rs if r.get(u) is not None]) for u in USAGE} | {
+        out["usage"][name] = {u: _usage_ci(u, [r[u] for r in rs if r.get(u) is not None]) for u in USAGE} | {
             "by_task": {
                 t: {
-                    u: summarize([r[u] for r in rs if r["task"] == t and r.get(u) is not None]) for u in USAGE
+                    u: _usage_ci(u, [r[u] for r in rs if r["task"] == t and r.get(u) is not None])
+                    for u in USAGE
                 }
                 for t in sorted({r["task"] for r in rs})
             }

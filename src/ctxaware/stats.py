@@ -1,7 +1,16 @@
-"""Confidence intervals: every mean that ctxaware reports comes with a 95% bootstrap interval.
+"""Confidence intervals: every mean that ctxaware reports comes with a 95% interval, and says which.
 
-Below `MIN_N_FOR_CI` values a percentile bootstrap is meaningless (four identical values give the
-"interval" [100, 100]); the bounds are then NaN and tables say ``[n=4 too small for a CI]``.
+* A proportion of binary outcomes (containment, p_s, p_o, exact match, all-keywords recall): the exact
+  Clopper-Pearson interval (`proportion_ci`), which does not collapse at 0 % or 100 % (100/100 gives
+  [96.4, 100]) and is valid at any n.
+* A mean of values bounded in [0, 1] that are not all 0 or 1 (NIH keyword recall: sevenths): the Wilson
+  score interval of the mean over n. It is conservative for such values, whose variance is at most
+  p (1 - p), and it does not collapse at 0 % or 100 % either.
+* Any other mean, and every paired difference: the percentile bootstrap over the rows (`bootstrap_ci`).
+  Below `MIN_N_FOR_CI` values a percentile bootstrap is meaningless (four identical values give the
+  "interval" [100, 100]); the bounds are then NaN and tables say ``[n=4 too small for a CI]``.
+
+Every summary carries ``interval``: ``clopper-pearson``, ``wilson`` or ``bootstrap``.
 """
 
 from __future__ import annotations
@@ -35,9 +44,50 @@ def bootstrap_ci(
 
 
 def summarize(values: Sequence[float], **kw) -> dict:
-    """``{"mean", "ci_low", "ci_high", "n"}`` for JSON summaries (bounds NaN when n < `MIN_N_FOR_CI`)."""
+    """``{"mean", "ci_low", "ci_high", "n", "interval"}`` with the percentile bootstrap (bounds NaN when
+    n < `MIN_N_FOR_CI`): for means that are not proportions, and for paired differences."""
     m, lo, hi = bootstrap_ci(values, **kw)
-    return {"mean": m, "ci_low": lo, "ci_high": hi, "n": len([v for v in values if v is not None])}
+    n = len([v for v in values if v is not None])
+    return {"mean": m, "ci_low": lo, "ci_high": hi, "n": n, "interval": "bootstrap"}
+
+
+def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of ``k`` successes in ``n`` trials (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def wilson_ci(p: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``p`` observed over ``n`` trials."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1 - (1 - confidence) / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize_proportion(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """A mean of values in [0, 1] with an interval that does not collapse at 0 or 1: Clopper-Pearson when
+    every value is 0 or 1, else Wilson on the mean (conservative for bounded values). Values outside [0, 1]
+    are an error (use `summarize`)."""
+    x = [float(v) for v in values if v is not None]
+    n = len(x)
+    if n == 0:
+        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0,
+                "interval": "clopper-pearson"}  # fmt: skip
+    if any(v < 0 or v > 1 for v in x):
+        raise ValueError("summarize_proportion needs values in [0, 1]")
+    mean = sum(x) / n
+    if all(v in (0.0, 1.0) for v in x):
+        lo, hi = proportion_ci(round(mean * n), n, confidence)
+        kind = "clopper-pearson"
+    else:
+        lo, hi = wilson_ci(mean, n, confidence)
+        kind = "wilson"
+    return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": n, "interval": kind}
 
 
 def _nan(x) -> bool:

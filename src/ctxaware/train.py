@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from ctxaware.chat import render
+from ctxaware.chat import render, with_empty_system
 from ctxaware.config import ModelConfig, to_dict
 from ctxaware.conversations import Conversation, load_conversations
 from ctxaware.errors import CtxawareError
@@ -171,6 +171,14 @@ class TrainConfig(ModelConfig):
     counterfactual_mix: str | None = dataclasses.field(
         default=None, metadata={"help": "PATH:RATIO, add RATIO x len(data) counterfactual QA examples"}
     )
+    formatting: Literal["authors", "ctxaware"] = dataclasses.field(
+        default="authors",
+        metadata={
+            "help": "authors (alignment-handbook: an empty system turn first when the template accepts one, "
+            "and the tokenizer's special tokens on the rendered text, as SFTTrainer does) or ctxaware "
+            "(the conversation as given, only the template's own BOS)"
+        },
+    )
     loss_on: Literal["all", "assistant"] = dataclasses.field(
         default="all",
         metadata={"help": "all tokens (the authors' code) or assistant tokens only (completion-only loss)"},
@@ -229,13 +237,18 @@ def tokenize(
     max_length: int,
     skips: SkipCounter,
     loss_on: str = "assistant",
+    formatting: str = "authors",
 ) -> list[dict]:
     """``{id, input_ids, labels}`` per conversation, truncated to ``max_length``; the labels are every token
     (``loss_on="all"``) or the assistant tokens (`assistant_labels`); raises when nothing trains."""
     rows = []
     for c in convs:
         try:
-            r = render(c.messages, tokenizer, "chat", add_generation_prompt=False)
+            if formatting == "authors":  # alignment-handbook's maybe_insert_system_message, SFTTrainer's BOS
+                msgs = with_empty_system(c.messages, tokenizer)
+                r = render(msgs, tokenizer, "chat", add_generation_prompt=False, add_special_tokens=True)
+            else:
+                r = render(c.messages, tokenizer, "chat", add_generation_prompt=False)
         except CtxawareError as e:
             skips.skip(f"cannot render: {str(e)[:60]}", c.id)
             continue
@@ -451,7 +464,7 @@ def build_dataset(cfg: TrainConfig, model, tok, skips: SkipCounter) -> tuple[lis
             f"indicator is on but 0 of {n_user} user turns in {cfg.data} carry {cfg.indicator_token}: the new "
             "token would never be trained; mark the data first (ctxaware select) or set indicator: false"
         )
-    rows = tokenize(convs, tok, cfg.max_length, skips, cfg.loss_on)
+    rows = tokenize(convs, tok, cfg.max_length, skips, cfg.loss_on, cfg.formatting)
     report["n_examples"] = len(rows)
     report["n_trainable_tokens"] = sum(sum(t != -100 for t in r["labels"]) for r in rows)
     return rows, report
