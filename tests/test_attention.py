@@ -209,11 +209,15 @@ def test_attention_cli_on_a_base_model_writes_the_schema(smollm2_tok, tmp_path, 
     assert main([*argv, "--depths", "0,50", "--haystack", str(HAYSTACK), "--output", str(out)]) == 0
     assert "no chat template" in capsys.readouterr().out
     res = json.loads((out / "allocation.json").read_text())
-    assert set(res) == {"model", "layer", "n_prompts", "conditions"}
+    assert set(res) == {"model", "layer", "n_prompts", "conditions", "prompts", "interval"}
     assert res["model"] == "tiny-base" and res["layer"] == 1 and res["n_prompts"] == 2
+    assert res["prompts"] == "analysis" and "bootstrap over prompts" in res["interval"]
     assert list(res["conditions"]) == ["plain"]
     plain = res["conditions"]["plain"]
-    assert set(plain) == {"head", "raw", "paper", "sink_excluded"} and set(plain["raw"]) == set(ROLES)
+    assert set(plain) == {"head", "raw", "paper", "sink_excluded", "ci"} and set(plain["raw"]) == set(ROLES)
+    layers = json.loads((out / "layers.json").read_text())["layers"]
+    assert sorted(layers, key=int) == ["0", "1"]  # every layer of the tiny model
+    assert layers["1"]["plain"]["paper"]["user"]["n"] == 2
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {r["depth"] for r in rows} == {0.0, 50.0}
     # every row equals the eager oracle at the chosen head, and allocation.json holds their means

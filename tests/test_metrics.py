@@ -281,4 +281,43 @@ def test_conflict_and_memorization_ratio():
     agg = aggregate(rows, "conflict")
     assert agg["p_s"]["mean"] == 0.75 and agg["p_o"]["mean"] == 0.5
     assert agg["memorization_ratio"]["mean"] == pytest.approx(0.5 / 1.25)
-    assert np.isnan(agg["p_s"]["ci_low"])  # n=4: too few for a bootstrap CI (stats.MIN_N_FOR_CI)
+    # p_s is a proportion: the exact Clopper-Pearson interval of 3/4 (hand value: [0.1941, 0.9937]), which
+    # exists at n = 4 where a bootstrap has too few values (stats.MIN_N_FOR_CI)
+    assert agg["p_s"]["interval"] == "clopper-pearson"
+    assert agg["p_s"]["ci_low"] == pytest.approx(0.19412, abs=1e-4)
+    assert agg["p_s"]["ci_high"] == pytest.approx(0.99369, abs=1e-4)
+
+
+def test_proportion_intervals_do_not_collapse_at_the_ends():
+    """Issue 22 §5: 100/100 and 98/100 get the exact Clopper-Pearson interval ([96.4, 100] and [93.0, 99.8],
+    the published values), not the bootstrap's [100, 100] and [95, 100]; a mean of sevenths gets Wilson's
+    (15/20 -> [0.5313, 0.8881], the textbook value)."""
+    from ctxaware.stats import fmt, summarize_proportion
+
+    s = summarize_proportion([1.0] * 100)
+    assert s["interval"] == "clopper-pearson" and fmt(s) == "100.0 [96.4, 100.0]"
+    assert fmt(summarize_proportion([1.0] * 98 + [0.0] * 2)) == "98.0 [93.0, 99.8]"
+    w = summarize_proportion([1.0, 0.5] * 10)  # mean 0.75 over n = 20, not all 0/1
+    assert w["interval"] == "wilson"
+    assert (round(w["ci_low"], 4), round(w["ci_high"], 4)) == (0.5313, 0.8881)
+    with pytest.raises(ValueError):
+        summarize_proportion([1.5])
+
+
+def test_nih_summary_counts_distinct_prompts_and_one_template():
+    """Two budgets that give the same prompt (same context size, depth and template) count once in n and in
+    the interval; the template spread is reported only when several templates ran."""
+    from ctxaware import nih
+
+    def row(length, ctx, recall, template=1):
+        return {"condition": "chat+prefix", "template": template, "indicator": False, "depth": 50.0,
+                "length": length, "context_tokens": ctx, "n_prompt_tokens": ctx + 40, "recall": recall,
+                "exact": float(recall == 1), "empty": 0.0}  # fmt: skip
+
+    rows = [row(200, 180, 1.0), row(400, 180, 1.0), row(600, 380, 0.0)]
+    s = nih.summarize(rows)
+    assert s["n"] == 2 and s["n_cells"] == 3 and s["recall"]["mean"] == 0.5
+    assert "template_mean" not in s and "templates" not in nih.table({"m": {"chat+prefix": s}})
+    s2 = nih.summarize(rows + [row(600, 380, 1.0, template=2)])
+    assert s2["template_mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert "templates mean" in nih.table({"m": {"chat+prefix": s2}})

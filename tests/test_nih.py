@@ -317,6 +317,10 @@ def test_gemma_chat_template_option():
     chat = next(p for p in nih.build_prompts(c, gtok, "gemma3-270m") if p.cell["mode"] == "chat").render(gtok)
     assert chat.text.startswith("<bos><start_of_turn>user\nYou are a helpful")
     assert "<end_of_turn>\n<start_of_turn>model\nThe best thing to do in San Francisco" in chat.text
+    # the authors' tester tokenizes the chat text with tokenizer(prompt): Gemma's template BOS plus one more
+    assert chat.input_ids[:2] == [gtok.bos_token_id] * 2 and chat.input_ids.count(gtok.bos_token_id) == 2
+    c.chat_bos = "template"  # the named deviation: the template's BOS only
+    chat = next(p for p in nih.build_prompts(c, gtok, "gemma3-270m") if p.cell["mode"] == "chat").render(gtok)
     assert chat.input_ids.count(gtok.bos_token_id) == 1
 
 
