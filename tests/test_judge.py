@@ -174,3 +174,95 @@ def test_failed_judgment_is_not_a_finished_row_and_the_rerun_judges_it(
     assert len(stub.requests) - n_before == 4  # 2 examples x 2 turns judged on the rerun
     rows = [r for f in out.rglob("rows.jsonl") for r in read_jsonl(f)]
     assert len(rows) == 2 and all(r["scores"]["rating"] == 7.0 for r in rows)
+
+
+class Raw:
+    """A loopback server that answers every POST with ``(status, headers, body bytes)`` and records what it
+    receives, GETs included."""
+
+    def __init__(self, status=200, headers=None, body=b""):
+        self.status, self.headers, self.body, self.seen = status, headers or {}, body, []
+        raw = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                raw.seen.append({"method": self.command, "auth": self.headers.get("Authorization"),
+                                 "body": self.rfile.read(n) if n else b""})  # fmt: skip
+                self.send_response(raw.status)
+                for k, v in raw.headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(raw.body)))
+                self.end_headers()
+                self.wfile.write(raw.body)
+
+            do_POST = do_GET = _answer
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _reply(content) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def test_a_redirect_is_not_followed_and_the_key_stays_home(monkeypatch):
+    """Issue 23 §2: a 302 to another server is a failed call; that server never sees the key (nor anything)."""
+    other = Raw(body=_reply("Rating: [[7]]"))
+    first = Raw(status=302, headers={"Location": other.url + "/chat/completions"})
+    try:
+        monkeypatch.setenv("CTXAWARE_TEST_KEY", "sk-secret")
+        judge = HTTPJudge(first.url, api_key_env="CTXAWARE_TEST_KEY", retries=2, backoff=0)
+        out = judge_items(judge, [{"system": "s", "user": "u"}])
+        assert out[0]["rating"] is None and "302" in out[0]["error"] and "not followed" in out[0]["error"]
+        assert other.seen == []  # nothing reached the redirect target
+        assert len(first.seen) == 1 and first.seen[0]["auth"] == "Bearer sk-secret"  # no retry of a 3xx
+    finally:
+        other.close()
+        first.close()
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [(_reply(None), "content is NoneType"), (_reply(["x"]), "content is list"),
+     (b'{"choices": [{"message": {"content": "\xff\xfe [[7]]"}}]}', "not UTF-8"),
+     (_reply("A fine answer, no rating."), "no [[rating]]")],
+)  # fmt: skip
+def test_a_reply_that_is_not_a_judgment_fails_and_is_retried(body, why):
+    srv = Raw(body=body)
+    try:
+        judge = HTTPJudge(srv.url, retries=1, backoff=0)
+        out = judge_items(judge, [{"system": "s", "user": "u"}])
+        assert out[0]["rating"] is None and why in out[0]["error"] and len(srv.seen) == 2
+    finally:
+        srv.close()
+
+
+def test_turn_two_is_not_sent_after_turn_one_failed():
+    srv = Raw(status=500)
+    try:
+        judge = HTTPJudge(srv.url, retries=0, backoff=0)
+        items = [{"system": "s", "user": f"u{t}", "example": "q1"} for t in (1, 2)]
+        out = judge_items(judge, items)
+        assert len(srv.seen) == 1 and "not sent" in out[1]["error"]
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("url", ["ftp://example.org/v1", "localhost:8000", "http://", ""])
+def test_judge_url_is_checked_before_any_model_loads(url, monkeypatch, capsys):
+    import ctxaware.models
+    from ctxaware.cli import main
+
+    monkeypatch.setattr(ctxaware.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["eval", "mt_bench", "--judge", "http", "--judge-url", url, "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--judge-url" in err and len(err.splitlines()) == 1

@@ -131,6 +131,9 @@ class EvalConfig(ModelConfig):
     judge_retries: int = dataclasses.field(
         default=3, metadata={"help": "judge retries (exponential back-off)"}
     )
+    judge_timeout: float = dataclasses.field(
+        default=60.0, metadata={"help": "seconds one judge request may take", "gt": 0}
+    )
     steer: str | None = dataclasses.field(
         default=None, metadata={"help": "heads JSON {layer: [heads]} to steer"}
     )
@@ -347,6 +350,12 @@ def validate(cfg: EvalConfig) -> None:
         if m not in ("chat", "plain"):
             raise CtxawareError(f"--modes: {m!r} is not one of chat, plain")
     cfg.tasks = [canonical_task_name(t) for t in cfg.tasks]  # unknown names fail before any model loads
+    if "mt_bench" in cfg.tasks and cfg.judge == "http":
+        from ctxaware.judge import check_judge_url
+
+        if not cfg.judge_url:
+            raise CtxawareError("--judge http needs --judge-url (an OpenAI-compatible base URL)")
+        check_judge_url(cfg.judge_url)  # before any answer is generated
 
 
 def evaluate_tasks(
@@ -425,12 +434,13 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
 
 
 def make_judge(cfg: EvalConfig):
-    from ctxaware.judge import HTTPJudge, LocalJudge
+    from ctxaware.judge import HTTPJudge, LocalJudge, check_judge_url
 
     if cfg.judge == "http":
         if not cfg.judge_url:
             raise CtxawareError("--judge http needs --judge-url (an OpenAI-compatible base URL)")
-        return HTTPJudge(cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, retries=cfg.judge_retries)
+        return HTTPJudge(check_judge_url(cfg.judge_url), cfg.judge_model, cfg.judge_api_key_env,
+                         timeout=cfg.judge_timeout, retries=cfg.judge_retries)  # fmt: skip
     if cfg.judge == "local":
         m, t = cfg.load(cfg.judge_local_model)
         return LocalJudge(m, t, name=cfg.judge_local_model)

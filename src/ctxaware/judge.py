@@ -86,6 +86,30 @@ def build_judge_prompt(
     return name, p["system_prompt"], p["prompt_template"].format(**fields)
 
 
+class JudgeReplyError(Exception):
+    """A reply that arrived but is not a judgment (content null or not text, not UTF-8, no rating)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None  # urllib then raises HTTPError(code): the caller reports it and never follows
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
+def check_judge_url(url: str | None) -> str:
+    """``--judge-url`` must be an http(s) URL with a host; checked before any answer is generated."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CtxawareError(
+            f"--judge-url {url!r} is not an http(s) URL with a host; give e.g. https://api.openai.com/v1"
+        )
+    return url  # type: ignore[return-value]
+
+
 class HTTPJudge:
     """An OpenAI-compatible chat endpoint as judge (``--judge-url``, key in ``$api_key_env``)."""
 
@@ -120,12 +144,18 @@ class HTTPJudge:
                   "and will likely refuse (HTTP 401)", file=sys.stderr)  # fmt: skip
 
     def _post(self, body: dict) -> dict:
+        """One POST to exactly ``self.url``. A redirect is never followed: the key goes only to the URL the
+        user gave (urllib would re-send it to the new address and turn the POST into a body-less GET)."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read().decode())
+        with _NO_REDIRECTS.open(req, timeout=self.timeout) as resp:
+            raw = resp.read()
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise JudgeReplyError("the reply is not UTF-8") from None
 
     def complete(self, system: str, user: str) -> str:
         body = {
@@ -137,11 +167,21 @@ class HTTPJudge:
         error = ""
         for attempt in range(self.retries + 1):
             try:
-                return self._post(body)["choices"][0]["message"]["content"]
+                content = self._post(body)["choices"][0]["message"]["content"]
+                if not isinstance(content, str):
+                    raise JudgeReplyError(f"the reply's content is {type(content).__name__}, not text")
+                if extract_rating(content) is None:
+                    raise JudgeReplyError("the reply holds no [[rating]]")
+                return content
             except urllib.error.HTTPError as e:
                 error = f"HTTP {e.code} {e.reason}"
+                if 300 <= e.code < 400:
+                    error = f"HTTP {e.code} redirect to {e.headers.get('Location', '?')} (not followed: the key goes only to {self.url})"
+                    break
                 if e.code in (400, 401, 403, 404):
                     break  # a bad request or key does not get better by waiting
+            except JudgeReplyError as e:
+                error = str(e)
             except (urllib.error.URLError, TimeoutError, OSError) as e:
                 error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
@@ -192,13 +232,18 @@ def judge_items(judge, items: list[dict]) -> list[dict]:
     if isinstance(judge, LocalJudge):
         texts = judge.complete_many([(it["system"], it["user"]) for it in items])
         return [{"judgment": t, "rating": extract_rating(t), "error": None} for t in texts]
-    out = []
+    out, failed = [], set()
     for it in items:
+        example = it.get("example")
+        if example is not None and example in failed:  # turn 1 failed: turn 2 is not sent
+            out.append({"judgment": None, "rating": None, "error": "not sent: an earlier turn's judgment failed"})
+            continue
         try:
             t = judge.complete(it["system"], it["user"])
             out.append({"judgment": t, "rating": extract_rating(t), "error": None})
         except JudgeError as e:
             out.append({"judgment": None, "rating": None, "error": str(e)})
+            failed.add(example)
     return out
 
 
@@ -254,7 +299,7 @@ def run_mtbench(model, tok, todo, writer, cfg, mode, batch_context, judge) -> in
             ref = refs.get(ex.id, ex.references)
             for turn in (1, 2):
                 name, system, user = build_judge_prompt(prompts, ex.turns, [x1, x2], ref, ex.category, turn)
-                items.append({"name": name, "system": system, "user": user})
+                items.append({"name": name, "system": system, "user": user, "example": ex.id})
         verdicts = judge_items(judge, items)
         for i, (ex, x1, x2) in enumerate(zip(part, a1, a2)):
             v = verdicts[2 * i : 2 * i + 2]
