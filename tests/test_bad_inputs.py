@@ -99,6 +99,13 @@ CASES: list[tuple[str, list[str]]] = [
     ("select empty scores", ["select", "{EMPTY}", "{DATA}", "--output", "{OUT}"]),
     ("select empty data", ["select", "{SCORES}", "{EMPTY}", "--output", "{OUT}"]),
     ("select scores file is a directory", ["select", "{OUT}", "{DATA}", "--output", "{OUT}"]),
+    # outputs that are, hold or would replace an input (issue 23 §1)
+    ("score output is its input", ["score", "{DATA}", "--output", "{DATA}"]),
+    ("select output holds its input", ["select", "{SCORES}", "{DATA_IN_DIR}", "--output", "{DATA_DIR}"]),
+    ("analyze output holds its scores", ["analyze", "{SCORES_IN_DIR}", "--output", "{DATA_DIR}"]),
+    ("report output replaces a run's scores", ["report", "{OUT}", "--output", "{OUT}/rows.jsonl"]),
+    ("report twin replaces a run's summary.md", ["report", "{OUT}", "--output", "{OUT}/summary.html"]),
+    ("eval dump replaces a task file", ["eval", "squad", "--dump-prompts", "{DATA}", "--steer", "{DATA}"]),
     # every command: an unknown option and a missing --config file
     *[(f"{c} unknown option", [c, "--no-such-option", "1"]) for c in cli.COMMANDS],
     *[(f"{c} missing config", [c, "--config", "{MISSING}"]) for c in cli.COMMANDS],
@@ -119,6 +126,11 @@ def inputs(tmp_path: Path) -> dict[str, str]:
     out.mkdir()
     (out / "rows.jsonl").write_text('{"id": "1", "recall": 1.0}\n')
     (out / "meta.json").write_text('{"fingerprint": "0", "config": {}}\n')
+    (out / "summary.md").write_text("# an earlier run's summary\n")
+    holder = tmp_path / "holder"  # a directory that holds an input
+    holder.mkdir()
+    (holder / "data.jsonl").write_text(json.dumps(conv) + "\n")
+    (holder / "scores.jsonl").write_text(json.dumps(score_row) + "\n")
     (tmp_path / "existing_scores.jsonl").write_text(json.dumps(score_row) + "\n")
     dirs = {}
     for name, rel, text in (
@@ -141,6 +153,9 @@ def inputs(tmp_path: Path) -> dict[str, str]:
         "OUT": str(out),
         "OUTFILE": str(tmp_path / "existing_scores.jsonl"),
         "MISSING": str(tmp_path / "missing.yaml"),
+        "DATA_DIR": str(holder),
+        "DATA_IN_DIR": str(holder / "data.jsonl"),
+        "SCORES_IN_DIR": str(holder / "scores.jsonl"),
         **dirs,
     }
 

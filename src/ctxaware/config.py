@@ -218,7 +218,7 @@ NAME_RULES: dict[str, dict[str, Any]] = {
     **{n: {"min": 0, "max": 1} for n in ("warmup_ratio", "lora_dropout", "filter_parametric")},
     "output_dir": {"path": "output_dir"},
     **{n: {"path": "input_file"} for n in ("scores", "needle_file", "messages", "chat_template")},
-    **{n: {"path": "input"} for n in ("data", "steer", "track_data")},
+    **{n: {"path": "input"} for n in ("data", "steer", "track_data", "runs")},
 }
 _BINARY_SUFFIXES = (".gz", ".parquet", ".zip", ".arrow", ".gguf", ".safetensors", ".bz2", ".xz", ".zst")
 
@@ -298,8 +298,54 @@ def _check_bounds(name: str, value: Any, r: dict[str, Any]) -> None:
         raise CtxawareError(f"{flag} {value} must be at most {r['max']}")
 
 
+def _paths(value: Any) -> list[str]:
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str) and v]
+    return []
+
+
+def spare_inputs(
+    outputs: list[tuple[str, str, str]], inputs: list[tuple[str, str]], overwrite: bool = False, can: bool = False
+) -> None:
+    """Refuse, in one line, an output that is, holds or would replace an input (issue 23 §1). ``outputs``:
+    ``(flag, path, "output_file"|"output_dir")``; ``inputs``: ``(flag, path)``. An output file that is an
+    input, or an output directory that holds an input file, is always refused; an existing output file
+    inside an input directory is refused unless ``overwrite`` (``can``: the command has ``--overwrite``)."""
+    ins = [(n, Path(p).expanduser().resolve()) for n, p in inputs if Path(p).expanduser().exists()]
+    for flag, value, kind in outputs:
+        out = Path(value).expanduser().resolve()
+        for name, inp in ins:
+            if out == inp:
+                raise CtxawareError(f"{flag} {value} is the input {name}; write the output elsewhere")
+            if kind == "output_dir" and inp.is_file() and out in inp.parents:
+                raise CtxawareError(
+                    f"{flag} {value} holds the input {inp}; its outputs could replace it, so write them to "
+                    "another directory"
+                )
+            if kind == "output_file" and inp.is_dir() and inp in out.parents and out.exists() and not overwrite:
+                raise CtxawareError(
+                    f"{flag} {value} would replace {out.name} inside the input directory {inp}; give a new "
+                    "file name" + (" or pass --overwrite" if can else "")
+                )
+
+
+def check_outputs_spare_inputs(config: Any) -> None:
+    """`spare_inputs` over a config's fields: outputs are the fields with an ``output_*`` path rule, inputs
+    those with an ``input*`` rule."""
+    rules = [(f, rule(f)) for f in dataclasses.fields(config)]
+    inputs = [(_flag(f.name), p) for f, r in rules if r.get("path") in ("input", "input_file")
+              for p in _paths(getattr(config, f.name))]  # fmt: skip
+    outputs = [(_flag(f.name), p, r["path"]) for f, r in rules if r.get("path") in ("output_file", "output_dir")
+               for p in _paths(getattr(config, f.name))]  # fmt: skip
+    spare_inputs(outputs, inputs, bool(getattr(config, "overwrite", False)), hasattr(config, "overwrite"))
+
+
 def validate(config: Any) -> None:
-    """Check every field of a parsed config against `rule`: bounds, output paths, input files' encoding."""
+    """Check every field of a parsed config against `rule`: bounds, output paths, input files' encoding, and
+    that no output is, holds or replaces an input (`check_outputs_spare_inputs`)."""
+    check_outputs_spare_inputs(config)
     for f in dataclasses.fields(config):
         r, value = rule(f), getattr(config, f.name)
         _check_bounds(f.name, value, r)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -366,13 +367,18 @@ def _dump(cfg: NIHConfig, names: list[str]) -> int:
     path = Path(cfg.dump_prompts)
     if path.is_dir():
         raise CtxawareError(f"--dump-prompts {path} is a directory; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
+    toks = []  # every tokenizer and template first: a bad name fails before anything is written
     for name in names:
         tok = load_tokenizer(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         apply_chat_template_choice(tok, cfg.chat_template)
-        n = dump_prompts(cfg, tok, run_id(name), path, append=True)
+        toks.append((name, tok))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # renamed into place when complete: an old file survives a failure
+    tmp.write_text("")
+    for name, tok in toks:
+        n = dump_prompts(cfg, tok, run_id(name), tmp, append=True)
         print(f"{run_id(name)}: {n} prompts written to {path}")
+    os.replace(tmp, path)
     return 0
 
 

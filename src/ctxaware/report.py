@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ctxaware import report_sections as rs
-from ctxaware.config import parse_config
+from ctxaware.config import parse_config, spare_inputs
 from ctxaware.errors import CtxawareError
 from ctxaware.provenance import git_commit, utc
 from ctxaware.stats import markdown_table
@@ -63,6 +63,9 @@ class ReportConfig:
 
     runs: list[str] = dataclasses.field(metadata={"help": "result directories", "positional": True})
     output: str = dataclasses.field(default="report.html", metadata={"help": "HTML file to write"})
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "replace an earlier report of the same name inside a run directory"}
+    )
     title: str = dataclasses.field(default="ctxaware report", metadata={"help": "page title"})
 
 
@@ -410,6 +413,11 @@ def write_report(
 
 def main(argv: list[str]) -> int:
     cfg = parse_config(ReportConfig, argv, prog="ctxaware report")
+    out = Path(cfg.output)
+    twin = out.with_suffix(".md") if out.suffix == ".html" else out.parent / "report.md"
+    spare_inputs([("--output (its Markdown twin)", str(twin), "output_file"),
+                  ("--output (its figure folder)", str(out.parent / (out.stem + "_files")), "output_dir")],
+                 [("a run directory", r) for r in cfg.runs], cfg.overwrite, True)  # fmt: skip
     path = write_report(cfg.runs, cfg.output, cfg.title)
     print(
         f"report: {path} (Markdown twin: {path.with_suffix('.md')}, figures in {path.parent / (path.stem + '_files')})"
