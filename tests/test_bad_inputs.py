@@ -99,6 +99,12 @@ CASES: list[tuple[str, list[str]]] = [
     ("select empty scores", ["select", "{EMPTY}", "{DATA}", "--output", "{OUT}"]),
     ("select empty data", ["select", "{SCORES}", "{EMPTY}", "--output", "{OUT}"]),
     ("select scores file is a directory", ["select", "{OUT}", "{DATA}", "--output", "{OUT}"]),
+    # non-finite numbers pass no bound (issue 23 §4)
+    ("nih depth nan", _with_output("nih", "--depths", "nan")),
+    ("train lora-dropout nan", _with_output("train", "--lora-dropout", "nan")),
+    ("train learning rate inf", _with_output("train", "--learning-rate", "inf")),
+    ("select beta -inf", _with_output("select", "--beta", "-inf")),
+    ("eval judge timeout inf", _with_output("eval", "--judge-timeout", "inf")),
     # outputs that are, hold or would replace an input (issue 23 §1)
     ("score output is its input", ["score", "{DATA}", "--output", "{DATA}"]),
     ("select output holds its input", ["select", "{SCORES}", "{DATA_IN_DIR}", "--output", "{DATA_DIR}"]),

@@ -483,6 +483,32 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     return allocation, rows, extra
 
 
+def layers_markdown(layers: dict, view: str = "paper", role: str = "user") -> str:
+    """A Markdown table over depth: each condition's ``view`` share of ``role`` and the paired chat - plain
+    difference with its 95% bootstrap CI over prompts, then how many layers' CIs lie above / below zero."""
+    from ctxaware.stats import fmt, markdown_table
+
+    order = sorted(layers, key=int)
+    conds = [c for c in ("plain", "chat") if c in layers[order[0]]]
+    diff = "chat_minus_plain" in layers[order[0]]
+    head = ["layer"] + [f"{c} {role} ({view})" for c in conds] + (["chat - plain [95% CI]"] if diff else [])
+    rows, up, down = [], 0, 0
+    for lyr in order:
+        rec = layers[lyr]
+        row = [lyr] + [f"{rec[c][view][role]['mean']:.3f}" for c in conds]
+        if diff:
+            d = rec["chat_minus_plain"][view][role]
+            row.append(fmt(d, pct=False, digits=3))
+            up += d["ci_low"] > 0
+            down += d["ci_high"] < 0
+        rows.append(row)
+    text = markdown_table(head, rows)
+    if diff:
+        text += (f"\n\n{len(order)} layers: the CI of chat - plain lies above zero in {up}, below zero in {down}, "
+                 f"and contains zero in {len(order) - up - down}.")  # fmt: skip
+    return text + "\n"
+
+
 def _figures(allocation: dict, extra: dict, out: Path) -> None:
     from ctxaware import plotting
 
@@ -547,6 +573,7 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
         {"model": allocation["model"], "n_prompts": allocation["n_prompts"], "interval": allocation["interval"],
          "layers": extra["layers"]},
     )  # fmt: skip
+    (where / "layers.md").write_text(layers_markdown(extra["layers"]))
     _figures(allocation, extra, where)
     return allocation
 

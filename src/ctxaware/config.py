@@ -21,6 +21,7 @@ import argparse
 import codecs
 import dataclasses
 import json
+import math
 import os
 import re
 import tempfile
@@ -85,7 +86,10 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if base in (int, float, str):
             if base is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError("expected an integer")
-            return base(value)
+            out = base(value)
+            if base is float and not math.isfinite(out):
+                raise ValueError("expected a finite number")
+            return out
         if base is Any:
             return value
     except CtxawareError:
