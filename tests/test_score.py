@@ -297,3 +297,27 @@ def test_onehot_equals_chunked_scores(smollm2):
         (x["scores"][k], y["scores"][k]) for ca, cb in zip(a, b) for x, y in zip(ca, cb) if x for k in (2, 20)
     ]
     assert len(pairs) >= 8 and max(abs(x - y) for x, y in pairs) < 1e-5
+
+
+def test_a_model_without_chat_template_is_a_configuration_error(tmp_path, smollm2_tok, capsys):
+    """Issue 23 §4: scoring with a base model (no template) is one line and exit 2, not a run that skips
+    every turn and exits 0; nothing is written."""
+    import copy
+
+    from ctxaware.cli import main
+
+    d = tmp_path / "base"
+    tiny_llama(layers=2).save_pretrained(d)
+    tok = copy.deepcopy(smollm2_tok)
+    tok.chat_template = None
+    tok.save_pretrained(d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    out = tmp_path / "s.jsonl"
+    capsys.readouterr()
+    rc = main(
+        ["score", str(SFT / "alpaca_en_demo.json"), "--model", str(d), "--limit", "3", "--output", str(out)]
+    )
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("ctxaware")]  # the rest: weight-loading progress
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1 and "no chat template" in errors[0]
+    assert not out.exists() and not out.with_name(out.name + ".work").exists()

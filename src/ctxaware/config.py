@@ -311,7 +311,10 @@ def _paths(value: Any) -> list[str]:
 
 
 def spare_inputs(
-    outputs: list[tuple[str, str, str]], inputs: list[tuple[str, str]], overwrite: bool = False, can: bool = False
+    outputs: list[tuple[str, str, str]],
+    inputs: list[tuple[str, str]],
+    overwrite: bool = False,
+    can: bool = False,
 ) -> None:
     """Refuse, in one line, an output that is, holds or would replace an input (issue 23 §1). ``outputs``:
     ``(flag, path, "output_file"|"output_dir")``; ``inputs``: ``(flag, path)``. An output file that is an
@@ -328,7 +331,13 @@ def spare_inputs(
                     f"{flag} {value} holds the input {inp}; its outputs could replace it, so write them to "
                     "another directory"
                 )
-            if kind == "output_file" and inp.is_dir() and inp in out.parents and out.exists() and not overwrite:
+            if (
+                kind == "output_file"
+                and inp.is_dir()
+                and inp in out.parents
+                and out.exists()
+                and not overwrite
+            ):
                 raise CtxawareError(
                     f"{flag} {value} would replace {out.name} inside the input directory {inp}; give a new "
                     "file name" + (" or pass --overwrite" if can else "")

@@ -236,7 +236,9 @@ def judge_items(judge, items: list[dict]) -> list[dict]:
     for it in items:
         example = it.get("example")
         if example is not None and example in failed:  # turn 1 failed: turn 2 is not sent
-            out.append({"judgment": None, "rating": None, "error": "not sent: an earlier turn's judgment failed"})
+            out.append(
+                {"judgment": None, "rating": None, "error": "not sent: an earlier turn's judgment failed"}
+            )
             continue
         try:
             t = judge.complete(it["system"], it["user"])

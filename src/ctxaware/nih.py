@@ -373,7 +373,9 @@ def _dump(cfg: NIHConfig, names: list[str]) -> int:
         apply_chat_template_choice(tok, cfg.chat_template)
         toks.append((name, tok))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # renamed into place when complete: an old file survives a failure
+    tmp = path.with_name(
+        f".{path.name}.tmp"
+    )  # renamed into place when complete: an old file survives a failure
     tmp.write_text("")
     for name, tok in toks:
         n = dump_prompts(cfg, tok, run_id(name), tmp, append=True)

@@ -495,6 +495,11 @@ def run(cfg: ScoreConfig) -> dict | None:
             f"{cfg.data} holds no conversations ({loader['skipped']['total']} rows skipped); check the file"
         )
     model, tok = cfg.load()
+    if not getattr(tok, "chat_template", None):  # every turn would be skipped: a configuration error
+        raise CtxawareError(
+            f"{cfg.model} has no chat template, and eq. (2) reads roles from the seed model's template; score "
+            "with an instruct (seed) model, or give the tokenizer a template"
+        )
     layers = _layers(cfg, model)
     grouped = process_group(world)
     run_cfg = {
