@@ -105,6 +105,10 @@ CASES: list[tuple[str, list[str]]] = [
     ("train learning rate inf", _with_output("train", "--learning-rate", "inf")),
     ("select beta -inf", _with_output("select", "--beta", "-inf")),
     ("eval judge timeout inf", _with_output("eval", "--judge-timeout", "inf")),
+    # device, dtype and an empty output, before any model loads (issue 23 §4)
+    *[(f"{c} device tpu", _with_output(c, "--device", "tpu")) for c in ("nih", "eval", "score", "attention")],
+    ("nih dtype int8", _with_output("nih", "--dtype", "int8")),
+    *[(f"{c} empty output", [c, *OUTPUTS[c][0], OUTPUTS[c][1], ""]) for c in ("nih", "score", "report")],
     # outputs that are, hold or would replace an input (issue 23 §1)
     ("score output is its input", ["score", "{DATA}", "--output", "{DATA}"]),
     ("select output holds its input", ["select", "{SCORES}", "{DATA_IN_DIR}", "--output", "{DATA_DIR}"]),

@@ -359,10 +359,14 @@ def validate(config: Any) -> None:
     """Check every field of a parsed config against `rule`: bounds, output paths, input files' encoding, and
     that no output is, holds or replaces an input (`check_outputs_spare_inputs`)."""
     check_outputs_spare_inputs(config)
+    if isinstance(config, ModelConfig):
+        check_device_dtype(config.device, config.dtype)
     for f in dataclasses.fields(config):
         r, value = rule(f), getattr(config, f.name)
         _check_bounds(f.name, value, r)
         kind = r.get("path")
+        if kind in ("output_dir", "output_file") and isinstance(value, str) and not value.strip():
+            raise CtxawareError(f"{_flag(f.name)} is empty; give a path")
         if not kind or not isinstance(value, str) or not value:
             continue
         what = _flag(f.name)
@@ -373,6 +377,18 @@ def validate(config: Any) -> None:
             if kind == "input_file" and p.is_dir():
                 raise CtxawareError(f"{what} {value} is a directory; give a file")
             check_utf8(p, what)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device_dtype(device: str, dtype: str) -> None:
+    """``--device`` is cpu, cuda, cuda:N, mps or auto and ``--dtype`` one of `DTYPES`: checked before any
+    model loads (torch would fail later, with a traceback)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
+        raise CtxawareError(f"--device {device!r} is not cpu, cuda, cuda:N, mps or auto")
+    if dtype not in DTYPES:
+        raise CtxawareError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
