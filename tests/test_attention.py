@@ -205,7 +205,17 @@ def test_attention_cli_on_a_base_model_writes_the_schema(smollm2_tok, tmp_path, 
         pytest.skip("shared haystack not found")
     d, model = _tiny_base_model_dir(tmp_path, smollm2_tok)
     out = tmp_path / "out"
-    argv = ["attention", "--model", str(d), "--device", "cpu", "--dtype", "float32", "--lengths", "120"]
+    argv = [
+        "attention",
+        "--model",
+        str(d),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--lengths",
+        "400",
+    ]  # 400: budget 200
     assert main([*argv, "--depths", "0,50", "--haystack", str(HAYSTACK), "--output", str(out)]) == 0
     assert "no chat template" in capsys.readouterr().out
     res = json.loads((out / "allocation.json").read_text())
@@ -222,7 +232,7 @@ def test_attention_cli_on_a_base_model_writes_the_schema(smollm2_tok, tmp_path, 
     assert len(rows) == 2 and {r["depth"] for r in rows} == {0.0, 50.0}
     # every row equals the eager oracle at the chosen head, and allocation.json holds their means
     model.eval()
-    prompts = nih_prompts(smollm2_tok, [120], [0, 50], chat=False, haystack=HAYSTACK)
+    prompts = nih_prompts(smollm2_tok, [400], [0, 50], chat=False, haystack=HAYSTACK)
     oracle = []
     for p in prompts:
         m = eager_role_oracle(model, torch.tensor(p.input_ids), p.role_ids(), [len(p) - 1])[1, :, 0]  # (H, 5)
@@ -261,3 +271,18 @@ def test_attention_layer_is_validated_before_compute(tmp_path, capsys):
         lines = [x for x in err.splitlines() if "error" in x.lower()]  # (the weight loader's progress aside)
         assert len(lines) == 1 and "--layer" in lines[0] and "Traceback" not in err
         assert not (tmp_path / bad / "rows.jsonl").exists()
+
+
+def test_identical_cells_count_once(tmp_path, smollm2_tok, capsys):
+    """Issue 22 §5 / 26 §3: under the authors' 200-token buffer a budget of 120 leaves no haystack, so the
+    two depths give one prompt; it counts once in n (and in every CI), with a note."""
+    from ctxaware.cli import main
+
+    if not HAYSTACK.is_dir():
+        pytest.skip("shared haystack not found")
+    d, _ = _tiny_base_model_dir(tmp_path, smollm2_tok)
+    out = tmp_path / "out"
+    argv = ["attention", "--model", str(d), "--device", "cpu", "--dtype", "float32", "--lengths", "120"]
+    assert main([*argv, "--depths", "0,50", "--haystack", str(HAYSTACK), "--output", str(out)]) == 0
+    assert "repeat another cell's prompt" in capsys.readouterr().out
+    assert json.loads((out / "allocation.json").read_text())["n_prompts"] == 1
