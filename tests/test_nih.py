@@ -176,6 +176,29 @@ def test_resume_after_kill_and_config_refusal(tmp_path, smollm2):
     assert rows_path.read_bytes() == before
 
 
+def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
+    """Issue 23 §4: SIGTERM (what schedulers send) ends a run as cleanly as SIGINT: exit 143, one message,
+    every finished row kept and parseable; the rerun completes the grid."""
+    out = tmp_path / "run"
+    rows_path = out / "smollm2-135m-instruct" / "rows.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if rows_path.is_file() and len(list(read_jsonl(rows_path))) >= 1:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    partial = list(read_jsonl(rows_path))
+    assert 1 <= len(partial) < 6 and all("_malformed" not in r for r in partial)
+    done = subprocess.run(_cli(out), env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert len(list(read_jsonl(rows_path))) == 6
+
+
 def test_steered_nih_alpha_one_equals_unsteered(tmp_path):
     """`ctxaware nih --steer`: alpha=1 is the unsteered model (same outputs); bad alphas are refused."""
     import json

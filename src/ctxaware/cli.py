@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
+import threading
 import sys
 
 from ctxaware.errors import CtxawareError
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctxaware.results import INCOMPLETE
 
     INCOMPLETE.counts.clear(), INCOMPLETE.examples.clear()
+    previous = _on_sigterm_interrupt()
     try:
         module = importlib.import_module(COMMANDS[name][0])
         rc = int(module.main(rest) or 0)
@@ -91,9 +94,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxaware {name}: error: an input file is not UTF-8 text ({e.reason} at byte {e.start}); "
               "convert it, e.g. iconv -f latin1 -t utf-8", file=sys.stderr)  # fmt: skip
         return 2
-    except KeyboardInterrupt:
-        print(f"ctxaware {name}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signame = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"ctxaware {name}: {signame}; finished rows are kept, rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that a terminated run unwinds exactly as Ctrl-C does
+    (writers close, finished rows stay, the same message)."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+def _on_sigterm_interrupt():
+    """Install the SIGTERM handler for the command (main thread only); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":
