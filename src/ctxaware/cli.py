@@ -12,8 +12,8 @@ import importlib
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
 
 from ctxaware.errors import CtxawareError
 
