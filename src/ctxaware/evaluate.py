@@ -487,7 +487,8 @@ def summary_markdown(results: dict) -> str:
 
 def details_markdown(results: dict) -> str:
     lines = [
-        "| Model | Condition | Task | n | skipped | metrics (mean [95% CI]; percent, ratings on 1-10) |",
+        "| Model | Condition | Task | n | skipped | metrics (mean [95% CI: exact Clopper-Pearson for proportions, "
+        "bootstrap for F1 and ratings]; percent, ratings on 1-10) |",
         "|---|---|---|---|---|---|",
     ]
     for model, conds in results.items():

@@ -414,7 +414,8 @@ def compare(root: Path, runs: dict[str, dict], extra: dict) -> str:
     evals = {name: {"chat": r["eval"]} for name, r in runs.items() if r.get("eval")}
     if evals:
         parts.append(
-            "## Table 4 analogue (chat template; percent, 95% bootstrap CI)\n\n" + summary_markdown(evals)
+            "## Table 4 analogue (percent; 95% exact CI for proportions, bootstrap for F1; the base without a template)\n\n"
+            + summary_markdown(evals)
         )
     ref = "vanilla"
     lines = []

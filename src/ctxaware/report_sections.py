@@ -16,7 +16,7 @@ from typing import Any
 
 from ctxaware import plotting
 from ctxaware.results import read_jsonl
-from ctxaware.stats import bootstrap_ci
+from ctxaware.stats import bootstrap_ci, summarize_proportion
 
 
 @dataclasses.dataclass
@@ -68,6 +68,12 @@ def ci(values: list[float]) -> tuple[float, float, float]:
     return bootstrap_ci([float(v) for v in values if v is not None])
 
 
+def prop(values: list[float]) -> tuple[float, float, float]:
+    """A proportion's mean and interval that does not collapse at 0 or 1 (exact or Wilson, `stats`)."""
+    s = summarize_proportion([float(v) for v in values if v is not None])
+    return s["mean"], s["ci_low"], s["ci_high"]
+
+
 def pct(s: tuple[float, float, float] | dict | None, n: int | None = None) -> str:
     """``72.5 [68.1, 76.9]`` from ``(mean, low, high)`` or a stats dict (fractions -> percent)."""
     if not s:
@@ -97,7 +103,10 @@ def _num(s: Any) -> str:
 
 def nih(d: Path, figs: Figs) -> Section:
     """NIH rows of one model: heatmap per condition, chat/plain bars with CIs and the paired difference."""
-    rows = [r for r in read_jsonl(d / "rows.jsonl") if "recall" in r and "length" in r and "depth" in r]
+    from ctxaware.nih import distinct_rows
+
+    cells = [r for r in read_jsonl(d / "rows.jsonl") if "recall" in r and "length" in r and "depth" in r]
+    rows = distinct_rows(cells)  # two budgets with one prompt count once
     meta = (load_json(d / "meta.json") or {}).get("config", {})
     model = next((r["model"] for r in rows if r.get("model")), None) or meta.get("model") or d.name
     by_cond: dict[str, list[dict]] = {}
@@ -108,18 +117,22 @@ def nih(d: Path, figs: Figs) -> Section:
     s.p(
         f"{len(rows)} tests: {len(by_cond)} conditions × lengths {sorted({r['length'] for r in rows})} tokens "
         f"× depths {sorted({r['depth'] for r in rows})} %. Recall = fraction of the needle's keywords in the "
-        "answer; 95% bootstrap CIs over tests."
+        "answer. n counts distinct prompts (cells of one haystack"
+        + (f"; {len(cells) - len(rows)} repeated cells counted once" if len(cells) > len(rows) else "")
+        + "); recall: 95% Wilson CI, all keywords and empty: 95% exact (Clopper-Pearson) CI; the paired "
+        "difference: 95% paired bootstrap over cells."
     )
     table = []
     for c, rs in by_cond.items():
-        table.append([c, len(rs), pct(ci([r["recall"] for r in rs]), len(rs)), pct(ci([r.get("exact") for r in rs]), len(rs)),
-                      pct(ci([r.get("empty") for r in rs]), len(rs))])  # fmt: skip
-    s.table(["condition", "n", "recall % [95% CI]", "all keywords % [95% CI]", "empty %"], table)
+        table.append([c, len(rs), pct(prop([r["recall"] for r in rs]), len(rs)), pct(prop([r.get("exact") for r in rs]), len(rs)),
+                      pct(prop([r.get("empty") for r in rs]), len(rs))])  # fmt: skip
+    s.table(["condition", "n", "recall % [95% Wilson CI]", "all keywords % [95% exact CI]", "empty % [95% exact CI]"],
+            table)  # fmt: skip
     for prefix_rest, (chat, plain) in _pairs(by_cond).items():
         diff = _paired(by_cond[chat], by_cond[plain])
         conds = {
-            chat: ci([r["recall"] for r in by_cond[chat]]),
-            plain: ci([r["recall"] for r in by_cond[plain]]),
+            chat: prop([r["recall"] for r in by_cond[chat]]),
+            plain: prop([r["recall"] for r in by_cond[plain]]),
         }
         n = len(diff[1])
         png = plotting.paired_bars(
@@ -136,7 +149,7 @@ def nih(d: Path, figs: Figs) -> Section:
     steer = {c: rs for c, rs in by_cond.items() if "+steer" in c}
     if steer:
         s.table(["steered condition (paper Table 1)", "alpha", "recall % [95% CI]", "n"],
-                [[c, c.split("+steer")[-1], pct(ci([r["recall"] for r in rs]), len(rs)), len(rs)] for c, rs in steer.items()])  # fmt: skip
+                [[c, c.split("+steer")[-1], pct(prop([r["recall"] for r in rs]), len(rs)), len(rs)] for c, rs in steer.items()])  # fmt: skip
     for c, rs in by_cond.items():
         lengths, depths = sorted({r["length"] for r in rs}), sorted({r["depth"] for r in rs})
         cell: dict = {}
