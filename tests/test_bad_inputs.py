@@ -109,6 +109,16 @@ CASES: list[tuple[str, list[str]]] = [
     *[(f"{c} device tpu", _with_output(c, "--device", "tpu")) for c in ("nih", "eval", "score", "attention")],
     ("nih dtype int8", _with_output("nih", "--dtype", "int8")),
     *[(f"{c} empty output", [c, *OUTPUTS[c][0], OUTPUTS[c][1], ""]) for c in ("nih", "score", "report")],
+    # whole files that cannot be read: one line, not a traceback (issue 23 §4)
+    ("score truncated .json", ["score", "{TRUNC_JSON}", "--output", "{OUTFILE}"]),
+    ("score truncated .jsonl.gz", ["score", "{TRUNC_GZ}", "--output", "{OUTFILE}"]),
+    ("score text named .gz", ["score", "{TEXT_GZ}", "--output", "{OUTFILE}"]),
+    ("score garbage .parquet", ["score", "{GARBAGE_PARQUET}", "--output", "{OUTFILE}"]),
+    ("score JSON nested too deeply", ["score", "{NESTED}", "--output", "{OUTFILE}"]),
+    ("nih needle keywords: 5", _with_output("nih", "--needle-file", "{NEEDLE_INT}")),
+    ("eval nqswap.zip is not a zip", ["eval", "nqswap", "--data-dir", "{NOT_ZIP_DIR}", "--output", "{OUT}"]),
+    ("analyze rows without scores", ["analyze", "{NO_SCORES}", "--output", "{OUT}/analysis"]),
+    ("nih dump-prompts unwritable", ["nih", "--dump-prompts", UNWRITABLE + "/p.jsonl"]),
     # outputs that are, hold or would replace an input (issue 23 §1)
     ("score output is its input", ["score", "{DATA}", "--output", "{DATA}"]),
     ("select output holds its input", ["select", "{SCORES}", "{DATA_IN_DIR}", "--output", "{DATA_DIR}"]),
@@ -137,6 +147,18 @@ def inputs(tmp_path: Path) -> dict[str, str]:
     (out / "rows.jsonl").write_text('{"id": "1", "recall": 1.0}\n')
     (out / "meta.json").write_text('{"fingerprint": "0", "config": {}}\n')
     (out / "summary.md").write_text("# an earlier run's summary\n")
+    import gzip
+
+    (tmp_path / "trunc.json").write_text('[{"instruction": "a", "output": "b"}, {"instr')
+    gz = gzip.compress((json.dumps(conv) + "\n").encode() * 50)
+    (tmp_path / "trunc.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    (tmp_path / "text.jsonl.gz").write_text(json.dumps(conv) + "\n")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not parquet")
+    (tmp_path / "nested.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "needle.yaml").write_text('needle: "A cat sleeps."\nquestion: "What sleeps?"\nkeywords: 5\n')
+    (tmp_path / "notzip" / "conflict").mkdir(parents=True)
+    (tmp_path / "notzip" / "conflict" / "nqswap.zip").write_text("not a zip")
+    (tmp_path / "noscores.jsonl").write_text('{"conversation_id": "0", "turn": 0}\n')
     holder = tmp_path / "holder"  # a directory that holds an input
     holder.mkdir()
     (holder / "data.jsonl").write_text(json.dumps(conv) + "\n")
@@ -164,6 +186,19 @@ def inputs(tmp_path: Path) -> dict[str, str]:
         "OUTFILE": str(tmp_path / "existing_scores.jsonl"),
         "MISSING": str(tmp_path / "missing.yaml"),
         "DATA_DIR": str(holder),
+        **{
+            k: str(tmp_path / f)
+            for k, f in (
+                ("TRUNC_JSON", "trunc.json"),
+                ("TRUNC_GZ", "trunc.jsonl.gz"),
+                ("TEXT_GZ", "text.jsonl.gz"),
+                ("GARBAGE_PARQUET", "garbage.parquet"),
+                ("NESTED", "nested.json"),
+                ("NEEDLE_INT", "needle.yaml"),
+                ("NOT_ZIP_DIR", "notzip"),
+                ("NO_SCORES", "noscores.jsonl"),
+            )
+        },
         "DATA_IN_DIR": str(holder / "data.jsonl"),
         "SCORES_IN_DIR": str(holder / "scores.jsonl"),
         **dirs,
@@ -199,3 +234,17 @@ def test_unwritable_path_is_really_unwritable():
     with pytest.raises(OSError):
         fd = os.open(UNWRITABLE, os.O_CREAT | os.O_WRONLY)
         os.close(fd)
+
+
+def test_damaged_weights_are_one_line(tmp_path):
+    """A model directory whose model.safetensors is garbage: a one-line CtxawareError, not safetensors'
+    traceback (issue 23 §4)."""
+    from ctxaware.errors import CtxawareError
+    from tests.conftest import tiny_llama
+
+    d = tmp_path / "m"
+    tiny_llama(layers=1).save_pretrained(d)
+    (d / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CtxawareError, match="damaged") as e:
+        models.load_model(str(d), device="cpu")
+    assert "\n" not in str(e.value)

@@ -111,9 +111,15 @@ def length_analysis(rows: list[dict], lengths: dict, beta: float, top: float) ->
 
 def run(cfg: AnalyzeConfig) -> dict:
     """Write the plots and ``analysis.json``; return the numbers."""
-    rows = list(read_jsonl(cfg.scores))
+    raw = list(read_jsonl(cfg.scores))
+    rows = [r for r in raw if isinstance(r, dict) and "score" in r and "source_row" in r and "turn" in r]
     if not rows:
-        raise CtxawareError(f"no score rows in {cfg.scores}; run ctxaware score first")
+        raise CtxawareError(
+            f"{cfg.scores} holds no score rows ({len(raw)} rows without score, source_row and turn); "
+            "give the JSONL that ctxaware score wrote"
+        )
+    if len(rows) < len(raw):
+        print(f"note: {len(raw) - len(rows)} of {len(raw)} rows are not score rows and were skipped")
     out, name = Path(cfg.output), cfg.name or Path(cfg.data or cfg.scores).name
     result: dict = {
         "scores": cfg.scores,

@@ -88,9 +88,33 @@ class _Skip(Exception):
 # ----------------------------------------------------------------------------- reading rows
 
 
+FILE_ERRORS = (json.JSONDecodeError, EOFError, gzip.BadGzipFile, RecursionError, UnicodeDecodeError, OSError)
+
+
+def unreadable(path: Path, e: BaseException) -> CtxawareError:
+    """The one-line error for a data file that cannot be read as a whole (truncated, not what its name
+    says, nested beyond Python's limit)."""
+    if isinstance(e, RecursionError):
+        why = "its JSON is nested too deeply to parse"
+    elif isinstance(e, (EOFError, gzip.BadGzipFile)):
+        why = f"it is not a complete gzip file ({e})"
+    elif isinstance(e, json.JSONDecodeError):
+        why = f"it is not valid JSON ({e.msg}, line {e.lineno}, column {e.colno}); is it truncated?"
+    else:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CtxawareError(f"cannot read {path}: {why}; fix or replace the file")
+
+
 def _read_json_file(path: Path) -> Iterator[Any]:
+    try:
+        yield from _read_json_file_unchecked(path)
+    except FILE_ERRORS as e:
+        raise unreadable(path, e) from None
+
+
+def _read_json_file_unchecked(path: Path) -> Iterator[Any]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:  # a UTF-8 BOM is read, not a bad row
         first = ""
         while not first:
             ch = f.read(1)
@@ -113,10 +137,16 @@ def _read_json_file(path: Path) -> Iterator[Any]:
 
 
 def _read_parquet(path: Path) -> Iterator[dict]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        raise CtxawareError(
+            f"cannot read {path} as Parquet: {str(e).splitlines()[0]}; fix or replace the file"
+        ) from None
 
 
 def _read_hub(name: str, split: str, streaming: bool, subset: str | None) -> Iterator[dict]:
@@ -213,7 +243,10 @@ def _alpaca_turns(row: dict) -> tuple[list[dict], dict]:
     msgs: list[dict] = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         msgs.append({"role": "system", "content": row["system"]})
-    for pair in row.get("history") or []:
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise _Skip("malformed history")
+    for pair in history:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise _Skip("malformed history")
         msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]

@@ -233,10 +233,15 @@ def load_model(
             use_safetensors=True,
             **kwargs,
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise CtxawareError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
-        raise CtxawareError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a corrupt weights file (safetensors' own error type), a broken config
+        if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "JSONDecodeError", "KeyError"):
+            raise
+        raise CtxawareError(
+            f"cannot load model {spec!r}: its files are damaged ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "download or save the model again"
+        ) from None
     if quantization is None:
         model.to(dev)
     model.eval()

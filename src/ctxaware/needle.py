@@ -255,6 +255,10 @@ def load_needle(cfg: NeedleConfig) -> tuple[str, str, list[str], str]:
     keywords = over.get("keywords", cfg.keywords)
     if isinstance(keywords, str):
         keywords = keywords.split(",")
+    if not isinstance(keywords, list):
+        raise CtxawareError(
+            f"the needle's keywords must be a list of words (or one comma-separated string), got {keywords!r}"
+        )
     keywords = [k for k in (str(k).lower().strip() for k in keywords or []) if k]
     if not needle or not question:
         raise CtxawareError("the needle and the question must not be empty")

@@ -79,7 +79,8 @@ class NIHConfig(ModelConfig, NeedleConfig):
         metadata={"help": "steering alphas with --steer (empty: 0.01,0.1,0.3,0.5,0.7,0.9, paper Table 1)"},
     )
     dump_prompts: str | None = dataclasses.field(
-        default=None, metadata={"help": "write every prompt as JSONL to this file and run nothing"}
+        default=None,
+        metadata={"help": "write every prompt as JSONL to this file and run nothing", "path": "output_file"},
     )
     attention: bool = dataclasses.field(
         default=True,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctxaware.conversations import unreadable
 from ctxaware.errors import CtxawareError
 from ctxaware.results import SkipCounter
 
@@ -170,8 +171,14 @@ def read_nqswap_zip(path: Path) -> Iterator[dict]:
         if name is None:
             raise CtxawareError(f"{path} holds no .jsonl file; expected nqswap/merged.jsonl")
         for i, line in enumerate(z.read(name).decode().splitlines()):
-            if line.strip():
-                yield {"id": str(i), **json.loads(line)}
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                yield {"_malformed": f"line {i + 1} is not valid JSON"}
+                continue
+            yield {"id": str(i), **row} if isinstance(row, dict) else row  # a non-object is skipped, counted
 
 
 def _split_quac_answers(block: str, passage: str) -> list[str]:
@@ -524,7 +531,15 @@ def raw_rows(task: Task, source: str = "local", data_dir: str | Path | None = No
         from datasets import load_dataset
 
         path, name, split = task.hub
-        for doc in load_dataset(path, name, split=split):
+        try:
+            docs = load_dataset(path, name, split=split)
+        except Exception as e:  # offline, gated, missing: one line, not the hub client's traceback
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CtxawareError(
+                f"cannot load {path} from the hub ({first}); use --source local with --data-dir, or check the "
+                "network"
+            ) from None
+        for doc in docs:
             yield from task.read_hub(doc)
         return
     if source != "local":
@@ -540,10 +555,12 @@ def raw_rows(task: Task, source: str = "local", data_dir: str | Path | None = No
         ) from None
     except UnicodeDecodeError:
         raise CtxawareError(f"{path} is not UTF-8 text; convert it, e.g. iconv -f latin1 -t utf-8") from None
-    except AttributeError:  # e.g. a list where the layout has a mapping
+    except (AttributeError, TypeError):  # e.g. a list where the layout has a mapping
         raise CtxawareError(
             f"{path} does not have the layout task {task.name} reads; fix or replace the file"
         ) from None
+    except (zipfile.BadZipFile, EOFError, gzip.BadGzipFile, RecursionError, OSError) as e:
+        raise unreadable(path, e) from None
 
 
 def load_examples(
