@@ -248,3 +248,35 @@ def test_damaged_weights_are_one_line(tmp_path):
     with pytest.raises(CtxawareError, match="damaged") as e:
         models.load_model(str(d), device="cpu")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["nih", "--chat-template", "{BROKEN}", "--lengths", "400", "--depths", "50"],
+        ["nih", "--attention-layers", "99", "--lengths", "400", "--depths", "50"],
+        ["nih", "--steer", "{HEADS99}", "--alpha", "0.5", "--lengths", "400", "--depths", "50"],
+        ["attention", "--layer", "99"],
+        ["attention", "--chat-template", "{BROKEN}"],
+    ],
+    ids=["nih broken template", "nih attention layer 99", "nih heads file layer 99", "attention layer 99",
+         "attention broken template"],
+)  # fmt: skip
+def test_options_checked_with_the_tokenizer_before_the_model(argv, tmp_path, capsys, monkeypatch):
+    """Issue 23 §4: what needs the tokenizer (the template renders, layers exist in config.json) is checked
+    before the model loads and before the output folder exists, so the corrected rerun is not refused as a
+    different configuration."""
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the bad option was reported")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    monkeypatch.setattr(config.ModelConfig, "load", no_model)
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content")
+    (tmp_path / "heads99.json").write_text('{"99": [0]}')
+    out = tmp_path / "out"
+    args = [a.format(BROKEN=tmp_path / "broken.jinja", HEADS99=tmp_path / "heads99.json") for a in argv]
+    assert cli.main([*args, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert not out.exists()

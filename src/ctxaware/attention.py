@@ -593,16 +593,20 @@ def main(argv: list[str]) -> int:
     if not specs:
         raise CtxawareError("--model is empty; give a model name")
     names = [_model_dir_name(s) for s in specs]
-    if cfg.dump_prompts:
-        from ctxaware.models import load_tokenizer
+    from ctxaware.models import load_tokenizer
 
-        cells = []
-        for spec, name in zip(specs, names):
-            tok = load_tokenizer(spec, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-            needle.apply_chat_template_choice(tok, cfg.chat_template)
-            ncfg = needle_config(cfg.lengths, cfg.depths, conditions_of(tok, name), cfg.haystack, cfg.protocol,
-                                 cfg.prompts)  # fmt: skip
-            cells += [(tok, name, p) for p in prompt_cells(tok, ncfg, cfg.prompts)]
+    cells = []  # every model's prompts from its tokenizer: a bad template or layer fails before any load
+    for spec, name in zip(specs, names):
+        tok = load_tokenizer(spec, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        check_layer(cfg.layer, needle.model_config(tok).get("num_hidden_layers"))
+        needle.apply_chat_template_choice(tok, cfg.chat_template)
+        ncfg = needle_config(cfg.lengths, cfg.depths, conditions_of(tok, name), cfg.haystack, cfg.protocol,
+                             cfg.prompts)  # fmt: skip
+        ps = prompt_cells(tok, ncfg, cfg.prompts)
+        for mode in dict.fromkeys(p.cell["mode"] for p in ps):
+            next(p for p in ps if p.cell["mode"] == mode).render(tok)
+        cells += [(tok, name, p) for p in ps]
+    if cfg.dump_prompts:
         n = dump_prompts(cells, cfg.dump_prompts)
         print(f"wrote {n} prompts to {cfg.dump_prompts}")
         return 0

@@ -86,7 +86,9 @@ class EvalConfig(ModelConfig):
             "DROP 256 new tokens) or ctxaware (user turn alone, template's generation prompt; docs/evaluate.md)"
         },
     )
-    prompt_style: str = dataclasses.field(default="paper", metadata={"help": "paper (Tables 5-6) or simple"})
+    prompt_style: Literal["paper", "simple"] = dataclasses.field(
+        default="paper", metadata={"help": "paper (Tables 5-6) or simple"}
+    )
     plain_prefix: str = dataclasses.field(
         default="Answer:", metadata={"help": "response prefix in plain mode"}
     )

@@ -476,14 +476,25 @@ def fit_context(cfg, tok, model_name, hay, needle, question, prefix, ref, templa
     return best
 
 
+def model_config(tok) -> dict:
+    """The model's ``config.json`` (its ``text_config`` when it has one) read beside the tokenizer, without
+    loading the model; ``{}`` when there is none (a hub id not cached, a bare tokenizer)."""
+    cfg = Path(str(getattr(tok, "name_or_path", ""))) / "config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return {}
+    d = d.get("text_config", d) if isinstance(d, dict) else {}
+    return d if isinstance(d, dict) else {}
+
+
 def default_window(tok) -> int:
     """The model window from the tokenizer's ``config.json`` (no model load), else its model_max_length."""
-    cfg = Path(str(getattr(tok, "name_or_path", ""))) / "config.json"
-    if cfg.is_file():
-        d = json.loads(cfg.read_text())
-        d = d.get("text_config", d)
-        if d.get("max_position_embeddings"):
-            return int(d["max_position_embeddings"])
+    d = model_config(tok)
+    if d.get("max_position_embeddings"):
+        return int(d["max_position_embeddings"])
     w = int(getattr(tok, "model_max_length", 0) or 0)
     return w if 0 < w < 10**7 else 10**6
 

@@ -40,6 +40,7 @@ from ctxaware.needle import (  # noqa: F401  (re-exported: the NIH API lives in 
     keyword_recall,
     load_haystack,
     load_needle,
+    model_config,
     needle_position,
     templates,
 )
@@ -113,6 +114,33 @@ def check(cfg: NIHConfig) -> None:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise CtxawareError(f"--output {out} is a file; give a directory")
+
+
+def preflight(cfg: NIHConfig, name: str) -> None:
+    """What needs the tokenizer but not the model, before the model loads and before any output folder
+    exists (so a corrected rerun is never refused as a different configuration): the chat template
+    renders the grid's first prompt, and ``--attention-layers`` and the ``--steer`` heads name layers that
+    the model's ``config.json`` has."""
+    from ctxaware.models import load_tokenizer
+    from ctxaware.retrieval_heads import load_heads
+
+    tok = load_tokenizer(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    apply_chat_template_choice(tok, cfg.chat_template)
+    prompts = build_prompts(cfg, tok, run_id(name))
+    for mode in dict.fromkeys(p.cell["mode"] for p in prompts):
+        next(p for p in prompts if p.cell["mode"] == mode).render(tok)
+    n_layers = model_config(tok).get("num_hidden_layers")
+    if not n_layers:
+        return
+    wanted = list(cfg.attention_layers or [])
+    if cfg.steer not in (None, "all"):
+        wanted += list(load_heads(cfg.steer))
+    bad = sorted({int(x) for x in wanted if not 0 <= int(x) < n_layers})
+    if bad:
+        raise CtxawareError(
+            f"layer(s) {bad} do not exist: {run_id(name)} has layers 0..{n_layers - 1} "
+            "(check --attention-layers and the --steer heads file)"
+        )
 
 
 # ---------------------------------------------------------------- run, summarise, plot
@@ -399,6 +427,8 @@ def main(argv: list[str]) -> int:
         raise CtxawareError(f"--model lists the same model twice: {cfg.model}")
     if cfg.dump_prompts:
         return _dump(cfg, names)
+    for name in names:
+        preflight(cfg, name)
     out = Path(cfg.output)
     summaries = {}
     for name in names:

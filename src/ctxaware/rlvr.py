@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from ctxaware.chat import render
 from ctxaware.errors import CtxawareError
@@ -41,7 +42,7 @@ class GRPOStageConfig(TrainConfig):
     )
     rl_n: int | None = dataclasses.field(default=256, metadata={"help": "examples per task (seeded sample)"})
     rl_source: str = dataclasses.field(default="local", metadata={"help": "task data: local or hub"})
-    prompt_style: str = dataclasses.field(
+    prompt_style: Literal["paper", "simple"] = dataclasses.field(
         default="paper", metadata={"help": "task prompt style: paper or simple"}
     )
     num_generations: int = dataclasses.field(

@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class StagesConfig(ModelConfig):
     n: int | None = dataclasses.field(default=100, metadata={"help": "examples per task (seeded sample)"})
     source: str = dataclasses.field(default="local", metadata={"help": "task data: local or hub"})
     data_dir: str | None = dataclasses.field(default=None, metadata={"help": "shared data folder"})
-    prompt_style: str = dataclasses.field(
+    prompt_style: Literal["paper", "simple"] = dataclasses.field(
         default="paper", metadata={"help": "task prompt style: paper or simple"}
     )
     mode: str = dataclasses.field(
