@@ -176,6 +176,30 @@ def test_resume_after_kill_and_config_refusal(tmp_path, smollm2):
     assert rows_path.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "kept", [pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(5, marks=pytest.mark.slow)]
+)
+def test_resume_inside_a_batch_is_byte_identical(tmp_path, kept):
+    """Issue 23 §5: a run killed between two rows of one batch (here: the rows file cut after ``kept`` of 6
+    rows, batches of 4) resumes to the very bytes of an uninterrupted run, attention shares included: the
+    missing rows are computed beside the same companions, not alone."""
+    import shutil
+
+    from ctxaware.cli import main
+
+    argv = [*SMALL, "--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu"]
+    full = tmp_path / "full"
+    assert main(["nih", *argv, "--output", str(full)]) == 0
+    rows = full / "smollm2-135m-instruct" / "rows.jsonl"
+    want = rows.read_bytes()
+    assert len(want.splitlines()) == 6 and b'"attention"' in want
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    (cut / "smollm2-135m-instruct" / "rows.jsonl").write_bytes(b"".join(want.splitlines(True)[:kept]))
+    assert main(["nih", *argv, "--output", str(cut)]) == 0
+    assert (cut / "smollm2-135m-instruct" / "rows.jsonl").read_bytes() == want
+
+
 def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
     """Issue 23 §4: SIGTERM (what schedulers send) ends a run as cleanly as SIGINT: exit 143, one message,
     every finished row kept and parseable; the rerun completes the grid."""

@@ -190,12 +190,20 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     writer = ResultsWriter(
         Path(cfg.output) / short, _fingerprinted(cfg, name), ("condition", "template", "length", "depth")
     )
-    todo = [p for p in prompts if not writer.done(p.cell)]
+    # The unit of work is one engine call: every test of one length (and alpha). A group with any test
+    # missing runs whole, so each test is computed beside the same companions (same padding, same prefix
+    # cache) as in an uninterrupted run, and a resume is byte-identical at any kill point (issue 23 §5);
+    # only the missing rows are written.
+    group_of = {id(p): (p.cell["length"], alpha_of.get(id(p))) for p in prompts}
+    missing = {group_of[id(p)] for p in prompts if not writer.done(p.cell)}
+    todo = [p for p in prompts if group_of[id(p)] in missing]
+    n_missing = sum(not writer.done(p.cell) for p in todo)
     rendered = [p.render(tok) for p in todo]
     total = sum(len(r) for r in rendered)
     print(
-        f"{short}: {len(prompts)} tests ({cfg.protocol} protocol), {len(prompts) - len(todo)} done before, "
-        f"{len(todo)} to run: {total:,} prompt tokens, up to {new_tokens(cfg)} new tokens each",
+        f"{short}: {len(prompts)} tests ({cfg.protocol} protocol), {len(prompts) - n_missing} done before, "
+        f"{n_missing} to run ({len(todo)} with their batch companions): {total:,} prompt tokens, up to "
+        f"{new_tokens(cfg)} new tokens each",
         flush=True,
     )
     progress = {"tests": 0, "tokens": 0, "t0": time.time(), "estimated": False}
@@ -203,6 +211,10 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     def write(idx: list[int], gens, part: list[int]) -> None:
         for j, g in zip(idx, gens):
             i = part[j]
+            if writer.done(todo[i].cell):  # computed again only as a companion of a missing test
+                if shares is not None:
+                    shares.shares.pop(j, None)
+                continue
             r, rec = rendered[i], keyword_recall(g.text, keywords)
             row = {
                 **todo[i].cell,
