@@ -74,7 +74,7 @@ def test_memotrap_scores_classes(tiny, shared_data):
 
 def test_mt_bench_failed_judgment_is_not_a_finished_row(tiny, shared_data, tmp_path):
     model, tok = tiny
-    stub = Stub(reply="Fine. [[6]]", fail=2)  # the first example's two judgments fail (retries=0)
+    stub = Stub(reply="Fine. [[6]]", fail=1)  # the first example's turn-1 judgment fails (retries=0)
     try:
         judge = HTTPJudge(stub.url, retries=0, backoff=0)
         res = evaluate_tasks(
@@ -92,6 +92,7 @@ def test_mt_bench_failed_judgment_is_not_a_finished_row(tiny, shared_data, tmp_p
     # the example whose judgment failed is not written (judge.run_mtbench): the next run redoes it
     assert len(rows) == 1 and len(rows[0]["answers"]) == 2 and not any(rows[0]["judge_errors"])
     assert res["mt_bench"]["judge_failures"] == 1 and res["mt_bench"]["metrics"]["rating"]["mean"] == 6.0
+    assert len(stub.requests) == 3  # its turn 2 was never sent (issue 23 §2); the other example's two were
     sent = stub.requests[-1]["body"]["messages"][1]["content"]
     assert rows[0]["turns"][0] in sent or rows[0]["turns"][1] in sent
 
