@@ -280,3 +280,25 @@ def test_options_checked_with_the_tokenizer_before_the_model(argv, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd, lock", [("train", ".train.lock"), ("experiment", ".experiment.lock")])
+def test_a_second_writer_of_one_output_is_refused(cmd, lock, tmp_path, capsys, monkeypatch):
+    """Issue 23 §3: while one process trains into an output directory, a second one into the same directory
+    is refused in one line before it loads anything (the lock ResultsWriter takes, here held by this test)."""
+    from ctxaware.results import exclusive
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded although the output is taken")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    monkeypatch.setattr(config.ModelConfig, "load", no_model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
+    out = tmp_path / "out"
+    with exclusive(out, lock):
+        rc = cli.main([cmd, "--data", str(data), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "another process is writing" in err[0]

@@ -547,6 +547,9 @@ def main(argv: list[str]) -> int:
 
         return print_help(ExperimentConfig, "ctxaware experiment")
     cfg = parse_config(ExperimentConfig, argv, prog="ctxaware experiment")
-    print(run(cfg))
+    from ctxaware.results import exclusive
+
+    with exclusive(cfg.output_dir, ".experiment.lock"):  # one experiment per output directory
+        print(run(cfg))
     print(f"\nwritten: {Path(cfg.output_dir) / 'comparison.md'}")
     return 0

@@ -69,7 +69,10 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return print_help(TrainConfig, "ctxaware train")
     cfg = parse_config(stage_config(argv), argv, prog="ctxaware train")
-    summary = run_stage(cfg)
+    from ctxaware.results import exclusive
+
+    with exclusive(cfg.output_dir, ".train.lock"):  # a second train into the same output_dir is refused
+        summary = run_stage(cfg)
     d = summary["data"]
     print(
         f"trained {summary['global_step']} steps on {d['n_examples']} examples ({d['n_trainable_tokens']} loss tokens) "

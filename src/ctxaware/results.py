@@ -17,6 +17,7 @@ or ``heads.json`` edited in place is refused, while the same input spelled diffe
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -193,6 +194,34 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                 continue  # only the last line of a killed run can be torn; it is rewritten on resume
 
 
+def take_lock(lock_path: Path, what: Path | str):
+    """An exclusive, non-blocking ``flock`` on ``lock_path`` (released when the returned file is closed, or
+    by the OS when the process dies); a second writer gets a one-line `CtxawareError`."""
+    f = Path(lock_path).open("w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CtxawareError(
+            f"another process is writing {what}; wait for it to finish or use another output"
+        ) from None
+    return f
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path, name: str = ".ctxaware.lock"):
+    """One writer per output directory for commands that do not write through `ResultsWriter` (``train``,
+    ``experiment``): the lock that ``ResultsWriter`` takes, on the directory as a whole."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    f = take_lock(d / name, d)
+    try:
+        yield d
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 class ResultsWriter:
     """Append-only JSONL rows keyed by ``key_fields``; reopening resumes.
 
@@ -220,14 +249,7 @@ class ResultsWriter:
         self.fingerprint = fingerprint(self.inputs)
         self.dir.mkdir(parents=True, exist_ok=True)
         # One writer per results file: a second process on the same file would duplicate rows.
-        self._lock = (self.dir / f".{filename}.lock").open("w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise CtxawareError(
-                f"another process is writing {self.path}; wait for it to finish or use another --output"
-            ) from None
+        self._lock = take_lock(self.dir / f".{filename}.lock", self.path)
         meta_path = self.dir / "meta.json"
         meta = {"fingerprint": self.fingerprint, "config": config, "inputs": self.inputs}
         if meta_path.is_file():
