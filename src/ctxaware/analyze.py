@@ -42,7 +42,9 @@ class AnalyzeConfig:
     data: str | None = field(default=None, metadata={"help": "the scored dataset, for instruction lengths"})
     model: str = field(default="default", metadata={"help": "tokenizer for instruction lengths"})
     top: float = field(default=0.1, metadata={"help": "top fraction of turns per layer (Fig. 5)"})
-    beta: float = field(default=0.6, metadata={"help": "selection threshold for the length plots"})
+    beta: float = field(
+        default=0.6, metadata={"help": "selection threshold for the length plots", "min": 0, "max": 1}
+    )
     name: str = field(default="", metadata={"help": "dataset name for plot titles (default: file name)"})
     output: str = field(default="analysis", metadata={"help": "output directory"})
     limit: int | None = field(default=None, metadata={"help": "rows read from data (as when scoring)"})

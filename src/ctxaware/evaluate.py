@@ -139,7 +139,9 @@ class EvalConfig(ModelConfig):
     steer: str | None = dataclasses.field(
         default=None, metadata={"help": "heads JSON {layer: [heads]} to steer"}
     )
-    alpha: float = dataclasses.field(default=0.01, metadata={"help": "steering scale for non-user tokens"})
+    alpha: float = dataclasses.field(
+        default=0.01, metadata={"help": "steering scale for non-user tokens", "gt": 0, "max": 1}
+    )
     output: str = dataclasses.field(default="runs/eval", metadata={"help": "output directory"})
     dump_prompts: str | None = dataclasses.field(
         default=None,

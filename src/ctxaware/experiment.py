@@ -80,10 +80,11 @@ class ExperimentConfig(TrainConfig):
         default=None, metadata={"help": "scoring truncation in tokens (default: ctxaware score's)"}
     )
     betas: list[float] = dataclasses.field(
-        default_factory=lambda: [0.6], metadata={"help": "selection thresholds"}
+        default_factory=lambda: [0.6], metadata={"help": "selection thresholds", "min": 0, "max": 1}
     )
     table3_betas: list[float] = dataclasses.field(
-        default_factory=lambda: [0.5, 0.6, 0.7, 0.8], metadata={"help": "Table 3 thresholds"}
+        default_factory=lambda: [0.5, 0.6, 0.7, 0.8],
+        metadata={"help": "Table 3 thresholds", "min": 0, "max": 1},
     )
     post_stages: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "dpo and/or grpo after the vanilla SFT, in order"}

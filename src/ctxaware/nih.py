@@ -77,7 +77,11 @@ class NIHConfig(ModelConfig, NeedleConfig):
     )
     alpha: list[float] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "steering alphas with --steer (empty: 0.01,0.1,0.3,0.5,0.7,0.9, paper Table 1)"},
+        metadata={
+            "help": "steering alphas with --steer (empty: 0.01,0.1,0.3,0.5,0.7,0.9, paper Table 1)",
+            "gt": 0,
+            "max": 1,
+        },
     )
     dump_prompts: str | None = dataclasses.field(
         default=None,

@@ -213,11 +213,15 @@ def exclusive(directory: str | Path, name: str = ".ctxaware.lock"):
     """One writer per output directory for commands that do not write through `ResultsWriter` (``train``,
     ``experiment``): the lock that ``ResultsWriter`` takes, on the directory as a whole."""
     d = Path(directory)
+    created = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
     f = take_lock(d / name, d)
     try:
         yield d
     finally:
+        if created and [p.name for p in d.iterdir()] == [name]:  # a run that wrote nothing leaves nothing
+            (d / name).unlink()
+            d.rmdir()
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 

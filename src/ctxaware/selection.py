@@ -39,7 +39,7 @@ class SelectConfig:
 
     scores: str = field(metadata={"help": "scores JSONL from ctxaware score", "positional": True})
     data: str = field(metadata={"help": "the dataset that was scored", "positional": True})
-    beta: float = field(default=0.6, metadata={"help": "select turns with score > beta"})
+    beta: float = field(default=0.6, metadata={"help": "select turns with score > beta", "min": 0, "max": 1})
     indicator: str = field(
         default=DEFAULT_INDICATOR, metadata={"help": "token appended to selected instructions"}
     )

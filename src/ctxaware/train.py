@@ -436,13 +436,27 @@ def training_args(cfg: TrainConfig, device: str):
     return SFTConfig(**common_args(cfg, device), max_length=cfg.max_length)
 
 
-def build_dataset(cfg: TrainConfig, model, tok, skips: SkipCounter) -> tuple[list[dict], dict]:
-    """Load, mitigate and tokenize the training conversations; return rows and a data report."""
+def read_training_data(cfg: TrainConfig) -> tuple[list[Conversation], dict]:
+    """The training conversations and the loader's report, read before any model loads: an unreadable file
+    or one without a usable conversation is a one-line error, not a traceback after the load."""
     if not cfg.data:
         raise CtxawareError("no training data; set data: PATH (a .json/.jsonl/.parquet file or a hub id)")
     convs, report = load_conversations(
         cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations
     )  # type: ignore[arg-type]
+    if not convs:
+        raise CtxawareError(
+            f"{cfg.data} holds no usable conversation ({report['skipped']['total']} rows skipped); check the file"
+        )
+    return convs, report
+
+
+def build_dataset(
+    cfg: TrainConfig, model, tok, skips: SkipCounter, data: tuple[list[Conversation], dict] | None = None
+) -> tuple[list[dict], dict]:
+    """Mitigate and tokenize the training conversations (``data``: from `read_training_data`, read now when
+    not given); return rows and a data report."""
+    convs, report = data if data is not None else read_training_data(cfg)
     if cfg.filter_parametric > 0:
         nll = no_context_nll(model, tok, convs)
         convs, dropped = filter_parametric(convs, nll, cfg.filter_parametric)
@@ -500,13 +514,14 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Seque
     resume = _resume_point(cfg, out)
     if resume is None:
         _check_same_config(cfg, out / "train_config.json", f"output_dir {out}")
+    data = read_training_data(cfg)  # before the model: bad data is one line, not a load and a traceback
     if model is None:
         model, tokenizer = load_for_training(cfg)
     else:
         _check_method(cfg, str(next(model.parameters()).device))
     model, peft_cfg, indicator_id = prepare_model(cfg, model, tokenizer)
     skips = SkipCounter()
-    rows, report = build_dataset(cfg, model, tokenizer, skips)
+    rows, report = build_dataset(cfg, model, tokenizer, skips, data)
     report["skipped_examples"] = skips.as_dict()
     device = str(next(model.parameters()).device)
     cbs = [c for c in (tracker_for(cfg, tokenizer), *callbacks) if c is not None]
