@@ -19,7 +19,21 @@ from ctxaware.judge import (
 )
 
 
-class Stub:
+class Loopback:
+    """A threaded HTTP server on 127.0.0.1 (a free port) serving ``handler``; ``url`` ends with ``/v1``."""
+
+    def serve(self, handler) -> None:
+        handler.log_message = lambda *a: None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Stub(Loopback):
     """A tiny chat-completions server: records requests, answers with ``reply`` or fails ``fail`` times."""
 
     def __init__(self, reply="Good answer. Rating: [[7]]", fail=0, status=500):
@@ -46,16 +60,7 @@ class Stub:
                 self.end_headers()
                 self.wfile.write(out)
 
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture
@@ -176,7 +181,7 @@ def test_failed_judgment_is_not_a_finished_row_and_the_rerun_judges_it(
     assert len(rows) == 2 and all(r["scores"]["rating"] == 7.0 for r in rows)
 
 
-class Raw:
+class Raw(Loopback):
     """A loopback server that answers every POST with ``(status, headers, body bytes)`` and records what it
     receives, GETs included."""
 
@@ -198,16 +203,7 @@ class Raw:
 
             do_POST = do_GET = _answer
 
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def _reply(content) -> bytes:
