@@ -302,3 +302,21 @@ def test_a_second_writer_of_one_output_is_refused(cmd, lock, tmp_path, capsys, m
         rc = cli.main([cmd, "--data", str(data), "--output-dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "another process is writing" in err[0]
+
+
+def test_an_unreachable_hub_fails_fast_in_one_line(monkeypatch, capsys, tmp_path):
+    """Issue 23 §4: a hub id that is not cached, with the hub unreachable, is one line at once (it was 45
+    lines of retry warnings over about a minute), before any tokenizer load and any output folder."""
+    import time
+
+    def no_model(*a, **k):
+        raise AssertionError("the hub client was asked although the hub is unreachable")
+
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_model)
+    t0 = time.time()
+    rc = cli.main(["nih", "--model", "someorg/no-such-model", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot be reached" in err[0] and time.time() - t0 < 10
+    assert not (tmp_path / "o").exists()

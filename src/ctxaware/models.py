@@ -92,7 +92,41 @@ def resolve_model(spec: str) -> ModelSource:
             f"unknown model {spec!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, "
             "a model directory or a hub id like org/name"
         )
+    check_hub(spec)
     return ModelSource(spec, "hub", spec, spec.split("/")[-1])
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` seconds (``HF_ENDPOINT`` honoured)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub(repo_id: str) -> None:
+    """Fail fast, in one line, for a hub id that is neither cached nor reachable (issue 23 §4); without this
+    the hub client retries for about a minute and logs each retry. A cached model with the hub unreachable
+    is read from the cache (the hub client is switched to offline mode)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    if hub_reachable():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+        return
+    raise CtxawareError(
+        f"the Hugging Face hub cannot be reached and {repo_id!r} is not in the local cache; point --model at "
+        "a local copy (a directory or .gguf file), or connect and retry"
+    )
 
 
 def cache_root() -> Path:
