@@ -112,11 +112,17 @@ def test_synthetic_haystack_and_needle_file(tmp_path, smollm2_tok):
     c = cfg(haystack="synthetic", needle_file=str(tmp_path / "n.json"), lengths=[300], depths=[50.0])
     assert nih.load_needle(c)[3] == "The blue cat lives in Oslo."
     p = nih.build_prompts(c, smollm2_tok, "m", 8192)[0]
-    assert (
-        "The blue cat lives in Oslo." in p.messages[-1]["content"]
-        and "committee" in p.messages[-1]["content"]
-        or True
+    content = p.messages[-1]["content"]
+    assert "The blue cat lives in Oslo." in content
+    subjects = (
+        "The committee",
+        "A small team",
+        "The old library",
+        "Most visitors",
+        "The river",
+        "A local farmer",
     )
+    assert sum(content.count(x) for x in subjects) >= 5  # the synthetic haystack's own sentences surround it
 
 
 def _cli(out, *extra):
