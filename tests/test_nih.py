@@ -404,6 +404,7 @@ def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
         return nih.run_id(name), rows
 
     monkeypatch.setattr(nih, "run_model", fake_run)
+    monkeypatch.setattr(nih, "preflight", lambda cfg, name: None)  # no tokenizer for these made-up ids
     out = tmp_path / "o"
     for m in ("org/one", "org/two"):
         assert nih.main(["--model", m, "--output", str(out)]) == 0
