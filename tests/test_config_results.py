@@ -274,3 +274,30 @@ def test_nih_steer_resume_refuses_heads_edited_in_place(tiny_model_dir, tmp_path
     heads.write_text('{"1": [2]}')
     assert main(argv) == 2
     assert "differs in: steer" in capsys.readouterr().err
+
+
+def test_a_results_directory_edited_by_hand(tmp_path, capsys):
+    """Issue 23 §4: a meta.json that is not an object is one line; rows that are not objects, invalid JSON
+    in the middle of the file, or rows without the key are skipped, counted and reported, and their work
+    is redone (their keys are not done)."""
+    import json
+
+    from ctxaware.errors import CtxawareError
+    from ctxaware.results import ResultsWriter
+
+    bad_meta = tmp_path / "a"
+    bad_meta.mkdir()
+    (bad_meta / "meta.json").write_text("[]")
+    with pytest.raises(CtxawareError, match="not the metadata of a ctxaware run"):
+        ResultsWriter(bad_meta, {"x": 1}, ("id",))
+    d = tmp_path / "b"
+    with ResultsWriter(d, {"x": 1}, ("id",)) as w:
+        w.write({"id": "1"})
+        w.write({"id": "2"})
+    first, second = (d / "rows.jsonl").read_text().splitlines(True)
+    (d / "rows.jsonl").write_text(first + "5\n" + '{"id": "3", "x"\n' + '{"x": 1}\n' + second)
+    capsys.readouterr()
+    with ResultsWriter(d, {"x": 1}, ("id",)) as w:
+        assert [r["id"] for r in w.rows] == ["1", "2"] and w.malformed.total == 3 and not w.done({"id": "3"})
+    assert "3 malformed line(s)" in capsys.readouterr().err
+    assert json.loads((d / "rows.jsonl").read_text().splitlines()[0]) == {"id": "1"}

@@ -167,7 +167,9 @@ def test_summary_table_layout():
     md = summary_markdown(res)
     assert md.splitlines()[0] == "| Model | Condition | squad | drop | QA avg. | mt_bench (judge, 1-10) |"
     details = md.split("\n\n")[1].splitlines()
-    assert details[0].endswith("bootstrap for F1 and ratings]; percent, ratings on 1-10) |")  # names its intervals
+    assert details[0].endswith(
+        "bootstrap for F1 and ratings]; percent, ratings on 1-10) |"
+    )  # names its intervals
     assert "| m | chat | mt_bench | 2 | 0 | rating 5.0 [4.0, 6.0] |" in details  # a rating, not 500 %
     assert "| m | chat | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 | 5.0 [4.0, 6.0] |" in md
 

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -178,20 +179,28 @@ def config_changes(old_config: dict, old_inputs: dict | None, config: dict) -> l
     return sorted(changed)
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Rows of a JSONL file; a torn last line (from a killed run) is skipped."""
+def read_jsonl(path: str | Path, bad: SkipCounter | None = None) -> Iterator[dict]:
+    """The object rows of a JSONL file. A line that is not valid JSON (a torn last line from a killed run,
+    or a line edited by hand) or not an object is skipped, and counted in ``bad`` when given."""
     path = Path(path)
     if not path.is_file():
         return
-    with path.open() as f:
-        for line in f:
+    with path.open(encoding="utf-8-sig") as f:
+        for i, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                yield json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # only the last line of a killed run can be torn; it is rewritten on resume
+                if bad is not None:
+                    bad.skip("line is not valid JSON", where=f"{path.name}:{i}")
+                continue
+            if not isinstance(row, dict):
+                if bad is not None:
+                    bad.skip("line is not a JSON object", where=f"{path.name}:{i}")
+                continue
+            yield row
 
 
 def take_lock(lock_path: Path, what: Path | str):
@@ -264,6 +273,12 @@ class ResultsWriter:
                 raise CtxawareError(
                     f"{meta_path} is not valid JSON; delete {self.dir} to start over, or use another --output"
                 ) from None
+            if not isinstance(old, dict) or not isinstance(old.get("config", {}), dict):
+                self._lock.close()
+                raise CtxawareError(
+                    f"{meta_path} is not the metadata of a ctxaware run (edited by hand?); delete {self.dir} to "
+                    "start over, or use another --output"
+                )
             changed = config_changes(old.get("config", {}), old.get("inputs"), config)
             if changed:
                 self._lock.close()
@@ -288,11 +303,20 @@ class ResultsWriter:
         if good_end < len(raw):
             with self.path.open("r+b") as f:
                 f.truncate(good_end)
-        for row in read_jsonl(self.path):
+        bad = SkipCounter()
+        for row in read_jsonl(self.path, bad):
+            if any(k not in row for k in self.key_fields):
+                bad.skip("row lacks a key field", where=self.path.name)
+                continue
             k = self.key(row)
             if k not in self._done:
                 self._done.add(k)
                 self.rows.append(row)
+        self.malformed = bad
+        if bad.total:  # the torn last line of a killed run was cut above; anything else is said
+            print(f"ctxaware: note: {bad.total} malformed line(s) in {self.path} skipped "
+                  f"({', '.join(f'{n} x {r}' for r, n in bad.counts.items())}); their work is redone",
+                  file=sys.stderr)  # fmt: skip
 
     def key(self, row: dict) -> tuple:
         try:
