@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ctxaware import score as S
-from ctxaware.chat import render
+from ctxaware.chat import render, with_empty_system
 from ctxaware.conversations import load_conversations
 from tests.conftest import REPO, SHARED_DATA, tiny_llama
 
@@ -321,3 +321,24 @@ def test_a_model_without_chat_template_is_a_configuration_error(tmp_path, smollm
     errors = [x for x in err.splitlines() if x.startswith("ctxaware")]  # the rest: weight-loading progress
     assert rc == 2 and "Traceback" not in err and len(errors) == 1 and "no chat template" in errors[0]
     assert not out.exists() and not out.with_name(out.name + ".work").exists()
+
+
+def test_a_huge_row_is_cut_before_tokenizing(smollm2_tok):
+    """Issue 23 §4: a 50 MB message is not tokenized whole (it took 95 s and 7 GB): the layout keeps the
+    first max_tokens tokens of the full rendering, exactly, and later turns are skipped as truncated."""
+    import time
+
+    tok = smollm2_tok
+    big = [{"role": "user", "content": "Q: " + "word " * 40000}, {"role": "assistant", "content": "A"},
+           {"role": "user", "content": "more"}, {"role": "assistant", "content": "B"}]  # fmt: skip
+    full = render(
+        with_empty_system(big, tok), tok, "chat", add_generation_prompt=False, add_special_tokens=True
+    )
+    lay = S.layout(big, tok, 2047)
+    assert lay.input_ids == full.input_ids[:2047]
+    assert [t.skipped for t in lay.turns] == ["response truncated away (max_tokens=2047)"] * 2
+    t0 = time.time()
+    huge = S.layout(
+        [{"role": "user", "content": "x " * 25_000_000}, {"role": "assistant", "content": "A"}], tok, 2047
+    )
+    assert time.time() - t0 < 10 and len(huge.input_ids) == 2047 and huge.turns[0].skipped

@@ -368,6 +368,29 @@ def render(
     return Rendered(text, list(ids), roles, spans, mode, prefix_span, msgs, add_special, offsets)
 
 
+CHARS_PER_TOKEN_BOUND = 64  # no tokenizer ctxaware knows writes longer tokens (a run of spaces at most)
+
+
+def clip_messages(messages: Sequence[dict], max_tokens: int | None) -> list[dict]:
+    """``messages`` cut to ``max_tokens * CHARS_PER_TOKEN_BOUND`` content characters in all, later
+    messages dropped: the first ``max_tokens`` tokens of the rendering are unchanged, and a 50 MB row is not
+    tokenized whole only to keep its first 2,047 tokens (issue 23 §4). Every message up to the cut is
+    kept, so roles still alternate."""
+    if max_tokens is None:
+        return list(messages)
+    budget, out = max_tokens * CHARS_PER_TOKEN_BOUND, []
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str) or budget <= 0:
+            if budget <= 0:
+                break
+            out.append(m)
+            continue
+        out.append({**m, "content": content[:budget]} if len(content) > budget else m)
+        budget -= len(content)
+    return out
+
+
 def user_prompt(content: str, system: str | None = None) -> list[dict]:
     """A one-turn conversation: an optional system message and one user message."""
     msgs = [{"role": "system", "content": system}] if system is not None else []

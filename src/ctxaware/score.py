@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from ctxaware.chat import end_of_turn, render, with_empty_system
+from ctxaware.chat import clip_messages, end_of_turn, render, with_empty_system
 from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
@@ -140,6 +140,7 @@ def layout(
         raise CtxawareError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     authors = protocol == "authors"
     msgs = with_empty_system(messages, tokenizer) if authors else list(messages)
+    msgs = clip_messages(msgs, max_tokens)  # a huge row is not tokenized whole
     r = render(msgs, tokenizer, "chat", add_generation_prompt=False, add_special_tokens=authors or None)
     T = len(r) if max_tokens is None else min(len(r), max_tokens)
     roles = r.content_roles()[:T]
@@ -174,6 +175,11 @@ def layout(
         elif n_user == 0:
             t.skipped = "no user tokens before the response"
         turns.append(t)
+    n_turns = sum(m.get("role") == "assistant" for m in messages)
+    for m in range(len(turns), n_turns):  # dropped by clip_messages: far beyond max_tokens
+        turns.append(
+            TurnLayout(m, [], 0, truncated=True, skipped=f"response truncated away (max_tokens={max_tokens})")
+        )
     return Layout(r.input_ids[:T], user, turns)
 
 

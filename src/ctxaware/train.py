@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from ctxaware.chat import render, with_empty_system
+from ctxaware.chat import clip_messages, render, with_empty_system
 from ctxaware.config import ModelConfig, to_dict
 from ctxaware.conversations import Conversation, load_conversations
 from ctxaware.errors import CtxawareError
@@ -244,11 +244,12 @@ def tokenize(
     rows = []
     for c in convs:
         try:
+            msgs = clip_messages(c.messages, max_length)  # a huge row is not tokenized whole
             if formatting == "authors":  # alignment-handbook's maybe_insert_system_message, SFTTrainer's BOS
-                msgs = with_empty_system(c.messages, tokenizer)
+                msgs = with_empty_system(msgs, tokenizer)
                 r = render(msgs, tokenizer, "chat", add_generation_prompt=False, add_special_tokens=True)
             else:
-                r = render(c.messages, tokenizer, "chat", add_generation_prompt=False)
+                r = render(msgs, tokenizer, "chat", add_generation_prompt=False)
         except CtxawareError as e:
             skips.skip(f"cannot render: {str(e)[:60]}", c.id)
             continue
