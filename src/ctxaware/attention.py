@@ -233,8 +233,9 @@ def needle_config(
 
 
 def prompt_cells(tok, cfg: needle.NeedleConfig, prompts: str = "analysis") -> list:
-    """`needle.NIHPrompt` s of ``cfg``; chat/plain twins share a context. Under ``analysis`` every prompt must
-    end with the token "is" (the authors' script raises otherwise)."""
+    """`needle.NIHPrompt` s of ``cfg``; chat/plain twins share a context. Under ``analysis`` the prompts must
+    end with the token "is" (the authors' script raises otherwise); all share the prefix, so the first is
+    checked."""
     cells = needle.build_prompts(cfg, tok)
     if prompts == "analysis":
         for p in cells[:1]:
@@ -265,7 +266,7 @@ def nih_prompts(
 def dump_prompts(cells: Sequence, path: str | Path) -> int:
     """``ctxaware attention --dump-prompts``: per prompt and condition the text, ids, every token's role and
     the query index (tokenizer only). ``cells``: ``(tokenizer, model_name, NIHPrompt)`` triples."""
-    from ctxaware.sharding import write_jsonl_atomic
+    from ctxaware.results import write_jsonl_atomic
 
     rows = []
     for tok, model_name, p in cells:

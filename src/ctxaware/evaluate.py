@@ -595,7 +595,7 @@ def dump_prompts(cfg: EvalConfig, path: str | Path) -> int:
     """``--dump-prompts``: one JSON line per (model, mode, task, example) with the rendered prompt's text and
     ids, from the tokenizer alone (no model load), in the order the evaluation would run them."""
     from ctxaware.models import canonical_spec, load_tokenizer
-    from ctxaware.sharding import write_jsonl_atomic
+    from ctxaware.results import write_jsonl_atomic
 
     rows = []
     for spec in expand_models(cfg.model):

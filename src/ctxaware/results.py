@@ -179,6 +179,17 @@ def config_changes(old_config: dict, old_inputs: dict | None, config: dict) -> l
     return sorted(changed)
 
 
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
+    """Rows as JSONL, written to a temporary name and renamed when complete (readers never see half a file,
+    and an earlier file survives a failure)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return path
+
+
 def read_jsonl(path: str | Path, bad: SkipCounter | None = None) -> Iterator[dict]:
     """The object rows of a JSONL file. A line that is not valid JSON (a torn last line from a killed run,
     or a line edited by hand) or not an object is skipped, and counted in ``bad`` when given."""

@@ -42,14 +42,13 @@ from ctxaware.config import ModelConfig, parse_config, to_dict
 from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
-from ctxaware.results import ResultsWriter, SkipCounter, read_jsonl, write_json_atomic
+from ctxaware.results import ResultsWriter, SkipCounter, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ctxaware.sharding import (
     all_ranks_throughput,
     dist_info,
     merge_parts,
     plan_batches,
     process_group,
-    write_jsonl_atomic,
 )
 
 HEAD_REDUCE = ("max", "mean")

@@ -9,7 +9,6 @@ GPU hosts) gives a barrier and adds up the throughput; without ``MASTER_ADDR`` (
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -56,15 +55,6 @@ def merge_parts(work: Path, writer: ResultsWriter, expected: list[tuple], timeou
             )
         time.sleep(wait)
         wait = min(30.0, wait * 1.5)  # back off: rereading the parts is O(rows)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> Path:
-    """The merged scores, written to a temp file and renamed (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-    return path
 
 
 def process_group(world: int) -> bool:
