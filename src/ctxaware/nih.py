@@ -328,7 +328,8 @@ def distinct_rows(rows: list[dict]) -> list[dict]:
 
 def summarize(rows: list[dict]) -> dict:
     """Recall, recall error, exact match, empty-output rate, per-template means (Table 7), over distinct
-    prompts. Recall (sevenths) gets the Wilson interval, exact match (0/1) the exact Clopper-Pearson one
+    prompts. Recall (sevenths) gets the Wilson interval (exact when every value is 0 or 1), exact match the
+    exact Clopper-Pearson one
     (`stats.summarize_proportion`); ``n_cells`` counts the grid cells, ``n`` the distinct prompts."""
     cells = len(rows)
     rows = distinct_rows(rows)
@@ -397,7 +398,7 @@ def table(summaries: dict[str, dict[str, dict]]) -> str:
     """The Markdown summary table: recall (95% Wilson CI) and all-keywords rate (95% Clopper-Pearson CI) in
     %, over distinct prompts; the template spread only when several templates ran."""
     many = any("template_mean" in s for conds in summaries.values() for s in conds.values())
-    head = ["model", "condition", "recall % [95% Wilson CI]", "recall error %",
+    head = ["model", "condition", "recall % [95% CI: exact when every value is 0 or 1, else Wilson]", "recall error %",
             "all-keywords % [95% exact CI]", "empty %"] + (["templates mean ± std"] if many else []) + ["n"]  # fmt: skip
     rows = []
     for model, conds in summaries.items():

@@ -119,14 +119,15 @@ def nih(d: Path, figs: Figs) -> Section:
         f"× depths {sorted({r['depth'] for r in rows})} %. Recall = fraction of the needle's keywords in the "
         "answer. n counts distinct prompts (cells of one haystack"
         + (f"; {len(cells) - len(rows)} repeated cells counted once" if len(cells) > len(rows) else "")
-        + "); recall: 95% Wilson CI, all keywords and empty: 95% exact (Clopper-Pearson) CI; the paired "
+        + "); recall: 95% Wilson CI (exact when every value is 0 or 1), all keywords and empty: 95% exact "
+        "(Clopper-Pearson) CI; the paired "
         "difference: 95% paired bootstrap over cells."
     )
     table = []
     for c, rs in by_cond.items():
         table.append([c, len(rs), pct(prop([r["recall"] for r in rs]), len(rs)), pct(prop([r.get("exact") for r in rs]), len(rs)),
                       pct(prop([r.get("empty") for r in rs]), len(rs))])  # fmt: skip
-    s.table(["condition", "n", "recall % [95% Wilson CI]", "all keywords % [95% exact CI]", "empty % [95% exact CI]"],
+    s.table(["condition", "n", "recall % [95% CI: exact when every value is 0 or 1, else Wilson]", "all keywords % [95% exact CI]", "empty % [95% exact CI]"],
             table)  # fmt: skip
     for prefix_rest, (chat, plain) in _pairs(by_cond).items():
         diff = _paired(by_cond[chat], by_cond[plain])
