@@ -192,14 +192,11 @@ def with_empty_system(messages: Sequence[dict], tokenizer) -> list[dict]:
     return msgs
 
 
-def end_of_turn(tokenizer, role: str = "assistant") -> str:
-    """The text the chat template writes right after a ``role`` message's content when it is the last
-    message (``"<|im_end|>\\n"`` for ChatML, ``"</s>"`` for Zephyr, ``"<end_of_turn>\\n"`` for Gemma)."""
-    msgs = [{"role": "user", "content": _sentinel(0)}]
-    if role == "assistant":
-        msgs.append({"role": "assistant", "content": _sentinel(1)})
-    text = _chat_text(msgs, tokenizer, add_generation_prompt=False)
-    return text.split(_sentinel(len(msgs) - 1), 1)[1]
+def end_of_turn(tokenizer) -> str:
+    """The text the chat template writes right after an assistant message that ends the conversation
+    (``"<|im_end|>\\n"`` for ChatML, ``"</s>"`` for Zephyr, ``"<end_of_turn>\\n"`` for Gemma)."""
+    msgs = [{"role": "user", "content": _sentinel(0)}, {"role": "assistant", "content": _sentinel(1)}]
+    return _chat_text(msgs, tokenizer, add_generation_prompt=False).split(_sentinel(1), 1)[1]
 
 
 def _sentinel(i: int) -> str:
