@@ -172,3 +172,30 @@ def test_hub_converters_on_hub_shaped_rows():
     unans = {**dialog, "answers": {"texts": [["CANNOTANSWER"]], "answer_starts": [[-1]]}}
     ex = TASKS["quac"].convert(next(TASKS["quac"].read_hub(unans)))
     assert ex.answers == ["CANNOTANSWER"] and ex.category == "unanswerable"
+
+
+def test_wrongly_typed_fields_are_skipped_and_counted(tmp_path):
+    """Issue 23 §4: rows whose fields have the wrong type (a number for a context, a list for a question,
+    turns that are not two strings, a reference that is not a list) are skipped with a reason and counted;
+    the well-formed rows around them load."""
+    import json
+
+    from ctxaware.results import SkipCounter
+    from ctxaware.tasks import get_task, load_examples
+
+    (tmp_path / "qa").mkdir()
+    squad = {"data": [{"paragraphs": [
+        {"context": 5, "qas": [{"id": "bad", "question": "q?", "answers": [{"text": "a"}]}]},
+        {"context": "Paris is in France.", "qas": [{"id": "ok", "question": "Where is Paris?",
+                                                    "answers": [{"text": "France"}]},
+                                                   {"id": "bad2", "question": ["x"], "answers": [{"text": "a"}]}]},
+    ]}]}  # fmt: skip
+    (tmp_path / "qa" / "squad_v2_dev_small.json").write_text(json.dumps(squad))
+    (tmp_path / "general").mkdir()
+    mt = [{"question_id": 1, "category": "math", "turns": 5}, {"question_id": 2, "turns": ["a", 3]},
+          {"question_id": 3, "turns": ["a", "b"], "reference": 5}, {"question_id": 4, "turns": ["a", "b"]}]  # fmt: skip
+    (tmp_path / "general" / "mt_bench_questions.jsonl").write_text("\n".join(map(json.dumps, mt)) + "\n")
+    for task, good, bad in (("squad", ["ok"], 2), ("mt_bench", ["4"], 3)):
+        skips = SkipCounter()
+        ex = load_examples(get_task(task), "local", tmp_path, skips)
+        assert [e.id for e in ex] == good and skips.total == bad, (task, skips.as_dict())

@@ -387,6 +387,8 @@ def convert_mtbench(row: dict) -> Example:
     ):
         raise Malformed("turns must be two non-empty strings")
     refs = row.get("reference") or []
+    if not isinstance(refs, list):
+        raise Malformed("reference must be a list of strings")
     qid = row.get("question_id", row.get("prompt_id"))
     return Example(
         str(qid),
