@@ -495,3 +495,23 @@ def test_nih_rows_carry_prefill_attention_equal_to_eager(tmp_path, smollm2, monk
         model.config._attn_implementation = eager
     s = nih.summarize([r for r in rows if r["condition"] == "chat+prefix"])
     assert set(s["attention"]) == {"3", "15"} and 0 < s["attention"]["15"]["paper"]["user"] < 1
+
+
+def test_a_missing_haystack_is_never_replaced_silently(tmp_path, monkeypatch, capsys):
+    """Issue 26 §1: where the essays are not found, `--haystack auto` stops in one line that says where it
+    looked (it fell back to the synthetic haystack silently, which changes every NIH number);
+    CTXAWARE_SHARED_DATA points at them; the synthetic haystack runs only when asked for by name."""
+    from ctxaware.cli import main
+    from ctxaware.needle import PG_ESSAYS, haystack_files
+
+    monkeypatch.setenv("CTXAWARE_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(CtxawareError, match="nowhere/haystack/paul_graham_essays"):
+        haystack_files("auto")
+    assert haystack_files("synthetic") is None
+    assert (
+        main(["nih", "--lengths", "400", "--depths", "50", "--dump-prompts", str(tmp_path / "p.jsonl")]) == 2
+    )
+    assert "CTXAWARE_SHARED_DATA" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
+    if PG_ESSAYS.is_dir():  # the variable is honoured
+        monkeypatch.setenv("CTXAWARE_SHARED_DATA", str(PG_ESSAYS.parents[1]))
+        assert len(haystack_files("auto")) == len(list(PG_ESSAYS.glob("*.txt")))

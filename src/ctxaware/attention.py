@@ -348,7 +348,9 @@ class AttentionConfig(ModelConfig):
     batch_size: int = dataclasses.field(default=4, metadata={"help": "prompts per forward pass"})
     haystack: str = dataclasses.field(
         default="auto",
-        metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
+        metadata={
+            "help": "directory of .txt files, synthetic, or auto (the shared essays; an error when absent)"
+        },
     )
     protocol: str = dataclasses.field(
         default="authors", metadata={"help": "NIH protocol: authors or ctxaware"}

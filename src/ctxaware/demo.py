@@ -83,8 +83,18 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
 
     _section("3. needle in a haystack: chat template vs. plain, with response prefix")
     modes = ["chat", "plain"] if getattr(tok, "chat_template", None) else ["plain"]
+    from ctxaware.needle import essays_dir
+
+    haystack = "auto" if essays_dir().is_dir() else "synthetic"
+    if haystack == "synthetic":
+        print(f"note: the Paul Graham essays are not at {essays_dir()} (set CTXAWARE_SHARED_DATA); this demo "
+              "uses ctxaware's synthetic haystack, so its recall is not the paper's measurement")  # fmt: skip
     ncfg = nih.NIHConfig(
-        lengths=[200, 400, 600, 800, 1000], depths=[0, 33, 67, 100], modes=modes, prefix=[True]
+        lengths=[200, 400, 600, 800, 1000],
+        depths=[0, 33, 67, 100],
+        modes=modes,
+        prefix=[True],
+        haystack=haystack,
     )
     ncfg.output = f"{cfg.output}/nih"
     keywords = nih.load_needle(ncfg)[2]
@@ -153,6 +163,7 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     from ctxaware.attention import nih_prompts, renormalise, role_allocation
     from ctxaware.chat import ROLES
     from ctxaware.models import middle_layer
+    from ctxaware.needle import essays_dir
 
     layer = middle_layer(model)
     _section(f"4. attention per role at layer {layer}, query 'is' as the authors' script (paper Fig. 3-4)")
@@ -162,7 +173,8 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     depths = sorted({p.cell["depth"] for p in prompts})
     modes = {p.cell["mode"] for p in prompts}
     for mode in ("plain", "chat"):
-        chosen = nih_prompts(tok, lengths, depths, chat=mode == "chat") if mode in modes else []
+        hay = "auto" if essays_dir().is_dir() else "synthetic"  # as step 3
+        chosen = nih_prompts(tok, lengths, depths, chat=mode == "chat", haystack=hay) if mode in modes else []
         if chosen:
             by_mode[mode] = role_allocation(
                 model, chosen, layers=[layer], pad_id=tok.pad_token_id, desc=f"demo attention {mode}"

@@ -36,7 +36,18 @@ from ctxaware.errors import CtxawareError
 from ctxaware.indicator import append_indicator
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ESSAYS = REPO.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
+
+
+def essays_dir() -> Path:
+    """The Paul Graham essays: ``$CTXAWARE_SHARED_DATA/haystack/paul_graham_essays``, else the shared data
+    folder beside the repository (``../shared/data``)."""
+    import os
+
+    data = os.environ.get("CTXAWARE_SHARED_DATA") or str(REPO.parent / "shared" / "data")
+    return Path(data).expanduser() / "haystack" / "paul_graham_essays"
+
+
+PG_ESSAYS = essays_dir()
 PROTOCOLS = ("authors", "ctxaware")
 BUFFER = 200  # the authors' final_context_length_buffer
 
@@ -76,7 +87,8 @@ class NeedleConfig:
         default="authors", metadata={"help": "authors (the released tester, token for token) or ctxaware"}
     )
     haystack: str = dataclasses.field(
-        default="auto", metadata={"help": "auto, synthetic or a directory of .txt"}
+        default="auto",
+        metadata={"help": "auto (the shared essays; an error when absent), synthetic or a directory of .txt"},
     )
     needle: str = dataclasses.field(
         default="The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
@@ -207,9 +219,17 @@ def synthetic_haystack(n_sentences: int = 3000, seed: int = 0) -> str:
 
 def haystack_files(spec: str) -> list[Path] | None:
     """The ``.txt`` files of the haystack in sorted order (``None``: synthetic)."""
-    if spec == "synthetic" or (spec == "auto" and not PG_ESSAYS.is_dir()):
+    if spec == "synthetic":
         return None
-    d = PG_ESSAYS if spec == "auto" else Path(spec).expanduser()
+    if spec == "auto":  # never a silent change of haystack: that would change every NIH number
+        d = essays_dir()
+        if not d.is_dir():
+            raise CtxawareError(
+                f"the Paul Graham essays (the paper's haystack) are not at {d}; set CTXAWARE_SHARED_DATA to the "
+                "shared data folder, give --haystack DIR (a folder of .txt files), or ask for --haystack synthetic"
+            )
+        return sorted(d.glob("*.txt"))
+    d = Path(spec).expanduser()
     if not d.is_dir():
         raise CtxawareError(
             f"haystack {spec!r} is not a directory; give a directory of .txt files, or 'synthetic'"

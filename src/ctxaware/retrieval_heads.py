@@ -164,7 +164,9 @@ class HeadsConfig(ModelConfig):
     )
     haystack: str = dataclasses.field(
         default="auto",
-        metadata={"help": "directory of .txt files, synthetic, or auto (the shared essays when present)"},
+        metadata={
+            "help": "directory of .txt files, synthetic, or auto (the shared essays; an error when absent)"
+        },
     )
     prompts: Literal["analysis", "nih"] = dataclasses.field(
         default="analysis",
