@@ -432,10 +432,14 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     cells = prompt_cells(tok, ncfg, cfg.prompts)
     by_cond = {c: [p for p in cells if p.cell["mode"] == c] for c in conds}
     prompts = {c: [p.render(tok) for p in by_cond[c]] for c in conds}
-    distinct = len({tuple(r.input_ids) for r in prompts["plain"]})
-    if distinct < len(prompts["plain"]):
-        print(f"note: {len(prompts['plain']) - distinct} of the {len(prompts['plain'])} cells repeat another "
+    # keep only distinct prompts, before any forward pass: a repeated cell (two budgets with one context)
+    # would count one prompt twice in n and in the CIs; its chat twin repeats too
+    keep = sorted({tuple(r.input_ids): i for i, r in reversed(list(enumerate(prompts["plain"])))}.values())
+    if len(keep) < len(prompts["plain"]):
+        print(f"note: {len(prompts['plain']) - len(keep)} of the {len(prompts['plain'])} cells repeat another "
               "cell's prompt (lengths whose budget gives the same context); n counts distinct prompts")  # fmt: skip
+        by_cond = {c: [by_cond[c][i] for i in keep] for c in conds}
+        prompts = {c: [prompts[c][i] for i in keep] for c in conds}
     shares = {
         c: role_allocation(
             model, prompts[c], batch_size=cfg.batch_size, pad_id=pad, desc=f"attention {name} {c}"
@@ -450,13 +454,6 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
         heads = {lyr: [int(user[:, lyr].mean(0).argmax())] * user.shape[0] for lyr in range(n_layers)}
     else:
         heads = {lyr: [int(h) for h in user[:, lyr].argmax(-1)] for lyr in range(n_layers)}
-    # keep only distinct prompts: a repeated cell would count one prompt twice in n and in the CIs
-    keep = list({tuple(r.input_ids): i for i, r in reversed(list(enumerate(prompts["plain"])))}.values())
-    keep.sort()
-    shares = {c: shares[c][keep] for c in conds}
-    heads = {lyr: [hs[i] for i in keep] for lyr, hs in heads.items()}
-    by_cond = {c: [by_cond[c][i] for i in keep] for c in conds}
-    prompts = {c: [prompts[c][i] for i in keep] for c in conds}
     layers = layer_statistics(shares, prompts, heads)
     rows: list[dict] = []
     allocation = {"model": name, "layer": layer, "n_prompts": len(keep), "prompts": cfg.prompts,
