@@ -39,12 +39,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def essays_dir() -> Path:
-    """The Paul Graham essays: ``$CTXAWARE_SHARED_DATA/haystack/paul_graham_essays``, else the shared data
-    folder beside the repository (``../shared/data``)."""
-    import os
+    """The Paul Graham essays in the shared data folder (`tasks.default_data_dir`: ``$CTXAWARE_SHARED_DATA``,
+    else ``../shared/data`` beside the repository)."""
+    from ctxaware.tasks import default_data_dir
 
-    data = os.environ.get("CTXAWARE_SHARED_DATA") or str(REPO.parent / "shared" / "data")
-    return Path(data).expanduser() / "haystack" / "paul_graham_essays"
+    return default_data_dir().expanduser() / "haystack" / "paul_graham_essays"
 
 
 PG_ESSAYS = essays_dir()
