@@ -453,11 +453,11 @@ def read_training_data(cfg: TrainConfig) -> tuple[list[Conversation], dict]:
 
 
 def build_dataset(
-    cfg: TrainConfig, model, tok, skips: SkipCounter, data: tuple[list[Conversation], dict] | None = None
+    cfg: TrainConfig, model, tok, skips: SkipCounter, data: tuple[list[Conversation], dict]
 ) -> tuple[list[dict], dict]:
-    """Mitigate and tokenize the training conversations (``data``: from `read_training_data`, read now when
-    not given); return rows and a data report."""
-    convs, report = data if data is not None else read_training_data(cfg)
+    """Mitigate and tokenize the training conversations (``data``: from `read_training_data`, read before
+    the model loaded); return rows and a data report."""
+    convs, report = data
     if cfg.filter_parametric > 0:
         nll = no_context_nll(model, tok, convs)
         convs, dropped = filter_parametric(convs, nll, cfg.filter_parametric)
