@@ -52,6 +52,17 @@ def _with_output(cmd: str, *args: str) -> list[str]:
     return [cmd, *base, flag, "{OUT}" if kind == "dir" else "{OUTFILE}", *args]
 
 
+# command -> a command line whose output file already exists and is not a run of that command
+EXISTING_OUTPUTS = {
+    "nih": ["nih", "--dump-prompts", "{FILE}"],
+    "attention": ["attention", "--dump-prompts", "{FILE}"],
+    "eval": ["eval", "squad", "--dump-prompts", "{FILE}"],
+    "heads": ["heads", "--output", "{FILE}"],
+    "score": ["score", "{DATA}", "--output", "{FILE}"],
+    "select": ["select", "{SCORES}", "{DATA}", "--output", "{SELECTED}"],
+    "report": ["report", "{OUT}", "--output", "{FILE}"],
+}
+
 CASES: list[tuple[str, list[str]]] = [
     *_output_cases(),
     # numbers out of range (checked from the config's field rules, before any model loads)
@@ -110,11 +121,11 @@ CASES: list[tuple[str, list[str]]] = [
     ("nih dtype int8", _with_output("nih", "--dtype", "int8")),
     *[(f"{c} empty output", [c, *OUTPUTS[c][0], OUTPUTS[c][1], ""]) for c in ("nih", "score", "report")],
     # whole files that cannot be read: one line, not a traceback (issue 23 §4)
-    ("score truncated .json", ["score", "{TRUNC_JSON}", "--output", "{OUTFILE}"]),
-    ("score truncated .jsonl.gz", ["score", "{TRUNC_GZ}", "--output", "{OUTFILE}"]),
-    ("score text named .gz", ["score", "{TEXT_GZ}", "--output", "{OUTFILE}"]),
-    ("score garbage .parquet", ["score", "{GARBAGE_PARQUET}", "--output", "{OUTFILE}"]),
-    ("score JSON nested too deeply", ["score", "{NESTED}", "--output", "{OUTFILE}"]),
+    ("score truncated .json", ["score", "{TRUNC_JSON}", "--output", "{NEWFILE}"]),
+    ("score truncated .jsonl.gz", ["score", "{TRUNC_GZ}", "--output", "{NEWFILE}"]),
+    ("score text named .gz", ["score", "{TEXT_GZ}", "--output", "{NEWFILE}"]),
+    ("score garbage .parquet", ["score", "{GARBAGE_PARQUET}", "--output", "{NEWFILE}"]),
+    ("score JSON nested too deeply", ["score", "{NESTED}", "--output", "{NEWFILE}"]),
     ("nih needle keywords: 5", _with_output("nih", "--needle-file", "{NEEDLE_INT}")),
     ("eval nqswap.zip is not a zip", ["eval", "nqswap", "--data-dir", "{NOT_ZIP_DIR}", "--output", "{OUT}"]),
     ("analyze rows without scores", ["analyze", "{NO_SCORES}", "--output", "{OUT}/analysis"]),
@@ -126,6 +137,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("report output replaces a run's scores", ["report", "{OUT}", "--output", "{OUT}/rows.jsonl"]),
     ("report twin replaces a run's summary.md", ["report", "{OUT}", "--output", "{OUT}/summary.html"]),
     ("eval dump replaces a task file", ["eval", "squad", "--dump-prompts", "{DATA}", "--steer", "{DATA}"]),
+    # an existing output file (a user's file or an earlier result) is replaced only with --overwrite
+    *[(f"{c} output file exists", argv) for c, argv in EXISTING_OUTPUTS.items()],
     # every command: an unknown option and a missing --config file
     *[(f"{c} unknown option", [c, "--no-such-option", "1"]) for c in cli.COMMANDS],
     *[(f"{c} missing config", [c, "--config", "{MISSING}"]) for c in cli.COMMANDS],
@@ -164,6 +177,9 @@ def inputs(tmp_path: Path) -> dict[str, str]:
     (holder / "data.jsonl").write_text(json.dumps(conv) + "\n")
     (holder / "scores.jsonl").write_text(json.dumps(score_row) + "\n")
     (tmp_path / "existing_scores.jsonl").write_text(json.dumps(score_row) + "\n")
+    selected = tmp_path / "selected"  # an earlier `select` output
+    selected.mkdir()
+    (selected / "selection.json").write_text('{"beta": 0.6}\n')
     dirs = {}
     for name, rel, text in (
         ("BAD_JSON_DIR", "qa/squad_v2_dev_small.json", '{"data": [ {"paragraphs": '),
@@ -184,6 +200,8 @@ def inputs(tmp_path: Path) -> dict[str, str]:
         "EMPTY": str(tmp_path / "empty.jsonl"),
         "OUT": str(out),
         "OUTFILE": str(tmp_path / "existing_scores.jsonl"),
+        "NEWFILE": str(tmp_path / "new_scores.jsonl"),
+        "SELECTED": str(selected),
         "MISSING": str(tmp_path / "missing.yaml"),
         "DATA_DIR": str(holder),
         **{
@@ -227,6 +245,27 @@ def test_bad_input_is_one_line_exit_2(argv, inputs, tmp_path, capsys, monkeypatc
     assert "Traceback" not in err and err.startswith(f"ctxaware {argv[0]}: error: ")
     assert _snapshot(tmp_path) == before  # nothing written, nothing lost
     assert not any(p.name.startswith(".ctxaware-write-test") for p in Path(tmp_path).rglob("*"))
+
+
+@pytest.mark.parametrize("cmd", list(EXISTING_OUTPUTS))
+def test_existing_output_is_refused_with_the_way_out(cmd, inputs, tmp_path, capsys, monkeypatch):
+    """Issue 23 §1: the refusal of an existing output names the file and --overwrite (what the table above
+    cannot tell apart from any other one-line error)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([a.format(**inputs) for a in EXISTING_OUTPUTS[cmd]]) == 2
+    err = capsys.readouterr().err
+    assert "already" in err and "--overwrite" in err, err
+
+
+def test_overwrite_replaces_an_earlier_dump(tmp_path, capsys):
+    """``--overwrite`` is the explicit way to replace an earlier output: the dump is written anew."""
+    out = tmp_path / "prompts.jsonl"
+    argv = ["nih", "--lengths", "400", "--depths", "50", "--template", "1", "--dump-prompts", str(out)]
+    out.write_text("an earlier file\n")
+    assert cli.main(argv) == 2 and out.read_text() == "an earlier file\n"
+    assert cli.main([*argv, "--overwrite"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r["length"] == 400 for r in rows)
 
 
 def test_unwritable_path_is_really_unwritable():

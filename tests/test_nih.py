@@ -183,12 +183,14 @@ def test_resume_after_kill_and_config_refusal(tmp_path, smollm2):
 
 
 @pytest.mark.parametrize(
-    "kept", [pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(5, marks=pytest.mark.slow)]
+    "kept", [pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(5, marks=pytest.mark.slow), "torn"]
 )
 def test_resume_inside_a_batch_is_byte_identical(tmp_path, kept):
     """Issue 23 §5: a run killed between two rows of one batch (here: the rows file cut after ``kept`` of 6
-    rows, batches of 4) resumes to the very bytes of an uninterrupted run, attention shares included: the
-    missing rows are computed beside the same companions, not alone."""
+    rows, batches of 4; ``torn``: cut at a seeded random byte, mid-line) resumes to the very bytes of an
+    uninterrupted run, attention shares included: the missing rows are computed beside the same companions,
+    not alone."""
+    import random
     import shutil
 
     from ctxaware.cli import main
@@ -201,7 +203,9 @@ def test_resume_inside_a_batch_is_byte_identical(tmp_path, kept):
     assert len(want.splitlines()) == 6 and b'"attention"' in want
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
-    (cut / "smollm2-135m-instruct" / "rows.jsonl").write_bytes(b"".join(want.splitlines(True)[:kept]))
+    at = random.Random(23).randrange(1, len(want)) if kept == "torn" else None
+    prefix = want[:at] if at else b"".join(want.splitlines(True)[:kept])
+    (cut / "smollm2-135m-instruct" / "rows.jsonl").write_bytes(prefix)
     assert main(["nih", *argv, "--output", str(cut)]) == 0
     assert (cut / "smollm2-135m-instruct" / "rows.jsonl").read_bytes() == want
 

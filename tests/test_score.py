@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -215,6 +217,92 @@ def test_kill_and_resume_gives_the_same_file(tiny_dir, small_data, reference, tm
     subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True)
     assert out.read_text() == reference.read_text()
     assert n_before < len(reference.read_text().splitlines())
+
+
+PART = "part-000-of-001.jsonl"
+
+
+def test_resume_from_random_kill_points_is_byte_identical(tiny_dir, small_data, reference, tmp_path):
+    """Issue 23 §6, the fault test: what a kill can leave of an append-only rows file is a prefix of it, cut
+    anywhere (between rows, inside a batch of 4, mid-line). Resume from random cuts (seeded) of the
+    uninterrupted run's part file; the scores file equals the uninterrupted one byte for byte."""
+    ref_work = reference.with_name("scores.jsonl.work")
+    raw = (ref_work / PART).read_bytes()
+    ends = [i + 1 for i, b in enumerate(raw) if b == ord("\n")]
+    rng = random.Random(2023)
+    inside = [e for n, e in enumerate(ends[:-1], 1) if n % 4][:40]  # after a row that does not end a batch
+    torn = rng.randrange(1, len(raw))  # anywhere, most likely mid-line
+    cuts = sorted({rng.choice(inside), torn if raw[torn - 1] != ord("\n") else torn - 1, 0})
+    for i, cut in enumerate(cuts):
+        out = tmp_path / f"cut{i}" / "scores.jsonl"
+        shutil.copytree(ref_work, out.with_name("scores.jsonl.work"))
+        (out.with_name("scores.jsonl.work") / PART).write_bytes(raw[:cut])
+        subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True,
+                       capture_output=True)  # fmt: skip
+        assert out.read_bytes() == reference.read_bytes(), f"resume from byte {cut} of {len(raw)} differs"
+
+
+def _file_size_limit(limit: int):
+    def set_limit() -> (
+        None
+    ):  # in the child: writes past ``limit`` bytes fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+def _one_line_disk_error(proc: subprocess.CompletedProcess, reason: str) -> None:
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and reason in errors[0] and "rerun the same command to resume" in errors[0]
+
+
+def test_disk_full_mid_run_keeps_rows_and_resumes(tiny_dir, small_data, reference, tmp_path):
+    """Issue 23 §4: a write that finds no room (here the process's file-size limit, EFBIG, half-way through
+    the rows) ends the run with one line and exit 1, keeps the finished rows, and the rerun resumes to the
+    uninterrupted run's bytes."""
+    out = tmp_path / "scores.jsonl"
+    part = out.with_name("scores.jsonl.work") / PART
+    limit = len((reference.with_name("scores.jsonl.work") / PART).read_bytes()) // 2
+    proc = subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), text=True,
+                          capture_output=True, preexec_fn=_file_size_limit(limit))  # fmt: skip
+    _one_line_disk_error(proc, "file too large")
+    assert not out.exists() and 0 < part.stat().st_size <= limit
+    kept = part.read_bytes()[: part.read_bytes().rfind(b"\n") + 1]
+    subprocess.run(
+        _cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True, capture_output=True
+    )
+    assert out.read_bytes() == reference.read_bytes()
+    assert part.read_bytes().startswith(kept)  # the rows written before the disk filled were not redone
+
+
+def test_no_space_left_on_a_real_file_system(tiny_dir, small_data, reference, tmp_path):
+    """The same on a real full file system (ENOSPC): a 64 KiB tmpfs that the rows outgrow. Needs the right
+    to mount (root in a container); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        out = mnt / "scores.jsonl"
+        proc = subprocess.run(_cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), text=True,
+                              capture_output=True)  # fmt: skip
+        if proc.returncode == 0:
+            pytest.fail("the rows fit in 64 KiB; the test needs a larger dataset")
+        _one_line_disk_error(proc, "no space left")
+        part = out.with_name("scores.jsonl.work") / PART
+        assert part.stat().st_size > 0 and not out.exists()
+        shutil.copytree(out.with_name("scores.jsonl.work"), tmp_path / "scores.jsonl.work")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    out = tmp_path / "scores.jsonl"
+    subprocess.run(
+        _cmd(small_data, tiny_dir, out, "--max-batch", "4"), env=_env(), check=True, capture_output=True
+    )
+    assert out.read_bytes() == reference.read_bytes()
 
 
 def test_two_process_run_equals_single_process(tiny_dir, small_data, reference, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -197,4 +198,6 @@ def test_scores_of_replaced_data_are_refused(tmp_path):
     selection.run(cfg)
     data.write_text(data.read_text().replace('"q1"', '"another question"'))
     with pytest.raises(CtxawareError, match="other contents of"):
+        selection.run(dataclasses.replace(cfg, output=str(tmp_path / "o2")))
+    with pytest.raises(CtxawareError, match="already holds"):  # the earlier selection is not replaced
         selection.run(cfg)

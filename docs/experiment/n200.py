@@ -1,55 +1,74 @@
-"""n = 200 follow-up of `ctxaware experiment docs/experiment/gemma.yaml` (docs/experiment.md).
+"""n = 200 evaluation of the experiment's checkpoints under the authors' QA protocol (docs/experiment.md).
 
-    python docs/experiment/n200.py TASK      # e.g. cf_world_facts, squad
+    python docs/experiment/n200.py TASK [TASK ...]      # e.g. cf_world_facts squad drop
 
-Evaluates one task at n = 200 on the experiment's trained checkpoints (base, vanilla SFT, +indicator SFT)
-through the experiment's own evaluation stage (same template, seed, 100 new tokens), then prints the
-paired differences. Output: runs/experiment_gemma_n200_TASK/ (rows resume after a kill).
+Trains what `ctxaware experiment docs/experiment/gemma.yaml` trains for Table 4 (vanilla SFT, eq. (2)
+scores with it as the seed, the [IND]-marked +indicator SFT), each stage cached and resumed under
+runs/experiment_gemma/ exactly as the experiment does, then evaluates every TASK at n = 200 on the base
+(without a template: the paper's base rows; and with the training template beside it), the vanilla SFT
+and the +indicator SFT, through the experiment's own evaluation stage (same template, seed, 100 new
+tokens; DROP 256 as the authors' task). Task by task, so a finished task is kept when the session ends.
+Output: runs/experiment_gemma_n200_TASK/ (rows resume after a kill) and its n200.json (paired CIs).
 """
 
 import sys
 from pathlib import Path
 
 from ctxaware.config import parse_config
-from ctxaware.experiment import ExperimentConfig, paired, stage_evaluate
-from ctxaware.results import write_json_atomic
-
-TASK = sys.argv[1] if len(sys.argv) > 1 else "cf_world_facts"
-
-src = Path("runs/experiment_gemma")
-root = Path("runs/experiment_gemma_n200_" + TASK)
-root.mkdir(parents=True, exist_ok=True)
-(root / "template.jinja").write_text((src / "template.jinja").read_text())
-cfg = parse_config(
+from ctxaware.experiment import (
     ExperimentConfig,
-    [
-        "--config",
-        "docs/experiment/gemma.yaml",
-        "--eval_limit",
-        "200",
-        "--eval_tasks",
-        TASK,
-        "--mt_bench_limit",
-        "0",
-        "--output_dir",
-        str(root),
-    ],
-    prog="n200",
+    paired,
+    stage_data,
+    stage_evaluate,
+    stage_score,
+    stage_seed,
+    stage_select,
+    stage_table3,
+    stage_train,
 )
-runs = {
-    "base": ("gemma3-270m", False),
-    "vanilla": (str(src / "train/vanilla/model"), False),
-    "ind_indicator_b0.6": (str(src / "train/ind_indicator_b0.6/model"), True),
-}
-out = {}
-for name, (model_dir, ind) in runs.items():
-    out[name] = stage_evaluate(cfg, root, name, model_dir, ind)[TASK]
-pairs = {}
-for a, b in (("base", "vanilla"), ("vanilla", "ind_indicator_b0.6")):
-    for m in ("p_s", "p_o") if TASK.startswith("cf") else ("contains",):
-        pairs[f"{b} - {a} {m}"] = paired(root, a, b, TASK, m)
-write_json_atomic(root / "n200.json", {"results": out, "paired": pairs})
-for k, v in pairs.items():
-    print(k, {x: round(100 * v[x], 1) for x in ("mean", "ci_low", "ci_high")}, v["n"])
-for k, v in out.items():
-    print(k, {m: round(100 * s["mean"], 1) for m, s in v["metrics"].items()} if "metrics" in v else v)
+from ctxaware.results import write_json_atomic
+from ctxaware.train import validate
+
+TASKS = sys.argv[1:] or ["cf_world_facts"]
+src = Path("runs/experiment_gemma")
+
+cfg = parse_config(ExperimentConfig, ["--config", "docs/experiment/gemma.yaml"], prog="n200")
+cfg.data = stage_data(cfg, src)
+validate(cfg)
+seed_model, _ = stage_seed(cfg, src)
+scores = stage_score(cfg, src, seed_model)
+print("table 3:", stage_table3(cfg, src, scores))
+beta = cfg.betas[0]
+marked = stage_select(cfg, src, scores, beta)
+vanilla = str(src / "train/vanilla/model")
+indicator = stage_train(cfg, src, f"ind_indicator_b{beta}", str(marked), True)["model_dir"]
+
+for task in TASKS:
+    root = Path("runs/experiment_gemma_n200_" + task)
+    root.mkdir(parents=True, exist_ok=True)
+    tcfg = parse_config(
+        ExperimentConfig,
+        ["--config", "docs/experiment/gemma.yaml", "--eval_limit", "200", "--eval_tasks", task,
+         "--mt_bench_limit", "0", "--output_dir", str(root)],
+        prog="n200",
+    )  # fmt: skip
+    runs = {  # name: (model dir, indicator at inference, mode)
+        "base/plain": ("gemma3-270m", False, "plain"),
+        "base": ("gemma3-270m", False, "chat"),
+        "vanilla": (vanilla, False, "chat"),
+        f"ind_indicator_b{beta}": (indicator, True, "chat"),
+    }
+    out = {}
+    for name, (model_dir, ind, mode) in runs.items():
+        out[name] = stage_evaluate(tcfg, root, name.split("/")[0], model_dir, ind, mode)[task]
+    pairs = {}
+    metrics = ("p_s", "p_o") if task.startswith("cf") else ("contains",)
+    for a, b in (("base/plain", "vanilla"), ("base", "vanilla"), ("vanilla", f"ind_indicator_b{beta}")):
+        for m in metrics:
+            pairs[f"{b} - {a} {m}"] = paired(root, a, b, task, m)
+    write_json_atomic(root / "n200.json", {"results": out, "paired": pairs})
+    print(f"== {task}")
+    for k, v in pairs.items():
+        print(k, {x: round(100 * v[x], 1) for x in ("mean", "ci_low", "ci_high")}, v["n"])
+    for k, v in out.items():
+        print(k, {m: round(100 * s["mean"], 1) for m, s in v["metrics"].items()} if "metrics" in v else v)

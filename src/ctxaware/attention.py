@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ctxaware import needle  # NIH prompt construction (imports no attention module)
 from ctxaware.chat import ROLES, Rendered
-from ctxaware.config import ModelConfig, parse_config, to_dict
+from ctxaware.config import ModelConfig, overwrite_option, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
 
@@ -334,6 +334,7 @@ class AttentionConfig(ModelConfig):
             "by a space) or nih (the NIH tester's prompts: 8-word prefix, query 'Francisco', blank line)"
         },
     )
+    overwrite: bool = overwrite_option()
     dump_prompts: str | None = dataclasses.field(
         default=None,
         metadata={
@@ -556,7 +557,7 @@ def _model_dir_name(spec: str) -> str:
 
 def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = None) -> dict:
     """One model: load it, analyse, write ``where/allocation.json``, ``rows.jsonl`` and the figures."""
-    from ctxaware.results import ResultsWriter, write_json_atomic
+    from ctxaware.results import ResultsWriter, write_json_atomic, write_text_atomic
 
     model, tok = cfg.load(spec)
     check_layer(cfg.layer, _model_shape(model)[0])
@@ -573,7 +574,7 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
         {"model": allocation["model"], "n_prompts": allocation["n_prompts"], "interval": allocation["interval"],
          "layers": extra["layers"]},
     )  # fmt: skip
-    (where / "layers.md").write_text(layers_markdown(extra["layers"]))
+    write_text_atomic(where / "layers.md", layers_markdown(extra["layers"]))
     _figures(allocation, extra, where)
     return allocation
 

@@ -3,11 +3,13 @@
 Each subcommand lives in the module that implements it and exposes ``main(argv) -> int``; this file only
 dispatches (one hop) and turns a `CtxawareError` into one line on stderr with exit code 2. ``--debug``
 shows the traceback instead. A run that left units of work unfinished for an outside reason
-(`results.leave_for_next_run`, e.g. a failing MT-Bench judge) says so on stderr and exits 1.
+(`results.leave_for_next_run`, e.g. a failing MT-Bench judge) says so on stderr and exits 1; so does a run
+that ran out of disk (`DISK_FULL`), keeping the rows it finished.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -16,6 +18,11 @@ import sys
 import threading
 
 from ctxaware.errors import CtxawareError
+
+# the write errors that mean "no room": a run ends with one line and exit 1 (an outside cause, like a failed
+# judge call), its finished rows kept for the resume; any other OSError is a defect and keeps its traceback
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large for the file system or the process's file-size limit"}  # fmt: skip
 
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
@@ -99,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxaware {name}: {signame}; finished rows are kept, rerun the same command to resume",
               file=sys.stderr)  # fmt: skip
         return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:
+        if debug or e.errno not in DISK_FULL:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"ctxaware {name}: error: {DISK_FULL[e.errno]}{where}; finished rows are kept (a torn last row is "
+              "cut on resume): free space and rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -232,8 +232,39 @@ def rule(f: dataclasses.Field) -> dict[str, Any]:
     r = dict(NAME_RULES.get(f.name, {}))
     if f.name == "output":
         r["path"] = "output_file" if Path(str(f.default)).suffix else "output_dir"
-    r.update({k: v for k, v in f.metadata.items() if k in ("min", "gt", "max", "path")})
+    r.update({k: v for k, v in f.metadata.items() if k in ("min", "gt", "max", "path", "resumable")})
     return r
+
+
+def overwrite_option() -> Any:
+    """The ``overwrite`` field of every config that writes a file (`check_existing_outputs`)."""
+    return dataclasses.field(
+        default=False, metadata={"help": "replace an earlier output file of this command (never an input)"}
+    )
+
+
+def check_existing_outputs(config: Any) -> None:
+    """An output file that already exists is replaced only with ``--overwrite`` (issue 23 §1): it may be a
+    user's file or an earlier result, and no output replaces either by accident. Resumable outputs
+    (``resumable`` in the field's metadata: the command checks its own run's fingerprint) are exempt."""
+    if getattr(config, "overwrite", False):
+        return
+    for f in dataclasses.fields(config):
+        r = rule(f)
+        if r.get("path") != "output_file" or r.get("resumable"):
+            continue
+        for p in _paths(getattr(config, f.name)):
+            if Path(p).expanduser().is_file():
+                how = "pass --overwrite to replace it, or " if hasattr(config, "overwrite") else ""
+                raise CtxawareError(f"{_flag(f.name)} {p} already exists; {how}give a new file name")
+
+
+def refuse_existing(paths: list[Path], overwrite: bool, flag: str) -> None:
+    """The same rule for the files a command writes inside an output directory."""
+    there = [p for p in paths if p.exists()]
+    if there and not overwrite:
+        raise CtxawareError(f"{flag} {there[0].parent} already holds {there[0].name} from an earlier run; pass "
+                            "--overwrite to replace it, or give a new directory")  # fmt: skip
 
 
 def check_utf8(path: str | Path, what: str) -> None:
@@ -359,6 +390,7 @@ def validate(config: Any) -> None:
     """Check every field of a parsed config against `rule`: bounds, output paths, input files' encoding, and
     that no output is, holds or replaces an input (`check_outputs_spare_inputs`)."""
     check_outputs_spare_inputs(config)
+    check_existing_outputs(config)
     if isinstance(config, ModelConfig):
         check_device_dtype(config.device, config.dtype)
     for f in dataclasses.fields(config):

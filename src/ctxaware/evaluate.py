@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from ctxaware.chat import render, with_empty_system
-from ctxaware.config import ModelConfig, parse_config
+from ctxaware.config import ModelConfig, overwrite_option, parse_config
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import continuation_logprobs, generate
 from ctxaware.indicator import append_indicator
@@ -34,7 +34,7 @@ from ctxaware.metrics import (
     qa_scores,
     truncate_at,
 )
-from ctxaware.results import ResultsWriter, SkipCounter, write_json_atomic
+from ctxaware.results import ResultsWriter, SkipCounter, write_json_atomic, write_text_atomic
 from ctxaware.stats import fmt
 from ctxaware.tasks import (
     EMPTY_FIRST_GOLD,
@@ -143,6 +143,7 @@ class EvalConfig(ModelConfig):
         default=0.01, metadata={"help": "steering scale for non-user tokens", "gt": 0, "max": 1}
     )
     output: str = dataclasses.field(default="runs/eval", metadata={"help": "output directory"})
+    overwrite: bool = overwrite_option()
     dump_prompts: str | None = dataclasses.field(
         default=None,
         metadata={
@@ -577,7 +578,7 @@ def main(argv: list[str]) -> int:
             print(f"{spec} [{cond}]: " + ", ".join(f"{t}={_headline(r)}" for t, r in res.items()), flush=True)
         del model
     md = summary_markdown(results)
-    (out / "summary.md").write_text(md)
+    write_text_atomic(out / "summary.md", md)
     write_json_atomic(
         out / "summary.json",
         {

@@ -29,7 +29,7 @@ from pathlib import Path
 from ctxaware.config import parse_config
 from ctxaware.conversations import load_conversations, write_conversations
 from ctxaware.errors import CtxawareError
-from ctxaware.results import fingerprint_inputs, read_jsonl, write_json_atomic
+from ctxaware.results import fingerprint_inputs, read_jsonl, write_json_atomic, write_text_atomic
 from ctxaware.train import ZEPHYR_TEMPLATE, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def template_file(root: Path, cfg: ExperimentConfig) -> str:
         return "model"
     if not path.is_file() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        write_text_atomic(path, text)
     return str(path)
 
 
@@ -464,7 +464,7 @@ def compare(root: Path, runs: dict[str, dict], extra: dict) -> str:
                      + summary_markdown(extra["stages"])
                      + "\n\n![sensitivity](stages/sensitivity.png)\n\n![head change](stages/head_change.png)")  # fmt: skip
     text = "\n\n".join(parts) + "\n"
-    (root / "comparison.md").write_text(text)
+    write_text_atomic(root / "comparison.md", text)
     write_json_atomic(root / "comparison.json", {"runs": runs, **extra})
     return text
 

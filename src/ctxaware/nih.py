@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from ctxaware import plotting, stats, steering
 from ctxaware.attention import PrefillShares, mean_prefill_shares
-from ctxaware.config import ModelConfig, parse_config, to_dict
+from ctxaware.config import ModelConfig, overwrite_option, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import generate
 from ctxaware.models import middle_layer, run_id  # run_id is re-exported
@@ -44,7 +43,7 @@ from ctxaware.needle import (  # noqa: F401  (re-exported: the NIH API lives in 
     needle_position,
     templates,
 )
-from ctxaware.results import ResultsWriter, write_json_atomic
+from ctxaware.results import ResultsWriter, atomic_path, write_json_atomic, write_text_atomic
 
 
 @dataclasses.dataclass
@@ -83,6 +82,7 @@ class NIHConfig(ModelConfig, NeedleConfig):
             "max": 1,
         },
     )
+    overwrite: bool = overwrite_option()
     dump_prompts: str | None = dataclasses.field(
         default=None,
         metadata={"help": "write every prompt as JSONL to this file and run nothing", "path": "output_file"},
@@ -423,15 +423,10 @@ def _dump(cfg: NIHConfig, names: list[str]) -> int:
         tok = load_tokenizer(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         apply_chat_template_choice(tok, cfg.chat_template)
         toks.append((name, tok))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(
-        f".{path.name}.tmp"
-    )  # renamed into place when complete: an old file survives a failure
-    tmp.write_text("")
-    for name, tok in toks:
-        n = dump_prompts(cfg, tok, run_id(name), tmp, append=True)
-        print(f"{run_id(name)}: {n} prompts written to {path}")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # renamed into place when complete: an old file survives a failure
+        for name, tok in toks:
+            n = dump_prompts(cfg, tok, run_id(name), tmp, append=True)
+            print(f"{run_id(name)}: {n} prompts written to {path}")
     return 0
 
 
@@ -460,7 +455,7 @@ def main(argv: list[str]) -> int:
     md = table(summaries)
     if cfg.steer is not None:
         md += "\n\nAttention steering (paper Table 1; NIH recall):\n\n" + steering_table(summaries)
-    (out / "summary.md").write_text(md + "\n")
+    write_text_atomic(out / "summary.md", md + "\n")
     bars = {
         c: {
             m: (s["recall_error"]["mean"], s["recall_error"]["ci_low"], s["recall_error"]["ci_high"])

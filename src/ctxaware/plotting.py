@@ -56,11 +56,15 @@ def color(name: str, i: int = 0) -> str:
 
 
 def _save(fig, path: str | Path) -> Path:
+    from ctxaware.results import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # an earlier figure survives a failed save
+            fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 from ctxaware import report_sections as rs
-from ctxaware.config import parse_config, spare_inputs
+from ctxaware.config import overwrite_option, parse_config, spare_inputs
 from ctxaware.errors import CtxawareError
 from ctxaware.provenance import git_commit, utc
+from ctxaware.results import write_text_atomic
 from ctxaware.stats import markdown_table
 
 SKIP_DIRS = {"model", "adapter", "hf", "__pycache__", "context_reliance"}  # outputs with nothing to show
@@ -63,9 +64,7 @@ class ReportConfig:
 
     runs: list[str] = dataclasses.field(metadata={"help": "result directories", "positional": True})
     output: str = dataclasses.field(default="report.html", metadata={"help": "HTML file to write"})
-    overwrite: bool = dataclasses.field(
-        default=False, metadata={"help": "replace an earlier report of the same name inside a run directory"}
-    )
+    overwrite: bool = overwrite_option()
     title: str = dataclasses.field(default="ctxaware report", metadata={"help": "page title"})
 
 
@@ -404,9 +403,9 @@ def write_report(
         "written": f"{utc(time.time())} by ctxaware {__version__} @ {git_commit() or 'commit unknown'}",
         "sections": str(len(sections)) + (f"; {len(unknown)} directories not understood" if unknown else ""),
     }
-    out.write_text(render_html(title, sections, unknown, header))
+    write_text_atomic(out, render_html(title, sections, unknown, header))
     md = out.with_suffix(".md") if out.suffix == ".html" else out.parent / "report.md"
-    md.write_text(render_markdown(title, sections, unknown, header, figdir.name))
+    write_text_atomic(md, render_markdown(title, sections, unknown, header, figdir.name))
     header["seconds"] = f"{time.time() - t0:.1f}"
     return out
 

@@ -42,21 +42,34 @@ def make_user_readable(fd: int) -> None:
     os.fchmod(fd, 0o666 & ~_umask())
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON so that readers see the old file or the new one, never half of one."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed onto ``path`` when the block ends without an
+    error, removed otherwise: readers see the old file or the new one, never half of one, and an earlier
+    file survives a failure (a full disk included). The file gets the mode a plain ``open`` gives (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     try:
         make_user_readable(fd)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+        os.close(fd)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``path.write_text(text)`` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON so that readers see the old file or the new one, never half of one."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def fingerprint(config: dict[str, Any]) -> str:
@@ -182,12 +195,9 @@ def config_changes(old_config: dict, old_inputs: dict | None, config: dict) -> l
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
     """Rows as JSONL, written to a temporary name and renamed when complete (readers never see half a file,
     and an earlier file survives a failure)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def read_jsonl(path: str | Path, bad: SkipCounter | None = None) -> Iterator[dict]:

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from ctxaware.attention import eq3_user_share, role_allocation, sink_is_user  # noqa: F401
-from ctxaware.config import ModelConfig, parse_config
+from ctxaware.config import ModelConfig, overwrite_option, parse_config
 from ctxaware.errors import CtxawareError
 from ctxaware.results import write_json_atomic
 
@@ -147,6 +147,7 @@ class HeadsConfig(ModelConfig):
     output: str = dataclasses.field(
         default="heads.json", metadata={"help": "where to write {layer: [heads]}"}
     )
+    overwrite: bool = overwrite_option()
     k: int = dataclasses.field(default=1, metadata={"help": "heads per layer"})
     all_heads: bool = dataclasses.field(default=False, metadata={"help": "select every head of every layer"})
     lengths: list[int] = dataclasses.field(

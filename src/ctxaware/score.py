@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxaware.chat import clip_messages, end_of_turn, render, with_empty_system
-from ctxaware.config import ModelConfig, parse_config, to_dict
+from ctxaware.config import ModelConfig, overwrite_option, parse_config, to_dict
 from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
@@ -318,8 +318,14 @@ class ScoreConfig(ModelConfig):
 
     data: str = field(default="", metadata={"help": "dataset file or hub id", "positional": True})
     output: str = field(
-        default="scores.jsonl", metadata={"help": "output JSONL (one row per assistant turn)"}
+        default="scores.jsonl",
+        metadata={
+            "help": "output JSONL (one row per assistant turn)",
+            "path": "output_file",
+            "resumable": True,
+        },
     )
+    overwrite: bool = overwrite_option()
     layer: int | None = field(
         default=None,
         metadata={"help": "scoring layer (default: round(15/22 * num_layers), the paper's 15 of 22)"},
@@ -492,6 +498,9 @@ def run(cfg: ScoreConfig) -> dict | None:
     rank, world = dist_info()
     out = Path(cfg.output)
     work = out.with_name(out.name + ".work")
+    if out.is_file() and not (work / "meta.json").is_file() and not cfg.overwrite:  # not a run of ours
+        raise CtxawareError(f"--output {out} already exists and no scoring run of it is in {work}; pass "
+                            "--overwrite to replace it, or give a new file name")  # fmt: skip
     if cfg.device == "auto" and world > 1 and torch.cuda.is_available():
         cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     convs, loader = load_conversations(cfg.data, cfg.format, split=cfg.split, limit=cfg.limit)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctxaware.config import parse_config
+from ctxaware.config import overwrite_option, parse_config, refuse_existing
 from ctxaware.conversations import Conversation, load_conversations, to_hf_dataset, write_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.indicator import DEFAULT_INDICATOR, append_indicator
@@ -44,6 +44,7 @@ class SelectConfig:
         default=DEFAULT_INDICATOR, metadata={"help": "token appended to selected instructions"}
     )
     output: str = field(default="selected", metadata={"help": "output directory"})
+    overwrite: bool = overwrite_option()
     format: str = field(
         default="auto", metadata={"help": "auto, sharegpt, messages or alpaca (as when scoring)"}
     )
@@ -179,6 +180,9 @@ def run(cfg: SelectConfig) -> dict:
     """Select, write ``OUTPUT/data.json(l)``, ``OUTPUT/hf`` and ``OUTPUT/selection.json``; return the summary."""
     if not 0 < cfg.beta < 1:
         raise CtxawareError(f"--beta {cfg.beta} must lie in (0, 1)")
+    out = Path(cfg.output)
+    targets = [out / _out_name(cfg.data), out / "hf", out / "selection.json"]
+    refuse_existing(targets, cfg.overwrite, "--output")
     malformed = SkipCounter()
     scores = load_scores(cfg.scores, malformed)
     check_scored_data(cfg.scores, cfg.data)
@@ -188,10 +192,12 @@ def run(cfg: SelectConfig) -> dict:
             f"{cfg.data} holds no conversations ({report['skipped']['total']} rows skipped); give the scored dataset"
         )
     marked, counts = select(convs, scores, cfg.beta, cfg.indicator)
-    out = Path(cfg.output)
-    write_conversations(marked, out / _out_name(cfg.data))
+    write_conversations(marked, targets[0])
     if cfg.hf and marked:
-        to_hf_dataset(marked).save_to_disk(str(out / "hf"))
+        import shutil
+
+        shutil.rmtree(targets[1], ignore_errors=True)  # only with --overwrite (refused above otherwise)
+        to_hf_dataset(marked).save_to_disk(str(targets[1]))
     table = ratio_table(r["score"] for r in scores.values())
     summary = {"beta": cfg.beta, **counts, "ratio": counts["n_selected"] / max(1, counts["n_scored"]),
                "table3": table, "skipped_rows": report["skipped"],

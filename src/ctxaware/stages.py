@@ -48,7 +48,7 @@ from ctxaware.generate import continuation_logprobs, generate
 from ctxaware.intercept import capture_attention
 from ctxaware.metrics import conflict_scores, first_sentence, normalize_answer
 from ctxaware.regression import sensitivity
-from ctxaware.results import ResultsWriter, write_json_atomic
+from ctxaware.results import ResultsWriter, write_json_atomic, write_text_atomic
 from ctxaware.stats import fmt, markdown_table, summarize, summarize_proportion
 
 logger = logging.getLogger(__name__)
@@ -433,7 +433,7 @@ def run(cfg: StagesConfig) -> dict:
     maps = summary.pop("_maps")
     summary |= {"config": to_dict(cfg), "n_items": len(items), "seconds": timing}
     write_json_atomic(out / "summary.json", summary)
-    (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+    write_text_atomic(out / "summary.md", summary_markdown(summary) + "\n")
     plotting.stage_sensitivity(summary["sensitivity"], out / "sensitivity.png")
     if maps:
         plotting.stage_head_change(maps, out / "head_change.png")
