@@ -301,3 +301,29 @@ def test_a_results_directory_edited_by_hand(tmp_path, capsys):
         assert [r["id"] for r in w.rows] == ["1", "2"] and w.malformed.total == 3 and not w.done({"id": "3"})
     assert "3 malformed line(s)" in capsys.readouterr().err
     assert json.loads((d / "rows.jsonl").read_text().splitlines()[0]) == {"id": "1"}
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda p: __import__("ctxaware.nih", fromlist=["x"]).NIHConfig(batch_size=0), "--batch-size 0"),
+        (lambda p: __import__("ctxaware.nih", fromlist=["x"]).NIHConfig(depths=[float("nan")]), "finite"),
+        (lambda p: __import__("ctxaware.evaluate", fromlist=["x"]).EvalConfig(device="tpu"), "--device"),
+        (lambda p: __import__("ctxaware.selection", fromlist=["x"]).SelectConfig(str(p), str(p), beta=2.0), "--beta"),
+        (lambda p: __import__("ctxaware.retrieval_heads", fromlist=["x"]).HeadsConfig(output=str(p)), "already exists"),
+    ],
+    ids=["nih batch 0", "nih depth nan", "eval device tpu", "select beta 2", "heads output exists"],
+)  # fmt: skip
+def test_configs_built_in_python_validate_themselves(build, message, tmp_path):
+    """Issue 23 §4 / 24 §1: a config made in Python is checked exactly as one parsed from the command line
+    (`config.Checked.__post_init__`), and ``dataclasses.replace`` checks again."""
+    import dataclasses
+
+    from ctxaware.nih import NIHConfig
+
+    existing = tmp_path / "heads.json"
+    existing.write_text("{}\n")
+    with pytest.raises(CtxawareError, match=message):
+        build(existing)
+    with pytest.raises(CtxawareError, match="--max-new-tokens 0"):
+        dataclasses.replace(NIHConfig(), max_new_tokens=0)

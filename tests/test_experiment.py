@@ -143,8 +143,8 @@ def test_seed_model_options():
 
 
 def test_experiment_rejects_bad_options_before_compute(tmp_path):
-    with pytest.raises(CtxawareError, match="eval_limit"):
+    with pytest.raises(CtxawareError, match="eval.limit"):  # when the config is built (config.Checked)
         run(ExperimentConfig(data="x.json", eval_limit=0, output_dir=str(tmp_path)))
-    with pytest.raises(CtxawareError, match="learning_rate"):
+    with pytest.raises(CtxawareError, match="learning.rate"):
         run(ExperimentConfig(data="x.json", learning_rate=-1.0, output_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())

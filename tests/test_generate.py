@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from ctxaware.chat import render, user_prompt
 from ctxaware.generate import cut_at_stop, generate
 from tests.conftest import tiny_llama
@@ -43,6 +45,7 @@ def test_max_new_tokens_must_be_a_positive_int():
             generate(model, tok, [[5, 6, 7]], max_new_tokens=bad, progress=False)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # issue 26 §5: no deprecated past_key_values
 def test_prefix_reuse_identical_on_tiny_model():
     model, tok = tiny_llama(vocab_size=512).eval(), _Tok()
     model.generation_config.eos_token_id = 1

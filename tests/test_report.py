@@ -261,3 +261,27 @@ def test_unreadable_formats_are_reported_not_raised(tmp_path):
     (tmp_path / "nih" / "rows.jsonl").write_text('{"length": 1, "depth": 0, "recall": "high"}\n')
     html = write_report([tmp_path], tmp_path / "out" / "r.html").read_text()
     assert html.count("could not be read") == 2 and "not readable" in html
+
+
+def test_plotting_changes_no_global_matplotlib_state(tmp_path):
+    """Issue 26 §4: importing ctxaware and drawing a figure leave matplotlib as a notebook had it: rcParams
+    unchanged (the house style applies inside each function), no backend forced, pyplot not imported."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, matplotlib
+snapshot = lambda: dict(dict.items(matplotlib.rcParams.copy()))  # reading "backend" itself imports pyplot
+before = snapshot()
+import ctxaware, ctxaware.plotting as P
+P.line_plot({{"loss": ([0, 1, 2], [3.0, 2.0, 1.5])}}, {str(tmp_path / "f.png")!r}, "t", "step", "loss")
+after = snapshot()
+assert after == before, sorted(k for k in after if after[k] != before[k])
+assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    from PIL import Image
+
+    with Image.open(tmp_path / "f.png") as im:  # the figure was drawn, in the house style's size
+        assert im.size == (round(6 * 130), round(3.4 * 130))

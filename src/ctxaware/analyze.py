@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from ctxaware import plotting
-from ctxaware.config import parse_config
+from ctxaware.config import Checked, parse_config
 from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.results import read_jsonl, write_json_atomic
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(Checked):
     """Layer-agreement heatmap (Fig. 5) and instruction-length distributions (Fig. 6-8) of a scores file.
 
     Parameters:

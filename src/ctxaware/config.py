@@ -201,9 +201,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str = "ctxaw
     config_path = cli.pop("config", None)
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     values.update(cli)
-    config = from_dict(cls, values, source=config_path or "command line")
-    validate(config)
-    return config
+    return from_dict(cls, values, source=config_path or "command line")  # validated when built (`Checked`)
 
 
 # ----------------------------------------------------------------------------- validation (before compute)
@@ -325,6 +323,8 @@ def _check_bounds(name: str, value: Any, r: dict[str, Any]) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     flag = _flag(name)
+    if not math.isfinite(value):  # NaN passes every comparison below
+        raise CtxawareError(f"{flag} {value}: expected a finite number")
     if "min" in r and value < r["min"]:
         raise CtxawareError(f"{flag} {value} must be at least {r['min']}")
     if "gt" in r and value <= r["gt"]:
@@ -428,8 +428,16 @@ def to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+class Checked:
+    """Base of every command's config: it validates itself when built (`validate`), so a config made in
+    Python (or by ``dataclasses.replace``) is checked exactly as one parsed from the command line."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclasses.dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """Options every command that loads a model shares (fields are inherited by each command's config).
 
     Parameters:

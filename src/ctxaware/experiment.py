@@ -476,10 +476,6 @@ def run(cfg: ExperimentConfig) -> str:
         )
     if not cfg.betas:
         raise CtxawareError("betas is empty; give at least one threshold, e.g. betas: [0.6]")
-    if cfg.eval_limit is not None and cfg.eval_limit < 1:
-        raise CtxawareError(
-            f"eval_limit {cfg.eval_limit}: give a positive number of examples, or null for all"
-        )
     bad = [s for s in cfg.post_stages if s not in POST_STAGES] + [
         c for c in cfg.nih_conditions if c not in NIH_CONDITIONS
     ]

@@ -118,6 +118,16 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def cache_kwarg(model, cache) -> dict:
+    """``{name: cache}`` under the name this transformers version takes: ``cache`` where the model's
+    ``forward`` declares it (transformers >= 5.2x deprecates ``past_key_values``, to be removed in 6),
+    ``past_key_values`` before that."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 class PrefixChain:
     """A batch-1 KV cache that walks the prefix trie of lexicographically sorted prompts.
 
@@ -137,9 +147,8 @@ class PrefixChain:
         if len(target) > c:
             new = torch.tensor([list(target[c:])], dtype=torch.long, device=self.device)  # (1, m)
             pos = torch.arange(c, len(target), device=self.device)[None]  # (1, m)
-            self.model(
-                input_ids=new, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1
-            )
+            self.model(input_ids=new, position_ids=pos, use_cache=True, logits_to_keep=1,
+                       **cache_kwarg(self.model, self.cache))  # fmt: skip
             self.computed += len(target) - c
         self.ids = list(target)
         return [(layer.keys, layer.values) for layer in self.cache.layers]
@@ -222,7 +231,7 @@ def generate(
         idx = order[start : start + batch_size]
         ids, mask = left_pad([seqs[i] for i in idx], cfg.pad_token_id, device)
         criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, ids.shape[1])]) if stop else None
-        extra = {"past_key_values": chain.batch_cache([seqs[i] for i in idx], ids.shape[1])} if chain else {}
+        extra = cache_kwarg(model, chain.batch_cache([seqs[i] for i in idx], ids.shape[1])) if chain else {}
         batch = Batch(ids, mask, [prompts[i] for i in idx], idx)
         ctx = batch_context(batch) if batch_context else contextlib.nullcontext()
         pre = prefill_context(batch) if prefill_context else contextlib.nullcontext()

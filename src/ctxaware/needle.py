@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from ctxaware.chat import Rendered, render
+from ctxaware.config import Checked
 from ctxaware.errors import CtxawareError
 from ctxaware.indicator import append_indicator
 
@@ -79,7 +80,7 @@ GEMMA_TEMPLATE = (
 
 
 @dataclasses.dataclass
-class NeedleConfig:
+class NeedleConfig(Checked):
     """The NIH prompts: protocol, haystack, needle, grid, templates and conditions (no model options)."""
 
     protocol: str = dataclasses.field(

@@ -1,17 +1,19 @@
 """The one plotting module: every PNG that ctxaware writes comes from a function here.
 
-Matplotlib with the Agg backend (no display needed); each function takes plain numbers, writes one PNG
-and returns its path. Modules add their figure functions here rather than setting up matplotlib themselves.
+Each function takes plain numbers, writes one PNG and returns its path. Figures are made outside pyplot
+(``matplotlib.figure.Figure``: no backend chosen, no display needed, nothing for pyplot to keep), and the
+house style (`STYLE`) applies inside each function only (``matplotlib.rc_context``): importing ctxaware
+changes no global matplotlib state, so a notebook's own figures and its inline backend are untouched.
+Modules add their figure functions here rather than setting up matplotlib themselves.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 # One palette for every figure (Okabe-Ito, readable by colour-blind readers): a condition, a role or a run
 # has the same colour in every plot of a report.
@@ -28,20 +30,35 @@ PALETTE = {
 }
 CYCLE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 DPI = 130  # a 6.4-inch figure is ~830 px wide: fits a page, stays sharp
-plt.rcParams.update(
-    {
-        "axes.prop_cycle": matplotlib.cycler(color=CYCLE),
-        "axes.titlesize": 10,
-        "axes.labelsize": 9,
-        "xtick.labelsize": 8,
-        "ytick.labelsize": 8,
-        "legend.fontsize": 8,
-        "axes.spines.top": False,
-        "axes.spines.right": False,
-        "axes.grid": True,
-        "grid.alpha": 0.25,
-    }
-)
+STYLE = {
+    "axes.prop_cycle": matplotlib.cycler(color=CYCLE),
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+}
+
+
+def _styled(fn):
+    """Run a figure function inside the house style (`STYLE`), leaving the global rcParams as they were."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kw)
+
+    return wrapper
+
+
+def _subplots(*args, figsize=None, **kw):
+    """Subplots without pyplot: a `Figure` that no backend or figure manager holds."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kw)
 
 
 def _finite(x: float) -> float:
@@ -60,14 +77,12 @@ def _save(fig, path: str | Path) -> Path:
 
     path = Path(path)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:  # an earlier figure survives a failed save
-            fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:  # an earlier figure survives a failed save
+        fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")
     return path
 
 
+@_styled
 def bar_chart(
     groups: dict[str, dict[str, tuple[float, float, float]]], path: str | Path, title: str, ylabel: str
 ) -> Path:
@@ -77,7 +92,7 @@ def bar_chart(
     names = list(groups)
     series = list(dict.fromkeys(s for g in groups.values() for s in g))
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) * max(1, len(series)) / 2), 4))
+    fig, ax = _subplots(figsize=(max(5, 1.6 * len(names) * max(1, len(series)) / 2), 4))
     x = np.arange(len(names))
     for j, s in enumerate(series):
         vals = [groups[g].get(s, (np.nan, np.nan, np.nan)) for g in names]
@@ -91,6 +106,7 @@ def bar_chart(
     return _save(fig, path)
 
 
+@_styled
 def context_reliance_curve(
     checkpoints: list[str],
     series: dict[str, list[tuple[float, float, float]]],
@@ -101,7 +117,7 @@ def context_reliance_curve(
     of p_s is context-parametric inversion. ``series[name][i]`` belongs to ``checkpoints[i]``."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(checkpoints) + 2), 4))
+    fig, ax = _subplots(figsize=(max(5, 0.9 * len(checkpoints) + 2), 4))
     x = np.arange(len(checkpoints))
     for name, vals in series.items():
         m, lo, hi = (np.array(v) for v in zip(*vals))
@@ -115,12 +131,13 @@ def context_reliance_curve(
     return _save(fig, path)
 
 
+@_styled
 def context_reliance_steps(
     series: dict[str, list[dict]], path: str | Path, title: str = "Context reliance during fine-tuning"
 ) -> Path:
     """p_s (context answer, solid) and p_o (memorised answer, dashed) against training steps;
     ``series[name] = [{step, p_s, p_o}, ...]`` (one colour per series, e.g. vanilla vs. +indicator)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for j, (name, rows) in enumerate(series.items()):
         steps = [r["step"] for r in rows]
         label = f"{name} " if name else ""
@@ -137,13 +154,14 @@ def context_reliance_steps(
 # --- attention allocation (paper Fig. 3-4) ---------------------------------------------------------------
 
 
+@_styled
 def role_change_bars(change: dict[str, dict[str, float]], path: str | Path) -> Path:
     """Paper Fig. 3: ``change[model][role]`` = share with template minus share without, per role."""
     import numpy as np
 
     models, roles = list(change), list(next(iter(change.values())))
     width = 0.8 / len(roles)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 * len(models)), 3.6))
+    fig, ax = _subplots(figsize=(max(4.5, 1.8 * len(models)), 3.6))
     x = np.arange(len(models))
     for j, r in enumerate(roles):
         ax.bar(x + (j - (len(roles) - 1) / 2) * width, [change[m][r] for m in models], width, label=r)
@@ -155,6 +173,7 @@ def role_change_bars(change: dict[str, dict[str, float]], path: str | Path) -> P
     return _save(fig, path)
 
 
+@_styled
 def role_share_bars(shares: dict[str, dict[str, dict[str, float]]], path: str | Path) -> Path:
     """Paper Fig. 4: stacked ``shares[model][run][role]`` (run = plain / chat) summing to 1."""
     import numpy as np
@@ -162,7 +181,7 @@ def role_share_bars(shares: dict[str, dict[str, dict[str, float]]], path: str | 
     labels = [f"{m}\n{run}" for m in shares for run in shares[m]]
     vals = [shares[m][run] for m in shares for run in shares[m]]
     roles = list(vals[0])
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(labels)), 3.6))
+    fig, ax = _subplots(figsize=(max(4.5, 1.1 * len(labels)), 3.6))
     bottom = np.zeros(len(labels))
     for r in roles:
         v = np.array([d[r] for d in vals])
@@ -174,11 +193,12 @@ def role_share_bars(shares: dict[str, dict[str, dict[str, float]]], path: str | 
     return _save(fig, path)
 
 
+@_styled
 def head_heatmaps(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
     """One layer x head heatmap per model (diverging, centred at 0): e.g. change of user share."""
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps) + 0.8, 4.2), squeeze=False)
+    fig, axes = _subplots(1, len(maps), figsize=(3.2 * len(maps) + 0.8, 4.2), squeeze=False)
     for ax, (name, m) in zip(axes[0], maps.items()):
         a = np.asarray(m)
         lim = float(np.abs(a).max()) or 1.0
@@ -192,6 +212,7 @@ def head_heatmaps(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+@_styled
 def nih_heatmap(
     recall: list[list[float]],
     lengths: list[int],
@@ -209,7 +230,7 @@ def nih_heatmap(
     a = np.asarray(recall, dtype=float)
     nd, nl = a.shape
     annotate = (nd <= 12 and nl <= 12) if annotate is None else annotate
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 + 0.55 * nl), max(5.0, 1.4 + 0.4 * nd)))  # >= 1040 px wide
+    fig, ax = _subplots(figsize=(max(8.0, 1.6 + 0.55 * nl), max(5.0, 1.4 + 0.4 * nd)))  # >= 1040 px wide
     im = ax.imshow(a, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.grid(False)
     ax.set_xticks(
@@ -229,6 +250,7 @@ def nih_heatmap(
     return _save(fig, path)
 
 
+@_styled
 def layer_disagreement_heatmap(
     matrix: list[list[float]], layers: list[int], path: str | Path, title: str
 ) -> Path:
@@ -237,7 +259,7 @@ def layer_disagreement_heatmap(
     import numpy as np
 
     n = len(layers)
-    fig, ax = plt.subplots(figsize=(max(5, 0.28 * n + 2), max(4.2, 0.26 * n + 1.5)))
+    fig, ax = _subplots(figsize=(max(5, 0.28 * n + 2), max(4.2, 0.26 * n + 1.5)))
     im = ax.imshow(np.asarray(matrix, dtype=float), cmap="viridis", vmin=0, vmax=1, origin="lower")
     ax.grid(False)
     step = max(1, n // 15)
@@ -250,13 +272,14 @@ def layer_disagreement_heatmap(
     return _save(fig, path)
 
 
+@_styled
 def length_histograms(series: dict[str, list[int]], path: str | Path, title: str, xlabel: str) -> Path:
     """Paper Fig. 6-8: overlaid density histograms of lengths (log-spaced bins), one per series."""
     import numpy as np
 
     vals = [v for s in series.values() for v in s if v > 0]
     bins = np.logspace(0, np.log10(max(vals + [10])) + 0.05, 30)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for name, s in series.items():
         if s:
             ax.hist([max(1, v) for v in s], bins=bins, density=True, alpha=0.5, label=f"{name} (n={len(s)})")
@@ -271,6 +294,7 @@ def length_histograms(series: dict[str, list[int]], path: str | Path, title: str
 # --- report figures (ctxaware report) ------------------------------------------------------------------------
 
 
+@_styled
 def paired_bars(
     conditions: dict[str, tuple[float, float, float]],
     difference: tuple[float, float, float] | None,
@@ -283,7 +307,7 @@ def paired_bars(
     high)`` each, fractions in [0, 1], shown in percent)."""
     names = list(conditions)
     ncols = 2 if difference is not None else 1
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         1, ncols, figsize=(max(6.8, 1.1 * len(names) + 3.5), 3.8), squeeze=False,
         gridspec_kw={"width_ratios": [max(2, len(names)), 1.2][:ncols]},
     )  # fmt: skip
@@ -313,6 +337,7 @@ def paired_bars(
     return _save(fig, path)
 
 
+@_styled
 def normalisation_panels(
     shares: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str
 ) -> Path:
@@ -321,7 +346,7 @@ def normalisation_panels(
     import numpy as np
 
     norms = list(shares)
-    fig, axes = plt.subplots(1, len(norms), figsize=(2.9 * len(norms) + 0.5, 3.4), squeeze=False)
+    fig, axes = _subplots(1, len(norms), figsize=(2.9 * len(norms) + 0.5, 3.4), squeeze=False)
     for ax, norm in zip(axes[0], norms):
         conds = list(shares[norm])
         roles = list(dict.fromkeys(r for c in conds for r in shares[norm][c]))
@@ -339,6 +364,7 @@ def normalisation_panels(
     return _save(fig, path)
 
 
+@_styled
 def ratio_bars(table: dict[str, dict[str, float]], path: str | Path, title: str) -> Path:
     """Paper Table 3: ``table[dataset][beta]`` = fraction of scored instructions with score > beta."""
     import numpy as np
@@ -346,7 +372,7 @@ def ratio_bars(table: dict[str, dict[str, float]], path: str | Path, title: str)
     names = list(table)
     betas = list(dict.fromkeys(b for r in table.values() for b in r))
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(betas) + 2), 3.6))
+    fig, ax = _subplots(figsize=(max(5.0, 1.2 * len(betas) + 2), 3.6))
     x = np.arange(len(betas))
     for j, n in enumerate(names):
         v = [100 * table[n].get(b, np.nan) for b in betas]
@@ -359,9 +385,10 @@ def ratio_bars(table: dict[str, dict[str, float]], path: str | Path, title: str)
     return _save(fig, path)
 
 
+@_styled
 def score_histogram(scores: list[float], betas: list[float], path: str | Path, title: str) -> Path:
     """Distribution of context-dependency scores (eq. 2) with the thresholds β marked."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = _subplots(figsize=(6, 3.4))
     ax.hist(scores, bins=30, range=(0, 1), color=CYCLE[0], alpha=0.85)
     for b in betas:
         ax.axvline(b, color="k", ls=":", lw=1)
@@ -372,6 +399,7 @@ def score_histogram(scores: list[float], betas: list[float], path: str | Path, t
     return _save(fig, path)
 
 
+@_styled
 def layer_curves(
     panels: dict[str, dict[str, list[tuple[float, float, float]]]],
     layers: list[int],
@@ -382,7 +410,7 @@ def layer_curves(
     per layer (NaN bounds, too few prompts for a CI, draw no band). A zero line in difference panels."""
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, series) in zip(axes[0], panels.items()):
         for i, (label, vals) in enumerate(series.items()):
             m, lo, hi = (np.array(v, dtype=float) for v in zip(*vals))
@@ -398,11 +426,12 @@ def layer_curves(
     return _save(fig, path)
 
 
+@_styled
 def line_plot(
     series: dict[str, tuple[list[float], list[float]]], path: str | Path, title: str, xlabel: str, ylabel: str
 ) -> Path:
     """Plain lines: ``series[name] = (xs, ys)`` (e.g. the training loss against steps)."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = _subplots(figsize=(6, 3.4))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=name)
     ax.set_xlabel(xlabel)
@@ -416,6 +445,7 @@ def line_plot(
 # --- stage study (`ctxaware stages`) ------------------------------------------------------------------------
 
 
+@_styled
 def stage_sensitivity(sens: dict[str, dict[str, dict]], path: str | Path) -> Path:
     """Effect of each context characteristic across stages: ``sens[checkpoint][usage][characteristic]`` =
     ``{coef, ci_low, ci_high}`` (standardised coefficients), one panel per usage measure, 95% CIs as bars."""
@@ -424,7 +454,7 @@ def stage_sensitivity(sens: dict[str, dict[str, dict]], path: str | Path) -> Pat
     ckpts = list(sens)
     usages = list(next(iter(sens.values()))) if ckpts else []
     chars = [c for c in (next(iter(sens[ckpts[0]].values())) if ckpts else {}) if not c.startswith("_")]
-    fig, axes = plt.subplots(
+    fig, axes = _subplots(
         1, max(1, len(usages)), figsize=(3.0 * max(1, len(usages)) + 0.6, 3.6), squeeze=False
     )
     width = 0.8 / max(1, len(ckpts))
@@ -453,11 +483,12 @@ def stage_sensitivity(sens: dict[str, dict[str, dict]], path: str | Path) -> Pat
     return _save(fig, path)
 
 
+@_styled
 def stage_head_change(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
     """Layer x head change of the sink-excluded user attention share between consecutive checkpoints."""
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps) + 0.8, 4.2), squeeze=False)
+    fig, axes = _subplots(1, len(maps), figsize=(3.2 * len(maps) + 0.8, 4.2), squeeze=False)
     for ax, (name, m) in zip(axes[0], maps.items()):
         a = np.asarray(m)
         lim = float(np.abs(a).max()) or 1.0

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ctxaware import report_sections as rs
-from ctxaware.config import overwrite_option, parse_config, spare_inputs
+from ctxaware.config import Checked, overwrite_option, parse_config, spare_inputs
 from ctxaware.errors import CtxawareError
 from ctxaware.provenance import git_commit, utc
 from ctxaware.results import write_text_atomic
@@ -53,7 +53,7 @@ SEEN_FILES = {
 
 
 @dataclasses.dataclass
-class ReportConfig:
+class ReportConfig(Checked):
     """Gather the results of one or more runs into one HTML page and its Markdown twin.
 
     Parameters:

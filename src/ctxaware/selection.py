@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctxaware.config import overwrite_option, parse_config, refuse_existing
+from ctxaware.config import Checked, overwrite_option, parse_config, refuse_existing
 from ctxaware.conversations import Conversation, load_conversations, to_hf_dataset, write_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.indicator import DEFAULT_INDICATOR, append_indicator
@@ -26,7 +26,7 @@ TABLE3_BETAS = (0.5, 0.6, 0.7, 0.8)
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(Checked):
     """Threshold context-dependency scores and write the indicator-marked dataset.
 
     Parameters:
