@@ -238,3 +238,16 @@ def test_sink_on_a_tokenizer_with_bos():
     r = render(user_prompt("Paris"), g, "plain")
     assert r.input_ids[0] == g.bos_token_id and r.roles[0] == "sink"
     assert r.roles[1:] == ["user"] * (len(r) - 1)
+
+
+def test_rendered_repr_is_one_short_line(tok):
+    """Issue 26 §4: a notebook shows a Rendered as one line (mode, length, tokens per role, the start of the
+    text), not its thousands of ids; the counts are the roles' real counts."""
+    r = render([{"role": "user", "content": "Read this. " * 300}], tok, "chat")
+    text = repr(r)
+    assert "\n" not in text and len(text) < 200
+    assert (
+        f"{len(r)} tokens" in text
+        and f"user={r.roles.count('user')}" in text
+        and text.startswith("Rendered(chat")
+    )

@@ -327,3 +327,33 @@ def test_configs_built_in_python_validate_themselves(build, message, tmp_path):
         build(existing)
     with pytest.raises(CtxawareError, match="--max-new-tokens 0"):
         dataclasses.replace(NIHConfig(), max_new_tokens=0)
+
+
+def test_no_bare_nan_in_any_json_output(tmp_path):
+    """Issue 26 §3: strict JSON everywhere. A summary whose CI could not be computed (n < 10) is written
+    with ``null`` bounds and the reason beside them, rows with non-finite numbers get ``null``, and the
+    strict parser (``parse_constant`` refusing NaN/Infinity) reads every file back."""
+    from ctxaware.results import ResultsWriter, read_jsonl, write_json_atomic, write_jsonl_atomic
+    from ctxaware.stats import fmt, summarize
+
+    def strict(text: str):
+        def refuse(name):
+            raise ValueError(f"bare {name}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    s = summarize([1.0, 0.0, 1.0])
+    assert s["ci_low"] != s["ci_low"] and "too few" in s["no_ci"]  # NaN in memory, the reason beside it
+    write_json_atomic(tmp_path / "s.json", {"recall": s, "inf": float("inf")})
+    back = strict((tmp_path / "s.json").read_text())
+    assert back["recall"]["ci_low"] is None and back["inf"] is None and "too few" in back["recall"]["no_ci"]
+    assert "too small for a CI" in fmt(back["recall"])  # tables read null as "no CI", as they read NaN
+    write_jsonl_atomic(tmp_path / "r.jsonl", [{"x": float("nan")}])
+    assert strict((tmp_path / "r.jsonl").read_text()) == {"x": None}
+    with ResultsWriter(tmp_path / "run", {"a": 1}, ["id"]) as w:
+        w.write({"id": 1, "share": float("nan")})
+        assert w.rows == [{"id": 1, "share": None}]  # in memory as a resumed run reads it back
+    line = (tmp_path / "run" / "rows.jsonl").read_text()
+    assert strict(line) == {"id": 1, "share": None} and list(read_jsonl(tmp_path / "run" / "rows.jsonl")) == [
+        {"id": 1, "share": None}
+    ]

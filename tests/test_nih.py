@@ -208,6 +208,18 @@ def test_resume_inside_a_batch_is_byte_identical(tmp_path, kept):
     (cut / "smollm2-135m-instruct" / "rows.jsonl").write_bytes(prefix)
     assert main(["nih", *argv, "--output", str(cut)]) == 0
     assert (cut / "smollm2-135m-instruct" / "rows.jsonl").read_bytes() == want
+    # issue 26 §3: meta.json says where the rows came from; the resume adds its own record
+    import hashlib
+    import json
+
+    from ctxaware.models import load_tokenizer
+
+    meta = json.loads((cut / "smollm2-135m-instruct" / "meta.json").read_text())
+    made, again = meta["provenance"], meta["resumed_by"][-1]
+    assert made["command"][:2] == ["ctxaware", "nih"] and again["command"][-1] == str(cut)
+    assert all(made[k] for k in ("ctxaware_version", "torch", "transformers", "trl", "peft"))
+    template = load_tokenizer("smollm2-135m-instruct").chat_template
+    assert made["chat_template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
 
 
 def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):

@@ -557,13 +557,17 @@ def _model_dir_name(spec: str) -> str:
 
 def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = None) -> dict:
     """One model: load it, analyse, write ``where/allocation.json``, ``rows.jsonl`` and the figures."""
+    from ctxaware.provenance import model_about
     from ctxaware.results import ResultsWriter, write_json_atomic, write_text_atomic
 
     model, tok = cfg.load(spec)
     check_layer(cfg.layer, _model_shape(model)[0])
     allocation, rows, extra = analyse(model, tok, cfg, name or _model_dir_name(spec))
     with ResultsWriter(
-        where, {**to_dict(cfg), "model": spec}, ("model", "condition", "length", "depth")
+        where,
+        {**to_dict(cfg), "model": spec},
+        ("model", "condition", "length", "depth"),
+        about=model_about(model, tok),
     ) as w:
         for row in rows:
             if not w.done(row):

@@ -67,6 +67,13 @@ class Rendered:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def __repr__(self) -> str:
+        """One line: mode, length, tokens per role and the first characters (a notebook prints this, not
+        thousands of ids)."""
+        counts = ", ".join(f"{r}={self.roles.count(r)}" for r in ROLES if r in self.roles)
+        head = self.text[:40] + ("..." if len(self.text) > 40 else "")
+        return f"Rendered({self.mode}, {len(self)} tokens: {counts}; text={head!r})"
+
     def mask(self, *roles: str) -> torch.Tensor:
         """Boolean mask over tokens whose role is one of ``roles``."""
         for r in roles:

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxaware: unknown command {name!r}; commands are: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ctxaware import provenance
+
+    provenance.COMMAND[:] = ["ctxaware", name, *rest]  # recorded in every run's meta.json
     from ctxaware.results import INCOMPLETE
 
     INCOMPLETE.counts.clear(), INCOMPLETE.examples.clear()

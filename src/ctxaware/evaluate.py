@@ -34,6 +34,7 @@ from ctxaware.metrics import (
     qa_scores,
     truncate_at,
 )
+from ctxaware.provenance import model_about
 from ctxaware.results import ResultsWriter, SkipCounter, write_json_atomic, write_text_atomic
 from ctxaware.stats import fmt
 from ctxaware.tasks import (
@@ -401,7 +402,8 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
     examples = sample(examples, cfg.limit, cfg.seed)
     directory = out / task.name
     t0 = time.perf_counter()
-    with ResultsWriter(directory, _run_config(cfg, model_name, task.name, mode), key_fields=("id",)) as w:
+    run_config = _run_config(cfg, model_name, task.name, mode)
+    with ResultsWriter(directory, run_config, key_fields=("id",), about=model_about(model, tok)) as w:
         todo = [ex for ex in examples if not w.done({"id": ex.id})]
         judge_failed = 0
         if task.kind == "choice":

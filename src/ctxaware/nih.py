@@ -43,6 +43,7 @@ from ctxaware.needle import (  # noqa: F401  (re-exported: the NIH API lives in 
     needle_position,
     templates,
 )
+from ctxaware.provenance import model_about
 from ctxaware.results import ResultsWriter, atomic_path, write_json_atomic, write_text_atomic
 
 
@@ -192,7 +193,10 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     alpha_of = {id(p): a for a, p in steered}
     prompts = prompts + [p for _, p in steered]
     writer = ResultsWriter(
-        Path(cfg.output) / short, _fingerprinted(cfg, name), ("condition", "template", "length", "depth")
+        Path(cfg.output) / short,
+        _fingerprinted(cfg, name),
+        ("condition", "template", "length", "depth"),
+        about=model_about(model, tok),
     )
     # The unit of work is one engine call: every test of one length (and alpha). A group with any test
     # missing runs whole, so each test is computed beside the same companions (same padding, same prefix

@@ -62,8 +62,9 @@ def _subplots(*args, figsize=None, **kw):
 
 
 def _finite(x: float) -> float:
-    """0 for NaN (a CI bound that was not computed because n was too small), else ``x``."""
-    return 0.0 if x != x else x
+    """0 for NaN or ``None`` (a CI bound that was not computed because n was too small: ``null`` in the JSON
+    files), else ``x``."""
+    return 0.0 if x is None or x != x else x
 
 
 def color(name: str, i: int = 0) -> str:

@@ -14,6 +14,22 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+COMMAND: list[str] = []  # the command line of the running ``ctxaware`` command (set by `ctxaware.cli`)
+
+
+def model_about(model, tok) -> dict:
+    """What identifies a loaded model beyond its name: the resolved hub revision (``_commit_hash``; None for
+    local files) and the SHA-256 of the chat template the run renders with."""
+    import hashlib
+
+    template = getattr(tok, "chat_template", None)
+    return {
+        "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()
+        if isinstance(template, str)
+        else None,
+    }
+
 
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
@@ -58,8 +74,11 @@ def provenance(started_at: float | None = None, **extra) -> dict:
         "ctxaware_version": __version__,
         "git_commit": git_commit(),
         "python": platform.python_version(),
+        "command": COMMAND or None,
         "torch": _version("torch"),
         "transformers": _version("transformers"),
+        "trl": _version("trl"),
+        "peft": _version("peft"),
         "host": platform.node(),
         "finished": utc(now),
     }

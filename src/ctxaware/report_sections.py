@@ -81,9 +81,7 @@ def pct(s: tuple[float, float, float] | dict | None, n: int | None = None) -> st
     m, lo, hi = (s["mean"], s.get("ci_low"), s.get("ci_high")) if isinstance(s, dict) else s
     if m is None or (isinstance(m, float) and math.isnan(m)):
         return "–"
-    if lo is None or hi is None:
-        return f"{100 * m:.1f}"
-    if isinstance(lo, float) and math.isnan(lo):
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):  # null in JSON, NaN in memory
         n = s.get("n") if isinstance(s, dict) else n
         return f"{100 * m:.1f} [{f'n={n} ' if n else ''}too few for a CI]"
     return f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"

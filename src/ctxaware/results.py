@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -67,9 +68,27 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN and infinity replaced by ``None``: strict JSON (``null``), which every parser
+    reads, where Python would write the bare ``NaN`` that strict parsers reject. Where a number is missing
+    for a reason, the writer puts the reason beside it (``stats.summarize``: ``no_ci``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw) -> str:
+    """``json.dumps`` of `json_safe` ``obj``, strict (``allow_nan=False``): the one JSON encoder of outputs."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kw)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON so that readers see the old file or the new one, never half of one."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return write_text_atomic(path, dumps(obj, indent=2) + "\n")
 
 
 def fingerprint(config: dict[str, Any]) -> str:
@@ -196,7 +215,7 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
     """Rows as JSONL, written to a temporary name and renamed when complete (readers never see half a file,
     and an earlier file survives a failure)."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(dumps(r) + "\n" for r in rows)
     return Path(path)
 
 
@@ -274,6 +293,7 @@ class ResultsWriter:
         config: dict[str, Any],
         key_fields: Iterable[str],
         filename: str = "rows.jsonl",
+        about: dict[str, Any] | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.path = self.dir / filename
@@ -285,7 +305,12 @@ class ResultsWriter:
         # One writer per results file: a second process on the same file would duplicate rows.
         self._lock = take_lock(self.dir / f".{filename}.lock", self.path)
         meta_path = self.dir / "meta.json"
-        meta = {"fingerprint": self.fingerprint, "config": config, "inputs": self.inputs}
+        from ctxaware.provenance import provenance
+
+        # where the rows came from (command, versions, commit, model revision, template hash): recorded, never
+        # compared (a resume under another version is allowed, and appends its own provenance)
+        made = provenance(**(about or {}))
+        meta = {"fingerprint": self.fingerprint, "config": config, "inputs": self.inputs, "provenance": made}
         if meta_path.is_file():
             try:
                 old = json.loads(meta_path.read_text())
@@ -309,6 +334,9 @@ class ResultsWriter:
                 )
             if "inputs" not in old:  # a run from before contents were recorded: record them now
                 write_json_atomic(meta_path, meta)
+            else:
+                resumes = old.get("resumed_by") if isinstance(old.get("resumed_by"), list) else []
+                write_json_atomic(meta_path, {**old, "resumed_by": [*resumes, made]})
         else:
             write_json_atomic(meta_path, meta)
         self._done: set[tuple] = set()
@@ -358,7 +386,8 @@ class ResultsWriter:
         k = self.key(row)
         if k in self._done:
             return
-        self._f.write(json.dumps(row, default=str) + "\n")
+        row = json_safe(row)  # the row kept in memory is the row a resumed run reads back
+        self._f.write(dumps(row) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._done.add(k)

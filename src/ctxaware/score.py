@@ -42,6 +42,7 @@ from ctxaware.config import ModelConfig, overwrite_option, parse_config, to_dict
 from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
+from ctxaware.provenance import model_about
 from ctxaware.results import ResultsWriter, SkipCounter, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ctxaware.sharding import (
     all_ranks_throughput,
@@ -522,7 +523,8 @@ def run(cfg: ScoreConfig) -> dict | None:
     run_cfg["layers"] = layers
     run_cfg["max_tokens"] = default_max_tokens(model, cfg.max_tokens)
     try:
-        with ResultsWriter(work, run_cfg, KEY, filename=f"part-{rank:03d}-of-{world:03d}.jsonl") as writer:
+        part = f"part-{rank:03d}-of-{world:03d}.jsonl"
+        with ResultsWriter(work, run_cfg, KEY, filename=part, about=model_about(model, tok)) as writer:
             stats = score_shard(cfg, model, tok, convs, writer, rank, world)
             throughput = all_ranks_throughput(stats, grouped)
             if grouped:

@@ -48,7 +48,10 @@ def summarize(values: Sequence[float], **kw) -> dict:
     n < `MIN_N_FOR_CI`): for means that are not proportions, and for paired differences."""
     m, lo, hi = bootstrap_ci(values, **kw)
     n = len([v for v in values if v is not None])
-    return {"mean": m, "ci_low": lo, "ci_high": hi, "n": n, "interval": "bootstrap"}
+    out = {"mean": m, "ci_low": lo, "ci_high": hi, "n": n, "interval": "bootstrap"}
+    if n < kw.get("min_n", MIN_N_FOR_CI):  # the reason, beside the null bounds of the JSON files
+        out["no_ci"] = "no values" if n == 0 else f"n={n} is too few for a bootstrap CI (< {MIN_N_FOR_CI})"
+    return out
 
 
 def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -77,7 +80,7 @@ def summarize_proportion(values: Sequence[float], confidence: float = 0.95) -> d
     n = len(x)
     if n == 0:
         return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0,
-                "interval": "clopper-pearson"}  # fmt: skip
+                "interval": "clopper-pearson", "no_ci": "no values"}  # fmt: skip
     if any(v < 0 or v > 1 for v in x):
         raise ValueError("summarize_proportion needs values in [0, 1]")
     mean = sum(x) / n
