@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -131,6 +132,14 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     t0 = time.perf_counter()
     assert run(cfg) == table  # every stage is cached
     assert time.perf_counter() - t0 < 5
+    # issue 24 §2: a cached stage is reused only for its own configuration; a changed option is refused in one
+    # line before anything is recomputed or replaced (the old numbers never come back as the new ones)
+    before = (root / "comparison.md").read_bytes()
+    for change, what in ((dict(eval_limit=3), "limit"), (dict(nih_depths=[25.0]), "runs"),
+                         (dict(attention_lengths=[160]), "lengths"), (dict(stages_n=3), "n")):  # fmt: skip
+        with pytest.raises(CtxawareError, match=rf"differs in: .*{what}"):
+            run(dataclasses.replace(cfg, **change))
+    assert (root / "comparison.md").read_bytes() == before
 
 
 def test_seed_model_options():

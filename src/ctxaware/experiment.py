@@ -26,7 +26,7 @@ import random
 import time
 from pathlib import Path
 
-from ctxaware.config import parse_config
+from ctxaware.config import parse_config, to_dict
 from ctxaware.conversations import load_conversations, write_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.results import fingerprint_inputs, read_jsonl, write_json_atomic, write_text_atomic
@@ -303,29 +303,65 @@ def stage_evaluate(
     """QA/conflict tasks and MT-Bench for one model in one ``mode``; rows resume in ``eval/{name}/`` (plain:
     ``eval/{name}/plain/``); cached in ``results.json`` there. The base is evaluated as the paper's base rows
     are, without a template (``mode="plain"``), and with the training template as extra information."""
-    where = root / "eval" / name / ("plain" if mode == "plain" else "")
-    done = where / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     from ctxaware.evaluate import EvalConfig, evaluate_tasks
-    from ctxaware.models import load_model
-    from ctxaware.needle import apply_chat_template_choice
 
-    model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
-    apply_chat_template_choice(tok, template_file(root, cfg))  # as nih and attention do
+    where = root / "eval" / name / ("plain" if mode == "plain" else "")
+    template = template_file(root, cfg)
     base = dict(model=model_dir, modes=[mode], indicator=indicator, seed=cfg.seed, data_dir=None,
                 device=cfg.device, dtype=cfg.dtype, batch_size=cfg.eval_batch_size,
                 output=str(where))  # fmt: skip
     ecfg = EvalConfig(**base, limit=cfg.eval_limit, max_new_tokens=cfg.eval_max_new_tokens)
-    results = evaluate_tasks(model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=where)
-    if cfg.mt_bench_limit and mode == "chat":  # the offline judge (evaluate.make_judge: judge_local_model)
-        mcfg = EvalConfig(**base, limit=cfg.mt_bench_limit, mt_bench_max_new_tokens=cfg.mt_bench_max_new_tokens,
-                          judge="local", judge_local_model=cfg.judge_local_model)  # fmt: skip
-        results.update(evaluate_tasks(model, tok, ["mt_bench"], mcfg, model_name=name,
-                                      output_dir=root / "eval" / name))  # fmt: skip
-    del model
-    write_json_atomic(done, results)
-    return results
+    mt_bench = bool(cfg.mt_bench_limit and mode == "chat")
+    stage = {**to_dict(ecfg), "tasks": cfg.eval_tasks, "chat_template": template,
+             "mt_bench_limit": cfg.mt_bench_limit if mt_bench else 0,
+             "mt_bench_max_new_tokens": cfg.mt_bench_max_new_tokens if mt_bench else None,
+             "judge_local_model": cfg.judge_local_model if mt_bench else None}  # fmt: skip
+
+    def compute() -> dict:
+        from ctxaware.models import load_model
+        from ctxaware.needle import apply_chat_template_choice
+
+        model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
+        apply_chat_template_choice(tok, template)  # as nih and attention do
+        results = evaluate_tasks(model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=where)
+        if mt_bench:  # the offline judge (evaluate.make_judge: judge_local_model)
+            mcfg = EvalConfig(**base, limit=cfg.mt_bench_limit, mt_bench_max_new_tokens=cfg.mt_bench_max_new_tokens,
+                              judge="local", judge_local_model=cfg.judge_local_model)  # fmt: skip
+            results.update(evaluate_tasks(model, tok, ["mt_bench"], mcfg, model_name=name,
+                                          output_dir=root / "eval" / name))  # fmt: skip
+        return results
+
+    return cached_stage(where, "results.json", stage, compute)
+
+
+def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dict:
+    """A stage's JSON result ``where/filename``, reused only when the stage ran with this configuration and
+    these input contents (the content fingerprint `ResultsWriter` uses, recorded in ``where/stage.json``);
+    computed when missing. A different configuration is refused in one line, as every command refuses to
+    mix runs: change ``eval_limit`` and rerun, and the old numbers do not come back (issue 24 §2)."""
+    from ctxaware.results import config_changes, fingerprint
+
+    done, record = where / filename, where / "stage.json"
+    inputs = fingerprint_inputs(stage_config)
+    if done.is_file():
+        if record.is_file():
+            old = json.loads(record.read_text())
+            if old.get("fingerprint") != fingerprint(inputs):
+                changed = config_changes(old.get("config", {}), old.get("inputs"), stage_config) or ["inputs"]
+                raise CtxawareError(
+                    f"{where} holds this stage's results for another configuration (differs in: "
+                    f"{', '.join(changed)}); use another output_dir, or delete {where} to recompute it"
+                )
+        else:  # a run from before stages recorded their configuration: record it now
+            write_json_atomic(
+                record, {"fingerprint": fingerprint(inputs), "config": stage_config, "inputs": inputs}
+            )
+        return json.loads(done.read_text())
+    write_json_atomic(record, {"fingerprint": fingerprint(inputs), "config": stage_config, "inputs": inputs})
+    out = compute()
+    if not done.is_file():  # commands that write their own summary (attention, stages) have written it
+        write_json_atomic(done, out)
+    return out
 
 
 NIH_CONDITIONS = {"chat+prefix": ("chat", True), "plain+prefix": ("plain", True), "chat": ("chat", False),
@@ -336,22 +372,24 @@ def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indi
     """NIH (authors' protocol) under ``nih_conditions``: ``{condition: summary}`` (rows resume)."""
     from ctxaware import nih
 
-    done = root / "nih" / name / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    out: dict = {}
+    configs = []
     for prefix in (True, False):
         modes = [m for c, (m, p) in NIH_CONDITIONS.items() if c in cfg.nih_conditions and p == prefix]
-        if not modes:
-            continue
-        ncfg = nih.NIHConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype, lengths=cfg.nih_lengths,
-                             depths=cfg.nih_depths, modes=modes, indicator=[indicator], prefix=[prefix],
-                             chat_template=template_file(root, cfg),
-                             output=str(root / "nih" / name / ("prefix" if prefix else "no_prefix")))  # fmt: skip
-        short, rows = nih.run_model(ncfg, model_dir)
-        out.update(nih.report(Path(ncfg.output), short, rows))
-    write_json_atomic(done, out)
-    return out
+        if modes:
+            configs.append(nih.NIHConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype,
+                                         lengths=cfg.nih_lengths, depths=cfg.nih_depths, modes=modes,
+                                         indicator=[indicator], prefix=[prefix], chat_template=template_file(root, cfg),
+                                         output=str(root / "nih" / name / ("prefix" if prefix else "no_prefix"))))  # fmt: skip
+
+    def compute() -> dict:
+        out: dict = {}
+        for ncfg in configs:
+            short, rows = nih.run_model(ncfg, model_dir)
+            out.update(nih.report(Path(ncfg.output), short, rows))
+        return out
+
+    stage = {"model": model_dir, "runs": [to_dict(c) for c in configs]}
+    return cached_stage(root / "nih" / name, "results.json", stage, compute)
 
 
 def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str) -> dict:
@@ -359,24 +397,22 @@ def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str
     from ctxaware import attention
 
     where = root / "attention" / name
-    if (where / "allocation.json").is_file():
-        return json.loads((where / "allocation.json").read_text())
     acfg = attention.AttentionConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype,
                                      lengths=cfg.attention_lengths, depths=cfg.attention_depths,
                                      chat_template=template_file(root, cfg), output=str(where))  # fmt: skip
-    return attention.run_one(acfg, model_dir, where)
+    return cached_stage(
+        where, "allocation.json", to_dict(acfg), lambda: attention.run_one(acfg, model_dir, where)
+    )
 
 
 def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> dict:
     """The stage analysis (`ctxaware stages`) over base -> vanilla SFT -> DPO -> GRPO."""
     from ctxaware.stages import StagesConfig, run
 
-    if (root / "stages" / "summary.json").is_file():
-        return json.loads((root / "stages" / "summary.json").read_text())
     scfg = StagesConfig(checkpoints=[f"{k}={v}" for k, v in chain.items()], tasks=cfg.stages_tasks,
                         n=cfg.stages_n, mode="zephyr" if cfg.chat_template == "zephyr" else "auto",
                         device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, output=str(root / "stages"))  # fmt: skip
-    return run(scfg)
+    return cached_stage(root / "stages", "summary.json", to_dict(scfg), lambda: run(scfg))
 
 
 def paired(root: Path, a: str, b: str, task: str, metric: str) -> dict:

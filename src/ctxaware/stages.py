@@ -472,8 +472,10 @@ def summary_blocks(s: dict) -> list[tuple]:
         blocks.append(
             ("table", ["checkpoint", "measure", "characteristic", "coefficient [95% CI]", "Spearman"], sig)
         )
-    constant = [m for m in measures if all(
-        s["usage"][n][m]["ci_low"] == s["usage"][n][m]["ci_high"] for n in names)]  # fmt: skip
+    def collapsed(u: dict) -> bool:  # a bootstrap CI of zero width; no CI (n too small: NaN / null) is not that
+        return u["ci_low"] is not None and u["ci_low"] == u["ci_low"] and u["ci_low"] == u["ci_high"]
+
+    constant = [m for m in measures if all(collapsed(s["usage"][n][m]) for n in names)]
     if constant:
         blocks.append(("p", f"Constant in every checkpoint (no regression possible): {', '.join(constant)}."))
     top = lambda hs: ", ".join(f"L{x['layer']}H{x['head']} {x['change']:+.3f}" for x in hs[:3])  # noqa: E731
