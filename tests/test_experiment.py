@@ -65,7 +65,7 @@ def test_recipes_parse(name):
         assert cfg.num_train_epochs == 1
 
 
-def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
+def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok, shared_data):
     model_dir = tmp_path / "tiny"
     tiny_llama().save_pretrained(model_dir)
     smollm2_tok.save_pretrained(model_dir)
@@ -95,8 +95,13 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
     runs = summary["runs"]
     assert list(runs) == ["base", "vanilla", "+indicator b=0.0", "dpo", "grpo"]
     assert runs["+indicator b=0.0"]["selection"]["ratio"] == 1.0
-    assert summary["table3"] == {"0.5": 1.0, "0.6": 1.0, "0.7": 1.0, "0.8": 1.0} or set(summary["table3"]) == {
-        "0.5", "0.6", "0.7", "0.8"}  # fmt: skip
+    scored = [
+        r["score"]
+        for r in map(json.loads, (root / "scores.jsonl").read_text().splitlines())
+        if r["score"] is not None
+    ]
+    assert scored and summary["table3"] == {  # Table 3 from the scores file, by hand: the share above each beta
+        b: sum(x > float(b) for x in scored) / len(scored) for b in ("0.5", "0.6", "0.7", "0.8")}  # fmt: skip
     # DPO starts from the vanilla SFT, GRPO from DPO; each merged model is saved
     assert (
         json.loads((root / "train" / "dpo" / "train_config.json").read_text())["model"]
@@ -110,7 +115,12 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok):
         assert r["eval"]["cf_world_facts"]["n"] == 2, name
         assert {c.removesuffix("+ind") for c in r["nih"]} == {"chat+prefix", "plain+prefix", "chat"}, name
         assert set(r["attention"]["conditions"]) == {"chat", "plain"}, name
-    assert set(summary["stages"]["seconds"]) <= {"base", "vanilla", "dpo", "grpo"}
+    assert set(summary["stages"]["seconds"]) == {
+        "base",
+        "vanilla",
+        "dpo",
+        "grpo",
+    }  # every checkpoint of the chain
     assert "Table 3" in table and "NIH" in table and "Paired differences" in table
     from ctxaware.report import write_report
 

@@ -170,7 +170,9 @@ def test_numbers_match_hand_computation(report):
     assert re.search(
         r"scores\.jsonl\s*\|?\s*0\.800\s*\|?\s*0\.600\s*\|?\s*0\.400\s*\|?\s*0\.200", " ".join(text.split())
     )
-    assert "0.15" in text or "0.150" in text  # chat − plain user share (0.85 − 0.7)
+    md = report[0].with_suffix(".md").read_text()
+    attention = next(sec for sec in md.split("\n## ") if sec.startswith("Attention per role"))
+    assert "| raw mass per role | user | 0.7 | 0.85 | 0.15 |" in attention  # chat − plain user share, its row
 
 
 def test_provenance_recorded_or_marked_missing(report):

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from ctxaware.chat import render
 from ctxaware.errors import CtxawareError
-from ctxaware.generate import Batch, generate, left_pad
+from ctxaware.generate import Batch, cache_kwarg, generate, left_pad
 from ctxaware.steering import batch_context, emphasis_mask, steer, sweep_alpha, table
 from tests.test_intercept import attn_impl, reference_logits, tiny_gemma3
 
@@ -36,7 +36,11 @@ def _decode(model, ids, steps: int, ctx_fn, mask=None):
     with ctx_fn(), torch.no_grad():
         for _ in range(steps):
             o = model(
-                input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+                input_ids=x,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **cache_kwarg(model, cache),
             )
             logits.append(o.logits[:, -1].float())
             x = o.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)

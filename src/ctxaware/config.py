@@ -210,13 +210,13 @@ _INT_MIN1 = (
     "batch_size max_new_tokens mt_bench_max_new_tokens eval_max_new_tokens track_max_new_tokens "
     "per_device_train_batch_size gradient_accumulation_steps max_tokens batch_tokens max_batch window chunk "
     "save_steps logging_steps n_lengths n_depths k track_n lora_r lora_alpha limit max_conversations "
-    "eval_limit max_length lengths nih_lengths prefix_words save_total_limit"
+    "eval_limit max_length lengths nih_lengths attention_lengths prefix_words save_total_limit"
 ).split()
 NAME_RULES: dict[str, dict[str, Any]] = {
     **{n: {"min": 1} for n in _INT_MIN1},
     **{n: {"min": 0} for n in ("layer", "layers", "score_layer", "head", "judge_retries", "weight_decay")},
     **{n: {"gt": 0} for n in ("learning_rate", "num_train_epochs", "merge_timeout")},
-    **{n: {"min": 0, "max": 100} for n in ("depths", "nih_depths")},
+    **{n: {"min": 0, "max": 100} for n in ("depths", "nih_depths", "attention_depths")},
     **{n: {"min": 0, "max": 1} for n in ("warmup_ratio", "lora_dropout", "filter_parametric")},
     "output_dir": {"path": "output_dir"},
     **{n: {"path": "input_file"} for n in ("scores", "needle_file", "messages", "chat_template")},

@@ -472,7 +472,10 @@ def summary_blocks(s: dict) -> list[tuple]:
         blocks.append(
             ("table", ["checkpoint", "measure", "characteristic", "coefficient [95% CI]", "Spearman"], sig)
         )
-    def collapsed(u: dict) -> bool:  # a bootstrap CI of zero width; no CI (n too small: NaN / null) is not that
+
+    def collapsed(
+        u: dict,
+    ) -> bool:  # a bootstrap CI of zero width; no CI (n too small: NaN / null) is not that
         return u["ci_low"] is not None and u["ci_low"] == u["ci_low"] and u["ci_low"] == u["ci_high"]
 
     constant = [m for m in measures if all(collapsed(s["usage"][n][m]) for n in names)]
