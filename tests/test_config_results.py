@@ -357,3 +357,34 @@ def test_no_bare_nan_in_any_json_output(tmp_path):
     assert strict(line) == {"id": 1, "share": None} and list(read_jsonl(tmp_path / "run" / "rows.jsonl")) == [
         {"id": 1, "share": None}
     ]
+
+
+def test_one_jsonl_reader_counts_bad_lines_everywhere(tmp_path, capsys):
+    """Issue 24 §3: one JSONL reader, one policy. A malformed line in a preference file, an MT-Bench judge
+    prompt file or a gzipped rows file with a BOM is skipped and counted (or said), never a traceback and
+    never dropped silently; the task loaders see it as a counted bad row."""
+    import gzip
+
+    from ctxaware import tasks
+    from ctxaware.judge import load_judge_prompts
+    from ctxaware.preference import load_preferences
+    from ctxaware.results import SkipCounter, read_jsonl
+
+    pair = {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "No."}
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps(pair) + "\n" + '{"prompt": "torn\n' + "5\n" + json.dumps(pair) + "\n")
+    skips = SkipCounter()
+    assert len(load_preferences(str(prefs), skips=skips)) == 2
+    assert skips.counts == {"line is not valid JSON": 1, "line is not a JSON object": 1}
+
+    judge = tmp_path / "judge.jsonl"
+    judge.write_text('{"name": "single-v1", "prompt_template": "x"}\n{"name": \n')
+    assert list(load_judge_prompts(judge)) == ["single-v1"]
+    assert "1 malformed line(s)" in capsys.readouterr().err  # said, since no caller keeps the count
+
+    gz = tmp_path / "rows.jsonl.gz"
+    gz.write_bytes(gzip.compress(("\ufeff" + '{"a": 1}\n[1]\n{"a": 2}\n').encode()))
+    bad = SkipCounter()
+    assert list(read_jsonl(gz, bad)) == [{"a": 1}, {"a": 2}] and bad.total == 1
+    assert [r.get("_malformed") for r in tasks.jsonl_rows(gz)] == [None, "line is not a JSON object", None]
+    assert getattr(tasks, "read_jsonl", read_jsonl) is read_jsonl  # one function of that name, in results

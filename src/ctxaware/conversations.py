@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ctxaware.errors import CtxawareError
-from ctxaware.results import SkipCounter, make_user_readable
+from ctxaware.results import SkipCounter, make_user_readable, read_jsonl
 
 FORMATS = ("auto", "sharegpt", "messages", "alpaca")
 Format = Literal["auto", "sharegpt", "messages", "alpaca"]
@@ -126,14 +126,9 @@ def _read_json_file_unchecked(path: Path) -> Iterator[Any]:
             data = json.load(f)
             yield from data
             return
-        for line in f:  # JSON lines: a bad line is a row to skip, not a crash
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield _Skip("invalid JSON line")
+    # JSON lines through the one reader: a bad line is a row to skip and count, not a crash
+    for row in read_jsonl(path, markers=True):
+        yield _Skip("invalid JSON line") if set(row) == {"_malformed"} else row
 
 
 def _read_parquet(path: Path) -> Iterator[dict]:

@@ -73,7 +73,7 @@ def load_conflict_set(spec: str) -> list:
     task = tasks.get_task("nqswap" if path.suffix == ".zip" else "cf_world_facts")
     reader = tasks.read_nqswap_zip if path.suffix == ".zip" else tasks.read_json_list
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        reader = tasks.read_jsonl
+        reader = tasks.jsonl_rows
     skips, out = SkipCounter(), []
     for i, row in enumerate(reader(path)):
         convert = tasks.convert_nqswap if "sub_context" in row else tasks.convert_conflict

@@ -30,7 +30,7 @@ from ctxaware.chat import render
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import generate
 from ctxaware.indicator import append_indicator
-from ctxaware.results import leave_for_next_run
+from ctxaware.results import leave_for_next_run, read_jsonl
 from ctxaware.tasks import default_data_dir
 
 NEED_REF = ("math", "reasoning", "coding")  # FastChat grades these against the reference answer
@@ -55,12 +55,7 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict]:
         raise CtxawareError(
             f"judge prompt file {p} not found; pass --data-dir with general/mt_bench_judge_prompts.jsonl"
         )
-    prompts = {}
-    for line in p.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            prompts[row["name"]] = row
-    return prompts
+    return {row["name"]: row for row in read_jsonl(p) if isinstance(row.get("name"), str)}
 
 
 def build_judge_prompt(
@@ -257,8 +252,13 @@ def _reference_answers(data_dir: str | None) -> dict[str, list[str]]:
     path = Path(data_dir or default_data_dir()) / "general" / "mt_bench_reference_answers.jsonl"
     if not path.is_file():
         return {}
-    rows = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
-    return {str(r["question_id"]): r["choices"][0]["turns"] for r in rows}
+    out = {}
+    for r in read_jsonl(path):  # a malformed line is skipped and said; a row without turns has no reference
+        try:
+            out[str(r["question_id"])] = r["choices"][0]["turns"]
+        except (KeyError, IndexError, TypeError):
+            continue
+    return out
 
 
 def _answers(model, tok, conversations, mode, prefix, desc: str, gen: dict) -> list[str]:

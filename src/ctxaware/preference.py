@@ -34,7 +34,7 @@ from typing import Any
 from ctxaware.chat import render
 from ctxaware.conversations import ROLE_MAP
 from ctxaware.errors import CtxawareError
-from ctxaware.results import SkipCounter, write_json_atomic
+from ctxaware.results import SkipCounter, read_jsonl, write_json_atomic
 from ctxaware.train import TrainConfig, common_args
 
 logger = logging.getLogger(__name__)
@@ -120,14 +120,11 @@ def parse_preference(row: Any, index: int) -> Preference:
     return Preference(rid, prompt, chosen, rejected)
 
 
-def _raw_rows(spec: str, split: str) -> Iterator[dict]:
+def _raw_rows(spec: str, split: str, skips: SkipCounter) -> Iterator[dict]:
     path = Path(spec)
     if path.is_file():
-        if path.suffix == ".jsonl":
-            with path.open() as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from read_jsonl(path, skips)  # a malformed line is skipped and counted
             return
         data = json.loads(path.read_text())
         if not isinstance(data, list):
@@ -150,7 +147,7 @@ def load_preferences(
     """Preference pairs from a file or hub id; malformed rows are skipped and counted in ``skips``."""
     skips = skips if skips is not None else SkipCounter()
     out = []
-    for i, row in enumerate(_raw_rows(spec, split)):
+    for i, row in enumerate(_raw_rows(spec, split, skips)):
         if limit is not None and len(out) >= limit:
             break
         try:

