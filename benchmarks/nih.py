@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ctxaware import nih
+from ctxaware import needle, nih
 from ctxaware.generate import generate, greedy_config
 from ctxaware.models import load_model
 
@@ -56,7 +56,7 @@ def main() -> None:
         nih.NIHConfig, ["--lengths", a.lengths, "--depths", a.depths, "--modes", a.modes, "--prefix", "true"]
     )
     rendered = [
-        p.render(tok) for p in nih.build_prompts(cfg, tok, a.model, model.config.max_position_embeddings)
+        p.render(tok) for p in needle.build_prompts(cfg, tok, a.model, model.config.max_position_embeddings)
     ]
     n_tok = sum(map(len, rendered))
     print(

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ctxaware import nih
+from ctxaware import needle, nih
 from ctxaware.models import load_model
 
 
@@ -44,7 +44,7 @@ def engine_level(a, model, tok) -> None:
 
     cfg = nih.NIHConfig(lengths=[int(x) for x in a.lengths.split(",")], modes=["chat", "plain"], prefix=[True],
                         depths=[float(x) for x in a.depths.split(",")])  # fmt: skip
-    prompts = [p.render(tok) for p in nih.build_prompts(cfg, tok, "bench", 8192)]
+    prompts = [p.render(tok) for p in needle.build_prompts(cfg, tok, "bench", 8192)]
     layers = [int(x) for x in a.layers.split(",")]
 
     def run(attention: bool) -> list[list[int]]:

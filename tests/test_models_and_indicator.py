@@ -106,3 +106,21 @@ def test_long_attention_and_demo_nih_steps_show_progress(smollm2_tok, tmp_path, 
     assert seen.get("progress", True) is True and seen.get("desc")  # a labelled bar, not progress=False
     # the paper's 50 new tokens (App. A.3); None made transformers cap the demo's answers at 20
     assert seen["max_new_tokens"] == 50
+
+
+def test_layer_counts_come_from_the_text_config():
+    """Issue 24 §3: a multimodal config (Gemma-3's ``Gemma3Config``) keeps the decoder's shape in
+    ``text_config``; every reader of the layer count goes through `models.model_shape`."""
+    from types import SimpleNamespace
+
+    from ctxaware.errors import CtxawareError
+    from ctxaware.models import middle_layer, model_shape
+    from ctxaware.score import check_layers, default_layer
+
+    text = SimpleNamespace(num_hidden_layers=34, num_attention_heads=8)
+    model = SimpleNamespace(config=SimpleNamespace(text_config=text, name_or_path="gemma-3-4b"))
+    assert model_shape(model) == (34, 8) and middle_layer(model) == 17
+    assert default_layer(model) == round(15 / 22 * 34)  # the paper's relative depth, 23
+    check_layers(model, [0, 33])
+    with pytest.raises(CtxawareError, match="0..33"):
+        check_layers(model, [34])

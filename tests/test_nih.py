@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ctxaware import nih
+from ctxaware import models, needle, nih
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import generate
 from ctxaware.results import read_jsonl
@@ -42,20 +42,20 @@ def cfg(**kw) -> nih.NIHConfig:
     ],
 )
 def test_keyword_recall_hand_cases(out, rec):
-    assert nih.keyword_recall(out, nih.NIHConfig().keywords) == pytest.approx(rec)
+    assert needle.keyword_recall(out, nih.NIHConfig().keywords) == pytest.approx(rec)
 
 
 def test_needle_depth_and_prompt_length(smollm2_tok):
     tok = smollm2_tok
-    needle = nih.NIHConfig().needle
-    for p in nih.build_prompts(cfg(), tok, "smollm2", 8192):
+    sentence = nih.NIHConfig().needle
+    for p in needle.build_prompts(cfg(), tok, "smollm2", 8192):
         r = p.render(tok)
         c = p.cell
         if c["mode"] == "chat":  # the longest condition fills the target length (to within one sentence)
             assert c["length"] - 30 <= len(r) <= c["length"]
         else:
             assert len(r) <= c["length"]
-        pos = nih.needle_position(r, tok, needle)
+        pos = needle.needle_position(r, tok, sentence)
         assert tok.decode(r.input_ids[pos : pos + 6]).strip().startswith("The best thing")
         assert r.roles[pos] == "user"
         # needle at the requested depth, moved back by less than one sentence (< 80 tokens here)
@@ -71,7 +71,7 @@ def test_needle_depth_and_prompt_length(smollm2_tok):
 
 def test_chat_and_plain_differ_only_in_template_tokens(smollm2_tok):
     tok = smollm2_tok
-    prompts = nih.build_prompts(cfg(lengths=[400], depths=[50.0]), tok, "smollm2", 8192)
+    prompts = needle.build_prompts(cfg(lengths=[400], depths=[50.0]), tok, "smollm2", 8192)
     chat, plain = (p.render(tok) for p in prompts)
     for role in ("user", "assistant"):
         a = [t for t, r in zip(chat.input_ids, chat.content_roles()) if r == role]
@@ -88,20 +88,20 @@ def test_bad_inputs(tmp_path, smollm2_tok):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("   \n")
     with pytest.raises(CtxawareError, match="no text"):
-        nih.load_haystack(str(tmp_path / "empty"))
+        needle.load_haystack(str(tmp_path / "empty"))
     with pytest.raises(CtxawareError, match="keyword list is empty"):
-        nih.load_needle(nih.NIHConfig(keywords=[]))
+        needle.load_needle(nih.NIHConfig(keywords=[]))
     with pytest.raises(CtxawareError, match="more than the length"):
-        nih.build_prompts(cfg(lengths=[40]), smollm2_tok, "m", 8192)
+        needle.build_prompts(cfg(lengths=[40]), smollm2_tok, "m", 8192)
     with pytest.raises(CtxawareError, match="exceeds the model's window"):
-        nih.build_prompts(cfg(lengths=[9000]), smollm2_tok, "m", 8192)
+        needle.build_prompts(cfg(lengths=[9000]), smollm2_tok, "m", 8192)
     with pytest.raises(CtxawareError, match="--depths 120.0 must be at most 100"):  # when the config is built
         cfg(depths=[120.0])
     with pytest.raises(CtxawareError, match="template"):
-        nih.templates(nih.NIHConfig(template="5"))
+        needle.templates(nih.NIHConfig(template="5"))
     (tmp_path / "n.yaml").write_text("needle: Paris has a blue cat.\nquestion: What colour?\nkeywords: []\n")
     with pytest.raises(CtxawareError, match="keyword list is empty"):
-        nih.load_needle(nih.NIHConfig(needle_file=str(tmp_path / "n.yaml")))
+        needle.load_needle(nih.NIHConfig(needle_file=str(tmp_path / "n.yaml")))
 
 
 def test_synthetic_haystack_and_needle_file(tmp_path, smollm2_tok):
@@ -110,8 +110,8 @@ def test_synthetic_haystack_and_needle_file(tmp_path, smollm2_tok):
         '"keywords": ["Oslo"]}'
     )
     c = cfg(haystack="synthetic", needle_file=str(tmp_path / "n.json"), lengths=[300], depths=[50.0])
-    assert nih.load_needle(c)[3] == "The blue cat lives in Oslo."
-    p = nih.build_prompts(c, smollm2_tok, "m", 8192)[0]
+    assert needle.load_needle(c)[3] == "The blue cat lives in Oslo."
+    p = needle.build_prompts(c, smollm2_tok, "m", 8192)[0]
     content = p.messages[-1]["content"]
     assert "The blue cat lives in Oslo." in content
     subjects = (
@@ -169,7 +169,7 @@ def test_resume_after_kill_and_config_refusal(tmp_path, smollm2):
     assert (out / "smollm2-135m-instruct" / "chat+prefix" / "heatmap.png").is_file()
     # same results as one uninterrupted pass over the same prompts
     c = nih.parse_config(nih.NIHConfig, [*SMALL, "--max-new-tokens", "4"])
-    prompts = nih.build_prompts(c, tok, "smollm2-135m-instruct", 8192)
+    prompts = needle.build_prompts(c, tok, "smollm2-135m-instruct", 8192)
     gens = generate(
         model, tok, [p.render(tok) for p in prompts], max_new_tokens=4, batch_size=1, progress=False
     )
@@ -307,13 +307,15 @@ PAPER_NEEDLE = (
 
 def test_authors_length_is_a_budget_minus_200(tok):
     """L = 1000: 800 context tokens (needle included), not a whole prompt of 1000 (old code: 932)."""
-    p = nih.build_prompts(nih.NIHConfig(lengths=[1000], depths=[50.0], modes=["chat"], prefix=[True]), tok)[0]
+    p = needle.build_prompts(
+        nih.NIHConfig(lengths=[1000], depths=[50.0], modes=["chat"], prefix=[True]), tok
+    )[0]
     assert 795 <= p.cell["context_tokens"] <= 800
     assert len(p.render(tok)) < 900  # template, question and prefix live in the 200-token buffer
 
 
 def test_authors_empty_system_turn_and_plain_start(tok):
-    ps = nih.build_prompts(nih.NIHConfig(lengths=[400], depths=[50.0], prefix=[True]), tok)
+    ps = needle.build_prompts(nih.NIHConfig(lengths=[400], depths=[50.0], prefix=[True]), tok)
     chat = next(p for p in ps if p.cell["mode"] == "chat").render(tok)
     plain = next(p for p in ps if p.cell["mode"] == "plain").render(tok)
     assert chat.text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nYou are a helpful")
@@ -325,16 +327,17 @@ def test_authors_empty_system_turn_and_plain_start(tok):
 
 
 def test_authors_prefix_is_eight_words():
-    assert nih.load_needle(nih.NIHConfig())[3] == "The best thing to do in San Francisco"
+    assert needle.load_needle(nih.NIHConfig())[3] == "The best thing to do in San Francisco"
     assert (
-        nih.load_needle(nih.NIHConfig(protocol="ctxaware"))[3] == "The best thing to do in San Francisco is"
+        needle.load_needle(nih.NIHConfig(protocol="ctxaware"))[3]
+        == "The best thing to do in San Francisco is"
     )
 
 
 def test_subword_match_replaces_punctuation_by_space():
     kw = nih.NIHConfig().keywords
-    assert nih.keyword_recall("Eat a sandwich, sit in Dolores-Park on a sunny-day!", kw) == 1.0
-    assert nih.keyword_recall("...Dolores-Park...", ["dolores", "park"]) == 1.0
+    assert needle.keyword_recall("Eat a sandwich, sit in Dolores-Park on a sunny-day!", kw) == 1.0
+    assert needle.keyword_recall("...Dolores-Park...", ["dolores", "park"]) == 1.0
 
 
 def test_authors_backoff_stops_only_at_a_period(tok, tmp_path):
@@ -346,7 +349,7 @@ def test_authors_backoff_stops_only_at_a_period(tok, tmp_path):
     (hay / "a.txt").write_text(" ".join(sent[i % 3] for i in range(600)) + "\n")
     c = nih.NIHConfig(haystack=str(hay), lengths=[600], depths=[10.0, 35.0, 60.0, 100.0], modes=["plain"],
                       prefix=[False])  # fmt: skip
-    for p in nih.build_prompts(c, tok):
+    for p in needle.build_prompts(c, tok):
         ctx = p.messages[-1]["content"].split("\n")[1]
         head, tail = ctx.split(PAPER_NEEDLE.strip())
         if p.cell["depth"] == 100:
@@ -363,7 +366,7 @@ def test_chat_and_plain_twins_hold_the_same_haystack(tok, protocol):
 
     def context(mode: str) -> str:
         c = nih.NIHConfig(protocol=protocol, lengths=[400], depths=[50.0], modes=[mode], prefix=[True])
-        p = nih.build_prompts(c, tok)[0]
+        p = needle.build_prompts(c, tok)[0]
         return p.messages[-1]["content"].rstrip("\n"), p.cell["context_tokens"]
 
     assert context("chat") == context("plain")
@@ -381,27 +384,31 @@ def test_gemma_chat_template_option():
     gtok = load_tokenizer("gemma3-270m")
     assert not gtok.chat_template
     c = nih.NIHConfig(lengths=[400], depths=[50.0], modes=["chat", "plain"], prefix=[True])
-    assert {p.cell["mode"] for p in nih.build_prompts(c, gtok, "gemma3-270m")} == {"plain"}
+    assert {p.cell["mode"] for p in needle.build_prompts(c, gtok, "gemma3-270m")} == {"plain"}
     apply_chat_template_choice(gtok, "gemma")
-    chat = next(p for p in nih.build_prompts(c, gtok, "gemma3-270m") if p.cell["mode"] == "chat").render(gtok)
+    chat = next(p for p in needle.build_prompts(c, gtok, "gemma3-270m") if p.cell["mode"] == "chat").render(
+        gtok
+    )
     assert chat.text.startswith("<bos><start_of_turn>user\nYou are a helpful")
     assert "<end_of_turn>\n<start_of_turn>model\nThe best thing to do in San Francisco" in chat.text
     # the authors' tester tokenizes the chat text with tokenizer(prompt): Gemma's template BOS plus one more
     assert chat.input_ids[:2] == [gtok.bos_token_id] * 2 and chat.input_ids.count(gtok.bos_token_id) == 2
     c.chat_bos = "template"  # the named deviation: the template's BOS only
-    chat = next(p for p in nih.build_prompts(c, gtok, "gemma3-270m") if p.cell["mode"] == "chat").render(gtok)
+    chat = next(p for p in needle.build_prompts(c, gtok, "gemma3-270m") if p.cell["mode"] == "chat").render(
+        gtok
+    )
     assert chat.input_ids.count(gtok.bos_token_id) == 1
 
 
 def test_run_ids_are_safe_unique_and_readable(tmp_path):
     for d in ("a/model", "b/model"):
         (tmp_path / d).mkdir(parents=True)
-    a, b = nih.run_id(str(tmp_path / "a/model")), nih.run_id(str(tmp_path / "b/model"))
+    a, b = models.run_id(str(tmp_path / "a/model")), models.run_id(str(tmp_path / "b/model"))
     assert a != b and a.startswith("a-model-") and b.startswith("b-model-")
-    assert nih.run_id("default") == nih.run_id("smollm2-135m-instruct") == "smollm2-135m-instruct"
-    assert nih.run_id("org/name") == "org--name"
+    assert models.run_id("default") == models.run_id("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert models.run_id("org/name") == "org--name"
     for spec in ("..", "../..", "/"):
-        rid = nih.run_id(spec)
+        rid = models.run_id(spec)
         assert "/" not in rid and not rid.startswith(".") and rid
         assert (tmp_path / "out" / rid).resolve().parent == (tmp_path / "out").resolve()
 
@@ -417,7 +424,7 @@ def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
     def fake_run(cfg, name):
         rows = [{"condition": "plain", "template": 1, "length": 200, "depth": d, "recall": 1.0, "exact": 1.0,
                  "empty": 0.0, "protocol": "authors"} for d in (0.0, 100.0)]  # fmt: skip
-        return nih.run_id(name), rows
+        return models.run_id(name), rows
 
     monkeypatch.setattr(nih, "run_model", fake_run)
     monkeypatch.setattr(nih, "preflight", lambda cfg, name: None)  # no tokenizer for these made-up ids
@@ -490,7 +497,9 @@ def test_nih_rows_carry_prefill_attention_equal_to_eager(tmp_path, smollm2, monk
     key = lambda r: (r["condition"], r["depth"])  # noqa: E731
     assert {key(r): r["output"] for r in rows} == {key(r): r["output"] for r in plain_rows}
     assert all("attention" not in r for r in plain_rows) and len(rows) == 4
-    prompts = {key(p.cell): p.render(tok) for p in nih.build_prompts(c, tok, "smollm2-135m-instruct", 8192)}
+    prompts = {
+        key(p.cell): p.render(tok) for p in needle.build_prompts(c, tok, "smollm2-135m-instruct", 8192)
+    }
     eager = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     try:

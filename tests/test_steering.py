@@ -225,3 +225,13 @@ def test_sweep_alpha_table():
         and res["no_template"] == 0.9
     )
     assert "alpha=0.3" in table({"m": res})
+
+
+def test_no_best_alpha_when_nothing_separates_them():
+    """Issue 27 §3: when every alpha scores what the baseline scores (e.g. 100 % everywhere), Table 1 names
+    no best alpha; one alpha above the baseline is named."""
+    flat = sweep_alpha(lambda a, chat: 1.0)
+    row = table({"m": flat}).splitlines()[-1]
+    assert "none is best" in row and "alpha=" not in row
+    one = sweep_alpha(lambda a, chat: 1.0 if a == 0.5 else 0.8)
+    assert "alpha=0.5" in table({"m": one}) and "none is best" not in table({"m": one})

@@ -36,16 +36,11 @@ from ctxaware.chat import ROLES, Rendered
 from ctxaware.config import ModelConfig, overwrite_option, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
+from ctxaware.models import model_shape
 
 PAPER = ("sink", "user", "assistant")  # paper Fig. 3-4 (its BOS is the sink)
 SINK_EXCLUDED = ("system", "user", "assistant")  # tokens that are neither sink nor template
-SHOWN = PAPER  # kept for callers of `renormalise`
 NORMALISATIONS = ("raw", "paper", "sink_excluded")
-
-
-def _model_shape(model) -> tuple[int, int]:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    return cfg.num_hidden_layers, cfg.num_attention_heads
 
 
 def pad_batch(prompts: Sequence[Rendered], positions: Sequence[Sequence[int]], pad_id: int):
@@ -93,7 +88,7 @@ def role_allocation(
     for i, (p, qs) in enumerate(zip(prompts, positions)):
         if not qs or any(not 0 <= q < len(p) for q in qs):
             raise CtxawareError(f"prompt {i}: query positions {qs} must lie in 0..{len(p) - 1}")
-    n_layers, _ = _model_shape(model)
+    n_layers, _ = model_shape(model)
     layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -161,7 +156,7 @@ class PrefillShares:
     """
 
     def __init__(self, model, layers: Sequence[int]) -> None:
-        n_layers, _ = _model_shape(model)
+        n_layers, _ = model_shape(model)
         for layer in layers:
             check_layer(layer, n_layers)
         self.model, self.layers, self.shares = model, sorted(set(layers)), {}
@@ -423,7 +418,7 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     """
     from ctxaware.models import middle_layer
 
-    n_layers, _ = _model_shape(model)
+    n_layers, _ = model_shape(model)
     check_layer(cfg.layer, n_layers)
     layer = middle_layer(model) if cfg.layer is None else cfg.layer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -561,7 +556,7 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
     from ctxaware.results import ResultsWriter, write_json_atomic, write_text_atomic
 
     model, tok = cfg.load(spec)
-    check_layer(cfg.layer, _model_shape(model)[0])
+    check_layer(cfg.layer, model_shape(model)[0])
     allocation, rows, extra = analyse(model, tok, cfg, name or _model_dir_name(spec))
     with ResultsWriter(
         where,

@@ -79,7 +79,7 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
     Both conditions start the answer with the needle's first words (the response prefix), as the paper's
     Fig. 2 does: without a template and without a prefix, SmolLM2-135M-Instruct mostly answers nothing.
     """
-    from ctxaware import nih
+    from ctxaware import needle, nih
 
     _section("3. needle in a haystack: chat template vs. plain, with response prefix")
     modes = ["chat", "plain"] if getattr(tok, "chat_template", None) else ["plain"]
@@ -97,8 +97,8 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
         haystack=haystack,
     )
     ncfg.output = f"{cfg.output}/nih"
-    keywords = nih.load_needle(ncfg)[2]
-    prompts = nih.build_prompts(ncfg, tok, model.name_or_path, model.config.max_position_embeddings)
+    keywords = needle.load_needle(ncfg)[2]
+    prompts = needle.build_prompts(ncfg, tok, model.name_or_path, model.config.max_position_embeddings)
     t0 = time.time()
     gens = generate(
         model,
@@ -110,7 +110,7 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
     )
     rows = []
     for p, g in zip(prompts, gens):
-        rec = nih.keyword_recall(g.text, keywords)
+        rec = needle.keyword_recall(g.text, keywords)
         rows.append(
             {
                 **p.cell,
@@ -150,7 +150,7 @@ def _views(raw) -> dict[str, dict[str, float]]:
         return attention.normalisations(raw)
     return {
         "raw": dict(zip(ROLES, raw.tolist())),
-        "paper": dict(zip(attention.SHOWN, attention.renormalise(raw).tolist())),
+        "paper": dict(zip(attention.PAPER, attention.renormalise(raw).tolist())),
     }
 
 
@@ -213,13 +213,15 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from ctxaware.models import model_shape
+
     cfg = parse_config(DemoConfig, argv, prog="ctxaware demo")
     t0 = time.time()
     print(f"ctxaware demo: loading {cfg.model} ...")
     model, tok = cfg.load()
     print(
-        f"loaded {model.name_or_path} ({model.config.num_hidden_layers} layers, "
-        f"{model.config.num_attention_heads} heads) on {model.device} in {time.time() - t0:.1f}s"
+        f"loaded {model.name_or_path} ({model_shape(model)[0]} layers, "
+        f"{model_shape(model)[1]} heads) on {model.device} in {time.time() - t0:.1f}s"
     )
     show_rendering(model, tok)
     show_generation(model, tok)

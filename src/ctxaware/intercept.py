@@ -435,7 +435,12 @@ def capture_attention(
     (B, T, G) assigns keys to groups. ``method``: ``onehot`` / ``auto`` (the layer's own kernel with V =
     groups) or ``chunked`` (softmax rows computed in chunks of ``chunk`` rows); both are exact.
     """
-    n = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else None
+    from ctxaware.models import model_shape
+
+    try:
+        n = model_shape(model)[0]
+    except AttributeError:  # a bare module in tests: no layer count to check against
+        n = None
     for layer in layers:
         if layer < 0 or (n is not None and layer >= n):
             raise CtxawareError(f"layer {layer} does not exist; the model has layers 0..{(n or 1) - 1}")

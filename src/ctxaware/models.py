@@ -289,9 +289,16 @@ def load_model(
     return model, tok
 
 
+def model_shape(model) -> tuple[int, int]:
+    """``(decoder layers, attention heads)``, read from the text model's config: multimodal configs (e.g.
+    Gemma-3's ``Gemma3Config``) keep them in ``text_config``. The one place that reads them."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return cfg.num_hidden_layers, cfg.num_attention_heads
+
+
 def middle_layer(model) -> int:
     """The paper's default analysis layer: the middle of the decoder stack."""
-    return model.config.num_hidden_layers // 2
+    return model_shape(model)[0] // 2
 
 
 def run_id(spec: str) -> str:

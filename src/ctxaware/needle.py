@@ -579,7 +579,7 @@ def nih_prompts(
     tok, lengths, depths, chat: bool, haystack: str | Path = "auto", protocol: str = "authors"
 ) -> list[Rendered]:
     """One NIH prompt per (length, depth) with template 1 and the response prefix, with (``chat``) or
-    without the chat template: the prompts of `ctxaware attention`, `ctxaware heads` and `steering.nih_sweep`."""
+    without the chat template: the prompts of `ctxaware attention` and `ctxaware heads`."""
     cfg = NeedleConfig(
         protocol=protocol,
         lengths=[int(n) for n in lengths],

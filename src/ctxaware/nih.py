@@ -24,18 +24,13 @@ from ctxaware.attention import PrefillShares, mean_prefill_shares
 from ctxaware.config import ModelConfig, overwrite_option, parse_config, to_dict
 from ctxaware.errors import CtxawareError
 from ctxaware.generate import generate
-from ctxaware.models import middle_layer, run_id  # run_id is re-exported
-from ctxaware.needle import (  # noqa: F401  (re-exported: the NIH API lives in ctxaware.needle)
-    TEMPLATES,
-    Condition,
+from ctxaware.models import middle_layer, run_id
+from ctxaware.needle import (
     NeedleConfig,
-    NIHPrompt,
     apply_chat_template_choice,
     build_prompts,
     check_protocol,
-    conditions,
     dump_prompts,
-    grid,
     keyword_recall,
     load_haystack,
     load_needle,
@@ -296,7 +291,7 @@ def steering_table(summaries: dict) -> str:
         by_alpha = {
             float(c.split("+steer")[1]): v for c, v in steered.items() if c.startswith(base_name + "+")
         }
-        best = max(by_alpha, key=lambda a: (by_alpha[a], a))
+        best = steering.best_alpha(by_alpha)
         plain = (
             conds.get(base_name.replace("chat", "plain", 1), {}).get("recall", {}).get("mean", float("nan"))
         )
@@ -304,6 +299,7 @@ def steering_table(summaries: dict) -> str:
             "baseline": conds[base_name]["recall"]["mean"] if base_name in conds else float("nan"),
             "steered": by_alpha[best],
             "best_alpha": best,
+            "by_alpha": by_alpha,
             "no_template": plain,
         }
     return steering.table(rows) if rows else ""

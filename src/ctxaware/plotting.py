@@ -195,8 +195,11 @@ def role_share_bars(shares: dict[str, dict[str, dict[str, float]]], path: str | 
 
 
 @_styled
-def head_heatmaps(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
-    """One layer x head heatmap per model (diverging, centred at 0): e.g. change of user share."""
+def head_heatmaps(
+    maps: dict[str, list[list[float]]], path: str | Path, title: str = "user share: with template − without"
+) -> Path:
+    """One layer x head heatmap per panel (diverging, centred at 0): a change of the user share, between
+    conditions (with template - without) or between checkpoints (`stage_head_change`)."""
     import numpy as np
 
     fig, axes = _subplots(1, len(maps), figsize=(3.2 * len(maps) + 0.8, 4.2), squeeze=False)
@@ -209,7 +212,7 @@ def head_heatmaps(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
         ax.set_ylabel("layer")
         ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle("user share: with template − without", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -484,19 +487,6 @@ def stage_sensitivity(sens: dict[str, dict[str, dict]], path: str | Path) -> Pat
     return _save(fig, path)
 
 
-@_styled
 def stage_head_change(maps: dict[str, list[list[float]]], path: str | Path) -> Path:
     """Layer x head change of the sink-excluded user attention share between consecutive checkpoints."""
-    import numpy as np
-
-    fig, axes = _subplots(1, len(maps), figsize=(3.2 * len(maps) + 0.8, 4.2), squeeze=False)
-    for ax, (name, m) in zip(axes[0], maps.items()):
-        a = np.asarray(m)
-        lim = float(np.abs(a).max()) or 1.0
-        im = ax.imshow(a, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, origin="lower")
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle("user share (sink-excluded): later − earlier checkpoint", fontsize=10)
-    return _save(fig, path)
+    return head_heatmaps(maps, path, "user share (sink-excluded): later − earlier checkpoint")

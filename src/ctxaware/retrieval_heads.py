@@ -24,21 +24,16 @@ import torch
 from ctxaware.attention import eq3_user_share, role_allocation, sink_is_user  # noqa: F401
 from ctxaware.config import ModelConfig, overwrite_option, parse_config
 from ctxaware.errors import CtxawareError
+from ctxaware.models import model_shape
 from ctxaware.results import write_json_atomic
 
 Heads = dict[int, list[int]]
 HeadsSpec = Heads | str
 
 
-def _shape(model) -> tuple[int, int]:
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return cfg.num_hidden_layers, cfg.num_attention_heads
-
-
 def all_heads(model) -> Heads:
     """Every head of every layer."""
-    n_layers, n_heads = _shape(model)
+    n_layers, n_heads = model_shape(model)
     return {layer: list(range(n_heads)) for layer in range(n_layers)}
 
 
@@ -52,7 +47,7 @@ def validate_heads(heads: HeadsSpec, model) -> Heads:
         return all_heads(model)
     if not isinstance(heads, dict) or not heads:
         raise CtxawareError("heads must be a non-empty mapping {layer: [head, ...]} or 'all'")
-    n_layers, n_heads = _shape(model)
+    n_layers, n_heads = model_shape(model)
     out: Heads = {}
     for k, hs in heads.items():
         try:

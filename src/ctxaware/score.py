@@ -42,6 +42,7 @@ from ctxaware.config import ModelConfig, overwrite_option, parse_config, to_dict
 from ctxaware.conversations import load_conversations
 from ctxaware.errors import CtxawareError
 from ctxaware.intercept import capture_attention
+from ctxaware.models import model_shape
 from ctxaware.provenance import model_about
 from ctxaware.results import ResultsWriter, SkipCounter, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ctxaware.sharding import (
@@ -65,7 +66,7 @@ def default_layer(model) -> int:
 
     15 for the paper's seed (TinyLlama, 22 layers); 20 of SmolLM2's 30; 12 of Gemma-3-270M's 18.
     """
-    n = model.config.num_hidden_layers
+    n = model_shape(model)[0]
     return min(n - 1, round(PAPER_LAYER * n / PAPER_LAYERS))
 
 
@@ -215,7 +216,7 @@ def reduce_heads(mass: torch.Tensor, head_reduce: str = "max", head: int | None 
 
 
 def check_layers(model, layers: Sequence[int]) -> None:
-    n = model.config.num_hidden_layers
+    n = model_shape(model)[0]
     bad = [layer for layer in layers if not 0 <= layer < n]
     if bad:
         raise CtxawareError(

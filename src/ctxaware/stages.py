@@ -198,8 +198,9 @@ def attention_shares(model, prompts, groups, batch_size: int, pad_id: int) -> li
     system turn (e.g. the Zephyr template) every non-excluded key is a user token, so a user share is 1.0
     in every head and carries no information.
     """
-    cfg = getattr(model.config, "text_config", None) or model.config
-    layers = list(range(cfg.num_hidden_layers))
+    from ctxaware.models import model_shape
+
+    layers = list(range(model_shape(model)[0]))
     device = next(model.parameters()).device
     out: list = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

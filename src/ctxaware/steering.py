@@ -171,7 +171,7 @@ def sweep_alpha(
     """
     base = evaluate_fn(None, True)
     by_alpha = {float(a): evaluate_fn(a, True) for a in alphas}
-    best = max(by_alpha, key=lambda a: (by_alpha[a], a))  # ties: the mildest intervention
+    best = best_alpha(by_alpha)
     return {
         "baseline": base,
         "no_template": evaluate_fn(None, False),
@@ -181,13 +181,22 @@ def sweep_alpha(
     }
 
 
+def best_alpha(by_alpha: dict[float, float]) -> float:
+    """Table 1's choice: the alpha with the highest score; ties go to the mildest intervention (largest alpha)."""
+    return max(by_alpha, key=lambda a: (by_alpha[a], a))
+
+
 def table(rows: dict[str, dict]) -> str:
-    """Markdown Table 1 from ``{model: sweep_alpha(...)}``."""
+    """Markdown Table 1 from ``{model: sweep_alpha(...)}``. Where every alpha scores the same as the
+    baseline, no alpha is named best: nothing separates them (issue 27 §3)."""
     lines = ["| model | baseline (template) | + steering (best alpha) | w/o template |", "|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['baseline']:.3f} | {r['steered']:.3f} (alpha={r['best_alpha']:g}) | {r['no_template']:.3f} |"
-        )
+        scores = set((r.get("by_alpha") or {}).values())
+        if scores and scores == {r["baseline"]}:
+            steered = f"{r['steered']:.3f} (every alpha ties with the baseline: none is best)"
+        else:
+            steered = f"{r['steered']:.3f} (alpha={r['best_alpha']:g})"
+        lines.append(f"| {name} | {r['baseline']:.3f} | {steered} | {r['no_template']:.3f} |")
     return "\n".join(lines)
 
 
