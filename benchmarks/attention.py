@@ -21,11 +21,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from ctxaware.chat import ROLES
-from ctxaware.intercept import capture_attention
-from ctxaware.models import load_model
-from ctxaware.needle import load_haystack
-from ctxaware.steering import steer
+from ctxaware.attention.intercept import capture_attention
+from ctxaware.attention.steering import steer
+from ctxaware.core.models import load_model
+from ctxaware.data.needle import load_haystack
+from ctxaware.rendering.chat import ROLES
 
 _PASTA: dict = {}
 

@@ -19,7 +19,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from speed import MODEL, build_conversations
-from ctxaware.models import load_tokenizer
+from ctxaware.core.models import load_tokenizer
 out = Path(sys.argv[1])
 tok = load_tokenizer(MODEL)
 tok.save_pretrained(out / "tokenizer")

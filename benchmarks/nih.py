@@ -14,9 +14,10 @@ import time
 
 import torch
 
-from ctxaware import needle, nih
-from ctxaware.generate import generate, greedy_config
-from ctxaware.models import load_model
+from ctxaware.core.models import load_model
+from ctxaware.data import needle
+from ctxaware.evaluation import nih
+from ctxaware.rendering.generate import generate, greedy_config
 
 
 @torch.inference_mode()

@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from ctxaware import needle, nih
-from ctxaware.models import load_model
+from ctxaware.core.models import load_model
+from ctxaware.data import needle
+from ctxaware.evaluation import nih
 
 
 def alternate(run, repeats: int) -> tuple[float, float]:
@@ -39,8 +40,8 @@ def alternate(run, repeats: int) -> tuple[float, float]:
 def engine_level(a, model, tok) -> None:
     """The same comparison one level down: `generate` on the rendered prompts, with and without
     ``prefill_context``; outputs compared token for token."""
-    from ctxaware.attention import PrefillShares
-    from ctxaware.generate import generate
+    from ctxaware.attention.allocation import PrefillShares
+    from ctxaware.rendering.generate import generate
 
     cfg = nih.NIHConfig(lengths=[int(x) for x in a.lengths.split(",")], modes=["chat", "plain"], prefix=[True],
                         depths=[float(x) for x in a.depths.split(",")])  # fmt: skip

@@ -10,8 +10,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ctxaware.models import load_model
-from ctxaware.steering import steer
+from ctxaware.attention.steering import steer
+from ctxaware.core.models import load_model
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ SHARED = Path(os.environ.get("CTXAWARE_SHARED_DATA", Path(__file__).resolve().pa
 
 def build_conversations(tok, lengths: list[int]) -> list[list[dict]]:
     """Multi-turn conversations of about ``lengths`` tokens, chaining real turns of the shared SFT files."""
-    from ctxaware.conversations import load_conversations
-    from ctxaware.score import layout
+    from ctxaware.data.conversations import load_conversations
+    from ctxaware.scoring.score import layout
 
     pairs = []
     for name in ("messages_sft_demo.jsonl", "sharegpt_dummy_conversation.json", "alpaca_en_demo.json"):
@@ -69,8 +69,8 @@ def oracle_scores(att_layer: torch.Tensor, lay) -> list[float]:
 
 
 def worker(method: str, conv_file: str, index: int, layer: int, repeats: int, spec: str) -> dict:
-    from ctxaware.models import load_model
-    from ctxaware.score import layout, score_layouts
+    from ctxaware.core.models import load_model
+    from ctxaware.scoring.score import layout, score_layouts
 
     attn = "eager" if method == "eager" else "sdpa"
     model, tok = load_model(spec, device="cpu", dtype="float32", attn_implementation=attn)
@@ -117,7 +117,7 @@ def main() -> int:
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]), a.layer, a.repeats, a.model)))
         return 0
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
 
     lengths = [int(x) for x in a.lengths.split(",")]
     convs = build_conversations(load_tokenizer(a.model), lengths)

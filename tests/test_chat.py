@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ctxaware.chat import render, user_prompt, validate_messages
-from ctxaware.errors import CtxawareError
+from ctxaware.core.errors import CtxawareError
+from ctxaware.rendering.chat import render, user_prompt, validate_messages
 
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
@@ -229,7 +229,7 @@ def test_sink_is_position_zero_in_both_modes(tok):
 
 
 def test_sink_on_a_tokenizer_with_bos():
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
 
     try:
         g = load_tokenizer("gemma3-270m")

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from ctxaware.config import ModelConfig, parse_config
-from ctxaware.errors import CtxawareError
-from ctxaware.results import ResultsWriter, read_jsonl, write_json_atomic
-from ctxaware.stats import bootstrap_ci
+from ctxaware.core.config import ModelConfig, parse_config
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import ResultsWriter, read_jsonl, write_json_atomic
+from ctxaware.core.stats import bootstrap_ci
 
 
 @dataclasses.dataclass
@@ -139,7 +139,7 @@ def test_model_directory_retrained_in_place_is_refused(tmp_path):
 
 
 def test_large_file_digest_samples_blocks(tmp_path):
-    from ctxaware.results import file_digest
+    from ctxaware.core.results import file_digest
 
     big = tmp_path / "w.safetensors"
     with big.open("wb") as f:
@@ -180,7 +180,7 @@ def test_summary_files_are_written_like_rows(tmp_path):
 
 
 def test_help_states_each_default_once():
-    from ctxaware.config import build_parser
+    from ctxaware.core.config import build_parser
 
     @dataclasses.dataclass
     class C:
@@ -200,7 +200,7 @@ def test_help_states_each_default_once():
 
 
 def test_bootstrap_ci_says_when_n_is_too_small():
-    from ctxaware.stats import MIN_N_FOR_CI, fmt, summarize
+    from ctxaware.core.stats import MIN_N_FOR_CI, fmt, summarize
 
     s = summarize([1.0, 1.0, 1.0, 1.0])
     assert s["n"] == 4 < MIN_N_FOR_CI and math.isnan(s["ci_low"]) and math.isnan(s["ci_high"])
@@ -212,7 +212,7 @@ def test_bootstrap_ci_says_when_n_is_too_small():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama saved with SmolLM2's tokenizer: a real model directory that loads in a second."""
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
     from tests.conftest import tiny_llama
 
     d = tmp_path_factory.mktemp("tiny") / "model"
@@ -282,8 +282,8 @@ def test_a_results_directory_edited_by_hand(tmp_path, capsys):
     is redone (their keys are not done)."""
     import json
 
-    from ctxaware.errors import CtxawareError
-    from ctxaware.results import ResultsWriter
+    from ctxaware.core.errors import CtxawareError
+    from ctxaware.core.results import ResultsWriter
 
     bad_meta = tmp_path / "a"
     bad_meta.mkdir()
@@ -306,11 +306,11 @@ def test_a_results_directory_edited_by_hand(tmp_path, capsys):
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda p: __import__("ctxaware.nih", fromlist=["x"]).NIHConfig(batch_size=0), "--batch-size 0"),
-        (lambda p: __import__("ctxaware.nih", fromlist=["x"]).NIHConfig(depths=[float("nan")]), "finite"),
-        (lambda p: __import__("ctxaware.evaluate", fromlist=["x"]).EvalConfig(device="tpu"), "--device"),
-        (lambda p: __import__("ctxaware.selection", fromlist=["x"]).SelectConfig(str(p), str(p), beta=2.0), "--beta"),
-        (lambda p: __import__("ctxaware.retrieval_heads", fromlist=["x"]).HeadsConfig(output=str(p)), "already exists"),
+        (lambda p: __import__("ctxaware.evaluation.nih", fromlist=["x"]).NIHConfig(batch_size=0), "--batch-size 0"),
+        (lambda p: __import__("ctxaware.evaluation.nih", fromlist=["x"]).NIHConfig(depths=[float("nan")]), "finite"),
+        (lambda p: __import__("ctxaware.evaluation.qa", fromlist=["x"]).EvalConfig(device="tpu"), "--device"),
+        (lambda p: __import__("ctxaware.scoring.selection", fromlist=["x"]).SelectConfig(str(p), str(p), beta=2.0), "--beta"),
+        (lambda p: __import__("ctxaware.attention.retrieval_heads", fromlist=["x"]).HeadsConfig(output=str(p)), "already exists"),
     ],
     ids=["nih batch 0", "nih depth nan", "eval device tpu", "select beta 2", "heads output exists"],
 )  # fmt: skip
@@ -319,7 +319,7 @@ def test_configs_built_in_python_validate_themselves(build, message, tmp_path):
     (`config.Checked.__post_init__`), and ``dataclasses.replace`` checks again."""
     import dataclasses
 
-    from ctxaware.nih import NIHConfig
+    from ctxaware.evaluation.nih import NIHConfig
 
     existing = tmp_path / "heads.json"
     existing.write_text("{}\n")
@@ -333,8 +333,8 @@ def test_no_bare_nan_in_any_json_output(tmp_path):
     """Issue 26 §3: strict JSON everywhere. A summary whose CI could not be computed (n < 10) is written
     with ``null`` bounds and the reason beside them, rows with non-finite numbers get ``null``, and the
     strict parser (``parse_constant`` refusing NaN/Infinity) reads every file back."""
-    from ctxaware.results import ResultsWriter, read_jsonl, write_json_atomic, write_jsonl_atomic
-    from ctxaware.stats import fmt, summarize
+    from ctxaware.core.results import ResultsWriter, read_jsonl, write_json_atomic, write_jsonl_atomic
+    from ctxaware.core.stats import fmt, summarize
 
     def strict(text: str):
         def refuse(name):
@@ -365,10 +365,10 @@ def test_one_jsonl_reader_counts_bad_lines_everywhere(tmp_path, capsys):
     never dropped silently; the task loaders see it as a counted bad row."""
     import gzip
 
-    from ctxaware import tasks
-    from ctxaware.judge import load_judge_prompts
-    from ctxaware.preference import load_preferences
-    from ctxaware.results import SkipCounter, read_jsonl
+    from ctxaware.core.results import SkipCounter, read_jsonl
+    from ctxaware.data import tasks
+    from ctxaware.evaluation.judge import load_judge_prompts
+    from ctxaware.training.preference import load_preferences
 
     pair = {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "No."}
     prefs = tmp_path / "prefs.jsonl"

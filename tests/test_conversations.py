@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from ctxaware.chat import validate_messages
-from ctxaware.conversations import (
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import SkipCounter
+from ctxaware.data.conversations import (
     iter_conversations,
     load_conversations,
     to_hf_dataset,
     write_conversations,
 )
-from ctxaware.errors import CtxawareError
-from ctxaware.results import SkipCounter
+from ctxaware.rendering.chat import validate_messages
 from tests.conftest import SHARED_DATA
 
 SFT = SHARED_DATA / "sft"

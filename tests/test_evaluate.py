@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from ctxaware import evaluate as ev
-from ctxaware.errors import CtxawareError
-from ctxaware.evaluate import EvalConfig, evaluate_tasks, expand_models, summary_markdown
-from ctxaware.judge import HTTPJudge
+from ctxaware.core.errors import CtxawareError
+from ctxaware.evaluation import qa as ev
+from ctxaware.evaluation.judge import HTTPJudge
+from ctxaware.evaluation.qa import EvalConfig, evaluate_tasks, expand_models, summary_markdown
 from tests.conftest import tiny_llama
 from tests.test_judge import Stub
 
@@ -109,10 +109,10 @@ def test_checkpoint_sweep_steering_and_summary(tiny, shared_data, tmp_path, monk
     assert [p.rsplit("-", 1)[1] for p in expand_models(str(tmp_path / "ckpts"))] == ["3", "20", "100"]
     monkeypatch.setattr(EvalConfig, "load", lambda self, spec=None: (model, tok))
     calls = []
-    import ctxaware.steering
+    import ctxaware.attention.steering
 
     monkeypatch.setattr(
-        ctxaware.steering,
+        ctxaware.attention.steering,
         "batch_context",
         lambda m, heads, alpha: calls.append((heads, alpha)) or (lambda b: contextlib.nullcontext()),
     )
@@ -234,7 +234,7 @@ def test_bad_options_fail_before_any_model_loads(argv, message, monkeypatch, cap
 
 
 def test_eval_help_lists_tasks(capsys):
-    from ctxaware.tasks import TASKS
+    from ctxaware.data.tasks import TASKS
 
     with pytest.raises(SystemExit):
         ev.main(["--help"])
@@ -245,7 +245,7 @@ def test_eval_help_lists_tasks(capsys):
 def test_authors_cut_and_quac_unanswerable_scored_zero(tiny, shared_data, tmp_path, monkeypatch):
     """QA stops at ". " and keeps the text before it (lm-eval generate_until); QuAC keeps unanswerable
     first questions, which score 0; the summary counts rows where `contains` and `contains_strict` differ."""
-    from ctxaware.generate import Generation
+    from ctxaware.rendering.generate import Generation
 
     model, tok = tiny
     seen = {}
@@ -271,7 +271,7 @@ def test_authors_cut_and_quac_unanswerable_scored_zero(tiny, shared_data, tmp_pa
 
 def test_two_models_named_model_get_their_own_output_dirs(smollm2_tok, tmp_path):
     """``.../a/model`` and ``.../b/model`` must not write into one directory (nih's run ids are used)."""
-    from ctxaware.models import run_id
+    from ctxaware.core.models import run_id
 
     specs = []
     for name in ("a", "b"):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ctxaware.config import from_dict, load_yaml
-from ctxaware.errors import CtxawareError
+from ctxaware.core.config import from_dict, load_yaml
+from ctxaware.core.errors import CtxawareError
 from ctxaware.experiment import ExperimentConfig, run, stage_select
-from ctxaware.train import TrainConfig
+from ctxaware.training.sft import TrainConfig
 from tests.conftest import SHARED_DATA, tiny_llama
 
 RECIPES = Path(__file__).resolve().parents[1] / "src" / "ctxaware" / "recipes"
@@ -122,7 +122,7 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok, shared_data):
         "grpo",
     }  # every checkpoint of the chain
     assert "Table 3" in table and "NIH" in table and "Paired differences" in table
-    from ctxaware.report import write_report
+    from ctxaware.reporting.report import write_report
 
     md = write_report([root], tmp_path / "r.html").with_suffix(".md").read_text()
     for text in (

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from ctxaware.chat import render, user_prompt
-from ctxaware.generate import cut_at_stop, generate
+from ctxaware.rendering.chat import render, user_prompt
+from ctxaware.rendering.generate import cut_at_stop, generate
 from tests.conftest import tiny_llama
 
 

@@ -47,15 +47,15 @@ def _tokenizer():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 
 
 def test_load_model_cuda_bf16(tmp_path):
-    from ctxaware.chat import render, user_prompt
-    from ctxaware.generate import generate
-    from ctxaware.models import load_model
+    from ctxaware.core.models import load_model
+    from ctxaware.rendering.chat import render, user_prompt
+    from ctxaware.rendering.generate import generate
 
     tiny_llama().save_pretrained(tmp_path / "tiny")
     _tokenizer().save_pretrained(tmp_path / "tiny")
@@ -69,7 +69,7 @@ def test_load_model_cuda_bf16(tmp_path):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_capture_matches_eager_on_cuda(attn):
-    from ctxaware.intercept import capture_attention
+    from ctxaware.attention.intercept import capture_attention
 
     model = _model(attn)
     T = 300
@@ -113,7 +113,7 @@ def _reference_steer(model, ids, layer, heads, emph, alpha):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_steering_matches_eq1_on_cuda(attn):
-    from ctxaware.steering import steer
+    from ctxaware.attention.steering import steer
 
     model = _model(attn)
     T = 256
@@ -133,7 +133,7 @@ def test_steering_matches_eq1_on_cuda(attn):
 
 
 def test_bf16_steering_runs_and_moves_logits():
-    from ctxaware.steering import steer
+    from ctxaware.attention.steering import steer
 
     model = _model("sdpa").to(torch.bfloat16)
     ids = torch.randint(0, 1000, (2, 512), device="cuda")
@@ -151,7 +151,7 @@ def test_bf16_steering_runs_and_moves_logits():
 def test_onehot_capture_every_row_matches_eager_on_cuda(attn):
     """The one-hot-V path on CUDA kernels (issue 13): every row of a left-padded batch; in bf16 it equals the
     chunked float32 softmax of the same bf16 q/k (both upcast), so bf16 models still get float32 masses."""
-    from ctxaware.intercept import capture_attention
+    from ctxaware.attention.intercept import capture_attention
 
     model = _model(attn)
     T = 300

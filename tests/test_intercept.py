@@ -9,9 +9,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from ctxaware import intercept
-from ctxaware.chat import ROLES, render
-from ctxaware.errors import CtxawareError
+from ctxaware.attention import intercept
+from ctxaware.core.errors import CtxawareError
+from ctxaware.rendering.chat import ROLES, render
 
 # --- test-only oracles ----------------------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ def _two_prompts(tok):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_onehot_every_row_left_padded_batch_equals_eager(smollm2, impl):
     """Every row of a left-padded batch of two prompts, both paths, against per-prompt eager maps."""
-    from ctxaware.attention import pad_batch
+    from ctxaware.attention.allocation import pad_batch
 
     model, tok = smollm2
     prompts = _two_prompts(tok)
@@ -279,7 +279,7 @@ def test_onehot_rows_and_many_groups_split_by_head_size(smollm2):
 
 def test_onehot_capture_under_steering_bias_equals_reference(smollm2):
     """Capture inside a steered pass: both paths give eq. (1)'s reweighted softmax (the test_ref oracle)."""
-    from ctxaware.steering import _Bias
+    from ctxaware.attention.steering import _Bias
 
     model, tok = smollm2
     r = _prompt(tok)

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ctxaware.judge import (
+from ctxaware.evaluation.judge import (
     HTTPJudge,
     JudgeError,
     build_judge_prompt,
@@ -136,7 +136,7 @@ def test_unset_key_warns_at_start(stub, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
     from tests.conftest import tiny_llama
 
     d = tmp_path_factory.mktemp("tiny") / "model"
@@ -154,7 +154,7 @@ def test_failed_judgment_is_not_a_finished_row_and_the_rerun_judges_it(
     import socket
 
     from ctxaware.cli import main
-    from ctxaware.results import read_jsonl
+    from ctxaware.core.results import read_jsonl
 
     monkeypatch.setenv("STUB_KEY", "sk-test")
     if failure == "401":
@@ -255,10 +255,10 @@ def test_turn_two_is_not_sent_after_turn_one_failed():
 
 @pytest.mark.parametrize("url", ["ftp://example.org/v1", "localhost:8000", "http://", ""])
 def test_judge_url_is_checked_before_any_model_loads(url, monkeypatch, capsys):
-    import ctxaware.models
+    import ctxaware.core.models
     from ctxaware.cli import main
 
-    monkeypatch.setattr(ctxaware.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(ctxaware.core.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert main(["eval", "mt_bench", "--judge", "http", "--judge-url", url, "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--judge-url" in err and len(err.splitlines()) == 1

@@ -10,7 +10,7 @@ import string
 import numpy as np
 import pytest
 
-from ctxaware.metrics import (
+from ctxaware.data.metrics import (
     aggregate,
     conflict_scores,
     containment,
@@ -292,7 +292,7 @@ def test_proportion_intervals_do_not_collapse_at_the_ends():
     """Issue 22 §5: 100/100 and 98/100 get the exact Clopper-Pearson interval ([96.4, 100] and [93.0, 99.8],
     the published values), not the bootstrap's [100, 100] and [95, 100]; a mean of sevenths gets Wilson's
     (15/20 -> [0.5313, 0.8881], the textbook value)."""
-    from ctxaware.stats import fmt, summarize_proportion
+    from ctxaware.core.stats import fmt, summarize_proportion
 
     s = summarize_proportion([1.0] * 100)
     assert s["interval"] == "clopper-pearson" and fmt(s) == "100.0 [96.4, 100.0]"
@@ -307,7 +307,7 @@ def test_proportion_intervals_do_not_collapse_at_the_ends():
 def test_nih_summary_counts_distinct_prompts_and_one_template():
     """Two budgets that give the same prompt (same context size, depth and template) count once in n and in
     the interval; the template spread is reported only when several templates ran."""
-    from ctxaware import nih
+    from ctxaware.evaluation import nih
 
     def row(length, ctx, recall, template=1):
         return {"condition": "chat+prefix", "template": template, "indicator": False, "depth": 50.0,

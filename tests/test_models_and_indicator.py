@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from ctxaware.errors import CtxawareError
-from ctxaware.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
-from ctxaware.models import _gguf_cache_dir, _smollm2_gguf, load_model, resolve_model
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.models import _gguf_cache_dir, _smollm2_gguf, load_model, resolve_model
+from ctxaware.rendering.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
 
 
 def test_gguf_cache_is_fast_and_identical(smollm2):
@@ -81,9 +81,9 @@ def test_cli_errors_are_one_line_exit_2():
 def test_long_attention_and_demo_nih_steps_show_progress(smollm2_tok, tmp_path, monkeypatch, capsys):
     """`ctxaware attention` (role_allocation) and the demo's NIH step show a progress bar on stderr."""
     from ctxaware import demo
-    from ctxaware.attention import role_allocation
-    from ctxaware.chat import render, user_prompt
-    from ctxaware.generate import Generation
+    from ctxaware.attention.allocation import role_allocation
+    from ctxaware.rendering.chat import render, user_prompt
+    from ctxaware.rendering.generate import Generation
     from tests.conftest import tiny_llama
 
     prompts = [render(user_prompt(f"Question {i}?"), smollm2_tok, "chat") for i in range(3)]
@@ -113,9 +113,9 @@ def test_layer_counts_come_from_the_text_config():
     ``text_config``; every reader of the layer count goes through `models.model_shape`."""
     from types import SimpleNamespace
 
-    from ctxaware.errors import CtxawareError
-    from ctxaware.models import middle_layer, model_shape
-    from ctxaware.score import check_layers, default_layer
+    from ctxaware.core.errors import CtxawareError
+    from ctxaware.core.models import middle_layer, model_shape
+    from ctxaware.scoring.score import check_layers, default_layer
 
     text = SimpleNamespace(num_hidden_layers=34, num_attention_heads=8)
     model = SimpleNamespace(config=SimpleNamespace(text_config=text, name_or_path="gemma-3-4b"))

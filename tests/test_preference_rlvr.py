@@ -9,20 +9,20 @@ import math
 import pytest
 import torch
 
-from ctxaware.chat import render
-from ctxaware.config import parse_config
-from ctxaware.errors import CtxawareError
-from ctxaware.finetune import main, stage_config
-from ctxaware.preference import (
+from ctxaware.core.config import parse_config
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import SkipCounter
+from ctxaware.rendering.chat import render
+from ctxaware.training.finetune import main, stage_config
+from ctxaware.training.preference import (
     DPOStageConfig,
     load_preferences,
     parse_preference,
     reply_ids,
     train_dpo,
 )
-from ctxaware.results import SkipCounter
-from ctxaware.rlvr import GRPOStageConfig, train_grpo, verifiable_reward
-from ctxaware.train import TrainConfig, run_config
+from ctxaware.training.rlvr import GRPOStageConfig, train_grpo, verifiable_reward
+from ctxaware.training.sft import TrainConfig, run_config
 from tests.conftest import SHARED_DATA, tiny_llama
 
 DPO_DEMO = SHARED_DATA / "sft" / "dpo_en_demo.json"
@@ -74,7 +74,7 @@ def test_shared_dpo_demo_loads_all_300_pairs():
 
 
 def test_reply_ids_are_the_sft_loss_tokens(tok):
-    from ctxaware.train import assistant_labels, setup_chat_template
+    from ctxaware.training.sft import assistant_labels, setup_chat_template
 
     setup_chat_template(tok, "zephyr")
     prompt = [{"role": "user", "content": "What is 2+2?"}]
@@ -164,7 +164,7 @@ def test_grpo_step_tiny_changes_parameters_reward_finite(tmp_path, tok, monkeypa
         seen.extend(completions)
         return [float(i % 2) for i in range(len(completions))]
 
-    monkeypatch.setattr("ctxaware.rlvr.verifiable_reward", alternating)
+    monkeypatch.setattr("ctxaware.training.rlvr.verifiable_reward", alternating)
     model = tiny_llama()
     before = _params(model)
     summary = train_grpo(_grpo_cfg(tmp_path), model, tok)
@@ -177,14 +177,14 @@ def test_grpo_step_tiny_changes_parameters_reward_finite(tmp_path, tok, monkeypa
 
 def test_train_main_dispatches_dpo(tmp_path, monkeypatch):
     called = {}
-    import ctxaware.finetune
+    import ctxaware.training.finetune
 
     def fake_train_dpo(cfg, *a):
         called["cfg"] = cfg
         summary = {"global_step": 0, "data": {"n_examples": 0, "n_trainable_tokens": 0}, "wall_s": 0}
         return summary | {"train_loss": 0.0, "model_dir": "x", "context_reliance": []}
 
-    monkeypatch.setitem(ctxaware.finetune.STAGES, "dpo", (DPOStageConfig, fake_train_dpo))
+    monkeypatch.setitem(ctxaware.training.finetune.STAGES, "dpo", (DPOStageConfig, fake_train_dpo))
     y = tmp_path / "d.yaml"
     y.write_text("stage: dpo\nbeta: 0.3\n")
     assert main([str(y)]) == 0
@@ -193,7 +193,7 @@ def test_train_main_dispatches_dpo(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_dpo_step_real_model_changes_parameters(tmp_path):
-    from ctxaware.models import load_model
+    from ctxaware.core.models import load_model
 
     if not DPO_DEMO.is_file():
         pytest.skip("shared data missing")
@@ -205,7 +205,7 @@ def test_dpo_step_real_model_changes_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_step_real_model_changes_parameters(tmp_path):
-    from ctxaware.models import load_model
+    from ctxaware.core.models import load_model
 
     model, tok = load_model("default", device="cpu", dtype="float32")
     before = _params(model)

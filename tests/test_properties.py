@@ -19,16 +19,17 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from ctxaware import cli, config, models  # noqa: E402
+from ctxaware import cli  # noqa: E402
+from ctxaware.core import config, models  # noqa: E402
 
 # command -> (config class path, arguments that make the rest of the command line valid)
 COMMANDS = {
-    "nih": ("ctxaware.nih:NIHConfig", []),
-    "attention": ("ctxaware.attention:AttentionConfig", []),
-    "eval": ("ctxaware.evaluate:EvalConfig", ["squad"]),
-    "score": ("ctxaware.score:ScoreConfig", ["{DATA}"]),
-    "select": ("ctxaware.selection:SelectConfig", ["{SCORES}", "{DATA}"]),
-    "train": ("ctxaware.train:TrainConfig", ["--data", "{DATA}"]),
+    "nih": ("ctxaware.evaluation.nih:NIHConfig", []),
+    "attention": ("ctxaware.attention.allocation:AttentionConfig", []),
+    "eval": ("ctxaware.evaluation.qa:EvalConfig", ["squad"]),
+    "score": ("ctxaware.scoring.score:ScoreConfig", ["{DATA}"]),
+    "select": ("ctxaware.scoring.selection:SelectConfig", ["{SCORES}", "{DATA}"]),
+    "train": ("ctxaware.training.sft:TrainConfig", ["--data", "{DATA}"]),
 }
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from ctxaware.cli import main as cli_main
-from ctxaware.errors import CtxawareError
-from ctxaware.report import write_report
-from ctxaware.results import ResultsWriter, write_json_atomic
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import ResultsWriter, write_json_atomic
+from ctxaware.reporting.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # chat recall per (length, depth) and plain recall on the same cells: means 75% and 25%, paired diff 50 pp
@@ -200,7 +200,7 @@ def test_cli_report_and_missing_directory(tmp_path, capsys):
 
 
 def test_nih_heatmap_is_large_enough_to_read(tmp_path):
-    from ctxaware.plotting import nih_heatmap
+    from ctxaware.core.plotting import nih_heatmap
 
     png = nih_heatmap([[1.0, 0.5]] * 2, [200, 400], [0, 100], tmp_path / "h.png", "t").read_bytes()
     assert struct.unpack(">II", png[16:24])[0] >= 600  # was 414 px wide
@@ -275,7 +275,7 @@ def test_plotting_changes_no_global_matplotlib_state(tmp_path):
 import sys, matplotlib
 snapshot = lambda: dict(dict.items(matplotlib.rcParams.copy()))  # reading "backend" itself imports pyplot
 before = snapshot()
-import ctxaware, ctxaware.plotting as P
+import ctxaware, ctxaware.core.plotting as P
 P.line_plot({{"loss": ([0, 1, 2], [3.0, 2.0, 1.5])}}, {str(tmp_path / "f.png")!r}, "t", "step", "loss")
 after = snapshot()
 assert after == before, sorted(k for k in after if after[k] != before[k])

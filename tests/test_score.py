@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctxaware import score as S
-from ctxaware.chat import render, with_empty_system
-from ctxaware.conversations import load_conversations
+from ctxaware.data.conversations import load_conversations
+from ctxaware.rendering.chat import render, with_empty_system
+from ctxaware.scoring import score as S
 from tests.conftest import REPO, SHARED_DATA, tiny_llama
 
 SFT = SHARED_DATA / "sft"
@@ -37,7 +37,7 @@ def _convs(name: str, n: int, min_turns: int = 1, shortest_of: int | None = None
 @pytest.fixture(scope="module")
 def eager(smollm2):
     """The same SmolLM2 weights with eager attention, for ``output_attentions=True``."""
-    from ctxaware.models import load_model
+    from ctxaware.core.models import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu", dtype="float32", attn_implementation="eager")[0]
 
@@ -119,7 +119,7 @@ def test_truncation_scores_what_remains(smollm2, eager):
 
 
 def test_layer_out_of_range_is_an_error(smollm2):
-    from ctxaware.errors import CtxawareError
+    from ctxaware.core.errors import CtxawareError
 
     model, tok = smollm2
     with pytest.raises(CtxawareError, match="out of range"):
@@ -367,7 +367,7 @@ def test_default_layer_and_token_cut_follow_the_paper():
 @pytest.mark.parametrize("bad", [["--limit", "-2"], ["--max-tokens", "0"], ["--method", "fast"]])
 def test_bad_options_fail_before_loading(bad, tmp_path):
     """One-line CtxawareError before any data or model is read (the model named here does not exist)."""
-    from ctxaware.errors import CtxawareError
+    from ctxaware.core.errors import CtxawareError
 
     with pytest.raises(CtxawareError) as e:
         S.main([str(SFT / "alpaca_en_demo.json"), "--model", str(tmp_path / "no-model"), *bad])

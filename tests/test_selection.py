@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ctxaware import selection
-from ctxaware.conversations import load_conversations
-from ctxaware.errors import CtxawareError
+from ctxaware.core.errors import CtxawareError
+from ctxaware.data.conversations import load_conversations
+from ctxaware.scoring import selection
 from tests.conftest import SHARED_DATA
 
 SFT = SHARED_DATA / "sft"
@@ -107,7 +107,7 @@ def test_ratio_table():
 
 def test_layer_disagreement_and_analyze(tmp_path):
     """Fig. 5 numbers by hand: 20 turns, 3 layers; layer 2 reverses layer 0's order (top-10% = 2 turns)."""
-    from ctxaware import analyze
+    from ctxaware.scoring import analyze
 
     rows = []
     for i in range(20):
@@ -187,7 +187,7 @@ def test_selection_files_are_world_readable(tmp_path):
 
 def test_scores_of_replaced_data_are_refused(tmp_path):
     """Scores record a digest of the data they scored; the same path with new contents is refused."""
-    from ctxaware.results import ResultsWriter
+    from ctxaware.core.results import ResultsWriter
 
     data = _tiny_data(tmp_path)
     convs, _ = load_conversations(str(data))

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctxaware.characteristics import Embedder, answer_position, lexical_overlap, log_perplexity
-from ctxaware.chat import render, user_prompt
-from ctxaware.errors import CtxawareError
-from ctxaware.regression import sensitivity, spearman, standardized_coefficients
-from ctxaware.stages import (
+from ctxaware.core.errors import CtxawareError
+from ctxaware.evaluation.characteristics import Embedder, answer_position, lexical_overlap, log_perplexity
+from ctxaware.evaluation.regression import sensitivity, spearman, standardized_coefficients
+from ctxaware.evaluation.stages import (
     G_ASSISTANT,
     G_CONTEXT,
     G_EXCLUDED,
@@ -29,6 +28,7 @@ from ctxaware.stages import (
     run,
     summary_markdown,
 )
+from ctxaware.rendering.chat import render, user_prompt
 from tests.conftest import tiny_llama
 
 # --- regression ------------------------------------------------------------------------------------------

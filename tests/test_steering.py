@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from ctxaware.chat import render
-from ctxaware.errors import CtxawareError
-from ctxaware.generate import Batch, cache_kwarg, generate, left_pad
-from ctxaware.steering import batch_context, emphasis_mask, steer, sweep_alpha, table
+from ctxaware.attention.steering import batch_context, emphasis_mask, steer, sweep_alpha, table
+from ctxaware.core.errors import CtxawareError
+from ctxaware.rendering.chat import render
+from ctxaware.rendering.generate import Batch, cache_kwarg, generate, left_pad
 from tests.test_intercept import attn_impl, reference_logits, tiny_gemma3
 
 HEADS = {2: [0, 4], 11: [3], 20: [1, 2, 8]}
@@ -55,8 +55,8 @@ def _decode(model, ids, steps: int, ctx_fn, mask=None):
 def test_every_head_and_the_explicit_mask_path_match_reference(smollm2, impl):
     """Steering every head of a layer (the base call is skipped) and a per-query bias (B, h, Q, K), which
     takes the explicit float-mask path instead of the reweighted-V one, against the eq. (1) reference."""
-    from ctxaware import intercept
-    from ctxaware.steering import _Bias
+    from ctxaware.attention import intercept
+    from ctxaware.attention.steering import _Bias
 
     model, tok = smollm2
     r = _prompts(tok)[0]

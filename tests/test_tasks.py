@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ctxaware.errors import CtxawareError
-from ctxaware.results import SkipCounter
-from ctxaware.tasks import TASKS, Example, _split_quac_answers, get_task, load_examples, sample
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import SkipCounter
+from ctxaware.data.tasks import TASKS, Example, _split_quac_answers, get_task, load_examples, sample
 
 # task -> (rows in the README, valid examples after the answerable-only filter)
 COUNTS = {
@@ -180,8 +180,8 @@ def test_wrongly_typed_fields_are_skipped_and_counted(tmp_path):
     the well-formed rows around them load."""
     import json
 
-    from ctxaware.results import SkipCounter
-    from ctxaware.tasks import get_task, load_examples
+    from ctxaware.core.results import SkipCounter
+    from ctxaware.data.tasks import get_task, load_examples
 
     (tmp_path / "qa").mkdir()
     squad = {"data": [{"paragraphs": [

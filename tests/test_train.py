@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from ctxaware.chat import render
-from ctxaware.config import parse_config
-from ctxaware.conversations import Conversation, load_conversations
-from ctxaware.errors import CtxawareError
-from ctxaware.finetune import main
-from ctxaware.inversion import counterfactual_conversations, filter_parametric, no_context_nll
-from ctxaware.results import SkipCounter, read_jsonl
-from ctxaware.train import (
+from ctxaware.core.config import parse_config
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import SkipCounter, read_jsonl
+from ctxaware.data.conversations import Conversation, load_conversations
+from ctxaware.rendering.chat import render
+from ctxaware.training.finetune import main
+from ctxaware.training.inversion import counterfactual_conversations, filter_parametric, no_context_nll
+from ctxaware.training.sft import (
     TrainConfig,
     assistant_labels,
     build_trainer,
@@ -302,7 +302,8 @@ def test_indicator_on_unmarked_data_is_refused_with_the_count(tmp_path, tok):
     ],
 )
 def test_bad_training_options_are_one_line_errors(argv, message, capsys, monkeypatch):
-    from ctxaware import cli, models
+    from ctxaware import cli
+    from ctxaware.core import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert cli.main(["train", "--data", str(SHARED_DATA / "sft" / "alpaca_en_demo.json"), *argv]) == 2
@@ -319,14 +320,14 @@ def test_train_help_shows_the_config_positional(capsys):
 
 
 def test_progress_bar_is_on_by_default(tmp_path):
-    from ctxaware.train import training_args
+    from ctxaware.training.sft import training_args
 
     assert training_args(_cfg(tmp_path), "cpu").disable_tqdm is False
     assert training_args(_cfg(tmp_path, progress=False), "cpu").disable_tqdm is True
 
 
 def test_lora_adapter_records_a_resolvable_base(tmp_path, tok):
-    from ctxaware.train import base_model_path
+    from ctxaware.training.sft import base_model_path
 
     model_dir = tmp_path / "base"
     tiny_llama().save_pretrained(model_dir)

@@ -14,7 +14,8 @@ Output: runs/experiment_gemma_n200_TASK/ (rows resume after a kill) and its n200
 import sys
 from pathlib import Path
 
-from ctxaware.config import parse_config
+from ctxaware.core.config import parse_config
+from ctxaware.core.results import write_json_atomic
 from ctxaware.experiment import (
     ExperimentConfig,
     paired,
@@ -26,8 +27,7 @@ from ctxaware.experiment import (
     stage_table3,
     stage_train,
 )
-from ctxaware.results import write_json_atomic
-from ctxaware.train import validate
+from ctxaware.training.sft import validate
 
 TASKS = sys.argv[1:] or ["cf_world_facts"]
 src = Path("runs/experiment_gemma")

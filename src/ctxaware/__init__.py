@@ -13,6 +13,6 @@ Instruction Fine-tuning":
 
 __version__ = "0.1.0"
 
-from ctxaware.errors import CtxawareError  # noqa: E402
+from ctxaware.core.errors import CtxawareError  # noqa: E402
 
 __all__ = ["CtxawareError", "__version__"]

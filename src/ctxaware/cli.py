@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from ctxaware.errors import CtxawareError
+from ctxaware.core.errors import CtxawareError
 
 # the write errors that mean "no room": a run ends with one line and exit 1 (an outside cause, like a failed
 # judge call), its finished rows kept for the resume; any other OSError is a defect and keeps its traceback
@@ -27,21 +27,33 @@ DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk qu
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "demo": ("ctxaware.demo", "run the paper's headline measurements on the default model in a few minutes"),
-    "render": ("ctxaware.chat", "show a conversation's tokens and the role of each token"),
-    "nih": ("ctxaware.nih", "needle-in-a-haystack with and without the chat template"),
-    "attention": ("ctxaware.attention", "attention allocation per role, with vs. without the chat template"),
-    "heads": ("ctxaware.retrieval_heads", "find retrieval heads (paper eq. 3) and save them as JSON"),
-    "eval": ("ctxaware.evaluate", "context-dependent QA, knowledge conflict and MT-Bench evaluation"),
-    "score": ("ctxaware.score", "context-dependency score of every assistant turn of a dataset (eq. 2)"),
-    "select": ("ctxaware.selection", "threshold scores and write the [IND]-marked dataset"),
-    "analyze": ("ctxaware.analyze", "layer agreement and instruction-length analyses of scores"),
-    "train": ("ctxaware.finetune", "instruction fine-tuning, vanilla or with the indicator"),
+    "render": ("ctxaware.rendering.chat", "show a conversation's tokens and the role of each token"),
+    "nih": ("ctxaware.evaluation.nih", "needle-in-a-haystack with and without the chat template"),
+    "attention": (
+        "ctxaware.attention.allocation",
+        "attention allocation per role, with vs. without the chat template",
+    ),
+    "heads": (
+        "ctxaware.attention.retrieval_heads",
+        "find retrieval heads (paper eq. 3) and save them as JSON",
+    ),
+    "eval": ("ctxaware.evaluation.qa", "context-dependent QA, knowledge conflict and MT-Bench evaluation"),
+    "score": (
+        "ctxaware.scoring.score",
+        "context-dependency score of every assistant turn of a dataset (eq. 2)",
+    ),
+    "select": ("ctxaware.scoring.selection", "threshold scores and write the [IND]-marked dataset"),
+    "analyze": ("ctxaware.scoring.analyze", "layer agreement and instruction-length analyses of scores"),
+    "train": ("ctxaware.training.finetune", "instruction fine-tuning, vanilla or with the indicator"),
     "stages": (
-        "ctxaware.stages",
+        "ctxaware.evaluation.stages",
         "context use across training stages (SFT -> DPO -> RLVR) and what drives it",
     ),
     "experiment": ("ctxaware.experiment", "score -> select -> train -> evaluate, end to end"),
-    "report": ("ctxaware.report", "one self-contained HTML page (and Markdown) from result directories"),
+    "report": (
+        "ctxaware.reporting.report",
+        "one self-contained HTML page (and Markdown) from result directories",
+    ),
 }
 
 
@@ -77,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxaware: unknown command {name!r}; commands are: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ctxaware import provenance
+    from ctxaware.core import provenance
 
     provenance.COMMAND[:] = ["ctxaware", name, *rest]  # recorded in every run's meta.json
-    from ctxaware.results import INCOMPLETE
+    from ctxaware.core.results import INCOMPLETE
 
     INCOMPLETE.counts.clear(), INCOMPLETE.examples.clear()
     previous = _on_sigterm_interrupt()

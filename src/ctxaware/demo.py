@@ -14,12 +14,12 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ctxaware.chat import ROLES, render, user_prompt
-from ctxaware.config import ModelConfig, parse_config, to_dict
-from ctxaware.generate import generate
-from ctxaware.provenance import provenance
-from ctxaware.report import write_report
-from ctxaware.results import ResultsWriter, write_json_atomic
+from ctxaware.core.config import ModelConfig, parse_config, to_dict
+from ctxaware.core.provenance import provenance
+from ctxaware.core.results import ResultsWriter, write_json_atomic
+from ctxaware.rendering.chat import ROLES, render, user_prompt
+from ctxaware.rendering.generate import generate
+from ctxaware.reporting.report import write_report
 
 DEMO_CONTEXT = (
     "The Harbor Street bakery opens at 6 a.m. on weekdays and at 8 a.m. on weekends. Its owner, Mira Okafor, "
@@ -79,11 +79,12 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
     Both conditions start the answer with the needle's first words (the response prefix), as the paper's
     Fig. 2 does: without a template and without a prefix, SmolLM2-135M-Instruct mostly answers nothing.
     """
-    from ctxaware import needle, nih
+    from ctxaware.data import needle
+    from ctxaware.evaluation import nih
 
     _section("3. needle in a haystack: chat template vs. plain, with response prefix")
     modes = ["chat", "plain"] if getattr(tok, "chat_template", None) else ["plain"]
-    from ctxaware.needle import essays_dir
+    from ctxaware.data.needle import essays_dir
 
     haystack = "auto" if essays_dir().is_dir() else "synthetic"
     if haystack == "synthetic":
@@ -144,7 +145,7 @@ def save_rows(directory: Path, rows: list[dict], config: dict) -> None:
 
 def _views(raw) -> dict[str, dict[str, float]]:
     """raw / paper / sink_excluded shares of one (5,) role mass, as `ctxaware attention` reports them."""
-    from ctxaware import attention
+    from ctxaware.attention import allocation as attention
 
     if hasattr(attention, "normalisations"):
         return attention.normalisations(raw)
@@ -160,10 +161,10 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     opened by the needle's first 9 words, the query "is", the plain text joined by a space. The retrieval
     head is the head with the most attention on user tokens without the template (eq. 3).
     """
-    from ctxaware.attention import nih_prompts, renormalise, role_allocation
-    from ctxaware.chat import ROLES
-    from ctxaware.models import middle_layer
-    from ctxaware.needle import essays_dir
+    from ctxaware.attention.allocation import nih_prompts, renormalise, role_allocation
+    from ctxaware.core.models import middle_layer
+    from ctxaware.data.needle import essays_dir
+    from ctxaware.rendering.chat import ROLES
 
     layer = middle_layer(model)
     _section(f"4. attention per role at layer {layer}, query 'is' as the authors' script (paper Fig. 3-4)")
@@ -213,7 +214,7 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from ctxaware.models import model_shape
+    from ctxaware.core.models import model_shape
 
     cfg = parse_config(DemoConfig, argv, prog="ctxaware demo")
     t0 = time.time()

@@ -26,11 +26,11 @@ import random
 import time
 from pathlib import Path
 
-from ctxaware.config import parse_config, to_dict
-from ctxaware.conversations import load_conversations, write_conversations
-from ctxaware.errors import CtxawareError
-from ctxaware.results import fingerprint_inputs, read_jsonl, write_json_atomic, write_text_atomic
-from ctxaware.train import ZEPHYR_TEMPLATE, TrainConfig, train
+from ctxaware.core.config import parse_config, to_dict
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import fingerprint_inputs, read_jsonl, write_json_atomic, write_text_atomic
+from ctxaware.data.conversations import load_conversations, write_conversations
+from ctxaware.training.sft import ZEPHYR_TEMPLATE, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 POST_STAGES = ("dpo", "grpo")
@@ -46,14 +46,14 @@ class ExperimentConfig(TrainConfig):
         seed_model: the model that scores the data (eq. 2): ``trained`` (default, the paper's choice: the
             vanilla SFT of ``model`` on ``data`` with the training template, trained first as a stage) or a
             model spec (e.g. ``default`` = SmolLM2-135M-Instruct) used as it is.
-        score_layer / score_max_tokens: scoring layer and truncation (default: `ctxaware.score`'s defaults).
+        score_layer / score_max_tokens: scoring layer and truncation (default: `ctxaware.scoring.score`'s defaults).
         betas: thresholds; one +indicator run per beta (the first is the headline, more give Table 9).
         table3_betas: thresholds whose selected ratio is reported (paper Table 3).
         post_stages: ``dpo`` and/or ``grpo``, trained in that order from the vanilla SFT model (each from the
             previous one); ``dpo_*`` / ``grpo_*`` set them.
         eval_base: evaluate the base model too: without a template (the paper's base rows), and with the
             training template as extra information (``eval_chat_template``).
-        eval_tasks: `ctxaware.tasks` names evaluated for every run; eval_limit examples each (seeded).
+        eval_tasks: `ctxaware.data.tasks` names evaluated for every run; eval_limit examples each (seeded).
         nih_lengths / nih_depths: the NIH grid (empty lengths: no NIH); nih_conditions: which of
             ``chat+prefix``, ``plain+prefix``, ``chat``, ``plain``.
         attention_lengths / attention_depths: NIH prompts of the attention analysis (empty: none).
@@ -107,7 +107,7 @@ class ExperimentConfig(TrainConfig):
     eval_base: bool = dataclasses.field(default=True, metadata={"help": "evaluate the base model too"})
     eval_tasks: list[str] = dataclasses.field(
         default_factory=lambda: ["squad", "quac", "drop", "cf_world_facts", "nqswap"],
-        metadata={"help": "evaluation tasks (ctxaware.tasks names)"},
+        metadata={"help": "evaluation tasks (ctxaware.data.tasks names)"},
     )
     eval_limit: int | None = dataclasses.field(
         default=100, metadata={"help": "examples per task (seeded sample)"}
@@ -168,7 +168,7 @@ def seed_spec(cfg: ExperimentConfig) -> str:
 
 
 def stage_data(cfg: ExperimentConfig, root: Path) -> str:
-    """``data_files`` cleaned (`ctxaware.conversations`: refusals, empty and incomplete turns removed),
+    """``data_files`` cleaned (`ctxaware.data.conversations`: refusals, empty and incomplete turns removed),
     combined and shuffled with ``seed``, first ``max_conversations`` kept: ``data/sft.json``. Without
     ``data_files`` this is ``data``."""
     if not cfg.data_files:
@@ -205,16 +205,16 @@ def stage_seed(cfg: ExperimentConfig, root: Path) -> tuple[str, dict | None]:
 
 
 def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None) -> Path:
-    """Eq. (2) scores of every assistant turn with the seed model (resumable in `ctxaware.score`; skipped
+    """Eq. (2) scores of every assistant turn with the seed model (resumable in `ctxaware.scoring.score`; skipped
     when done under the same seed)."""
-    from ctxaware.score import ScoreConfig, run
+    from ctxaware.scoring.score import ScoreConfig, run
 
     seed_model = seed_model or seed_spec(cfg)
     out = root / "scores.jsonl"
     meta = root / "scores.seed.json"
     if out.with_suffix(".summary.json").is_file() and meta.is_file():
         if json.loads(meta.read_text()).get("seed_model") == seed_model:
-            from ctxaware.selection import check_scored_data
+            from ctxaware.scoring.selection import check_scored_data
 
             check_scored_data(out, str(cfg.data))  # data replaced at the same path: refused (docs/resume.md)
             return out
@@ -228,7 +228,7 @@ def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None
 
 def stage_table3(cfg: ExperimentConfig, root: Path, scores_path: Path) -> dict[str, float]:
     """Paper Table 3: the fraction of scored turns selected at each of ``table3_betas``."""
-    from ctxaware.selection import load_scores, ratio_table
+    from ctxaware.scoring.selection import load_scores, ratio_table
 
     scores = load_scores(scores_path)
     table = ratio_table([r.get("score") for r in scores.values()], cfg.table3_betas)
@@ -244,7 +244,7 @@ def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: flo
               "contents": fingerprint_inputs({"data": str(cfg.data)})["data"]}  # fmt: skip
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("inputs") == inputs:
         return out  # cached: the same data, rows, token and threshold
-    from ctxaware.selection import load_scores, select
+    from ctxaware.scoring.selection import load_scores, select
 
     convs, _ = load_conversations(
         cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations
@@ -263,9 +263,9 @@ def stage_train(cfg: ExperimentConfig, root: Path, name: str, data: str, indicat
 
 def stage_post(cfg: ExperimentConfig, root: Path, stage: str, start: str) -> dict:
     """One post-SFT stage (``dpo`` or ``grpo``) from the model dir ``start``, LoRA merged on save."""
-    from ctxaware.finetune import run_stage
-    from ctxaware.preference import DPOStageConfig
-    from ctxaware.rlvr import GRPOStageConfig
+    from ctxaware.training.finetune import run_stage
+    from ctxaware.training.preference import DPOStageConfig
+    from ctxaware.training.rlvr import GRPOStageConfig
 
     out = str(root / "train" / stage)
     common = {"model": start, "output_dir": out, "stage": stage, "indicator": False, "chat_template": "model"}
@@ -303,7 +303,7 @@ def stage_evaluate(
     """QA/conflict tasks and MT-Bench for one model in one ``mode``; rows resume in ``eval/{name}/`` (plain:
     ``eval/{name}/plain/``); cached in ``results.json`` there. The base is evaluated as the paper's base rows
     are, without a template (``mode="plain"``), and with the training template as extra information."""
-    from ctxaware.evaluate import EvalConfig, evaluate_tasks
+    from ctxaware.evaluation.qa import EvalConfig, evaluate_tasks
 
     where = root / "eval" / name / ("plain" if mode == "plain" else "")
     template = template_file(root, cfg)
@@ -318,8 +318,8 @@ def stage_evaluate(
              "judge_local_model": cfg.judge_local_model if mt_bench else None}  # fmt: skip
 
     def compute() -> dict:
-        from ctxaware.models import load_model
-        from ctxaware.needle import apply_chat_template_choice
+        from ctxaware.core.models import load_model
+        from ctxaware.data.needle import apply_chat_template_choice
 
         model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
         apply_chat_template_choice(tok, template)  # as nih and attention do
@@ -339,7 +339,7 @@ def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dic
     these input contents (the content fingerprint `ResultsWriter` uses, recorded in ``where/stage.json``);
     computed when missing. A different configuration is refused in one line, as every command refuses to
     mix runs: change ``eval_limit`` and rerun, and the old numbers do not come back (issue 24 §2)."""
-    from ctxaware.results import config_changes, fingerprint
+    from ctxaware.core.results import config_changes, fingerprint
 
     done, record = where / filename, where / "stage.json"
     inputs = fingerprint_inputs(stage_config)
@@ -370,7 +370,7 @@ NIH_CONDITIONS = {"chat+prefix": ("chat", True), "plain+prefix": ("plain", True)
 
 def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool) -> dict:
     """NIH (authors' protocol) under ``nih_conditions``: ``{condition: summary}`` (rows resume)."""
-    from ctxaware import nih
+    from ctxaware.evaluation import nih
 
     configs = []
     for prefix in (True, False):
@@ -394,7 +394,7 @@ def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indi
 
 def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str) -> dict:
     """Attention per role (three normalisations, Fig. 3-4) on NIH prompts; ``attention/{name}/``."""
-    from ctxaware import attention
+    from ctxaware.attention import allocation as attention
 
     where = root / "attention" / name
     acfg = attention.AttentionConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype,
@@ -407,7 +407,7 @@ def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str
 
 def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> dict:
     """The stage analysis (`ctxaware stages`) over base -> vanilla SFT -> DPO -> GRPO."""
-    from ctxaware.stages import StagesConfig, run
+    from ctxaware.evaluation.stages import StagesConfig, run
 
     scfg = StagesConfig(checkpoints=[f"{k}={v}" for k, v in chain.items()], tasks=cfg.stages_tasks,
                         n=cfg.stages_n, mode="zephyr" if cfg.chat_template == "zephyr" else "auto",
@@ -417,7 +417,7 @@ def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> di
 
 def paired(root: Path, a: str, b: str, task: str, metric: str) -> dict:
     """Paired difference ``b - a`` of a per-example metric on the same examples (bootstrap 95% CI)."""
-    from ctxaware.stats import summarize
+    from ctxaware.core.stats import summarize
 
     def rows(name: str) -> dict:
         out = {}
@@ -437,13 +437,13 @@ def compare(root: Path, runs: dict[str, dict], extra: dict) -> str:
     """``comparison.md``: Table 3, Table 4 (tasks x checkpoints, 95% CIs), paired differences against the
     vanilla SFT, NIH per checkpoint and condition, attention per role, the inversion curves and the stage
     analysis; ``comparison.json`` holds everything."""
-    from ctxaware.evaluate import summary_markdown
-    from ctxaware.plotting import context_reliance_steps
-    from ctxaware.stats import fmt
+    from ctxaware.core.plotting import context_reliance_steps
+    from ctxaware.core.stats import fmt
+    from ctxaware.evaluation.qa import summary_markdown
 
     parts = []
     if extra.get("table3"):
-        from ctxaware.selection import format_table
+        from ctxaware.scoring.selection import format_table
 
         parts.append(
             "## Table 3: ratio of selected turns\n\n" + format_table({"training data": extra["table3"]})
@@ -494,7 +494,7 @@ def compare(root: Path, runs: dict[str, dict], extra: dict) -> str:
         parts.append("## Context reliance during training (held-out counterfactuals)\n\n| run | step | p_s | p_o |\n"
                      "|---|---|---|---|\n" + "\n".join(rows) + "\n\n![context reliance](context_reliance.png)")  # fmt: skip
     if extra.get("stages"):
-        from ctxaware.stages import summary_markdown
+        from ctxaware.evaluation.stages import summary_markdown
 
         parts.append("## Stage analysis (usage pooled over tasks, mean [95% CI])\n\n"
                      + summary_markdown(extra["stages"])
@@ -521,7 +521,7 @@ def run(cfg: ExperimentConfig) -> str:
     for f in cfg.data_files:
         if not Path(f).is_file():
             raise CtxawareError(f"data file {f} does not exist; fix data_files")
-    from ctxaware.train import validate
+    from ctxaware.training.sft import validate
 
     root = Path(cfg.output_dir)
     timer = _Timer(root)
@@ -576,11 +576,11 @@ def main(argv: list[str]) -> int:
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
     if any(a in ("-h", "--help") for a in argv):
-        from ctxaware.finetune import print_help
+        from ctxaware.training.finetune import print_help
 
         return print_help(ExperimentConfig, "ctxaware experiment")
     cfg = parse_config(ExperimentConfig, argv, prog="ctxaware experiment")
-    from ctxaware.results import exclusive
+    from ctxaware.core.results import exclusive
 
     with exclusive(cfg.output_dir, ".experiment.lock"):  # one experiment per output directory
         print(run(cfg))

@@ -19,7 +19,7 @@ from tests.conftest import SHARED_DATA, require_shared_data
 
 @pytest.fixture(scope="module")
 def tok():
-    from ctxaware.models import load_tokenizer
+    from ctxaware.core.models import load_tokenizer
 
     return load_tokenizer("default")
 
@@ -40,10 +40,10 @@ def essay_ids(tok):
 def test_nih_prompts_equal_the_authors_tester(tok, essay_ids, tmp_path, monkeypatch, n):
     """`ctxaware nih --dump-prompts` (tokenizer only) on the paper's 20 x 20 grid (slow) and a 4 x 4 grid:
     text, ids, needle index and context size equal the authors' tester (hint = the needle's first 8 words)."""
-    import ctxaware.models
-    from ctxaware import nih
+    import ctxaware.core.models
+    from ctxaware.evaluation import nih
 
-    monkeypatch.setattr(ctxaware.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(ctxaware.core.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     out = tmp_path / "p.jsonl"
     top = 2000 if n == 20 else 1000
     argv = ["--max-length", str(top), "--n-lengths", str(n), "--n-depths", str(n)]
@@ -70,7 +70,7 @@ def test_nih_chat_bos_is_the_testers_tokenizer_call(tok):
     named deviation (one BOS)."""
     import copy
 
-    from ctxaware import needle
+    from ctxaware.data import needle
 
     t = copy.deepcopy(tok)
     t.chat_template = "{{ bos_token }}" + t.chat_template
@@ -99,7 +99,7 @@ def test_attention_prompts_and_query_equal_the_analysis_script(tok, essay_ids, t
     """`ctxaware attention --dump-prompts` (the default, ``--prompts analysis``): per cell and condition the
     ids up to the query equal the authors' analysis script's, and the query index is their "is". Before
     issue 22 the query was "Francisco" (8-word prefix) and the plain text had a blank line, not a space."""
-    from ctxaware import attention
+    from ctxaware.attention import allocation as attention
 
     out = tmp_path / "a.jsonl"
     lengths, depths = [400, 1000, 1600], [0, 50, 100]
@@ -127,8 +127,8 @@ def test_qa_chat_prompts_equal_the_authors_lm_eval_wrapper(tok, tmp_path, task):
     lm-eval chat wrapper on their task's ``doc_to_text``, text and ids. Before issue 22, 0 of them did (no
     empty system turn, so SmolLM2's default system prompt; a trailing newline; QuAC's space stripped)."""
     require_shared_data()
-    from ctxaware import evaluate
-    from ctxaware.tasks import get_task, load_examples
+    from ctxaware.data.tasks import get_task, load_examples
+    from ctxaware.evaluation import qa as evaluate
 
     out = tmp_path / "e.jsonl"
     assert evaluate.main([task, "--modes", "chat", "--limit", "20", "--dump-prompts", str(out)]) == 0
@@ -151,7 +151,7 @@ def test_qa_chat_prompts_equal_the_authors_lm_eval_wrapper(tok, tmp_path, task):
 def test_quac_keeps_the_space_before_the_instruction(tok, tmp_path):
     """The authors' ``removesuffix('CANNOTANSWER')`` leaves the passage's space before "\\nAnswer"."""
     require_shared_data()
-    from ctxaware import evaluate
+    from ctxaware.evaluation import qa as evaluate
 
     out = tmp_path / "q.jsonl"
     assert evaluate.main(["quac", "--modes", "chat", "--limit", "5", "--dump-prompts", str(out)]) == 0
@@ -170,7 +170,7 @@ CHATML_MARKERS = {
 
 def _conversations(n: int) -> list[list[dict]]:
     require_shared_data()
-    from ctxaware.conversations import load_conversations
+    from ctxaware.data.conversations import load_conversations
 
     convs = load_conversations(str(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json"))[0]
     convs = sorted((c for c in convs if sum(m["role"] == "assistant" for m in c.messages) >= 2),
@@ -188,7 +188,7 @@ def _port_masks(tok, messages):
 def test_eq2_masks_equal_the_authors_scorer(tok):
     """ids, the user mask U and every turn's response positions Y_m equal the authors' scorer (empty system
     turn, end-of-turn tokens in Y, newline/BOS/EOS out of U). Before issue 22 none of the three did."""
-    from ctxaware.score import layout
+    from ctxaware.scoring.score import layout
 
     convs = _conversations(5)
     for messages in convs:
@@ -202,8 +202,8 @@ def test_eq2_masks_equal_the_authors_scorer(tok):
 def test_eq2_scores_equal_the_authors_scorer(smollm2):
     """eq. (2) per turn at layer 15 (the paper's layer) equals the authors' scorer run with eager attention on
     the same SmolLM2 weights."""
-    from ctxaware.models import load_model
-    from ctxaware.score import context_dependency_score
+    from ctxaware.core.models import load_model
+    from ctxaware.scoring.score import context_dependency_score
 
     model, tok = smollm2
     eager = load_model("smollm2-135m-instruct", device="cpu", dtype="float32", attn_implementation="eager")[0]
@@ -222,9 +222,9 @@ def test_sft_formatting_equals_alignment_handbook(tok):
     """`train.tokenize` (formatting ``authors``, loss on all tokens) gives alignment-handbook's ids: an empty
     system turn first, so SmolLM2's default system prompt is not injected into the training data."""
     require_shared_data()
-    from ctxaware.conversations import load_conversations
-    from ctxaware.results import SkipCounter
-    from ctxaware.train import tokenize
+    from ctxaware.core.results import SkipCounter
+    from ctxaware.data.conversations import load_conversations
+    from ctxaware.training.sft import tokenize
 
     convs = load_conversations(str(SHARED_DATA / "sft" / "messages_sft_demo.jsonl"))[0][:20]
     rows = tokenize(convs, tok, 10**6, SkipCounter(), loss_on="all")

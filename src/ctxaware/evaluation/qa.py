@@ -1,0 +1,631 @@
+"""``ctxaware eval TASK...``: context-dependent QA, knowledge conflict and MT-Bench (paper Sec. 4.1.3, Table 4).
+
+For every model (or ``checkpoint-*`` directory) x condition (chat template on/off, ``[IND]`` on/off) x task:
+render the task's prompt with `chat.render`, generate greedily with `generate.generate` (100 new tokens,
+App. A.3; by default cut as the authors' lm-eval tasks do, at the first ". " or EOS), score with `metrics`
+(the paper's ``contains`` under the authors' per-task rule), write one JSONL row per example through
+`results.ResultsWriter` (rerun = resume) and a Table-4-style summary (Markdown + JSON). docs/evaluate.md holds
+the protocol table: every choice, its source and the option that changes it.
+
+Plain mode (no chat template) ends the prompt with the response prefix ``Answer:``: without any prefix
+SmolLM2-135M-Instruct emits EOS at once and every score would be zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal
+
+from ctxaware.core.config import ModelConfig, overwrite_option, parse_config
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.provenance import model_about
+from ctxaware.core.results import ResultsWriter, SkipCounter, write_json_atomic, write_text_atomic
+from ctxaware.core.stats import fmt
+from ctxaware.data.metrics import (
+    METRICS_BY_KIND,
+    aggregate,
+    conflict_scores,
+    first_sentence,
+    qa_scores,
+    truncate_at,
+)
+from ctxaware.data.tasks import (
+    EMPTY_FIRST_GOLD,
+    TASKS,
+    Example,
+    Task,
+    canonical_task_name,
+    default_data_dir,
+    get_task,
+    load_examples,
+    sample,
+)
+from ctxaware.rendering.chat import render, with_empty_system
+from ctxaware.rendering.generate import continuation_logprobs, generate
+from ctxaware.rendering.indicator import append_indicator
+
+STOPS = (". ", ".\n", "? ", "?\n", "! ", "!\n")  # end of the first sentence (generation stops early)
+AUTHORS_STOPS = (". ",)  # the authors' lm-eval tasks: generate_until [". "] (and EOS), 100 tokens
+QA_CUTS = ("authors", "sentence")
+# The version of the task readers and metrics (QuAC first question, `contains` rules, answer cut); rows
+# written under an older protocol are not resumed into a newer one.
+PROTOCOL_VERSION = "authors-3"
+
+
+@dataclasses.dataclass
+class EvalConfig(ModelConfig):
+    """Evaluate context awareness (SQuAD, QuAC, DROP), context reliance (counterfactual sets, NQ-Swap,
+    MemoTrap) and instruction following (MT-Bench) with and without the chat template.
+
+    Parameters:
+        tasks: task names (see `ctxaware.data.tasks.TASKS`). ``model`` may list several models separated by
+            commas, or be a directory of ``checkpoint-*`` subdirectories (a sweep, evaluated in order).
+        modes: ``chat`` (the model's template) and/or ``plain`` (no template, ``plain_prefix`` starts the answer).
+        indicator: append ``[IND]`` to every user prompt (paper Sec. 3.2; the "+ Indicator" rows of Table 4).
+        prompt_style: ``paper`` (Tables 5-6) or ``simple`` ("{context} {question}", for UltraChat-tuned models).
+        limit / seed: evaluate a seeded random sample of ``limit`` examples per task (smaller limits are subsets).
+        judge: ``local`` (a local HF model, offline, not comparable to GPT-4) or ``http`` (``judge_url``).
+    """
+
+    tasks: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "tasks to run, any of: " + ", ".join(TASKS), "positional": True},
+    )
+    modes: list[str] = dataclasses.field(
+        default_factory=lambda: ["chat", "plain"], metadata={"help": "chat and/or plain"}
+    )
+    indicator: bool = dataclasses.field(default=False, metadata={"help": "append [IND] to every prompt"})
+    protocol: Literal["authors", "ctxaware"] = dataclasses.field(
+        default="authors",
+        metadata={
+            "help": "authors (their lm-eval wrapper: empty system turn, prompt ends at the assistant marker, "
+            "DROP 256 new tokens) or ctxaware (user turn alone, template's generation prompt; docs/evaluate.md)"
+        },
+    )
+    prompt_style: Literal["paper", "simple"] = dataclasses.field(
+        default="paper", metadata={"help": "paper (Tables 5-6) or simple"}
+    )
+    plain_prefix: str = dataclasses.field(
+        default="Answer:", metadata={"help": "response prefix in plain mode"}
+    )
+    source: str = dataclasses.field(default="local", metadata={"help": "local (shared files) or hub"})
+    data_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "shared data dir (default ../shared/data)"}
+    )
+    limit: int | None = dataclasses.field(
+        default=None, metadata={"help": "examples per task (seeded sample)"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "sampling seed"})
+    max_new_tokens: int = dataclasses.field(
+        default=100, metadata={"help": "new tokens for QA and conflict tasks (paper App. A.3: 100)"}
+    )
+    drop_max_new_tokens: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "new tokens for DROP; none: authors 256 (their DROP task sets no max_gen_toks, so "
+            "lm-eval's default applies), ctxaware --max-new-tokens"
+        },
+    )
+    qa_cut: str = dataclasses.field(
+        default="authors",
+        metadata={
+            "help": "where an answer ends: authors (lm-eval: text before the first '. ', or EOS) or "
+            "sentence (end of the first complete sentence, also at ? and !)"
+        },
+    )
+    mt_bench_max_new_tokens: int = dataclasses.field(
+        default=512, metadata={"help": "new tokens per MT-Bench turn"}
+    )
+    batch_size: int = dataclasses.field(default=8, metadata={"help": "generation batch size"})
+    judge: str = dataclasses.field(default="local", metadata={"help": "MT-Bench judge: local or http"})
+    judge_url: str | None = dataclasses.field(default=None, metadata={"help": "OpenAI-compatible base URL"})
+    judge_model: str = dataclasses.field(
+        default="gpt-4", metadata={"help": "model name sent to the judge URL"}
+    )
+    judge_api_key_env: str = dataclasses.field(
+        default="OPENAI_API_KEY", metadata={"help": "env var with the key"}
+    )
+    judge_local_model: str = dataclasses.field(default="default", metadata={"help": "local judge model spec"})
+    judge_retries: int = dataclasses.field(
+        default=3, metadata={"help": "judge retries (exponential back-off)"}
+    )
+    judge_timeout: float = dataclasses.field(
+        default=60.0, metadata={"help": "seconds one judge request may take", "gt": 0}
+    )
+    steer: str | None = dataclasses.field(
+        default=None, metadata={"help": "heads JSON {layer: [heads]} to steer"}
+    )
+    alpha: float = dataclasses.field(
+        default=0.01, metadata={"help": "steering scale for non-user tokens", "gt": 0, "max": 1}
+    )
+    output: str = dataclasses.field(default="runs/eval", metadata={"help": "output directory"})
+    overwrite: bool = overwrite_option()
+    dump_prompts: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "write every prompt (task, id, mode, text, ids) to this JSONL and exit; tokenizer only",
+            "path": "output_file",
+        },
+    )
+
+
+# --- models and conditions ---------------------------------------------------------------------------
+
+
+def expand_models(spec: str) -> list[str]:
+    """Comma-separated specs; a directory of ``checkpoint-*`` subdirectories expands to them by step."""
+    out: list[str] = []
+    for s in (x.strip() for x in spec.split(",") if x.strip()):
+        p = Path(s)
+        ckpts = (
+            sorted(p.glob("checkpoint-*"), key=lambda c: int(re.sub(r"\D", "", c.name) or 0))
+            if p.is_dir()
+            else []
+        )
+        out += [str(c) for c in ckpts if c.is_dir()] if ckpts and not (p / "config.json").is_file() else [s]
+    return out
+
+
+LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's default when a task sets no max_gen_toks (the authors' DROP)
+
+
+def max_new_tokens(cfg: EvalConfig, task: str) -> int:
+    """New tokens for ``task``: ``drop_max_new_tokens`` for DROP (none: authors 256, ctxaware the common
+    ``max_new_tokens``), else ``max_new_tokens`` (100, App. A.3 and the authors' SQuAD/QuAC tasks)."""
+    if task == "drop":
+        if cfg.drop_max_new_tokens is not None:
+            return cfg.drop_max_new_tokens
+        if cfg.protocol == "authors":
+            return LM_EVAL_MAX_GEN_TOKS
+    return cfg.max_new_tokens
+
+
+def condition_name(mode: str, indicator: bool) -> str:
+    return mode + ("+ind" if indicator else "")
+
+
+# --- prompts and scoring -----------------------------------------------------------------------------
+
+
+def build_prompt(
+    task: Task,
+    ex: Example,
+    tok,
+    mode: str,
+    style: str,
+    indicator: bool,
+    plain_prefix: str | None,
+    protocol: str = "authors",
+):
+    """The rendered prompt of one example: template, optional ``[IND]``, chat template or plain + prefix.
+
+    Chat mode under ``protocol="authors"`` is the authors' lm-eval wrapper (``wrap_chat_template``): an
+    empty system turn, the user turn and an empty assistant turn rendered without a generation prompt, the
+    closing EOS/BOS text cut and the ends stripped (ChatML ends ``<|im_start|>assistant``); the data's
+    context and question are not stripped. ``protocol="ctxaware"``: the user turn alone with the template's
+    generation prompt (SmolLM2's template then injects its default system prompt)."""
+    authors = protocol == "authors"
+    content = task.prompt(ex, style, strip=not authors)
+    if indicator:
+        content = append_indicator(content)
+    msgs = [{"role": "user", "content": content}]
+    if mode == "chat":
+        if authors:
+            msgs = with_empty_system(msgs, tok) + [{"role": "assistant", "content": ""}]
+            return render(msgs, tok, "chat", add_generation_prompt=False, trim_closing=True)
+        return render(msgs, tok, "chat")
+    if mode == "plain":
+        return render(msgs, tok, "plain", response_prefix=plain_prefix or None)
+    raise CtxawareError(f"mode {mode!r} is not one of chat, plain")
+
+
+def score_example(task: Task, ex: Example, prediction: str, protocol: str = "authors") -> dict:
+    """The task's metrics of one prediction, plus ``empty`` (the model answered nothing, e.g. EOS at once).
+
+    DROP under ``protocol="authors"``: an example whose first gold is empty (hub data) scores ``contains``
+    1 whatever the prediction, as the authors' empty regex matches every text."""
+    if task.kind == "conflict":
+        scores = conflict_scores(prediction, ex.answers, ex.memory_answers)
+    else:
+        scores = qa_scores(prediction, ex.answers, ex.spans, task.contains_rule)
+        if protocol == "authors" and ex.category == EMPTY_FIRST_GOLD:
+            scores["contains"] = 1.0
+    return {**scores, "empty": float(not prediction.strip())}
+
+
+def _row_base(task: Task, ex: Example, prompt_text: str) -> dict:
+    return {
+        "id": ex.id,
+        "task": task.name,
+        "prompt": prompt_text,
+        "gold": ex.answers,
+        **({"memory_answers": ex.memory_answers} if ex.memory_answers else {}),
+        **({"category": ex.category} if ex.category else {}),
+    }
+
+
+def run_generative(model, tok, task, todo, writer, cfg, mode, batch_context) -> None:
+    """QA and conflict tasks: generate in chunks, score, write each chunk (so a killed run loses little)."""
+    prefix = cfg.plain_prefix if mode == "plain" else None
+    authors = cfg.qa_cut == "authors"
+    chunk = max(1, cfg.batch_size)  # one batch per write: a killed run loses at most one batch
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        prompts = [
+            build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix, cfg.protocol)
+            for ex in part
+        ]
+        gens = generate(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=max_new_tokens(cfg, task.name),
+            stop=AUTHORS_STOPS if authors else STOPS,
+            batch_size=cfg.batch_size,
+            batch_context=batch_context,
+            desc=f"{task.name}/{mode}",
+        )
+        for ex, r, g in zip(part, prompts, gens):
+            pred = truncate_at(g.text, AUTHORS_STOPS) if authors else first_sentence(g.text)
+            writer.write(
+                {
+                    **_row_base(task, ex, r.text),
+                    "output": g.text,
+                    "prediction": pred,
+                    "stop_reason": g.stop_reason,
+                    "scores": score_example(task, ex, pred, cfg.protocol),
+                }
+            )
+
+
+def run_choice(model, tok, task, todo, writer, cfg, mode) -> None:
+    """MemoTrap: the class whose continuation has the highest summed log-probability is the answer."""
+    for ex in todo:
+        r = build_prompt(task, ex, tok, mode, cfg.prompt_style, cfg.indicator, None, cfg.protocol)
+        conts = [tok(c, add_special_tokens=False)["input_ids"] for c in ex.classes]
+        lps = continuation_logprobs(model, tok, [r.input_ids] * len(conts), conts, batch_size=cfg.batch_size)
+        pick = max(range(len(lps)), key=lps.__getitem__)
+        writer.write(
+            {
+                **_row_base(task, ex, r.text),
+                "classes": ex.classes,
+                "label": ex.label,
+                "logprobs": lps,
+                "prediction": ex.classes[pick],
+                "scores": {"accuracy": float(pick == ex.label)},
+            }
+        )
+
+
+# --- one condition -----------------------------------------------------------------------------------
+
+
+def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
+    """What fingerprints a results directory (``limit`` excluded: a larger limit extends the sample)."""
+    keys = (
+        "revision",
+        "dtype",
+        "protocol",
+        "drop_max_new_tokens",
+        "prompt_style",
+        "plain_prefix",
+        "source",
+        "seed",
+        "max_new_tokens",
+        "qa_cut",
+        "mt_bench_max_new_tokens",
+        "indicator",
+        "steer",
+        "alpha",
+    )
+    t = get_task(task)
+    task_file = (
+        str(Path(cfg.data_dir or default_data_dir()) / t.local_file)
+        if cfg.source == "local" and t.local_file
+        else None
+    )  # hashed by ResultsWriter (docs/resume.md)
+    return {
+        "model": model_name,
+        "task": task,
+        "mode": mode,
+        "task_file": task_file,
+        "reader_version": PROTOCOL_VERSION,
+        **{k: getattr(cfg, k) for k in keys},
+    }
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Every option that can be checked without a model, before any compute (one-line errors); task names
+    are resolved to their registry spelling (``mt-bench`` -> ``mt_bench``)."""
+    if cfg.limit is not None and (isinstance(cfg.limit, bool) or cfg.limit < 1):
+        raise CtxawareError(
+            f"--limit {cfg.limit}: give a positive number of examples per task, or leave it out"
+        )
+    if cfg.max_new_tokens < 1 or cfg.mt_bench_max_new_tokens < 1:
+        raise CtxawareError("--max-new-tokens and --mt-bench-max-new-tokens must be at least 1")
+    if cfg.batch_size < 1:
+        raise CtxawareError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.qa_cut not in QA_CUTS:
+        raise CtxawareError(f"--qa-cut {cfg.qa_cut!r} is not one of {', '.join(QA_CUTS)}")
+    for m in cfg.modes:
+        if m not in ("chat", "plain"):
+            raise CtxawareError(f"--modes: {m!r} is not one of chat, plain")
+    cfg.tasks = [canonical_task_name(t) for t in cfg.tasks]  # unknown names fail before any model loads
+    if "mt_bench" in cfg.tasks and cfg.judge == "http":
+        from ctxaware.evaluation.judge import check_judge_url
+
+        if not cfg.judge_url:
+            raise CtxawareError("--judge http needs --judge-url (an OpenAI-compatible base URL)")
+        check_judge_url(cfg.judge_url)  # before any answer is generated
+
+
+def evaluate_tasks(
+    model,
+    tok,
+    task_names: list[str],
+    cfg: EvalConfig | None = None,
+    *,
+    mode: str | None = None,
+    model_name: str = "model",
+    output_dir: str | Path | None = None,
+    batch_context=None,
+    judge=None,
+) -> dict:
+    """Evaluate ``model`` on ``task_names`` under one condition; returns ``{task: {metrics, n, skipped, ...}}``.
+
+    The entry point for the training/experiment module: ``cfg`` carries limit, seed, prompt style, indicator
+    (defaults: `EvalConfig`); ``mode`` defaults to ``cfg.modes[0]``; ``output_dir=None`` keeps rows in a
+    temporary directory; ``batch_context`` goes straight to `generate.generate` (attention steering).
+    """
+    cfg = cfg or EvalConfig()
+    validate(cfg)
+    task_names = [canonical_task_name(t) for t in task_names]
+    mode = mode or cfg.modes[0]
+    tmp = tempfile.TemporaryDirectory() if output_dir is None else nullcontext(str(output_dir))
+    with tmp as out:
+        return {
+            name: _evaluate_task(
+                model, tok, get_task(name), cfg, mode, model_name, Path(out), batch_context, judge
+            )
+            for name in task_names
+        }
+
+
+def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_context, judge) -> dict:
+    skips, repaired = SkipCounter(), SkipCounter()
+    examples = load_examples(task, cfg.source, cfg.data_dir, skips, repaired)
+    examples = sample(examples, cfg.limit, cfg.seed)
+    directory = out / task.name
+    t0 = time.perf_counter()
+    run_config = _run_config(cfg, model_name, task.name, mode)
+    with ResultsWriter(directory, run_config, key_fields=("id",), about=model_about(model, tok)) as w:
+        todo = [ex for ex in examples if not w.done({"id": ex.id})]
+        judge_failed = 0
+        if task.kind == "choice":
+            run_choice(model, tok, task, todo, w, cfg, mode)
+        elif task.kind == "mtbench":
+            from ctxaware.evaluation.judge import run_mtbench
+
+            judge_failed = run_mtbench(
+                model, tok, todo, w, cfg, mode, batch_context, judge or make_judge(cfg)
+            )
+        else:
+            run_generative(model, tok, task, todo, w, cfg, mode, batch_context)
+        wanted = {ex.id for ex in examples}
+        rows = [r for r in w.rows if r["id"] in wanted]
+    result = {
+        "kind": task.kind,
+        "n": len(rows),
+        "metrics": aggregate(rows, task.kind),
+        "skipped": skips.as_dict(),
+        "repaired": repaired.as_dict(),
+        "resumed": len(examples) - len(todo),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": str(directory / "rows.jsonl"),
+    }
+    if task.kind == "qa":  # rows where the paper's `contains` and `contains_strict` differ
+        result["contains_disagreements"] = sum(
+            r["scores"].get("contains") != r["scores"].get("contains_strict") for r in rows
+        )
+    if task.kind == "mtbench":
+        result["judge"] = (rows[0].get("judge") if rows else None) or {}
+        # examples whose judgment failed: not written, redone by the next run (judge.run_mtbench)
+        result["judge_failures"] = judge_failed
+    write_json_atomic(directory / "summary.json", result)
+    return result
+
+
+def make_judge(cfg: EvalConfig):
+    from ctxaware.evaluation.judge import HTTPJudge, LocalJudge, check_judge_url
+
+    if cfg.judge == "http":
+        if not cfg.judge_url:
+            raise CtxawareError("--judge http needs --judge-url (an OpenAI-compatible base URL)")
+        return HTTPJudge(check_judge_url(cfg.judge_url), cfg.judge_model, cfg.judge_api_key_env,
+                         timeout=cfg.judge_timeout, retries=cfg.judge_retries)  # fmt: skip
+    if cfg.judge == "local":
+        m, t = cfg.load(cfg.judge_local_model)
+        return LocalJudge(m, t, name=cfg.judge_local_model)
+    raise CtxawareError(f"--judge {cfg.judge!r} is not one of local, http")
+
+
+# --- summary (paper Table 4 layout) ------------------------------------------------------------------
+
+QA_COLUMNS = ("squad", "quac", "drop")
+
+
+def _cell(res: dict, metric: str, pct: bool = True) -> str:
+    s = res.get("metrics", {}).get(metric)
+    return fmt(s, pct=pct) if s else "-"
+
+
+def summary_markdown(results: dict) -> str:
+    """``results[model][condition][task]`` -> a Table-4-style table (percent with 95% CI; MT-Bench as its
+    1-10 rating) plus a details table."""
+    tasks = list(dict.fromkeys(t for m in results.values() for c in m.values() for t in c))
+    head, cols = ["Model", "Condition"], []
+    for t in tasks:
+        kind = next(c[t]["kind"] for m in results.values() for c in m.values() if t in c)
+        if kind == "conflict":
+            cols += [(t, "p_s", True), (t, "p_o", True)]
+            head += [f"{t} p_s", f"{t} p_o"]
+        else:
+            metric = {"qa": "contains", "choice": "accuracy", "mtbench": "rating"}[kind]
+            cols.append((t, metric, kind != "mtbench"))
+            head.append(t + (" (judge, 1-10)" if kind == "mtbench" else ""))
+    qa_in = [t for t in QA_COLUMNS if t in tasks]
+    if qa_in:
+        head.insert(2 + len([c for c in cols if c[0] in qa_in]), "QA avg.")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, conds in results.items():
+        for cond, res in conds.items():
+            cells = [_cell(res.get(t, {}), m, pct) for t, m, pct in cols]
+            if qa_in:
+                means = [res[t]["metrics"]["contains"]["mean"] for t in qa_in if t in res]
+                cells.insert(len([c for c in cols if c[0] in qa_in]), f"{100 * sum(means) / len(means):.1f}")
+            lines.append(f"| {model} | {cond} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + details_markdown(results)
+
+
+def details_markdown(results: dict) -> str:
+    lines = [
+        "| Model | Condition | Task | n | skipped | metrics (mean [95% CI: exact Clopper-Pearson for proportions, "
+        "bootstrap for F1 and ratings]; percent, ratings on 1-10) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, conds in results.items():
+        for cond, res in conds.items():
+            for t, r in res.items():
+                ms = "; ".join(
+                    f"{k} {fmt(v, pct=not k.startswith('rating'))}" for k, v in r["metrics"].items()
+                )
+                lines.append(f"| {model} | {cond} | {t} | {r['n']} | {r['skipped']['total']} | {ms} |")
+    return "\n".join(lines) + "\n"
+
+
+def _reliance_plot(results: dict, out: Path) -> Path | None:
+    from ctxaware.core.plotting import context_reliance_curve
+
+    labels = list(results)
+    series = {}
+    for cond in dict.fromkeys(c for m in results.values() for c in m):
+        for t in dict.fromkeys(t for m in results.values() for t in m.get(cond, {})):
+            for metric in ("p_s", "p_o"):
+                vals = [results[m].get(cond, {}).get(t, {}).get("metrics", {}).get(metric) for m in labels]
+                if all(vals):
+                    series[f"{t} {metric} ({cond})"] = [(v["mean"], v["ci_low"], v["ci_high"]) for v in vals]
+    if not series:
+        return None
+    return context_reliance_curve([Path(m).name for m in labels], series, out / "context_reliance.png")
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def _steering_context(model, cfg: EvalConfig):
+    if not cfg.steer:
+        return None
+    try:
+        from ctxaware.attention import steering
+        from ctxaware.attention.retrieval_heads import load_heads
+    except ImportError:
+        raise CtxawareError(
+            "--steer needs ctxaware.attention.steering, which this installation lacks"
+        ) from None
+    heads = cfg.steer if cfg.steer == "all" else load_heads(cfg.steer)  # JSON {layer: [heads]}
+    return steering.batch_context(model, heads, cfg.alpha)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_config(EvalConfig, argv, prog="ctxaware eval")
+    if not cfg.tasks:
+        raise CtxawareError("name at least one task; available tasks: " + ", ".join(TASKS))
+    validate(cfg)
+    cfg.data_dir = cfg.data_dir or str(default_data_dir())
+    for t in cfg.tasks:  # unreadable, malformed or empty task files fail before any model loads
+        if cfg.source == "local" and not load_examples(get_task(t), cfg.source, cfg.data_dir):
+            raise CtxawareError(
+                f"task {t} has no valid examples in its file under {cfg.data_dir}; check --data-dir"
+            )
+    if cfg.dump_prompts:
+        n = dump_prompts(cfg, cfg.dump_prompts)
+        print(f"wrote {n} prompts to {cfg.dump_prompts}")
+        return 0
+    out, t0 = Path(cfg.output), time.perf_counter()
+    results: dict = {}
+    judge = make_judge(cfg) if "mt_bench" in cfg.tasks else None
+    from ctxaware.core.models import canonical_spec, run_id
+
+    for spec in expand_models(cfg.model):
+        model, tok = cfg.load(spec)
+        spec = canonical_spec(spec)  # one name throughout, as in nih and attention
+        bc = _steering_context(model, cfg)
+        for mode in cfg.modes:
+            cond = condition_name(mode, cfg.indicator)
+            res = evaluate_tasks(
+                model,
+                tok,
+                cfg.tasks,
+                cfg,
+                mode=mode,
+                model_name=spec,
+                output_dir=out / run_id(spec) / cond,  # unique per model (nih's run ids)
+                batch_context=bc,
+                judge=judge,
+            )
+            results.setdefault(spec, {})[cond] = res
+            print(f"{spec} [{cond}]: " + ", ".join(f"{t}={_headline(r)}" for t, r in res.items()), flush=True)
+        del model
+    md = summary_markdown(results)
+    write_text_atomic(out / "summary.md", md)
+    write_json_atomic(
+        out / "summary.json",
+        {
+            "config": dataclasses.asdict(cfg),
+            "results": results,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+    plot = _reliance_plot(results, out) if len(results) > 1 else None
+    print(md + f"\nwrote {out / 'summary.md'}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def dump_prompts(cfg: EvalConfig, path: str | Path) -> int:
+    """``--dump-prompts``: one JSON line per (model, mode, task, example) with the rendered prompt's text and
+    ids, from the tokenizer alone (no model load), in the order the evaluation would run them."""
+    from ctxaware.core.models import canonical_spec, load_tokenizer
+    from ctxaware.core.results import write_jsonl_atomic
+
+    rows = []
+    for spec in expand_models(cfg.model):
+        tok = load_tokenizer(spec, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        for mode in cfg.modes:
+            prefix = cfg.plain_prefix if mode == "plain" else None
+            for name in cfg.tasks:
+                task = get_task(name)
+                if task.kind not in ("qa", "conflict", "choice"):
+                    continue  # MT-Bench turns depend on the model's own first answer
+                for ex in sample(load_examples(task, cfg.source, cfg.data_dir), cfg.limit, cfg.seed):
+                    r = build_prompt(
+                        task, ex, tok, mode, cfg.prompt_style, cfg.indicator, prefix, cfg.protocol
+                    )
+                    rows.append({"model": canonical_spec(spec), "task": task.name, "id": ex.id,
+                                 "mode": condition_name(mode, cfg.indicator), "protocol": cfg.protocol,
+                                 "prompt_text": r.text, "input_ids": r.input_ids})  # fmt: skip
+    write_jsonl_atomic(Path(path), rows)
+    return len(rows)
+
+
+def _headline(r: dict) -> str:
+    key = {"qa": "contains", "conflict": "p_s", "choice": "accuracy", "mtbench": "rating"}[r["kind"]]
+    s = r["metrics"].get(key)
+    return "-" if not s else (f"{s['mean']:.2f}" if key == "rating" else f"{100 * s['mean']:.1f}%")
+
+
+__all__ = ["EvalConfig", "evaluate_tasks", "main", "METRICS_BY_KIND", "run_generative", "run_choice"]

@@ -1,0 +1,1 @@
+"""Step 4: SFT with the indicator, the context-parametric inversion tracker, DPO and RLVR stages."""
