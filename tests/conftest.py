@@ -9,7 +9,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CTXAWARE_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("CTXAWARE_DATA")
+    or os.environ.get("CTXAWARE_SHARED_DATA")
+    or REPO.parent / "shared" / "data"
+)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

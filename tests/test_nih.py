@@ -436,7 +436,6 @@ def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
     assert set(json.loads((out / "summary.json").read_text())) == {"org--one", "org--two"}
 
 
-
 def test_a_missing_haystack_is_never_replaced_silently(tmp_path, monkeypatch, capsys):
     """Issue 26 §1: where the essays are not found, `--haystack auto` stops in one line that says where it
     looked (it fell back to the synthetic haystack silently, which changes every NIH number);
@@ -451,7 +450,7 @@ def test_a_missing_haystack_is_never_replaced_silently(tmp_path, monkeypatch, ca
     assert (
         main(["nih", "--lengths", "400", "--depths", "50", "--dump-prompts", str(tmp_path / "p.jsonl")]) == 2
     )
-    assert "CTXAWARE_SHARED_DATA" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
+    assert "CTXAWARE_DATA" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
     if PG_ESSAYS.is_dir():  # the variable is honoured
         monkeypatch.setenv("CTXAWARE_SHARED_DATA", str(PG_ESSAYS.parents[1]))
         assert len(haystack_files("auto")) == len(list(PG_ESSAYS.glob("*.txt")))

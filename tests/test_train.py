@@ -231,6 +231,51 @@ def test_tracking_callback_writes_ps_po_at_requested_steps(tmp_path, tok):
     assert again["wall_s"] == summary["wall_s"]
 
 
+def test_reliance_reaches_tensorboard_beside_the_loss(tmp_path, tok):
+    """Issue 26 §2: ``report_to`` passes through (TRL's spelling), and p_s / p_o are logged through the
+    trainer, so TensorBoard's event files hold them as scalars at the tracked steps, beside the loss."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, max_steps=2, track_every=2, track_n=2, track_max_new_tokens=2,
+               report_to=["tensorboard"], run_name="tb-run")  # fmt: skip
+    train(cfg, tiny_llama(), tok)
+    events = sorted((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/context_reliance/p_s", "train/context_reliance/p_o", "train/loss"} <= set(tags), tags
+    rows = list(read_jsonl(tmp_path / "run" / "context_reliance" / "rows.jsonl"))
+    logged = {e.step: e.value for e in acc.Scalars("train/context_reliance/p_s")}
+    assert logged == pytest.approx({r["step"]: r["p_s"] for r in rows})  # the same numbers, at the same steps
+
+
+def test_reliance_callback_in_a_users_own_sft_trainer(tmp_path, tok):
+    """The callback inside someone else's TRL SFTTrainer (the docs' five lines): rows written, and the
+    numbers in the trainer's log history."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from ctxaware.data.tasks import get_task, load_examples
+    from ctxaware.training.inversion import ContextRelianceCallback
+
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": f"Say {i}."},
+                                            {"role": "assistant", "content": f"{i}."}]} for i in range(8)])  # fmt: skip
+    args = SFTConfig(output_dir=str(tmp_path / "own"), max_steps=2, per_device_train_batch_size=4, report_to="none",
+                     use_cpu=True, save_strategy="no", logging_steps=1, max_length=64)  # fmt: skip
+    trainer = SFTTrainer(model=tiny_llama(), args=args, train_dataset=data, processing_class=tok)
+    examples = load_examples(get_task("cf_world_facts"))[:2]
+    ContextRelianceCallback(
+        tok, examples, every=1, out_dir=tmp_path / "own" / "reliance", max_new_tokens=2
+    ).attach(trainer)
+    trainer.train()
+    rows = list(read_jsonl(tmp_path / "own" / "reliance" / "rows.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    history = [h for h in trainer.state.log_history if "context_reliance/p_o" in h]
+    assert [h["context_reliance/p_o"] for h in history] == [r["p_o"] for r in rows]
+
+
 def test_filter_parametric_drops_the_predictable_responses(smollm2, tok):
     model = smollm2[0]
     setup_chat_template(tok, "zephyr")

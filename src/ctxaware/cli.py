@@ -44,6 +44,7 @@ COMMANDS = {
     ),
     "select": ("ctxaware.scoring.selection", "threshold scores and write the [IND]-marked dataset"),
     "analyze": ("ctxaware.scoring.analyze", "layer agreement and instruction-length analyses of scores"),
+    "recipes": ("ctxaware.training.recipes", "list the training recipes (ctxaware train NAME runs one)"),
     "train": ("ctxaware.training.finetune", "instruction fine-tuning, vanilla or with the indicator"),
     "stages": (
         "ctxaware.evaluation.stages",

@@ -88,7 +88,7 @@ def show_nih(model, tok, cfg: DemoConfig) -> None:
 
     haystack = "auto" if essays_dir().is_dir() else "synthetic"
     if haystack == "synthetic":
-        print(f"note: the Paul Graham essays are not at {essays_dir()} (set CTXAWARE_SHARED_DATA); this demo "
+        print(f"note: the Paul Graham essays are not at {essays_dir()} (set CTXAWARE_DATA); this demo "
               "uses ctxaware's synthetic haystack, so its recall is not the paper's measurement")  # fmt: skip
     ncfg = nih.NIHConfig(
         lengths=[200, 400, 600, 800, 1000],

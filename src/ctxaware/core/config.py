@@ -157,6 +157,47 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     return parser
 
 
+DATA_ENV = ("CTXAWARE_DATA", "CTXAWARE_SHARED_DATA")  # the one data setting (the second is its older name)
+_CHECKOUT = Path(__file__).resolve().parents[3]  # the repository root, when the package runs from a checkout
+
+
+def data_dir_candidates() -> list[Path]:
+    """Where the shared data folder is looked for, in order: ``$CTXAWARE_DATA`` (or ``$CTXAWARE_SHARED_DATA``)
+    when set (then only there), else ``../shared/data`` beside the checkout the package runs from, then
+    ``./shared/data`` and ``../shared/data`` from the working directory (an installed wheel)."""
+    for name in DATA_ENV:
+        if os.environ.get(name):
+            return [Path(os.environ[name]).expanduser()]
+    return [
+        _CHECKOUT.parent / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+    ]
+
+
+def default_data_dir() -> Path:
+    """The shared data folder every command reads by default (`data_dir_candidates`: the first that exists,
+    else the first looked at, which the missing-file error then names). ``--data-dir`` overrides it."""
+    found = [p for p in data_dir_candidates() if p.is_dir()]
+    return found[0] if found else data_dir_candidates()[0]
+
+
+def where_data_was_looked_for() -> str:
+    """The places `default_data_dir` tried, for one-line errors."""
+    places = list(dict.fromkeys(str(p) for p in data_dir_candidates()))
+    return ", ".join(places) + " (set CTXAWARE_DATA to the shared data folder)"
+
+
+def _shared_paths(value: Any) -> Any:
+    """``shared:REL`` in a YAML config is ``REL`` inside the shared data folder, so that a recipe works from
+    any directory and from an installed wheel."""
+    if isinstance(value, str) and value.startswith("shared:"):
+        return str(default_data_dir() / value.removeprefix("shared:"))
+    if isinstance(value, list):
+        return [_shared_paths(v) for v in value]
+    return value
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -168,7 +209,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise CtxawareError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CtxawareError(f"config file {p} must hold a mapping of option names to values")
-    return data
+    return {k: _shared_paths(v) for k, v in data.items()}
 
 
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:

@@ -40,9 +40,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def essays_dir() -> Path:
-    """The Paul Graham essays in the shared data folder (`tasks.default_data_dir`: ``$CTXAWARE_SHARED_DATA``,
-    else ``../shared/data`` beside the repository)."""
-    from ctxaware.data.tasks import default_data_dir
+    """The Paul Graham essays in the shared data folder (`config.default_data_dir`: ``$CTXAWARE_DATA``,
+    else ``../shared/data`` beside the checkout or the working directory)."""
+    from ctxaware.core.config import default_data_dir
 
     return default_data_dir().expanduser() / "haystack" / "paul_graham_essays"
 
@@ -225,8 +225,8 @@ def haystack_files(spec: str) -> list[Path] | None:
         d = essays_dir()
         if not d.is_dir():
             raise CtxawareError(
-                f"the Paul Graham essays (the paper's haystack) are not at {d}; set CTXAWARE_SHARED_DATA to the "
-                "shared data folder, give --haystack DIR (a folder of .txt files), or ask for --haystack synthetic"
+                f"the Paul Graham essays (the paper's haystack) are not at {d}; set CTXAWARE_DATA to the shared "
+                "data folder, give --haystack DIR (a folder of .txt files), or ask for --haystack synthetic"
             )
         return sorted(d.glob("*.txt"))
     d = Path(spec).expanduser()

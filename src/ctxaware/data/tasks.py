@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import gzip
 import json
-import os
 import random
 import re
 import zipfile
@@ -22,11 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctxaware.core.config import default_data_dir, where_data_was_looked_for
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import SkipCounter, read_jsonl
 from ctxaware.data.conversations import unreadable
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # Paper Table 5 (SQuAD, DROP) and Table 6 (QuAC, "the the" sic); `simple` is the UltraChat row of both.
 QA_TEMPLATE = "{context}\nAnswer the question according to the above passage: {question}"
@@ -515,11 +513,6 @@ def get_task(name: str) -> Task:
     return TASKS[canonical_task_name(name)]
 
 
-def default_data_dir() -> Path:
-    """``$CTXAWARE_SHARED_DATA`` or ``../shared/data`` next to the repository root."""
-    return Path(os.environ.get("CTXAWARE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
 def raw_rows(task: Task, source: str = "local", data_dir: str | Path | None = None) -> Iterator[dict]:
     """Flat raw rows of ``task`` from the local shared file or the hub."""
     if source == "hub":
@@ -543,7 +536,12 @@ def raw_rows(task: Task, source: str = "local", data_dir: str | Path | None = No
         raise CtxawareError(f"source {source!r} is not one of local, hub")
     path = Path(data_dir or default_data_dir()) / str(task.local_file)
     if not path.is_file():
-        raise CtxawareError(f"{path} not found; pass --data-dir (the shared data folder) or --source hub")
+        looked = (
+            "" if data_dir else f" (the shared data folder was looked for in {where_data_was_looked_for()})"
+        )
+        raise CtxawareError(
+            f"{path} not found; pass --data-dir (the shared data folder) or --source hub{looked}"
+        )
     try:
         yield from task.read_local(path)  # type: ignore[misc]
     except json.JSONDecodeError as e:

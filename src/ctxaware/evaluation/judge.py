@@ -26,9 +26,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ctxaware.core.config import default_data_dir
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import leave_for_next_run, read_jsonl
-from ctxaware.data.tasks import default_data_dir
 from ctxaware.rendering.chat import render
 from ctxaware.rendering.generate import generate
 from ctxaware.rendering.indicator import append_indicator

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
-from ctxaware.core.config import ModelConfig, overwrite_option, parse_config
+from ctxaware.core.config import ModelConfig, default_data_dir, overwrite_option, parse_config
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.provenance import model_about
 from ctxaware.core.results import ResultsWriter, SkipCounter, write_json_atomic, write_text_atomic
@@ -40,7 +40,6 @@ from ctxaware.data.tasks import (
     Example,
     Task,
     canonical_task_name,
-    default_data_dir,
     get_task,
     load_examples,
     sample,

@@ -64,8 +64,10 @@ def print_help(cls: type, prog: str) -> int:
 def main(argv: list[str]) -> int:
     """``ctxaware train CONFIG.yaml [--option value ...]``."""
     argv = list(argv)
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", *argv]  # the YAML path may be given positionally
+    if argv and not argv[0].startswith("-"):  # a recipe name or a YAML path, given positionally
+        from ctxaware.training.recipes import resolve
+
+        argv = ["--config", resolve(argv[0]), *argv[1:]]
     if any(a in ("-h", "--help") for a in argv):
         return print_help(TrainConfig, "ctxaware train")
     cfg = parse_config(stage_config(argv), argv, prog="ctxaware train")

@@ -144,9 +144,29 @@ def context_reliance(
     }
 
 
+def bind_trackers(trainer) -> None:
+    """Bind every `ContextRelianceCallback` of ``trainer`` to it, so that its numbers are logged."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ContextRelianceCallback):
+            cb.trainer = trainer
+
+
 class ContextRelianceCallback(TrainerCallback):
     """Every ``every`` steps (and at the start and the end), measure p_s/p_o and append a row
-    ``{step, p_s, p_o, n}`` to ``out_dir/rows.jsonl``; at the end, plot the curve."""
+    ``{step, p_s, p_o, n}`` to ``out_dir/rows.jsonl``; at the end, plot the curve. Bound to its trainer
+    (`attach`), it also logs ``context_reliance/p_s`` and ``context_reliance/p_o`` through ``trainer.log``,
+    so they reach the trainer's log history and every ``report_to`` integration (TensorBoard, W&B,
+    Trackio) beside the loss.
+
+    In any TRL / transformers trainer (docs/training.md)::
+
+        from ctxaware.data.tasks import get_task, load_examples
+        from ctxaware.training.inversion import ContextRelianceCallback
+
+        examples = load_examples(get_task("cf_world_facts"))[:32]
+        ContextRelianceCallback(tokenizer, examples, every=50, out_dir="runs/x/reliance").attach(trainer)
+        trainer.train()
+    """
 
     def __init__(
         self,
@@ -154,13 +174,22 @@ class ContextRelianceCallback(TrainerCallback):
         examples,
         every: int,
         out_dir,
-        config: dict,
-        indicator: str | None,
-        max_new_tokens: int,
+        config: dict | None = None,
+        indicator: str | None = None,
+        max_new_tokens: int = 24,
     ):
         self.tok, self.examples, self.every, self.indicator = tokenizer, examples, every, indicator
         self.max_new_tokens = max_new_tokens
+        self.trainer = None
+        config = config if config is not None else {"examples": [e.id for e in examples], "every": every,
+                                                     "indicator": indicator, "max_new_tokens": max_new_tokens}  # fmt: skip
         self.writer = ResultsWriter(out_dir, config, key_fields=("step",))
+
+    def attach(self, trainer) -> ContextRelianceCallback:
+        """Add this callback to ``trainer`` and log through it (its log history and integrations)."""
+        trainer.add_callback(self)
+        self.trainer = trainer
+        return self
 
     def measure(self, model, step: int) -> None:
         if self.writer.done({"step": step}):
@@ -171,6 +200,8 @@ class ContextRelianceCallback(TrainerCallback):
         model.train(was_training)
         self.writer.write({"step": step, **row})
         logger.info("step %d: p_s=%.3f p_o=%.3f", step, row["p_s"], row["p_o"])
+        if self.trainer is not None:  # into log_history and every report_to integration, beside the loss
+            self.trainer.log({"context_reliance/p_s": row["p_s"], "context_reliance/p_o": row["p_o"]})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero and state.global_step == 0:

@@ -35,6 +35,7 @@ from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import SkipCounter, read_jsonl, write_json_atomic
 from ctxaware.data.conversations import ROLE_MAP
 from ctxaware.rendering.chat import render
+from ctxaware.training.inversion import bind_trackers
 from ctxaware.training.sft import TrainConfig, common_args
 
 logger = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ def make_trainer(
         )
     except ValueError as e:
         raise CtxawareError(f"cannot set up {stage}: {str(e).splitlines()[0]}") from None
+    bind_trackers(trainer)
     write_json_atomic(Path(cfg.output_dir) / "train_config.json", T.run_config(cfg))
     return trainer
 

@@ -46,6 +46,7 @@ from ctxaware.rendering.chat import clip_messages, render, with_empty_system
 from ctxaware.rendering.indicator import DEFAULT_INDICATOR, add_indicator_token, append_indicator
 from ctxaware.training.inversion import (
     ContextRelianceCallback,
+    bind_trackers,
     counterfactual_conversations,
     filter_parametric,
     load_conflict_set,
@@ -64,7 +65,8 @@ ZEPHYR_TEMPLATE = (
 )
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Fields that may change between an interrupted run and its resumption.
-RESUME_FREE = ("resume_from_checkpoint", "logging_steps", "progress")
+RESUME_FREE = ("resume_from_checkpoint", "logging_steps", "progress", "report_to", "run_name", "push_to_hub",
+               "hub_model_id")  # fmt: skip
 LOSS_ON = ("all", "assistant")
 
 
@@ -150,6 +152,17 @@ class TrainConfig(ModelConfig):
         default=2, metadata={"help": "keep the last N checkpoints"}
     )
     logging_steps: int = dataclasses.field(default=10, metadata={"help": "log the loss every N steps"})
+    report_to: list[str] = dataclasses.field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "where the trainer logs (TRL's report_to): none, tensorboard, wandb, trackio, ..."},
+    )
+    run_name: str | None = dataclasses.field(
+        default=None, metadata={"help": "the run's name in those trackers"}
+    )
+    push_to_hub: bool = dataclasses.field(
+        default=False, metadata={"help": "push checkpoints to the Hub (TRL's)"}
+    )
+    hub_model_id: str | None = dataclasses.field(default=None, metadata={"help": "the Hub repo to push to"})
     resume_from_checkpoint: str | None = dataclasses.field(
         default="auto",
         metadata={"help": "auto (last checkpoint in output_dir, if any), a checkpoint dir, or none"},
@@ -425,7 +438,10 @@ def common_args(cfg: TrainConfig, device: str) -> dict:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
-        report_to="none",
+        report_to=cfg.report_to,
+        run_name=cfg.run_name,
+        push_to_hub=cfg.push_to_hub,
+        hub_model_id=cfg.hub_model_id,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
@@ -538,6 +554,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Seque
         )
     except ValueError as e:  # e.g. LoRA target modules that the model does not have
         raise CtxawareError(f"cannot set up training: {str(e).splitlines()[0]}") from None
+    bind_trackers(trainer)  # p_s / p_o into the trainer's log history and report_to integrations
     _expose_head_bias(trainer.model)
     _record_base(trainer.model, cfg.model)  # checkpoints' adapter_config.json name a loadable base too
     write_json_atomic(
