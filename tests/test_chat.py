@@ -251,3 +251,33 @@ def test_rendered_repr_is_one_short_line(tok):
         and f"user={r.roles.count('user')}" in text
         and text.startswith("Rendered(chat")
     )
+
+
+def test_readme_python_api_runs_as_written(capsys):
+    """Issue 26 §4: the README's notebook example runs as written (top-level API, labelled role shares)."""
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Python API (notebooks)\n\n```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    shares = scope["shares"]
+    assert len(shares) == 2 and all(
+        set(s) == {"sink", "system", "user", "assistant", "template"} for s in shares
+    )
+    assert all(abs(sum(s.values()) - 1) < 1e-3 for s in shares)  # a softmax row, split over the roles
+    assert (
+        shares[0]["user"] > 0 and shares[1]["user"] > 0 and shares[0]["template"] > 0
+    )  # markers in chat only
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("Rendered(chat, ")
+
+
+def test_import_ctxaware_is_light():
+    """``import ctxaware`` loads no torch, transformers or matplotlib (the API loads on first use)."""
+    import subprocess
+    import sys
+
+    code = "import sys, ctxaware; print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

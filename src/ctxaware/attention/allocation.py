@@ -108,6 +108,21 @@ def role_allocation(
     return torch.stack(out)  # type: ignore[arg-type]
 
 
+def role_shares(
+    model, prompts: Sequence[Rendered], layer: int | None = None, head: int | None = None, **kw
+) -> list[dict[str, float]]:
+    """Per prompt, the attention of its query token (the last one) on each role, labelled ``{role: share}``
+    over `chat.ROLES` (raw mass; `normalisations` gives the paper's views): at ``layer`` (default: the
+    middle, the paper's analysis layer), averaged over heads or of one ``head``. `role_allocation` is the
+    unlabelled (N, L, H, 5) tensor behind it."""
+    from ctxaware.core.models import middle_layer
+
+    layer = middle_layer(model) if layer is None else layer
+    t = role_allocation(model, prompts, [layer], **kw)[:, 0]  # (N, H, 5)
+    t = t.mean(1) if head is None else t[:, head]
+    return [dict(zip(ROLES, map(float, row))) for row in t]
+
+
 def renormalise(shares: torch.Tensor, roles: Sequence[str] = PAPER) -> torch.Tensor:
     """(..., 5) role mass -> (..., len(roles)) over ``roles`` summing to 1 (default: the paper's view)."""
     sub = shares[..., [ROLES.index(r) for r in roles]]
