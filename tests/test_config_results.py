@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 
@@ -388,3 +389,24 @@ def test_one_jsonl_reader_counts_bad_lines_everywhere(tmp_path, capsys):
     assert list(read_jsonl(gz, bad)) == [{"a": 1}, {"a": 2}] and bad.total == 1
     assert [r.get("_malformed") for r in tasks.jsonl_rows(gz)] == [None, "line is not a JSON object", None]
     assert getattr(tasks, "read_jsonl", read_jsonl) is read_jsonl  # one function of that name, in results
+
+
+def test_thread_policy_is_set_before_torch(monkeypatch):
+    """Issue 27 §1: waiting threads sleep (OMP_WAIT_POLICY=PASSIVE unless the user set it) and ``--threads N``
+    fixes the count, in a fresh process before torch loads (torch reads both at start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, os; from ctxaware import cli; sys.argv[1:] = ['--threads', '1', '--version']; rc = cli.main(); "
+            "import torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads(), rc)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split()[-3:] == ["PASSIVE", "1", "0"]
+    from ctxaware import cli
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice stands
+    assert cli.set_threads(["nih"]) == ["nih"] and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    with pytest.raises(CtxawareError, match="--threads 0"):
+        cli.set_threads(["--threads", "0", "nih"])

@@ -61,7 +61,7 @@ COMMANDS = {
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [
-        "usage: ctxaware [--debug] COMMAND [options]   (ctxaware COMMAND --help for its options)",
+        "usage: ctxaware [--debug] [--threads N] COMMAND [options]   (ctxaware COMMAND --help for its options)",
         "",
         "commands:",
     ]
@@ -69,11 +69,35 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def set_threads(argv: list[str]) -> list[str]:
+    """The thread policy, before torch is imported (docs/speed.md): ``--threads N`` (a global option, before
+    the command) or ``$OMP_NUM_THREADS`` fix the count; otherwise torch's own default (the cores this process
+    may run on). Waiting threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless set): on a
+    shared CPU a spinning team burns the cores its neighbours need. Returns ``argv`` without the option."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if argv and (argv[0] == "--threads" or argv[0].startswith("--threads=")):
+        if argv[0] == "--threads":
+            value, argv = (argv[1] if len(argv) > 1 else ""), argv[2:]
+        else:
+            value, argv = argv[0].partition("=")[2], argv[1:]
+        if not value.isdigit() or int(value) < 1:
+            raise CtxawareError(f"--threads {value or '(missing)'} must be a positive number of threads")
+        os.environ["OMP_NUM_THREADS"] = value
+        if "torch" in sys.modules:  # an in-process call after torch was imported: set it there too
+            sys.modules["torch"].set_num_threads(int(value))
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    try:
+        argv = set_threads(argv)
+    except CtxawareError as e:
+        print(f"ctxaware: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
