@@ -289,11 +289,11 @@ def load_model(
     return model, tok
 
 
-def model_shape(model) -> tuple[int, int]:
+def model_shape(model) -> tuple[int, int | None]:
     """``(decoder layers, attention heads)``, read from the text model's config: multimodal configs (e.g.
     Gemma-3's ``Gemma3Config``) keep them in ``text_config``. The one place that reads them."""
     cfg = getattr(model.config, "text_config", None) or model.config
-    return cfg.num_hidden_layers, cfg.num_attention_heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_attention_heads", None)
 
 
 def middle_layer(model) -> int:
