@@ -140,7 +140,7 @@ class HeadsConfig(ModelConfig):
     """
 
     output: str = dataclasses.field(
-        default="heads.json", metadata={"help": "where to write {layer: [heads]}"}
+        default="runs/heads.json", metadata={"help": "where to write {layer: [heads]}"}
     )
     overwrite: bool = overwrite_option()
     k: int = dataclasses.field(default=1, metadata={"help": "heads per layer"})

@@ -63,7 +63,7 @@ class ReportConfig(Checked):
     """
 
     runs: list[str] = dataclasses.field(metadata={"help": "result directories", "positional": True})
-    output: str = dataclasses.field(default="report.html", metadata={"help": "HTML file to write"})
+    output: str = dataclasses.field(default="runs/report.html", metadata={"help": "HTML file to write"})
     overwrite: bool = overwrite_option()
     title: str = dataclasses.field(default="ctxaware report", metadata={"help": "page title"})
 

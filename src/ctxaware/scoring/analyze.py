@@ -46,7 +46,7 @@ class AnalyzeConfig(Checked):
         default=0.6, metadata={"help": "selection threshold for the length plots", "min": 0, "max": 1}
     )
     name: str = field(default="", metadata={"help": "dataset name for plot titles (default: file name)"})
-    output: str = field(default="analysis", metadata={"help": "output directory"})
+    output: str = field(default="runs/analysis", metadata={"help": "output directory"})
     limit: int | None = field(default=None, metadata={"help": "rows read from data (as when scoring)"})
 
 

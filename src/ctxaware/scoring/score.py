@@ -326,7 +326,7 @@ class ScoreConfig(ModelConfig):
 
     data: str = field(default="", metadata={"help": "dataset file or hub id", "positional": True})
     output: str = field(
-        default="scores.jsonl",
+        default="runs/scores.jsonl",
         metadata={
             "help": "output JSONL (one row per assistant turn)",
             "path": "output_file",

@@ -43,7 +43,7 @@ class SelectConfig(Checked):
     indicator: str = field(
         default=DEFAULT_INDICATOR, metadata={"help": "token appended to selected instructions"}
     )
-    output: str = field(default="selected", metadata={"help": "output directory"})
+    output: str = field(default="runs/selected", metadata={"help": "output directory"})
     overwrite: bool = overwrite_option()
     format: str = field(
         default="auto", metadata={"help": "auto, sharegpt, messages or alpaca (as when scoring)"}
