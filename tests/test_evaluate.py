@@ -9,6 +9,7 @@ import json
 import pytest
 
 from ctxaware.core.errors import CtxawareError
+from ctxaware.core.models import run_id
 from ctxaware.evaluation import qa as ev
 from ctxaware.evaluation.judge import HTTPJudge
 from ctxaware.evaluation.qa import EvalConfig, evaluate_tasks, expand_models, summary_markdown
@@ -146,6 +147,16 @@ def test_checkpoint_sweep_steering_and_summary(tiny, shared_data, tmp_path, monk
     assert list(summary["results"]) == expand_models(str(tmp_path / "ckpts"))
     md = (out / "summary.md").read_text()
     assert "| Model | Condition | cf_world_facts p_s | cf_world_facts p_o |" in md
+    # issue 26 §3: lm-eval's results.json shape beside it, the same numbers (several models: suffixed names)
+    lm = json.loads((out / "results.json").read_text())
+    assert {"results", "configs", "versions", "n-samples", "n-shot", "higher_is_better", "config"} <= set(lm)
+    for spec, conds in summary["results"].items():
+        (r,) = [tasks["cf_world_facts"] for tasks in conds.values()]  # one condition per checkpoint
+        name = next(
+            k for k in lm["results"] if k.startswith("ctxaware_cf_world_facts") and k.endswith(run_id(spec))
+        )
+        assert lm["results"][name]["p_s,none"] == r["metrics"]["p_s"]["mean"]
+        assert lm["n-samples"][name]["effective"] == r["n"] and lm["higher_is_better"][name]["p_o"] is False
 
 
 def test_summary_table_layout():

@@ -590,9 +590,54 @@ def main(argv: list[str]) -> int:
             "wall_seconds": round(time.perf_counter() - t0, 1),
         },
     )
+    write_json_atomic(out / "results.json", lm_eval_results(cfg, results))  # for tools built for lm-eval
     plot = _reliance_plot(results, out) if len(results) > 1 else None
     print(md + f"\nwrote {out / 'summary.md'}" + (f" and {plot}" if plot else ""))
     return 0
+
+
+def lm_eval_results(cfg: EvalConfig, results: dict) -> dict:
+    """The run's numbers in lm-evaluation-harness's ``results.json`` shape (``results``, ``configs``,
+    ``versions``, ``n-samples``, ``n-shot``, ``higher_is_better``, ``config``), so that tools built for lm-eval
+    read them. Task names are ``ctxaware_{task}``, suffixed ``_{condition}`` when the run has several
+    (chat / plain / +ind) or several models (``__{model}``); metrics are keyed ``{metric},none`` with
+    ``{metric}_stderr,none`` (the standard error of the per-example values: sqrt(p(1-p)/n) for a
+    proportion), as lm-eval writes them; ctxaware's own intervals stay in summary.json."""
+    import math
+
+    from ctxaware import __version__
+    from ctxaware.core.models import run_id
+
+    out = {"results": {}, "configs": {}, "versions": {}, "n-samples": {}, "n-shot": {}, "higher_is_better": {}}
+    several = len(results) > 1
+    for spec, conds in results.items():
+        for cond, tasks in conds.items():
+            for task, r in tasks.items():
+                if not isinstance(r, dict) or "metrics" not in r:
+                    continue
+                name = f"ctxaware_{task}" + (f"_{cond}" if len(conds) > 1 else "") + (
+                    f"__{run_id(spec)}" if several else "")  # fmt: skip
+                entry = {"alias": name}
+                for metric, v in r["metrics"].items():
+                    if not isinstance(v, dict) or v.get("mean") is None:
+                        continue
+                    n, m = v.get("n") or 0, v["mean"]
+                    se = math.sqrt(m * (1 - m) / n) if n and 0 <= m <= 1 else None
+                    entry[f"{metric},none"], entry[f"{metric}_stderr,none"] = m, se
+                out["results"][name] = entry
+                out["configs"][name] = {
+                    "task": name, "output_type": "generate_until", "num_fewshot": 0,
+                    "generation_kwargs": {"max_gen_toks": cfg.max_new_tokens, "do_sample": False},
+                    "metric_list": [{"metric": k, "higher_is_better": k != "p_o"} for k in r["metrics"]],
+                    "metadata": {"ctxaware_task": task, "condition": cond, "model": spec, "protocol": cfg.protocol},
+                }  # fmt: skip
+                out["versions"][name] = __version__
+                out["n-samples"][name] = {"original": r.get("n_available", r.get("n")), "effective": r.get("n")}
+                out["n-shot"][name] = 0
+                out["higher_is_better"][name] = {k: k != "p_o" for k in r["metrics"]}
+    out["config"] = {"model": "ctxaware", "model_args": f"pretrained={cfg.model}", "batch_size": cfg.batch_size,
+                     "limit": cfg.limit, "gen_kwargs": {"max_gen_toks": cfg.max_new_tokens}}  # fmt: skip
+    return out
 
 
 def dump_prompts(cfg: EvalConfig, path: str | Path) -> int:
