@@ -219,6 +219,43 @@ def test_resume_continues_with_the_same_data_order(tmp_path, tok):
     assert resumed_log[:2] == full_log[2:4] and len(set(full_log[:4])) == 4  # (+1 prefetched batch)
 
 
+class _CtrlCAt:
+    """Ctrl-C (KeyboardInterrupt) at the end of step ``step``, where no checkpoint is due."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_training_saves_a_checkpoint_and_resumes_from_it(tmp_path, tok, capsys):
+    """Issue 27 §2: an interrupted training (Ctrl-C, SIGTERM) saves what a resume needs before it exits,
+    although save_steps would not have, so that "rerun to resume" is true: the rerun continues at that step
+    with the same data order as an uninterrupted run."""
+    full_log, part_log, resumed_log = [], [], []
+    trainer, info = build_trainer(_cfg(tmp_path / "a", max_steps=4), tiny_llama(), copy.deepcopy(tok))
+    _record_batches(trainer, full_log)
+    fit(_cfg(tmp_path / "a", max_steps=4), trainer, info)
+
+    cfg = _cfg(tmp_path / "b", max_steps=4)  # save_steps 1000: no checkpoint would be written
+    trainer, info = build_trainer(cfg, tiny_llama(), copy.deepcopy(tok), callbacks=[_CtrlCAt(3)])
+    _record_batches(trainer, part_log)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, trainer, info)
+    assert (tmp_path / "b" / "run" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert "checkpoint-3 holds the 3 finished steps" in capsys.readouterr().err
+    trainer, info = build_trainer(cfg, tiny_llama(), copy.deepcopy(tok))
+    assert info["resume_from"].endswith("checkpoint-3")
+    _record_batches(trainer, resumed_log)
+    assert fit(cfg, trainer, info)["global_step"] == 4
+    assert part_log[:3] == full_log[:3] and resumed_log[0] == full_log[3]
+
+
 def test_tracking_callback_writes_ps_po_at_requested_steps(tmp_path, tok):
     cfg = _cfg(tmp_path, max_steps=4, track_every=2, track_n=3, track_max_new_tokens=3)
     summary = train(cfg, tiny_llama(), tok)

@@ -115,7 +115,8 @@ class NeedleConfig(Checked):
         metadata={"help": "lengths in tokens (default: --n-lengths values from 200 to the window, App. A.2)"},
     )
     depths: list[float] = dataclasses.field(
-        default_factory=list, metadata={"help": "needle depths in percent (default: --n-depths values in 0..100)"}
+        default_factory=list,
+        metadata={"help": "needle depths in percent (default: --n-depths values in 0..100)"},
     )
     n_lengths: int = dataclasses.field(default=20, metadata={"help": "lengths when --lengths is empty"})
     n_depths: int = dataclasses.field(default=20, metadata={"help": "depths when --depths is empty"})

@@ -608,7 +608,14 @@ def lm_eval_results(cfg: EvalConfig, results: dict) -> dict:
     from ctxaware import __version__
     from ctxaware.core.models import run_id
 
-    out = {"results": {}, "configs": {}, "versions": {}, "n-samples": {}, "n-shot": {}, "higher_is_better": {}}
+    out = {
+        "results": {},
+        "configs": {},
+        "versions": {},
+        "n-samples": {},
+        "n-shot": {},
+        "higher_is_better": {},
+    }
     several = len(results) > 1
     for spec, conds in results.items():
         for cond, tasks in conds.items():
@@ -632,7 +639,10 @@ def lm_eval_results(cfg: EvalConfig, results: dict) -> dict:
                     "metadata": {"ctxaware_task": task, "condition": cond, "model": spec, "protocol": cfg.protocol},
                 }  # fmt: skip
                 out["versions"][name] = __version__
-                out["n-samples"][name] = {"original": r.get("n_available", r.get("n")), "effective": r.get("n")}
+                out["n-samples"][name] = {
+                    "original": r.get("n_available", r.get("n")),
+                    "effective": r.get("n"),
+                }
                 out["n-shot"][name] = 0
                 out["higher_is_better"][name] = {k: k != "p_o" for k in r["metrics"]}
     out["config"] = {"model": "ctxaware", "model_args": f"pretrained={cfg.model}", "batch_size": cfg.batch_size,

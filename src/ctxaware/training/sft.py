@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -613,10 +614,34 @@ def save_final(trainer, tokenizer, out: Path, method: str, base: str | None = No
     return target
 
 
+def save_on_interrupt(trainer, out: Path) -> None:
+    """Write ``checkpoint-{step}`` (weights, optimizer, scheduler, RNG: what a resume reads) for the last
+    finished step when an interrupted run has steps that no checkpoint holds, and say what the rerun does."""
+    step = trainer.state.global_step
+    saved = [
+        int(p.name.rsplit("-", 1)[1]) for p in out.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()
+    ]
+    if step == 0:
+        print("ctxaware train: stopped before the first step; nothing to resume (a rerun starts at step 0)",
+              file=sys.stderr)  # fmt: skip
+        return
+    if step not in saved:
+        trainer._save_checkpoint(
+            trainer.model, trial=None
+        )  # transformers' own checkpoint, as save_steps writes
+    print(f"ctxaware train: checkpoint-{step} holds the {step} finished steps; rerun the same command to resume "
+          "from it", file=sys.stderr)  # fmt: skip
+
+
 def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
     """Run (or resume) training, save the model and write ``train_summary.json``."""
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=info["resume_from"])
+    out = Path(cfg.output_dir)
+    try:
+        result = trainer.train(resume_from_checkpoint=info["resume_from"])
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the steps done, so that the promised resume is real
+        save_on_interrupt(trainer, out)
+        raise
     out = Path(cfg.output_dir)
     path = save_final(
         trainer, trainer.processing_class, out, cfg.method, _record_base(trainer.model, cfg.model)
