@@ -264,3 +264,20 @@ def test_stages_builtin_models_end_to_end(tmp_path):
     s = run(cfg)
     assert set(s["usage"]) == {"base", "sft"} and s["head_change"]["sft - base"]["comparable"] is False
     assert all(s["usage"][k]["logprob_shift"]["n"] == 6 for k in ("base", "sft"))
+
+
+def test_no_regression_on_fewer_rows_than_predictors():
+    """Issue 27 §3: five predictors on five rows is an exact fit, not an estimate: no coefficients, the reason
+    beside them (the plot shows no bars and the summary lists none); one more row than that still has none."""
+    import numpy as np
+
+    from ctxaware.evaluation.regression import sensitivity
+
+    rng = np.random.default_rng(0)
+    names = list("abcde")
+    for n in (5, 6):
+        out = sensitivity(rng.normal(size=(n, 5)), rng.normal(size=n), names)
+        assert all(out[c]["coef"] is None and out[c]["ci_low"] is None for c in names)
+        assert "too few for a regression" in out["_n"]["no_fit"]
+    fitted = sensitivity(rng.normal(size=(40, 5)), rng.normal(size=40), names)
+    assert all(fitted[c]["coef"] is not None for c in names) and "no_fit" not in fitted["_n"]

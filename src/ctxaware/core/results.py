@@ -322,6 +322,7 @@ class ResultsWriter:
         # where the rows came from (command, versions, commit, model revision, template hash): recorded, never
         # compared (a resume under another version is allowed, and appends its own provenance)
         made = provenance(**(about or {}))
+        made["started"] = made.pop("finished")  # written when the run (or its resume) starts
         meta = {"fingerprint": self.fingerprint, "config": config, "inputs": self.inputs, "provenance": made}
         if meta_path.is_file():
             try:

@@ -76,7 +76,8 @@ def sensitivity(
     X, y = np.asarray(X, float), np.asarray(y, float)
     keep = np.isfinite(y) & np.isfinite(X).all(axis=1)
     X, y = X[keep], y[keep]
-    coef = standardized_coefficients(X, y)
+    too_few = len(y) <= X.shape[1] + 1  # an exact fit (or none): coefficients would be noise, not estimates
+    coef = np.full(X.shape[1], np.nan) if too_few else standardized_coefficients(X, y)
     rng = np.random.default_rng(seed)
     boots = (
         np.array([standardized_coefficients(X[i], y[i]) for i in rng.integers(0, len(y), (n_boot, len(y)))])
@@ -95,4 +96,8 @@ def sensitivity(
             "spearman": spearman(X[:, j], y) if len(y) else None,
         }
     out["_n"] = {"n": int(len(y)), "dropped": int((~keep).sum())}
+    if too_few:
+        out["_n"]["no_fit"] = (
+            f"{len(y)} rows for {X.shape[1]} predictors: too few for a regression (need more than {X.shape[1] + 1})"
+        )
     return out

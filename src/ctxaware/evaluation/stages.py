@@ -466,6 +466,10 @@ def summary_blocks(s: dict) -> list[tuple]:
         for n, m, c, v in tested
         if v["ci_low"] > 0 or v["ci_high"] < 0
     ]
+    no_fit = [f"{n} / {m}: {cs['_n']['no_fit']}" for n, per in s.get("sensitivity", {}).items()
+              for m, cs in per.items() if isinstance(cs.get("_n"), dict) and cs["_n"].get("no_fit")]  # fmt: skip
+    if no_fit:
+        blocks.append(("p", "No regression where rows are too few: " + "; ".join(no_fit) + "."))
     blocks.append(("p", f"Sensitivities whose 95% CI excludes zero, of {len(tested)} (standardised OLS "
                         f"coefficient; about {0.05 * len(tested):.0f} would by chance alone; all others span "
                         "zero)" + (":" if sig else ": none.")))  # fmt: skip
