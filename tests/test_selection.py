@@ -105,7 +105,7 @@ def test_ratio_table():
     assert "beta=0.6" in selection.format_table({"x": t})
 
 
-def test_layer_disagreement_and_analyze(tmp_path):
+def test_layer_disagreement_and_analyze(tmp_path, capsys):
     """Fig. 5 numbers by hand: 20 turns, 3 layers; layer 2 reverses layer 0's order (top-10% = 2 turns)."""
     from ctxaware.scoring import analyze
 
@@ -119,6 +119,8 @@ def test_layer_disagreement_and_analyze(tmp_path):
     scores = tmp_path / "s.jsonl"
     scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert analyze.main([str(scores), "--output", str(tmp_path / "a")]) == 0
+    # issue 27 §3: the printed "middle" names the layers it compares (here all three), with their mean: 5/6
+    assert "all 3 scored layers 0.833, the middle 3 of them (layers 0, 1, 2) 0.833" in capsys.readouterr().out
     res = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert (
         res["layer_agreement"]["disagreement"][0][2] == 1

@@ -162,13 +162,11 @@ def main(argv: list[str]) -> int:
     if "layer_agreement" in res:
         la = res["layer_agreement"]
         mat = np.asarray(la["disagreement"])
-        mid = [
-            i
-            for i, layer in enumerate(la["layers"])
-            if abs(layer - la["layers"][len(la["layers"]) // 2]) <= 4
-        ]
+        layers, c = la["layers"], len(la["layers"]) // 2
+        mid = list(range(max(0, c - 4), min(len(layers), c + 5)))  # up to 9 scored layers around the middle
         sub = mat[np.ix_(mid, mid)]
-        print(f"layer disagreement (off-diagonal mean): all {_off(mat):.3f}, middle 9 layers {_off(sub):.3f}")
+        print(f"layer disagreement (off-diagonal mean): all {len(layers)} scored layers {_off(mat):.3f}, the middle "
+              f"{len(mid)} of them (layers {', '.join(str(layers[i]) for i in mid)}) {_off(sub):.3f}")  # fmt: skip
     if "instruction_lengths" in res:
         il = res["instruction_lengths"]
         print(f"instruction length: original {il['original']}, selected ({il['selection']}) {il['selected']}")
