@@ -165,7 +165,13 @@ def test_summary_table_layout():
         "m": {
             "chat": {
                 "squad": {"kind": "qa", "n": 10, "skipped": {"total": 0}, "metrics": {"contains": s}},
-                "drop": {"kind": "qa", "n": 10, "skipped": {"total": 0}, "metrics": {"contains": s}},
+                "drop": {
+                    "kind": "qa",
+                    "n": 10,
+                    "skipped": {"total": 333, "by_reason": {"unanswerable": 333}},
+                    "metrics": {"contains": s},
+                },
+                "memotrap": {"kind": "choice", "n": 4, "skipped": {"total": 0}, "metrics": {"accuracy": s}},
                 "mt_bench": {
                     "kind": "mtbench",
                     "n": 2,
@@ -176,13 +182,22 @@ def test_summary_table_layout():
         }
     }
     md = summary_markdown(res)
-    assert md.splitlines()[0] == "| Model | Condition | squad | drop | QA avg. | mt_bench (judge, 1-10) |"
+    assert (
+        md.splitlines()[0]
+        == "| Model | Condition | squad | drop | QA avg. | memotrap | mt_bench (judge, 1-10) |"
+    )
     details = md.split("\n\n")[1].splitlines()
     assert details[0].endswith(
         "bootstrap for F1 and ratings]; percent, ratings on 1-10) |"
     )  # names its intervals
     assert "| m | chat | mt_bench | 2 | 0 | rating 5.0 [4.0, 6.0] |" in details  # a rating, not 500 %
-    assert "| m | chat | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 | 5.0 [4.0, 6.0] |" in md
+    # issue 27 §3: the skip count explains itself; a log-likelihood metric says it is one
+    assert "| m | chat | drop | 10 | 333 (333 unanswerable) | contains 50.0 [40.0, 60.0] |" in details
+    assert any("| memotrap |" in d and "log-likelihood of the candidate continuations" in d for d in details)
+    assert (
+        "| m | chat | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 50.0 | 50.0 [40.0, 60.0] | 5.0 [4.0, 6.0] |"
+        in md
+    )
 
 
 def test_real_smollm2_squad_end_to_end(smollm2, shared_data, tmp_path, monkeypatch):

@@ -503,8 +503,18 @@ def details_markdown(results: dict) -> str:
                 ms = "; ".join(
                     f"{k} {fmt(v, pct=not k.startswith('rating'))}" for k, v in r["metrics"].items()
                 )
-                lines.append(f"| {model} | {cond} | {t} | {r['n']} | {r['skipped']['total']} | {ms} |")
+                if r.get("kind") == "choice":  # not generated: the more likely continuation (log-likelihood)
+                    ms += " (log-likelihood of the candidate continuations, not generation)"
+                lines.append(f"| {model} | {cond} | {t} | {r['n']} | {_skipped(r['skipped'])} | {ms} |")
     return "\n".join(lines) + "\n"
+
+
+def _skipped(skipped: dict) -> str:
+    """``333 (333 unanswerable)``: the count with its reasons, on the line itself."""
+    total, reasons = skipped.get("total", 0), skipped.get("by_reason") or {}
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])) + ")"
 
 
 def _reliance_plot(results: dict, out: Path) -> Path | None:
