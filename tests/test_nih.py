@@ -218,6 +218,7 @@ def test_resume_inside_a_batch_is_byte_identical(tmp_path, kept):
 
     meta = json.loads((cut / "smollm2-135m-instruct" / "meta.json").read_text())
     made, again = meta["provenance"], meta["resumed_by"][-1]
+    assert meta["kind"] == "nih" and meta["schema"] == 1  # issue 24 §2: a run knows what it is
     assert made["command"][:2] == ["ctxaware", "nih"] and again["command"][-1] == str(cut)
     assert all(made[k] for k in ("ctxaware_version", "torch", "transformers", "trl", "peft"))
     template = load_tokenizer("smollm2-135m-instruct").chat_template

@@ -181,7 +181,7 @@ def test_train_main_dispatches_dpo(tmp_path, monkeypatch):
 
     def fake_train_dpo(cfg, *a):
         called["cfg"] = cfg
-        summary = {"global_step": 0, "data": {"n_examples": 0, "n_trainable_tokens": 0}, "wall_s": 0}
+        summary = {"global_step": 0, "data": {"n_examples": 0, "n_trainable_tokens": 0}, "wall_seconds": 0}
         return summary | {"train_loss": 0.0, "model_dir": "x", "context_reliance": []}
 
     monkeypatch.setitem(ctxaware.training.finetune.STAGES, "dpo", (DPOStageConfig, fake_train_dpo))

@@ -58,7 +58,7 @@ def make_runs(root: Path) -> list[Path]:
     write_json_atomic(score / "scores.summary.json", {"n_turns": 5, "n_scored": 5, "mean_score": 0.58})
     write_json_atomic(
         root / "train" / "train_summary.json",
-        {"global_step": 8, "train_loss": 1.5, "wall_s": 42.0, "losses": [{"step": 1, "loss": 2.0}, {"step": 8, "loss": 1.0}],
+        {"global_step": 8, "train_loss": 1.5, "wall_seconds": 42.0, "losses": [{"step": 1, "loss": 2.0}, {"step": 8, "loss": 1.0}],
          "context_reliance": [{"step": 0, "p_s": 0.5, "p_o": 0.3}, {"step": 8, "p_s": 0.25, "p_o": 0.5}]},
     )  # fmt: skip
     metric = {"mean": 0.5, "ci_low": 0.25, "ci_high": 0.75, "n": 8}
@@ -179,7 +179,7 @@ def test_provenance_recorded_or_marked_missing(report):
     text = " ".join(report[1].text)
     assert "9.9.9 @ abc123" in text and "12 s" in text  # from nih/provenance.json
     assert "version and commit not recorded by this command" in text  # the other sections
-    assert "42 s" in text  # training wall_s
+    assert "42 s" in text  # training wall_seconds
 
 
 def test_markdown_twin_references_written_pngs(report):

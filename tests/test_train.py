@@ -265,7 +265,7 @@ def test_tracking_callback_writes_ps_po_at_requested_steps(tmp_path, tok):
     assert (tmp_path / "run" / "context_reliance" / "context_reliance.png").is_file()
     assert summary["context_reliance"] == rows
     again = train(cfg, tiny_llama(), tok)  # a finished run is not trained twice
-    assert again["wall_s"] == summary["wall_s"]
+    assert again["wall_seconds"] == summary["wall_seconds"]
 
 
 def test_reliance_reaches_tensorboard_beside_the_loss(tmp_path, tok):

@@ -138,7 +138,7 @@ def save_rows(directory: Path, rows: list[dict], config: dict) -> None:
     The demo always runs afresh, so rows of an earlier demo in the same directory are replaced."""
     for old in ("rows.jsonl", "meta.json"):
         (directory / old).unlink(missing_ok=True)
-    with ResultsWriter(directory, config, ("condition", "template", "length", "depth")) as w:
+    with ResultsWriter(directory, config, ("condition", "template", "length", "depth"), kind="nih") as w:
         for r in rows:
             w.write(r)
 

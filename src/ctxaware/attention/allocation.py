@@ -578,6 +578,7 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
         {**to_dict(cfg), "model": spec},
         ("model", "condition", "length", "depth"),
         about=model_about(model, tok),
+        kind="attention",
     ) as w:
         for row in rows:
             if not w.done(row):

@@ -287,6 +287,9 @@ def exclusive(directory: str | Path, name: str = ".ctxaware.lock"):
         f.close()
 
 
+SCHEMA = 1  # the version of meta.json and of the rows' layout; readers (`ctxaware report`) check it
+
+
 class ResultsWriter:
     """Append-only JSONL rows keyed by ``key_fields``; reopening resumes.
 
@@ -306,6 +309,7 @@ class ResultsWriter:
         key_fields: Iterable[str],
         filename: str = "rows.jsonl",
         about: dict[str, Any] | None = None,
+        kind: str = "rows",
     ) -> None:
         self.dir = Path(directory)
         self.path = self.dir / filename
@@ -323,7 +327,8 @@ class ResultsWriter:
         # compared (a resume under another version is allowed, and appends its own provenance)
         made = provenance(**(about or {}))
         made["started"] = made.pop("finished")  # written when the run (or its resume) starts
-        meta = {"fingerprint": self.fingerprint, "config": config, "inputs": self.inputs, "provenance": made}
+        meta = {"kind": kind, "schema": SCHEMA, "fingerprint": self.fingerprint, "config": config,
+                "inputs": self.inputs, "provenance": made}  # fmt: skip
         if meta_path.is_file():
             try:
                 old = json.loads(meta_path.read_text())

@@ -193,6 +193,7 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
         _fingerprinted(cfg, name),
         ("condition", "template", "length", "depth"),
         about=model_about(model, tok),
+        kind="nih",
     )
     # The unit of work is one engine call: every test of one length (and alpha). A group with any test
     # missing runs whole, so each test is computed beside the same companions (same padding, same prefix

@@ -402,7 +402,7 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
     directory = out / task.name
     t0 = time.perf_counter()
     run_config = _run_config(cfg, model_name, task.name, mode)
-    with ResultsWriter(directory, run_config, key_fields=("id",), about=model_about(model, tok)) as w:
+    with ResultsWriter(directory, run_config, ("id",), about=model_about(model, tok), kind="eval") as w:
         todo = [ex for ex in examples if not w.done({"id": ex.id})]
         judge_failed = 0
         if task.kind == "choice":

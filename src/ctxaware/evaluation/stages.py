@@ -365,7 +365,9 @@ def characteristics_for(items, cfg: StagesConfig, ref_spec: tuple[str, str | Non
         "n": cfg.n,
         "seed": cfg.seed,
     }
-    with ResultsWriter(out / "characteristics", conf, key_fields=("task", "id")) as w:
+    with ResultsWriter(
+        out / "characteristics", conf, key_fields=("task", "id"), kind="stages.characteristics"
+    ) as w:
         todo = [(t, ex) for t, ex in items if not w.done({"task": t, "id": ex.id})]
         if todo:
             model, tok = load_model(
@@ -401,7 +403,7 @@ def run(cfg: StagesConfig) -> dict:
         if k not in ("checkpoints", "output", "batch_size", "n_boot", "device")
     } | {"row_schema": ROW_SCHEMA}
     timing = {}
-    with ResultsWriter(out, conf, key_fields=("checkpoint", "task", "id")) as w:
+    with ResultsWriter(out, conf, key_fields=("checkpoint", "task", "id"), kind="stages") as w:
         for name, spec, rev in ckpts:
             todo = [(t, ex) for t, ex in items if not w.done({"checkpoint": name, "task": t, "id": ex.id})]
             if not todo:

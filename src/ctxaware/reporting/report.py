@@ -27,7 +27,7 @@ from pathlib import Path
 from ctxaware.core.config import Checked, overwrite_option, parse_config, spare_inputs
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.provenance import git_commit, utc
-from ctxaware.core.results import write_text_atomic
+from ctxaware.core.results import SCHEMA, write_text_atomic
 from ctxaware.core.stats import markdown_table
 from ctxaware.reporting import sections as rs
 
@@ -110,7 +110,11 @@ def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
     used: set[str] = set()
     owns = False
     first = rs.first_row(d / "rows.jsonl") if "rows.jsonl" in names else {}
-    if {"length", "depth", "recall"} <= set(first):
+    meta = rs.load_json(d / "meta.json") if "meta.json" in names else None
+    kind = meta.get("kind") if isinstance(meta, dict) and meta.get("schema") == SCHEMA else None
+    if kind == "nih" or (
+        kind is None and {"length", "depth", "recall"} <= set(first)
+    ):  # older runs: by shape
         out.append(_safe(d, rs.nih, d, figs))
         used |= {"rows.jsonl"}
         owns = True  # condition folders (summary.json + heatmap.png) are drawn again from the rows

@@ -336,7 +336,7 @@ def train(d: Path, figs: Figs) -> Section:
     s.table(["quantity", "value"], [[k, v] for k, v in (
         ("global_step", summ.get("global_step")), ("train_loss", summ.get("train_loss")),
         ("examples", data.get("n_examples")), ("loss tokens", data.get("n_trainable_tokens")),
-        ("wall_s", summ.get("wall_s")), ("model_dir", summ.get("model_dir")))])  # fmt: skip
+        ("wall_seconds", summ.get("wall_seconds", summ.get("wall_s"))), ("model_dir", summ.get("model_dir")))])  # fmt: skip
     losses = summ.get("losses") or []
     if losses:
         png = plotting.line_plot({"loss": ([x["step"] for x in losses], [x["loss"] for x in losses])},

@@ -531,7 +531,9 @@ def run(cfg: ScoreConfig) -> dict | None:
     run_cfg["max_tokens"] = default_max_tokens(model, cfg.max_tokens)
     try:
         part = f"part-{rank:03d}-of-{world:03d}.jsonl"
-        with ResultsWriter(work, run_cfg, KEY, filename=part, about=model_about(model, tok)) as writer:
+        with ResultsWriter(
+            work, run_cfg, KEY, filename=part, about=model_about(model, tok), kind="score"
+        ) as writer:
             stats = score_shard(cfg, model, tok, convs, writer, rank, world)
             throughput = all_ranks_throughput(stats, grouped)
             if grouped:

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     d = summary["data"]
     print(
         f"trained {summary['global_step']} steps on {d['n_examples']} examples ({d['n_trainable_tokens']} loss tokens) "
-        f"in {summary['wall_s']} s; loss {summary['train_loss']:.3f}; model: {summary['model_dir']}"
+        f"in {summary['wall_seconds']} s; loss {summary['train_loss']:.3f}; model: {summary['model_dir']}"
     )
     if summary["context_reliance"]:
         curve = ", ".join(f"{r['step']}: {r['p_s']:.2f}/{r['p_o']:.2f}" for r in summary["context_reliance"])

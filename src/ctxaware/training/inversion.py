@@ -183,7 +183,7 @@ class ContextRelianceCallback(TrainerCallback):
         self.trainer = None
         config = config if config is not None else {"examples": [e.id for e in examples], "every": every,
                                                      "indicator": indicator, "max_new_tokens": max_new_tokens}  # fmt: skip
-        self.writer = ResultsWriter(out_dir, config, key_fields=("step",))
+        self.writer = ResultsWriter(out_dir, config, key_fields=("step",), kind="context_reliance")
 
     def attach(self, trainer) -> ContextRelianceCallback:
         """Add this callback to ``trainer`` and log through it (its log history and integrations)."""

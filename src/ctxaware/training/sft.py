@@ -652,7 +652,7 @@ def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
         "model_dir": str(path),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "wall_s": round(time.time() - t0, 1),
+        "wall_seconds": round(time.time() - t0, 1),
         "losses": losses,
         "context_reliance": list(read_jsonl(out / "context_reliance" / "rows.jsonl")),
         **info,
