@@ -71,8 +71,9 @@ def canonical_spec(spec: str) -> str:
     return DEFAULT_MODEL if spec == "default" else spec
 
 
-def resolve_model(spec: str) -> ModelSource:
-    """Turn a user's model spec (built-in name, .gguf path, directory or hub id) into a source."""
+def resolve_model(spec: str, reach_hub: bool = True) -> ModelSource:
+    """Turn a user's model spec (built-in name, .gguf path, directory or hub id) into a source.
+    ``reach_hub=False``: a hub id is named without checking that the hub (or its cache) has it."""
     spec = canonical_spec(spec)
     if spec in BUILTIN_MODELS:
         return ModelSource(spec, "gguf", str(BUILTIN_MODELS[spec]()), spec)
@@ -92,7 +93,8 @@ def resolve_model(spec: str) -> ModelSource:
             f"unknown model {spec!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, "
             "a model directory or a hub id like org/name"
         )
-    check_hub(spec)
+    if reach_hub:
+        check_hub(spec)
     return ModelSource(spec, "hub", spec, spec.split("/")[-1])
 
 

@@ -112,6 +112,7 @@ def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
     first = rs.first_row(d / "rows.jsonl") if "rows.jsonl" in names else {}
     meta = rs.load_json(d / "meta.json") if "meta.json" in names else None
     kind = meta.get("kind") if isinstance(meta, dict) and meta.get("schema") == SCHEMA else None
+    kind = None if kind == "rows" else kind  # the writer's generic default: read by shape
     if kind == "nih" or (
         kind is None and {"length", "depth", "recall"} <= set(first)
     ):  # older runs: by shape

@@ -578,7 +578,7 @@ def base_model_path(spec: str) -> str:
     cache, a saved model) as an absolute path, or the hub id."""
     from ctxaware.core.models import _convert_gguf, resolve_model
 
-    src = resolve_model(spec)
+    src = resolve_model(spec, reach_hub=False)  # a name for the adapter's config: no hub access needed
     if src.kind == "gguf":
         return str(Path(_convert_gguf(Path(src.path), False)).resolve())
     return str(Path(src.path).resolve()) if src.kind == "local" else src.path
