@@ -410,3 +410,15 @@ def test_thread_policy_is_set_before_torch(monkeypatch):
     assert cli.set_threads(["nih"]) == ["nih"] and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     with pytest.raises(CtxawareError, match="--threads 0"):
         cli.set_threads(["--threads", "0", "nih"])
+
+
+def test_an_option_added_later_does_not_block_an_older_runs_resume(tmp_path):
+    """A run saved before an option existed resumes when the option is unset; set, it is a change."""
+    from ctxaware.core.results import config_changes, fingerprint_inputs
+
+    old = {"model": "m", "limit": 3}
+    assert config_changes(old, fingerprint_inputs(old), {**old, "peft_adapter": None}) == []
+    assert config_changes(old, fingerprint_inputs(old), {**old, "peft_adapter": "runs/adapter"}) == [
+        "peft_adapter"
+    ]
+    assert config_changes(old, fingerprint_inputs(old), {**old, "limit": 4}) == ["limit"]

@@ -37,8 +37,40 @@ def test_unknown_model_specs(spec):
 
 
 def test_hub_ids_resolve_without_network():
-    src = resolve_model("TinyLlama/TinyLlama_v1.1")
+    src = resolve_model("TinyLlama/TinyLlama_v1.1", reach_hub=False)
     assert src.kind == "hub" and src.name == "TinyLlama_v1.1"
+    gpt2 = resolve_model("gpt2", reach_hub=False)  # issue 25 §1: single-name hub ids are hub ids too
+    assert gpt2.kind == "hub" and gpt2.path == "gpt2"
+    with pytest.raises(CtxawareError, match="unknown model"):
+        resolve_model("a/b/c", reach_hub=False)
+
+
+def test_peft_adapter_applied_on_top_of_the_model(tmp_path, smollm2_tok):
+    """Issue 25 §1: ``peft_adapter`` loads a LoRA adapter over the base model: the same logits as PEFT's
+    own PeftModel on the same base; a directory without safetensors weights is refused in one line."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from ctxaware.core.models import _apply_adapter, load_model
+    from tests.conftest import tiny_llama
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)  # seeded: every tiny_llama() has these weights
+    smollm2_tok.save_pretrained(base)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter")).eval()(ids).logits
+        plain = tiny_llama().eval()(ids).logits
+        model, _ = load_model(
+            str(base), device="cpu", dtype="float32", peft_adapter=str(tmp_path / "adapter")
+        )
+        got = model(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CtxawareError, match="safetensors"):
+        _apply_adapter(tiny_llama(), str(tmp_path / "bad"))
 
 
 def test_indicator_token_mean_init_and_idempotent(smollm2_tok):

@@ -220,7 +220,7 @@ def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None
             return out
     optional = {"layer": cfg.score_layer, "max_tokens": cfg.score_max_tokens}
     run(ScoreConfig(data=str(cfg.data), model=seed_model, output=str(out), format=cfg.data_format,
-                    limit=cfg.max_conversations, device=cfg.device, progress=False,
+                    limit=cfg.max_conversations, progress=False, **model_options(cfg, seed_model),
                     **{k: v for k, v in optional.items() if v is not None}))  # fmt: skip
     write_json_atomic(meta, {"seed_model": seed_model})
     return out
@@ -297,6 +297,19 @@ def template_file(root: Path, cfg: ExperimentConfig) -> str:
     return str(path)
 
 
+def model_options(cfg: ExperimentConfig, model_dir: str) -> dict:
+    """The experiment's model options for a stage that loads ``model_dir`` (issue 24 §1): every `ModelConfig`
+    field (device, dtype, attention kernel, device map, remote code), and the revision where the stage
+    loads the configured base itself (a trained checkpoint is a local directory: no revision)."""
+    from ctxaware.core.config import ModelConfig
+
+    opts = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "model"}
+    opts.update(quantization=None, peft_adapter=None)  # training's own QLoRA loading is not an eval option
+    if model_dir != cfg.model:
+        opts["revision"] = None
+    return opts
+
+
 def stage_evaluate(
     cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool, mode: str = "chat"
 ) -> dict:
@@ -308,8 +321,7 @@ def stage_evaluate(
     where = root / "eval" / name / ("plain" if mode == "plain" else "")
     template = template_file(root, cfg)
     base = dict(model=model_dir, modes=[mode], indicator=indicator, seed=cfg.seed, data_dir=None,
-                device=cfg.device, dtype=cfg.dtype, batch_size=cfg.eval_batch_size,
-                output=str(where))  # fmt: skip
+                batch_size=cfg.eval_batch_size, output=str(where), **model_options(cfg, model_dir))  # fmt: skip
     ecfg = EvalConfig(**base, limit=cfg.eval_limit, max_new_tokens=cfg.eval_max_new_tokens)
     mt_bench = bool(cfg.mt_bench_limit and mode == "chat")
     stage = {**to_dict(ecfg), "tasks": cfg.eval_tasks, "chat_template": template,
@@ -318,10 +330,9 @@ def stage_evaluate(
              "judge_local_model": cfg.judge_local_model if mt_bench else None}  # fmt: skip
 
     def compute() -> dict:
-        from ctxaware.core.models import load_model
         from ctxaware.data.needle import apply_chat_template_choice
 
-        model, tok = load_model(model_dir, device=cfg.device, dtype=cfg.dtype)
+        model, tok = ecfg.load()  # every model option of the experiment (ModelConfig.load)
         apply_chat_template_choice(tok, template)  # as nih and attention do
         results = evaluate_tasks(model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=where)
         if mt_bench:  # the offline judge (evaluate.make_judge: judge_local_model)
@@ -346,8 +357,8 @@ def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dic
     if done.is_file():
         if record.is_file():
             old = json.loads(record.read_text())
-            if old.get("fingerprint") != fingerprint(inputs):
-                changed = config_changes(old.get("config", {}), old.get("inputs"), stage_config) or ["inputs"]
+            changed = config_changes(old.get("config", {}), old.get("inputs"), stage_config)
+            if changed:
                 raise CtxawareError(
                     f"{where} holds this stage's results for another configuration (differs in: "
                     f"{', '.join(changed)}); use another output_dir, or delete {where} to recompute it"
@@ -376,7 +387,7 @@ def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indi
     for prefix in (True, False):
         modes = [m for c, (m, p) in NIH_CONDITIONS.items() if c in cfg.nih_conditions and p == prefix]
         if modes:
-            configs.append(nih.NIHConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype,
+            configs.append(nih.NIHConfig(model=model_dir, **model_options(cfg, model_dir),
                                          lengths=cfg.nih_lengths, depths=cfg.nih_depths, modes=modes,
                                          indicator=[indicator], prefix=[prefix], chat_template=template_file(root, cfg),
                                          output=str(root / "nih" / name / ("prefix" if prefix else "no_prefix"))))  # fmt: skip
@@ -397,7 +408,7 @@ def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str
     from ctxaware.attention import allocation as attention
 
     where = root / "attention" / name
-    acfg = attention.AttentionConfig(model=model_dir, device=cfg.device, dtype=cfg.dtype,
+    acfg = attention.AttentionConfig(model=model_dir, **model_options(cfg, model_dir),
                                      lengths=cfg.attention_lengths, depths=cfg.attention_depths,
                                      chat_template=template_file(root, cfg), output=str(where))  # fmt: skip
     return cached_stage(
@@ -411,7 +422,7 @@ def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> di
 
     scfg = StagesConfig(checkpoints=[f"{k}={v}" for k, v in chain.items()], tasks=cfg.stages_tasks,
                         n=cfg.stages_n, mode="zephyr" if cfg.chat_template == "zephyr" else "auto",
-                        device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, output=str(root / "stages"))  # fmt: skip
+                        seed=cfg.seed, output=str(root / "stages"), **model_options(cfg, ""))  # fmt: skip
     return cached_stage(root / "stages", "summary.json", to_dict(scfg), lambda: run(scfg))
 
 

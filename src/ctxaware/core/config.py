@@ -503,6 +503,15 @@ class ModelConfig(Checked):
     trust_remote_code: bool = dataclasses.field(
         default=False, metadata={"help": "run model code from the hub"}
     )
+    device_map: str | None = dataclasses.field(
+        default=None, metadata={"help": "auto: spread the model over the visible GPUs (replaces --device)"}
+    )
+    quantization: Literal["4bit", "8bit"] | None = dataclasses.field(
+        default=None, metadata={"help": "4bit or 8bit weights (bitsandbytes, CUDA GPU only)"}
+    )
+    peft_adapter: str | None = dataclasses.field(
+        default=None, metadata={"help": "a PEFT (LoRA) adapter directory applied on top of --model"}
+    )
 
     def load(self, model: str | None = None):
         """``(model, tokenizer)`` for ``model`` (default: this config's ``model``)."""
@@ -515,4 +524,7 @@ class ModelConfig(Checked):
             device=self.device,
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
+            device_map=self.device_map,
+            quantization=self.quantization,
+            peft_adapter=self.peft_adapter,
         )

@@ -88,10 +88,10 @@ def resolve_model(spec: str, reach_hub: bool = True) -> ModelSource:
                 f"{spec} is a directory without config.json; point to a saved Hugging Face model"
             )
         return ModelSource(spec, "local", str(p), p.name)
-    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip("/"):
         raise CtxawareError(
             f"unknown model {spec!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, "
-            "a model directory or a hub id like org/name"
+            "a model directory or a hub id (org/name, or a single name such as gpt2)"
         )
     if reach_hub:
         check_hub(spec)
@@ -219,10 +219,12 @@ def load_model(
     *,
     revision: str | None = None,
     dtype: str = "auto",
-    device: str = "cpu",
+    device: str = "auto",
     attn_implementation: str = "sdpa",
     quantization: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    peft_adapter: str | None = None,
 ):
     """Load ``(model, tokenizer)`` for a spec: built-in name, ``.gguf`` file, local directory or hub id.
 
@@ -235,6 +237,9 @@ def load_model(
         attn_implementation: ``sdpa`` (default), ``eager``, ``flex_attention`` or ``flash_attention_2``.
         quantization: ``None``, ``4bit`` or ``8bit`` (bitsandbytes; needs a CUDA GPU).
         trust_remote_code: run model code from the hub; off unless you trust the repository.
+        device_map: ``auto`` spreads the layers over the visible GPUs (accelerate), for models larger than
+            one GPU; any ``from_pretrained`` device map string. Replaces ``device``.
+        peft_adapter: a PEFT (LoRA) adapter directory applied on top of the loaded model (not merged).
     """
     from transformers import AutoModelForCausalLM
 
@@ -259,6 +264,8 @@ def load_model(
         else:
             raise CtxawareError(f"quantization {quantization!r} is not one of 4bit, 8bit")
         kwargs["device_map"] = {"": dev}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -278,8 +285,10 @@ def load_model(
             f"cannot load model {spec!r}: its files are damaged ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "download or save the model again"
         ) from None
-    if quantization is None:
+    if quantization is None and device_map is None:
         model.to(dev)
+    if peft_adapter:
+        model = _apply_adapter(model, peft_adapter)
     model.eval()
     model.name_or_path = src.name  # a short name for reports
     # Greedy means greedy: a checkpoint's generation_config must not turn sampling on behind our back.
@@ -289,6 +298,22 @@ def load_model(
     if tok.pad_token_id is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def _apply_adapter(model, adapter: str):
+    """``PeftModel.from_pretrained`` on a local adapter directory (safetensors weights only)."""
+    d = Path(adapter).expanduser()
+    if not (d / "adapter_config.json").is_file():
+        raise CtxawareError(
+            f"--peft-adapter {adapter}: no adapter_config.json there; give a PEFT adapter directory"
+        )
+    if not (d / "adapter_model.safetensors").is_file():
+        raise CtxawareError(
+            f"--peft-adapter {adapter}: no adapter_model.safetensors (ctxaware loads safetensors only)"
+        )
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(d), is_trainable=False)
 
 
 def model_shape(model) -> tuple[int, int | None]:

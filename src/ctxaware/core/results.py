@@ -196,10 +196,15 @@ def config_changes(old_config: dict, old_inputs: dict | None, config: dict) -> l
     """The keys in which ``config`` differs from a saved run (contents compared, see `fingerprint_inputs`).
 
     ``old_inputs`` is the saved run's `fingerprint_inputs`; a run saved before contents were recorded
-    (``None``) is compared by normalised values, and options it did not know are accepted."""
+    (``None``) is compared by normalised values, and options it did not know are accepted. An option added
+    to ctxaware after a run was saved is accepted when it is unset (None, False or empty): the run was made
+    without it (a new ``peft_adapter: null`` does not block the resume of an older run)."""
     now = fingerprint_inputs(config)
     if old_inputs is not None:
-        return sorted(k for k in set(old_inputs) | set(now) if old_inputs.get(k) != now.get(k))
+        unset = lambda k: k not in old_inputs and now.get(k) in (None, False, [], "")  # noqa: E731
+        return sorted(
+            k for k in set(old_inputs) | set(now) if old_inputs.get(k) != now.get(k) and not unset(k)
+        )
     changed = []
     for k in set(old_config) | set(config):
         if k not in old_config:
