@@ -88,11 +88,12 @@ def find_heads(
     layers: list[int] | None = None,
     batch_size: int = 4,
     include_sink: bool = False,
+    desc: str | None = None,
 ) -> Heads:
     """Retrieval heads of ``model`` on ``prompts`` (Rendered; the paper uses one NIH prompt without template).
 
     ``include_sink``: the paper's literal rule (see `eq3_user_share`); default: the sink is not in U."""
-    shares = role_allocation(model, prompts, batch_size=batch_size)  # (N, L, H, 5)
+    shares = role_allocation(model, prompts, batch_size=batch_size, desc=desc)  # (N, L, H, 5); desc: a bar
     return top_heads(eq3_user_share(shares, prompts, include_sink), k=k, layers=layers)
 
 
@@ -175,6 +176,7 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(HeadsConfig, argv, prog="ctxaware heads")
     from ctxaware.attention.allocation import nih_prompts
 
+    print(f"ctxaware heads: loading {cfg.model} ...", flush=True)
     model, tok = cfg.load()
     if cfg.all_heads:
         heads = all_heads(model)
@@ -182,7 +184,7 @@ def main(argv: list[str]) -> int:
         prompts = nih_prompts(
             tok, cfg.lengths, cfg.depths, chat=cfg.chat, haystack=cfg.haystack, prompts=cfg.prompts
         )
-        heads = find_heads(model, prompts, k=cfg.k, include_sink=cfg.include_sink)
+        heads = find_heads(model, prompts, k=cfg.k, include_sink=cfg.include_sink, desc="heads: prompts")
     path = save_heads(heads, cfg.output)
     print(f"wrote {sum(map(len, heads.values()))} heads on {len(heads)} layers to {path}")
     return 0

@@ -601,8 +601,11 @@ def dump_prompts(
     """``--dump-prompts``: one JSON line per test (prompt text, ids, context size, needle token index)."""
     needle = load_needle(cfg)[0]
     n = 0
+    from tqdm.auto import tqdm
+
+    prompts = build_prompts(cfg, tok, model_name, window)
     with open(path, "a" if append else "w") as f:
-        for p in build_prompts(cfg, tok, model_name, window):
+        for p in tqdm(prompts, desc=f"dump-prompts {model_name}", unit="prompt", leave=False):
             r = p.render(tok)
             c = p.cell
             row = {

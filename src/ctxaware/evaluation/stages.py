@@ -39,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ctxaware.attention.intercept import capture_attention
 from ctxaware.core.config import ModelConfig, parse_config, to_dict
@@ -106,6 +107,9 @@ class StagesConfig(ModelConfig):
     n_boot: int = dataclasses.field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
     seed: int = dataclasses.field(default=0, metadata={"help": "example sampling and bootstrap seed"})
     output: str = dataclasses.field(default="runs/stages", metadata={"help": "output directory"})
+    progress: bool = dataclasses.field(
+        default=True, metadata={"help": "progress bars (examples per checkpoint)"}
+    )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -378,10 +382,15 @@ def characteristics_for(items, cfg: StagesConfig, ref_spec: tuple[str, str | Non
                 trust_remote_code=cfg.trust_remote_code,
             )
             emb = Embedder(cfg.embedder, device="cpu")
+            bar = tqdm(
+                total=len(todo), desc="stages: context characteristics", unit="ex", disable=not cfg.progress
+            )
             for a in range(0, len(todo), 8):
                 chunk = todo[a : a + 8]
                 for (t, ex), c in zip(chunk, context_characteristics([e for _, e in chunk], model, tok, emb)):
                     w.write({"task": t, "id": ex.id, **c})
+                bar.update(len(chunk))
+            bar.close()
             del model
         return {(r["task"], r["id"]): {c: r[c] for c in CHARACTERISTICS} for r in w.rows}
 
@@ -400,7 +409,7 @@ def run(cfg: StagesConfig) -> dict:
     conf = {
         k: v
         for k, v in to_dict(cfg).items()
-        if k not in ("checkpoints", "output", "batch_size", "n_boot", "device")
+        if k not in ("checkpoints", "output", "batch_size", "n_boot", "device", "progress")
     } | {"row_schema": ROW_SCHEMA}
     timing = {}
     with ResultsWriter(out, conf, key_fields=("checkpoint", "task", "id"), kind="stages") as w:
@@ -417,8 +426,10 @@ def run(cfg: StagesConfig) -> dict:
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
             )
+            bar = tqdm(total=len(todo), desc=f"stages: {name}", unit="ex", disable=not cfg.progress)
             for a in range(0, len(todo), 4 * cfg.batch_size):
                 chunk = todo[a : a + 4 * cfg.batch_size]
+                bar.update(len(chunk))
                 for row in measure_checkpoint(model, tok, chunk, cfg):
                     w.write(
                         {
@@ -429,6 +440,7 @@ def run(cfg: StagesConfig) -> dict:
                             **chars[(row["task"], row["id"])],
                         }
                     )
+            bar.close()
             timing[name] = round(time.time() - t0, 1)
             del model
         rows = list(w.rows)
