@@ -94,7 +94,13 @@ def resolve_model(spec: str, reach_hub: bool = True) -> ModelSource:
             "a model directory or a hub id (org/name, or a single name such as gpt2)"
         )
     if reach_hub:
-        check_hub(spec)
+        try:
+            check_hub(spec)
+        except CtxawareError as e:
+            if "/" in spec:
+                raise
+            raise CtxawareError(f"unknown model {spec!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not a file "
+                                f"or directory here, and as a hub id: {e}") from None  # fmt: skip
     return ModelSource(spec, "hub", spec, spec.split("/")[-1])
 
 
