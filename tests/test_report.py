@@ -287,3 +287,30 @@ assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 
     with Image.open(tmp_path / "f.png") as im:  # the figure was drawn, in the house style's size
         assert im.size == (round(6 * 130), round(3.4 * 130))
+
+
+def test_bars_get_caps_only_where_there_is_a_ci(tmp_path, monkeypatch):
+    """Issue 27 §3: a bar whose CI was not computed (n too small: NaN in memory, null in JSON) gets no error
+    bar at all, not a zero-length cap that reads as a certain value; the NIH heatmap's colour bar is in
+    percent, as its cells are."""
+    from matplotlib.axes import Axes
+
+    from ctxaware.core import plotting
+
+    drawn = []
+    real = Axes.errorbar
+    monkeypatch.setattr(
+        Axes, "errorbar", lambda self, x, y, **kw: drawn.append(list(x)) or real(self, x, y, **kw)
+    )
+    plotting.bar_chart({"a": {"chat": (0.5, 0.4, 0.6), "plain": (0.7, None, None)}, "b": {"chat": (0.2, float("nan"), float("nan"))}},
+                       tmp_path / "bars.png", "t", "y")  # fmt: skip
+    assert [len(x) for x in drawn] == [1]  # one bar of three has a CI
+    labels = []
+    real_cb = plotting.Figure.colorbar
+    monkeypatch.setattr(
+        plotting.Figure,
+        "colorbar",
+        lambda self, im, **kw: labels.append((im.get_clim(), kw.get("label"))) or real_cb(self, im, **kw),
+    )
+    plotting.nih_heatmap([[1.0, 0.5]], [200, 400], [50.0], tmp_path / "h.png", "t")
+    assert labels == [((0.0, 100.0), "keyword recall (%)")]

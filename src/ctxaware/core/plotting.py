@@ -96,10 +96,13 @@ def bar_chart(
     fig, ax = _subplots(figsize=(max(5, 1.6 * len(names) * max(1, len(series)) / 2), 4))
     x = np.arange(len(names))
     for j, s in enumerate(series):
-        vals = [groups[g].get(s, (np.nan, np.nan, np.nan)) for g in names]
-        m = np.array([v[0] for v in vals])
-        err = np.nan_to_num(np.array([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]]))
-        ax.bar(x + (j - (len(series) - 1) / 2) * width, m, width, yerr=err, capsize=3, label=s)
+        vals = np.array([[np.nan if v is None else v for v in groups[g].get(s, (np.nan,) * 3)] for g in names], float)
+        m, lo, hi = vals.T
+        xs = x + (j - (len(series) - 1) / 2) * width
+        ax.bar(xs, np.nan_to_num(m), width, label=s)
+        ok = np.isfinite(lo) & np.isfinite(hi)  # no caps where there is no CI (n too small): none is drawn
+        if ok.any():
+            ax.errorbar(xs[ok], m[ok], yerr=[m[ok] - lo[ok], hi[ok] - m[ok]], fmt="none", ecolor="k", capsize=3)
     ax.set_xticks(x, names, rotation=15, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -235,7 +238,7 @@ def nih_heatmap(
     nd, nl = a.shape
     annotate = (nd <= 12 and nl <= 12) if annotate is None else annotate
     fig, ax = _subplots(figsize=(max(8.0, 1.6 + 0.55 * nl), max(5.0, 1.4 + 0.4 * nd)))  # >= 1040 px wide
-    im = ax.imshow(a, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    im = ax.imshow(100 * a, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")  # percent, as the cells read
     ax.grid(False)
     ax.set_xticks(
         range(nl), [str(n) for n in lengths], rotation=45 if nl > 8 else 0, ha="right" if nl > 8 else "center"
@@ -250,7 +253,7 @@ def nih_heatmap(
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("needle depth (% of context)")
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.05, label="keyword recall (0-1)")
+    fig.colorbar(im, ax=ax, fraction=0.05, label="keyword recall (%)")
     return _save(fig, path)
 
 
