@@ -121,9 +121,8 @@ def check_hub(repo_id: str) -> None:
     """Fail fast, in one line, for a hub id that is neither cached nor reachable (issue 23 §4); without this
     the hub client retries for about a minute and logs each retry. A cached model with the hub unreachable
     is read from the cache (the hub client is switched to offline mode)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return
-    if hub_reachable():
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline and hub_reachable():
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -131,9 +130,10 @@ def check_hub(repo_id: str) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True
         return
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
     raise CtxawareError(
-        f"the Hugging Face hub cannot be reached and {repo_id!r} is not in the local cache; point --model at "
-        "a local copy (a directory or .gguf file), or connect and retry"
+        f"{why} and {repo_id!r} is not in the local cache; point --model at a local copy (a directory or .gguf "
+        "file), or connect and retry"
     )
 
 

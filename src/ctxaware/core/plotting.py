@@ -96,13 +96,17 @@ def bar_chart(
     fig, ax = _subplots(figsize=(max(5, 1.6 * len(names) * max(1, len(series)) / 2), 4))
     x = np.arange(len(names))
     for j, s in enumerate(series):
-        vals = np.array([[np.nan if v is None else v for v in groups[g].get(s, (np.nan,) * 3)] for g in names], float)
+        vals = np.array(
+            [[np.nan if v is None else v for v in groups[g].get(s, (np.nan,) * 3)] for g in names], float
+        )
         m, lo, hi = vals.T
         xs = x + (j - (len(series) - 1) / 2) * width
         ax.bar(xs, np.nan_to_num(m), width, label=s)
         ok = np.isfinite(lo) & np.isfinite(hi)  # no caps where there is no CI (n too small): none is drawn
         if ok.any():
-            ax.errorbar(xs[ok], m[ok], yerr=[m[ok] - lo[ok], hi[ok] - m[ok]], fmt="none", ecolor="k", capsize=3)
+            ax.errorbar(
+                xs[ok], m[ok], yerr=[m[ok] - lo[ok], hi[ok] - m[ok]], fmt="none", ecolor="k", capsize=3
+            )
     ax.set_xticks(x, names, rotation=15, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
