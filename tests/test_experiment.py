@@ -167,3 +167,13 @@ def test_experiment_rejects_bad_options_before_compute(tmp_path):
     with pytest.raises(CtxawareError, match="learning.rate"):
         run(ExperimentConfig(data="x.json", learning_rate=-1.0, output_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())
+
+
+def test_experiment_help_says_what_it_runs_and_how_long(capsys):
+    """Issue 27 §3: ``experiment --help`` describes the run and its time, not a docstring fragment."""
+    from ctxaware.experiment import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "2 h 20 min" in out and "rerun the same command to resume" in out
+    assert "Every `TrainConfig`" not in out and "``" not in out

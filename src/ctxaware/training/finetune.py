@@ -53,9 +53,9 @@ def run_stage(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence 
     return fn(cfg, model, tokenizer, callbacks)
 
 
-def print_help(cls: type, prog: str) -> int:
+def print_help(cls: type, prog: str, description: str | None = None) -> int:
     """``--help`` with the positional ``CONFIG.yaml`` that the README uses (same as ``--config``)."""
-    parser = build_parser(cls, prog)
+    parser = build_parser(cls, prog, description)
     parser.add_argument("CONFIG.yaml", nargs="?", help="YAML file with the options (same as --config)")
     parser.print_help()
     return 0
