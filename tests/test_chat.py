@@ -281,3 +281,18 @@ def test_import_ctxaware_is_light():
     code = "import sys, ctxaware; print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_demo_generation_step_shows_the_expected_answer(smollm2, capsys):
+    """Issue 27 §3: the demo's step 2 prints the expected answer beside the model's and says whether the
+    output contains it (checked here against the printed output itself)."""
+    from ctxaware import demo
+
+    model, tok = smollm2
+    demo.show_generation(model, tok)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+    assert len(lines) == 2
+    for line in lines:
+        said = line.split("] ", 1)[1].rsplit("  (", 1)[0]
+        verdict = "contains it" if "friday" in said.lower() else "does not contain it"
+        assert f"expected 'Friday': {verdict})" in line

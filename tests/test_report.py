@@ -314,3 +314,16 @@ def test_bars_get_caps_only_where_there_is_a_ci(tmp_path, monkeypatch):
     )
     plotting.nih_heatmap([[1.0, 0.5]], [200, 400], [50.0], tmp_path / "h.png", "t")
     assert labels == [((0.0, 100.0), "keyword recall (%)")]
+
+
+def test_protocol_line_leaves_out_unset_options():
+    """Issue 27 §3: the score section said ``layer=null`` for a run at layer 20; an unset option is left
+    out and the layers actually used are shown."""
+    from ctxaware.reporting import report as R
+    from ctxaware.reporting.sections import Section
+
+    s = Section(
+        kind="scores", title="t", path=Path("."), config={"layer": None, "layers": [20], "max_tokens": 2047}
+    )
+    line = R._protocol(s)
+    assert "layer=" not in line.replace("layers=", "") and "layers=[20]" in line and "max_tokens=2047" in line

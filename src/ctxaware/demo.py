@@ -27,6 +27,7 @@ DEMO_CONTEXT = (
 )
 ROLE_LETTER = {"sink": "K", "bos": "B", "system": "S", "user": "U", "assistant": "A", "template": "T"}
 DEMO_QUESTION = "On which day does the bakery bake sourdough?"
+DEMO_ANSWER = "Friday"  # in the context: "sourdough on Fridays"
 
 
 @dataclasses.dataclass
@@ -59,6 +60,8 @@ def show_rendering(model, tok) -> None:
         ]
         print("   " + " ".join(shown[:48]) + (" ..." if len(shown) > 48 else ""))
     print("   (roles: " + " ".join(f"{ROLE_LETTER.get(x, x[0].upper())}={x}" for x in ROLES) + ")")
+    print("   (a system prompt that the template writes by itself, e.g. SmolLM2's 'You are a helpful AI")
+    print("    assistant named SmolLM...', is template text: no message of the conversation holds it)")
 
 
 def show_generation(model, tok) -> None:
@@ -68,7 +71,9 @@ def show_generation(model, tok) -> None:
     for name, g in zip(
         ("chat", "plain + 'Answer:'"), generate(model, tok, prompts, max_new_tokens=24, progress=False)
     ):
-        print(f"[{name}] {g.text.strip()!r}  ({len(g.token_ids)} tokens, {g.stop_reason})")
+        found = "contains it" if DEMO_ANSWER.lower() in g.text.lower() else "does not contain it"
+        print(f"[{name}] {g.text.strip()!r}  ({len(g.token_ids)} tokens, {g.stop_reason}; expected "
+              f"{DEMO_ANSWER!r}: {found})")  # fmt: skip
     print("(an instruct model often answers nothing without its template; the paper therefore compares chat")
     print(" and plain with a response prefix that starts the answer, as step 3 does)")
 

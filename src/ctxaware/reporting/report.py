@@ -252,7 +252,10 @@ def _protocol(s: rs.Section) -> str:
         "train": ("method", "chat_template", "indicator", "data", "max_conversations", "num_train_epochs", "learning_rate"),
         "eval": ("tasks", "modes", "indicator", "limit", "max_new_tokens", "seed"),
     }.get(s.kind, ("protocol",))  # fmt: skip
-    parts = [f"{k}={json.dumps(c[k]) if not isinstance(c[k], str) else c[k]}" for k in keys if k in c]
+    # an unset option (None: "the default") says nothing; the value used is recorded beside it (score: layers)
+    parts = [
+        f"{k}={json.dumps(c[k]) if not isinstance(c[k], str) else c[k]}" for k in keys if c.get(k) is not None
+    ]
     return "; ".join(parts) or "not recorded"
 
 
