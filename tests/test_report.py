@@ -178,6 +178,8 @@ def test_numbers_match_hand_computation(report):
 def test_provenance_recorded_or_marked_missing(report):
     text = " ".join(report[1].text)
     assert "9.9.9 @ abc123" in text and "12 s" in text  # from nih/provenance.json
+    # issue 27 §3: a parent's record times the whole run, and says so in the section of one model
+    assert f"12 s (the whole run in {report[0].parents[1] / 'nih'})" in text
     assert "version and commit not recorded by this command" in text  # the other sections
     assert "42 s" in text  # training wall_seconds
 

@@ -210,19 +210,20 @@ def discover(
 # ----------------------------------------------------------------------------------------- provenance
 
 
-def _recorded(d: Path, root: Path) -> dict:
-    """A ``provenance.json`` in the directory or a parent up to the run root, or a ``provenance`` key."""
+def _recorded(d: Path, root: Path) -> tuple[dict, Path]:
+    """A ``provenance.json`` in the directory or a parent up to the run root, or a ``provenance`` key; and
+    the directory it describes (a parent's covers the whole run, not this section alone)."""
     for p in [d, *d.parents]:
         j = rs.load_json(p / "provenance.json")
         if isinstance(j, dict):
-            return j
+            return j, p
         if p == root or root not in p.parents:
             break
     for f in sorted(d.glob("*.json")):
         j = rs.load_json(f) if f.stat().st_size < 2_000_000 else None
         if isinstance(j, dict) and isinstance(j.get("provenance"), dict):
-            return j["provenance"]
-    return {}
+            return j["provenance"], d
+    return {}, d
 
 
 def _seconds(d: Path) -> float | None:
@@ -268,7 +269,7 @@ def _model_name(m: str | None) -> str:
 
 
 def provenance_of(s: rs.Section, root: Path) -> dict[str, str]:
-    rec, c = _recorded(s.path, root), s.config or {}
+    (rec, where), c = _recorded(s.path, root), s.config or {}
     files = [p for p in s.path.rglob("*") if p.is_file() and not p.name.startswith(".")][:2000]
     times = sorted(p.stat().st_mtime for p in files) or [s.path.stat().st_mtime]
     secs = rec.get("seconds") or _seconds(s.path)
@@ -288,7 +289,10 @@ def provenance_of(s: rs.Section, root: Path) -> dict[str, str]:
             if rec.get("finished")
             else f"files written {utc(times[0])} → {utc(times[-1])}"
         ),  # fmt: skip
-        "how long": f"{secs:.0f} s"
+        "how long": (
+            f"{secs:.0f} s"
+            + ("" if where == s.path or not rec.get("seconds") else f" (the whole run in {where})")
+        )
         if secs
         else f"not recorded (file times span {times[-1] - times[0]:.0f} s)",
     }
