@@ -373,7 +373,9 @@ def test_chat_and_plain_twins_hold_the_same_haystack(tok, protocol):
         return p.messages[-1]["content"].rstrip("\n"), p.cell["context_tokens"]
 
     assert context("chat") == context("plain")
-    chat, plain = (needle.nih_prompts(tok, [400], [50.0], chat=m) for m in (True, False))
+    from ctxaware.attention.allocation import nih_prompts
+
+    chat, plain = (nih_prompts(tok, [400], [50.0], chat=m, prompts="nih") for m in (True, False))
     user = [r[0].messages[-1]["content"].rstrip("\n") for r in (chat, plain)]
     assert user[0] == user[1] and user[0] in chat[0].text and user[0] in plain[0].text
 

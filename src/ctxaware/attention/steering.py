@@ -214,14 +214,17 @@ def nih_sweep(
     batch_size: int = 4,
     max_new_tokens: int = 24,
 ) -> dict:
-    """Table 1 on an NIH grid built by `ctxaware.data.needle.nih_prompts`: `sweep_alpha` of mean recall."""
-    from ctxaware.data.needle import NeedleConfig, keyword_recall, nih_prompts
+    """Table 1 on the NIH grid of `ctxaware nih` (`allocation.nih_prompts`, ``prompts="nih"``): `sweep_alpha`
+    of mean recall."""
+    from ctxaware.attention.allocation import nih_prompts
+    from ctxaware.data.needle import NeedleConfig, keyword_recall
     from ctxaware.rendering.generate import generate
 
     keywords = NeedleConfig().keywords  # the needle that nih_prompts places
 
     prompts = {
-        chat: nih_prompts(tok, lengths, depths, chat=chat, haystack=haystack) for chat in (True, False)
+        chat: nih_prompts(tok, lengths, depths, chat=chat, haystack=haystack, prompts="nih")
+        for chat in (True, False)
     }
     per_cell: dict[str, list[float]] = {}
 

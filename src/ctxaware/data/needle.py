@@ -579,22 +579,6 @@ def needle_position(r: Rendered, tok, needle: str) -> int:
     return next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > at and b > a)
 
 
-def nih_prompts(
-    tok, lengths, depths, chat: bool, haystack: str | Path = "auto", protocol: str = "authors"
-) -> list[Rendered]:
-    """One NIH prompt per (length, depth) with template 1 and the response prefix, with (``chat``) or
-    without the chat template: the prompts of `ctxaware attention` and `ctxaware heads`."""
-    cfg = NeedleConfig(
-        protocol=protocol,
-        lengths=[int(n) for n in lengths],
-        depths=[float(d) for d in depths],
-        modes=["chat" if chat else "plain"],
-        prefix=[True],
-        haystack=str(haystack),
-    )
-    return [p.render(tok) for p in build_prompts(cfg, tok)]
-
-
 def dump_prompts(
     cfg: NeedleConfig, tok, model_name: str, path: str | Path, window: int | None = None, append: bool = False
 ) -> int:
