@@ -67,3 +67,57 @@ def tiny_llama(
         tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma3(layers: int = 4, window: int = 8):
+    """A tiny random Gemma-3 text model with sliding-window layers (every other one)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=window,
+        max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+        attn_implementation="eager",
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def tiny_gemma2(layers: int = 2):
+    """A tiny random Gemma-2 with attention logit soft-capping (eager only: sdpa refuses softcap)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        attn_logit_softcapping=5.0,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=512,
+        attn_implementation="eager",
+    )
+    return Gemma2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with SmolLM2's tokenizer: a real model directory that loads in a second."""
+    from ctxaware.core.models import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama().save_pretrained(d)
+    load_tokenizer("default").save_pretrained(d)
+    return d

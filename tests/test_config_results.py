@@ -210,18 +210,6 @@ def test_bootstrap_ci_says_when_n_is_too_small():
     assert big["ci_low"] < 0.5 < big["ci_high"] and "[" in fmt(big) and "too small" not in fmt(big)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved with SmolLM2's tokenizer: a real model directory that loads in a second."""
-    from ctxaware.core.models import load_tokenizer
-    from tests.conftest import tiny_llama
-
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llama().save_pretrained(d)
-    load_tokenizer("default").save_pretrained(d)
-    return d
-
-
 def _conversations(path, answers):
     rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]}
             for i, a in enumerate(answers)]  # fmt: skip

@@ -12,6 +12,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from ctxaware.attention import intercept
 from ctxaware.core.errors import CtxawareError
 from ctxaware.rendering.chat import ROLES, render
+from tests.conftest import tiny_gemma2, tiny_gemma3
 
 # --- test-only oracles ----------------------------------------------------------------------------------
 
@@ -80,49 +81,6 @@ def eager_role_oracle(model, ids: torch.Tensor, roles: torch.Tensor, rows: list[
         att = model(input_ids=ids[None], output_attentions=True).attentions  # L x (1, H, T, T)
     onehot = torch.nn.functional.one_hot(roles, len(ROLES)).double()  # (T, 5)
     return torch.stack([a[0, :, rows].double() @ onehot for a in att])  # (L, H, R, 5)
-
-
-def tiny_gemma3(layers: int = 4, window: int = 8):
-    """A tiny random Gemma-3 text model with sliding-window layers (every other one)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=window,
-        max_position_embeddings=512,
-        layer_types=["sliding_attention", "full_attention"] * (layers // 2),
-        attn_implementation="eager",
-    )
-    return Gemma3ForCausalLM(cfg).eval()
-
-
-def tiny_gemma2(layers: int = 2):
-    """A tiny random Gemma-2 with attention logit soft-capping (eager only: sdpa refuses softcap)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Gemma2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        attn_logit_softcapping=5.0,
-        query_pre_attn_scalar=16,
-        max_position_embeddings=512,
-        attn_implementation="eager",
-    )
-    return Gemma2ForCausalLM(cfg).eval()
 
 
 # --- tests ----------------------------------------------------------------------------------------------

@@ -134,17 +134,6 @@ def test_unset_key_warns_at_start(stub, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from ctxaware.core.models import load_tokenizer
-    from tests.conftest import tiny_llama
-
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llama().save_pretrained(d)
-    load_tokenizer("default").save_pretrained(d)
-    return d
-
-
 @pytest.mark.parametrize("failure", ["401", pytest.param("unreachable", marks=pytest.mark.slow)])
 def test_failed_judgment_is_not_a_finished_row_and_the_rerun_judges_it(
     failure, stub, tiny_model_dir, shared_data, tmp_path, monkeypatch, capsys

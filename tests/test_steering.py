@@ -13,7 +13,8 @@ from ctxaware.attention.steering import batch_context, emphasis_mask, steer, swe
 from ctxaware.core.errors import CtxawareError
 from ctxaware.rendering.chat import render
 from ctxaware.rendering.generate import Batch, cache_kwarg, generate, left_pad
-from tests.test_intercept import attn_impl, reference_logits, tiny_gemma3
+from tests.conftest import tiny_gemma3
+from tests.test_intercept import attn_impl, reference_logits
 
 HEADS = {2: [0, 4], 11: [3], 20: [1, 2, 8]}
 TOL = 1e-4
