@@ -236,3 +236,19 @@ def test_no_best_alpha_when_nothing_separates_them():
     assert "none is best" in row and "alpha=" not in row
     one = sweep_alpha(lambda a, chat: 1.0 if a == 0.5 else 0.8)
     assert "alpha=0.5" in table({"m": one}) and "none is best" not in table({"m": one})
+
+
+def test_nih_sweep_runs_table_1_on_the_nih_prompts(smollm2_tok):
+    """`steering.nih_sweep` (docs/attention.md's three-call sweep): one score per alpha on the chat prompts,
+    the baseline and the no-template score, over the NIH tester's prompts; alpha = 1 is the baseline."""
+    from ctxaware.attention.steering import nih_sweep
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama().eval()
+    res = nih_sweep(model, smollm2_tok, {1: [0]}, [300], [50.0], "synthetic", alphas=(0.5, 1.0),
+                    batch_size=2, max_new_tokens=2)  # fmt: skip
+    assert set(res["by_alpha"]) == {0.5, 1.0} and res["n_prompts"] == 1
+    assert (
+        res["by_alpha"][1.0] == res["baseline"]
+        and res["per_cell"]["chat@1.0"] == res["per_cell"]["chat@None"]
+    )
