@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -424,3 +425,22 @@ def test_lora_adapter_records_a_resolvable_base(tmp_path, tok):
 
     assert Path(builtin).is_absolute() and (Path(builtin) / "config.json").is_file()
     assert base_model_path("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T").startswith("TinyLlama/")
+
+
+def test_a_finished_run_stays_finished_when_options_are_added_later(tmp_path, tok):
+    """A run finished before an option existed (here: its records lack ``peft_adapter``) is still the same
+    finished run for a config where that option is unset: not trained again; set, it is not the same run."""
+    cfg = _cfg(tmp_path, max_steps=1)
+    first = train(cfg, tiny_llama(), tok)
+    run = tmp_path / "run"
+    summary = json.loads((run / "train_summary.json").read_text())
+    saved = json.loads((run / "train_config.json").read_text())
+    for d in (saved, saved["_inputs"]):
+        d.pop("peft_adapter")
+    summary["fingerprint"] = "from-an-older-ctxaware"
+    (run / "train_config.json").write_text(json.dumps(saved))
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    from ctxaware.training.sft import finished_run
+
+    assert finished_run(cfg)["wall_seconds"] == first["wall_seconds"]
+    assert finished_run(dataclasses.replace(cfg, peft_adapter=str(tmp_path))) is None

@@ -308,10 +308,9 @@ def train_dpo(cfg: DPOStageConfig, model=None, tokenizer=None, callbacks: Sequen
     """Run (or resume) the DPO stage; returns the ``train_summary.json`` content."""
     from ctxaware.training import sft as T
 
-    done = Path(cfg.output_dir) / "train_summary.json"
-    fp = T.fingerprint(T.run_config(cfg))
-    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp:
+    summary = T.finished_run(cfg)
+    if summary is not None:
         logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
-        return json.loads(done.read_text())
+        return summary
     trainer, info = build_dpo_trainer(cfg, model, tokenizer, callbacks)
     return T.fit(cfg, trainer, info)

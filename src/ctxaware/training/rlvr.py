@@ -14,7 +14,6 @@ the group; with ``beta: 0`` (TRL's default) no reference model is loaded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -152,10 +151,10 @@ def train_grpo(cfg: GRPOStageConfig, model=None, tokenizer=None, callbacks: Sequ
     """Run (or resume) the RLVR stage; the summary adds the reward per logged step."""
     from ctxaware.training import sft as T
 
-    done = Path(cfg.output_dir) / "train_summary.json"
-    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == T.fingerprint(T.run_config(cfg)):
+    done = T.finished_run(cfg)
+    if done is not None:
         logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
-        return json.loads(done.read_text())
+        return done
     trainer, info = build_grpo_trainer(cfg, model, tokenizer, callbacks)
     summary = T.fit(cfg, trainer, info)
     summary["rewards"] = [

@@ -401,6 +401,24 @@ def run_config(cfg: TrainConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE and (k, v) != ("stage", "sft")}
 
 
+def finished_run(cfg: TrainConfig) -> dict | None:
+    """The ``train_summary.json`` of this run when ``output_dir`` holds it finished: the same configuration
+    and input contents (`config_changes` against ``train_config.json``: an option added to ctxaware later is
+    accepted when unset), else None."""
+    out = Path(cfg.output_dir)
+    done, saved_path = out / "train_summary.json", out / "train_config.json"
+    if not done.is_file():
+        return None
+    summary = json.loads(done.read_text())
+    if summary.get("fingerprint") == fingerprint(run_config(cfg)):
+        return summary
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        if not config_changes(saved, saved.pop("_inputs", None), run_config(cfg)):
+            return summary
+    return None
+
+
 def _check_same_config(cfg: TrainConfig, saved_path: Path, what: str) -> None:
     if not saved_path.is_file():
         return
@@ -683,9 +701,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()
         raise CtxawareError(
             f"train() runs the SFT stage; run stage {cfg.stage!r} with ctxaware.training.finetune.run_stage"
         )
-    done = Path(cfg.output_dir) / "train_summary.json"
-    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint(run_config(cfg)):
+    summary = finished_run(cfg)
+    if summary is not None:
         logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
-        return json.loads(done.read_text())
+        return summary
     trainer, info = build_trainer(cfg, model, tokenizer, callbacks)
     return fit(cfg, trainer, info)
