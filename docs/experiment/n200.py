@@ -27,14 +27,12 @@ from ctxaware.experiment import (
     stage_table3,
     stage_train,
 )
-from ctxaware.training.sft import validate
 
 TASKS = sys.argv[1:] or ["cf_world_facts"]
 src = Path("runs/experiment_gemma")
 
 cfg = parse_config(ExperimentConfig, ["--config", "docs/experiment/gemma.yaml"], prog="n200")
 cfg.data = stage_data(cfg, src)
-validate(cfg)
 seed_model, _ = stage_seed(cfg, src)
 scores = stage_score(cfg, src, seed_model)
 print("table 3:", stage_table3(cfg, src, scores))

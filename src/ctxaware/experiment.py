@@ -532,12 +532,9 @@ def run(cfg: ExperimentConfig) -> str:
     for f in cfg.data_files:
         if not Path(f).is_file():
             raise CtxawareError(f"data file {f} does not exist; fix data_files")
-    from ctxaware.training.sft import validate
-
     root = Path(cfg.output_dir)
     timer = _Timer(root)
     cfg.data = timer("data", stage_data, cfg, root)
-    validate(cfg)
     seed_model, seed_summary = timer("train vanilla (seed)", stage_seed, cfg, root)
     scores = timer("score", stage_score, cfg, root, seed_model)
     extra: dict = {"table3": stage_table3(cfg, root, scores)}

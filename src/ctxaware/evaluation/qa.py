@@ -152,6 +152,10 @@ class EvalConfig(ModelConfig):
         },
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()  # every field's own rule (config.Checked)
+        check_eval_options(self)
+
 
 # --- models and conditions ---------------------------------------------------------------------------
 
@@ -338,9 +342,10 @@ def _run_config(cfg: EvalConfig, model_name: str, task: str, mode: str) -> dict:
     }
 
 
-def validate(cfg: EvalConfig) -> None:
-    """Every option that can be checked without a model, before any compute (one-line errors); task names
-    are resolved to their registry spelling (``mt-bench`` -> ``mt_bench``)."""
+def check_eval_options(cfg: EvalConfig) -> None:
+    """The evaluation options' rules that need more than one field or the task registry, checked when an
+    `EvalConfig` is built (one-line errors); task names are resolved to their registry spelling
+    (``mt-bench`` -> ``mt_bench``)."""
     if cfg.qa_cut not in QA_CUTS:
         raise CtxawareError(f"--qa-cut {cfg.qa_cut!r} is not one of {', '.join(QA_CUTS)}")
     for m in cfg.modes:
@@ -374,7 +379,6 @@ def evaluate_tasks(
     temporary directory; ``batch_context`` goes straight to `generate.generate` (attention steering).
     """
     cfg = cfg or EvalConfig()
-    validate(cfg)
     task_names = [canonical_task_name(t) for t in task_names]
     mode = mode or cfg.modes[0]
     tmp = tempfile.TemporaryDirectory() if output_dir is None else nullcontext(str(output_dir))
@@ -546,7 +550,6 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(EvalConfig, argv, prog="ctxaware eval")
     if not cfg.tasks:
         raise CtxawareError("name at least one task; available tasks: " + ", ".join(TASKS))
-    validate(cfg)
     cfg.data_dir = cfg.data_dir or str(default_data_dir())
     for t in cfg.tasks:  # unreadable, malformed or empty task files fail before any model loads
         if cfg.source == "local" and not load_examples(get_task(t), cfg.source, cfg.data_dir):

@@ -203,6 +203,10 @@ class TrainConfig(ModelConfig):
         metadata={"help": "sft, dpo (ctxaware.training.preference) or grpo (ctxaware.training.rlvr)"},
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()  # every field's own rule (config.Checked)
+        check_training_options(self)
+
 
 # ----------------------------------------------------------------------------- template and labels
 
@@ -679,8 +683,8 @@ def fit(cfg: TrainConfig, trainer, info: dict) -> dict:
     return summary
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Options checked before any model loads (one-line errors)."""
+def check_training_options(cfg: TrainConfig) -> None:
+    """The training options' cross-field rules (one-line errors), checked when a `TrainConfig` is built."""
     if not cfg.learning_rate > 0:
         raise CtxawareError(f"learning_rate {cfg.learning_rate}: must be a positive number, e.g. 2e-5")
     if cfg.loss_on not in LOSS_ON:
@@ -696,7 +700,6 @@ def validate(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()) -> dict:
     """Fine-tune per ``cfg``; a finished run with the same config returns its saved summary."""
-    validate(cfg)
     if cfg.stage != "sft":
         raise CtxawareError(
             f"train() runs the SFT stage; run stage {cfg.stage!r} with ctxaware.training.finetune.run_stage"
