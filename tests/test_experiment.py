@@ -157,7 +157,8 @@ def test_seed_model_options():
 
     assert ExperimentConfig().seed_model == "trained" and seed_spec(ExperimentConfig()) == "trained"
     assert seed_spec(ExperimentConfig(seed_model="default")) == "default"
-    assert seed_spec(ExperimentConfig(score_model="gemma3-270m")) == "gemma3-270m"  # the old spelling
+    with pytest.raises(CtxawareError, match="unknown option.*score_model"):  # the retired spelling: one line
+        from_dict(ExperimentConfig, {"score_model": "gemma3-270m"})
     assert ExperimentConfig().eval_max_new_tokens == 100  # paper App. A.3
 
 

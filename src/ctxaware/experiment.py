@@ -70,9 +70,6 @@ class ExperimentConfig(TrainConfig):
             "help": "seed model for eq. (2): trained (vanilla SFT of model on data, the paper's) or a spec"
         },
     )
-    score_model: str | None = dataclasses.field(
-        default=None, metadata={"help": "deprecated spelling of seed_model (a model spec)"}
-    )
     score_layer: int | None = dataclasses.field(
         default=None, metadata={"help": "scoring layer (default: ctxaware score's)"}
     )
@@ -163,8 +160,8 @@ def _train_config(cfg: ExperimentConfig, cls: type = TrainConfig, **changes) -> 
 
 
 def seed_spec(cfg: ExperimentConfig) -> str:
-    """The seed model's spec as configured: ``trained`` or a model spec (``score_model`` wins if set)."""
-    return cfg.score_model or cfg.seed_model
+    """The seed model's spec as configured: ``trained`` or a model spec."""
+    return cfg.seed_model
 
 
 def stage_data(cfg: ExperimentConfig, root: Path) -> str:
