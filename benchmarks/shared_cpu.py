@@ -47,7 +47,9 @@ def main() -> None:
     alone, ref = grid(tmp / "alone", "PASSIVE")
     times = {}
     for policy in ("PASSIVE", "ACTIVE"):
-        neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"})
+        neighbour = subprocess.Popen(
+            [sys.executable, "-c", NEIGHBOUR], env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
+        )
         try:
             time.sleep(2)  # the neighbour is busy before the grid starts
             times[policy], rows = grid(tmp / f"beside_{policy.lower()}", policy)
@@ -55,7 +57,9 @@ def main() -> None:
             neighbour.kill()
             neighbour.wait()
         assert rows == ref, f"outputs beside the neighbour ({policy}) differ from the run alone"
-    print(f"cores: {os.cpu_count()}, load before: {os.getloadavg()[0]:.2f}; grid: {len(ref)} tests, outputs identical")
+    print(
+        f"cores: {os.cpu_count()}, load before: {os.getloadavg()[0]:.2f}; grid: {len(ref)} tests, outputs identical"
+    )
     print(f"alone:                                  {alone:7.1f} s")
     for policy, t in times.items():
         label = "ctxaware policy (PASSIVE)" if policy == "PASSIVE" else "spinning OpenMP default (ACTIVE)"
