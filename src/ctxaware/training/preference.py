@@ -308,9 +308,7 @@ def train_dpo(cfg: DPOStageConfig, model=None, tokenizer=None, callbacks: Sequen
     """Run (or resume) the DPO stage; returns the ``train_summary.json`` content."""
     from ctxaware.training import sft as T
 
-    summary = T.finished_run(cfg)
-    if summary is not None:
-        logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
+    if (summary := T.finished_run(cfg)) is not None:
         return summary
     trainer, info = build_dpo_trainer(cfg, model, tokenizer, callbacks)
     return T.fit(cfg, trainer, info)

@@ -151,9 +151,7 @@ def train_grpo(cfg: GRPOStageConfig, model=None, tokenizer=None, callbacks: Sequ
     """Run (or resume) the RLVR stage; the summary adds the reward per logged step."""
     from ctxaware.training import sft as T
 
-    done = T.finished_run(cfg)
-    if done is not None:
-        logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
+    if (done := T.finished_run(cfg)) is not None:
         return done
     trainer, info = build_grpo_trainer(cfg, model, tokenizer, callbacks)
     summary = T.fit(cfg, trainer, info)

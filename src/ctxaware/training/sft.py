@@ -414,12 +414,13 @@ def finished_run(cfg: TrainConfig) -> dict | None:
     if not done.is_file():
         return None
     summary = json.loads(done.read_text())
-    if summary.get("fingerprint") == fingerprint(run_config(cfg)):
-        return summary
-    if saved_path.is_file():
+    same = summary.get("fingerprint") == fingerprint(run_config(cfg))
+    if not same and saved_path.is_file():
         saved = json.loads(saved_path.read_text())
-        if not config_changes(saved, saved.pop("_inputs", None), run_config(cfg)):
-            return summary
+        same = not config_changes(saved, saved.pop("_inputs", None), run_config(cfg))
+    if same:
+        logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
+        return summary
     return None
 
 
@@ -704,9 +705,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()
         raise CtxawareError(
             f"train() runs the SFT stage; run stage {cfg.stage!r} with ctxaware.training.finetune.run_stage"
         )
-    summary = finished_run(cfg)
-    if summary is not None:
-        logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
+    if (summary := finished_run(cfg)) is not None:
         return summary
     trainer, info = build_trainer(cfg, model, tokenizer, callbacks)
     return fit(cfg, trainer, info)
