@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ctxaware.attention.allocation import (
-    mean_normalisations,
+    mean_normalizations,
     nih_prompts,
-    normalisations,
+    normalizations,
     pad_batch,
-    renormalise,
+    renormalize,
     role_allocation,
 )
 from ctxaware.attention.retrieval_heads import (
@@ -60,7 +60,7 @@ def test_renormalise_and_pad_batch(smollm2_tok):
     ids, mask, rows, groups = pad_batch([r, r], [[len(r) - 1], [0, 1]], pad_id=0)
     assert rows.tolist() == [[len(r) - 1, -1], [0, 1]] and groups.sum().item() == 2 * len(r)
     x = torch.tensor([0.1, 0.0, 0.5, 0.2, 0.2])  # sink, system, user, assistant, template
-    assert torch.allclose(renormalise(x), torch.tensor([0.125, 0.625, 0.25]))
+    assert torch.allclose(renormalize(x), torch.tensor([0.125, 0.625, 0.25]))
     with pytest.raises(CtxawareError, match="query positions"):
         role_allocation(None, [r], positions=[[len(r)]])
 
@@ -132,24 +132,24 @@ def test_attention_cli(tmp_path):
 
 def test_normalisations_hand_computed():
     raw = {"sink": 0.4, "system": 0.1, "user": 0.3, "assistant": 0.1, "template": 0.1}
-    n = normalisations(raw)
+    n = normalizations(raw)
     assert set(n) == {"raw", "paper", "sink_excluded"} and n["raw"] == raw
     want_paper = {"sink": 0.5, "user": 0.375, "assistant": 0.125}  # 0.4, 0.3, 0.1 over 0.8
     want_se = {"system": 0.2, "user": 0.6, "assistant": 0.2}  # 0.1, 0.3, 0.1 over 0.5
     assert n["paper"] == pytest.approx(want_paper) and n["sink_excluded"] == pytest.approx(want_se)
-    t = normalisations(torch.tensor([0.4, 0.1, 0.3, 0.1, 0.1]))  # the same in ROLES order
+    t = normalizations(torch.tensor([0.4, 0.1, 0.3, 0.1, 0.1]))  # the same in ROLES order
     assert t["paper"] == pytest.approx(want_paper) and t["sink_excluded"] == pytest.approx(want_se)
-    only_sink = normalisations({"sink": 0.9, "template": 0.1})
+    only_sink = normalizations({"sink": 0.9, "template": 0.1})
     assert only_sink["paper"]["sink"] == 1.0 and only_sink["sink_excluded"] == {
         "system": 0,
         "user": 0,
         "assistant": 0,
     }
-    m = mean_normalisations([n, normalisations({"user": 1.0})])
+    m = mean_normalizations([n, normalizations({"user": 1.0})])
     assert m["sink_excluded"]["user"] == pytest.approx((0.6 + 1.0) / 2)
     assert m["paper"]["sink"] == pytest.approx(0.25)
     with pytest.raises(CtxawareError, match="unknown roles"):
-        normalisations({"bos": 1.0})
+        normalizations({"bos": 1.0})
 
 
 def test_eq3_sink_exclusion_changes_the_head_on_a_constructed_case(smollm2_tok):

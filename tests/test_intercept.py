@@ -20,7 +20,7 @@ _REF: dict = {}  # layer -> heads; "emph" -> (B, K) bool; "alpha" -> float
 
 
 def _ref_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
-    """Eq. (1) written the slow way: eager softmax, multiply non-emphasised probabilities by alpha, renormalise."""
+    """Eq. (1) written the slow way: eager softmax, multiply non-emphasised probabilities by alpha, renormalize."""
     n_rep = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(n_rep, dim=1).float()
     v = value.repeat_interleave(n_rep, dim=1).float()

@@ -34,7 +34,7 @@ API = {
     "generate": ("ctxaware.rendering.generate", "generate"),
     "role_allocation": ("ctxaware.attention.allocation", "role_allocation"),
     "role_shares": ("ctxaware.attention.allocation", "role_shares"),
-    "normalisations": ("ctxaware.attention.allocation", "normalisations"),
+    "normalizations": ("ctxaware.attention.allocation", "normalizations"),
     "steer": ("ctxaware.attention.steering", "steer"),
     "context_dependency_score": ("ctxaware.scoring.score", "context_dependency_score"),
     # one function per runner: each returns its rows (or summary) in memory and writes them as the CLI does

@@ -152,11 +152,11 @@ def _views(raw) -> dict[str, dict[str, float]]:
     """raw / paper / sink_excluded shares of one (5,) role mass, as `ctxaware attention` reports them."""
     from ctxaware.attention import allocation as attention
 
-    if hasattr(attention, "normalisations"):
-        return attention.normalisations(raw)
+    if hasattr(attention, "normalizations"):
+        return attention.normalizations(raw)
     return {
         "raw": dict(zip(ROLES, raw.tolist())),
-        "paper": dict(zip(attention.PAPER, attention.renormalise(raw).tolist())),
+        "paper": dict(zip(attention.PAPER, attention.renormalize(raw).tolist())),
     }
 
 
@@ -166,7 +166,7 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     opened by the needle's first 9 words, the query "is", the plain text joined by a space. The retrieval
     head is the head with the most attention on user tokens without the template (eq. 3).
     """
-    from ctxaware.attention.allocation import nih_prompts, renormalise, role_allocation
+    from ctxaware.attention.allocation import nih_prompts, renormalize, role_allocation
     from ctxaware.core.models import middle_layer
     from ctxaware.data.needle import essays_dir
     from ctxaware.rendering.chat import ROLES
@@ -196,7 +196,7 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     conditions = {}
     for mode in ("plain", "chat"):
         raw = by_mode[mode][:, head].mean(0)  # (5,)
-        first, user, asst = renormalise(raw).tolist()
+        first, user, asst = renormalize(raw).tolist()
         print(
             f"{mode + ' + prefix':<22}{first:>8.3f}{user:>8.3f}{asst:>11.3f}{raw[ROLES.index('template')]:>16.3f}"
         )

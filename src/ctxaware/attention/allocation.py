@@ -2,7 +2,7 @@
 
 For a rendered prompt and query positions (default: the last prompt token, which generates the first
 answer token), `role_allocation` returns for every layer and head the attention mass on each role of
-`chat.ROLES` (sink, system, user, assistant, template). `normalisations` turns one raw mass-per-role into
+`chat.ROLES` (sink, system, user, assistant, template). `normalizations` turns one raw mass-per-role into
 the three views that ctxaware reports side by side (docs/attention.md):
 
 * ``raw``: the mass on every role, summing to 1;
@@ -40,7 +40,7 @@ from ctxaware.rendering.chat import ROLES, Rendered
 
 PAPER = ("sink", "user", "assistant")  # paper Fig. 3-4 (its BOS is the sink)
 SINK_EXCLUDED = ("system", "user", "assistant")  # tokens that are neither sink nor template
-NORMALISATIONS = ("raw", "paper", "sink_excluded")
+NORMALIZATIONS = ("raw", "paper", "sink_excluded")
 
 
 def pad_batch(prompts: Sequence[Rendered], positions: Sequence[Sequence[int]], pad_id: int):
@@ -112,7 +112,7 @@ def role_shares(
     model, prompts: Sequence[Rendered], layer: int | None = None, head: int | None = None, **kw
 ) -> list[dict[str, float]]:
     """Per prompt, the attention of its query token (the last one) on each role, labelled ``{role: share}``
-    over `chat.ROLES` (raw mass; `normalisations` gives the paper's views): at ``layer`` (default: the
+    over `chat.ROLES` (raw mass; `normalizations` gives the paper's views): at ``layer`` (default: the
     middle, the paper's analysis layer), averaged over heads or of one ``head``. `role_allocation` is the
     unlabelled (N, L, H, 5) tensor behind it."""
     from ctxaware.core.models import middle_layer
@@ -123,13 +123,13 @@ def role_shares(
     return [dict(zip(ROLES, map(float, row))) for row in t]
 
 
-def renormalise(shares: torch.Tensor, roles: Sequence[str] = PAPER) -> torch.Tensor:
+def renormalize(shares: torch.Tensor, roles: Sequence[str] = PAPER) -> torch.Tensor:
     """(..., 5) role mass -> (..., len(roles)) over ``roles`` summing to 1 (default: the paper's view)."""
     sub = shares[..., [ROLES.index(r) for r in roles]]
     return sub / sub.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def normalisations(raw_shares: Mapping[str, float] | torch.Tensor) -> dict[str, dict[str, float]]:
+def normalizations(raw_shares: Mapping[str, float] | torch.Tensor) -> dict[str, dict[str, float]]:
     """The three views of one attention mass per role: ``{"raw", "paper", "sink_excluded"}`` -> ``{role: share}``.
 
     ``raw_shares`` maps every role of `chat.ROLES` to its mass (missing roles are 0), or is a tensor of
@@ -153,11 +153,11 @@ def normalisations(raw_shares: Mapping[str, float] | torch.Tensor) -> dict[str, 
     return {"raw": raw, "paper": over(PAPER), "sink_excluded": over(SINK_EXCLUDED)}
 
 
-def mean_normalisations(rows: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    """Mean over prompts of per-prompt `normalisations` (each view averaged role by role)."""
+def mean_normalizations(rows: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean over prompts of per-prompt `normalizations` (each view averaged role by role)."""
     if not rows:
         raise CtxawareError("no prompts to average")
-    return {k: {r: sum(row[k][r] for row in rows) / len(rows) for r in rows[0][k]} for k in NORMALISATIONS}
+    return {k: {r: sum(row[k][r] for row in rows) / len(rows) for r in rows[0][k]} for k in NORMALIZATIONS}
 
 
 class PrefillShares:
@@ -167,7 +167,7 @@ class PrefillShares:
     (`intercept.Capture` with rows ``"last"``, ``once``) the (H, 5) mass per role of the token that generates
     the first answer token, on the same forward pass that prefills the KV cache, at the cost of one softmax
     row per head and layer. ``shares[i]`` is then, for prompt ``i`` of the call, ``{layer: {"raw", "paper",
-    "sink_excluded"}}`` (head-mean, `normalisations`) plus ``"heads"``: the raw (H, 5) mass in `ROLES` order.
+    "sink_excluded"}}`` (head-mean, `normalizations`) plus ``"heads"``: the raw (H, 5) mass in `ROLES` order.
     """
 
     def __init__(self, model, layers: Sequence[int]) -> None:
@@ -191,17 +191,17 @@ class PrefillShares:
             rec = {}
             for layer in self.layers:
                 heads = cap.results[layer][j, :, 0].float().cpu()  # (H, 5)
-                rec[str(layer)] = {**normalisations(heads.mean(0)),
+                rec[str(layer)] = {**normalizations(heads.mean(0)),
                                    "heads": [[round(x, 5) for x in h] for h in heads.tolist()]}  # fmt: skip
             self.shares[i] = rec
 
 
 def mean_prefill_shares(rows: Sequence[Mapping]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{layer: mean_normalisations}`` over rows that carry ``attention`` (NIH rows); ``{}`` when none do."""
+    """``{layer: mean_normalizations}`` over rows that carry ``attention`` (NIH rows); ``{}`` when none do."""
     rows = [r["attention"] for r in rows if r.get("attention")]
     if not rows:
         return {}
-    return {layer: mean_normalisations([r[layer] for r in rows]) for layer in rows[0]}
+    return {layer: mean_normalizations([r[layer] for r in rows]) for layer in rows[0]}
 
 
 # --- prompts: the authors' attention-analysis script (default) or the NIH tester's -------------------------
@@ -410,14 +410,14 @@ def layer_statistics(shares: dict, prompts: dict, heads: dict) -> dict:
 
     out = {}
     for layer, hs in heads.items():
-        views = {c: [normalisations(shares[c][i, layer, h]) for i, h in enumerate(hs)] for c in shares}
-        rec = {c: {v: {r: summarize([x[v][r] for x in views[c]]) for r in views[c][0][v]} for v in NORMALISATIONS}
+        views = {c: [normalizations(shares[c][i, layer, h]) for i, h in enumerate(hs)] for c in shares}
+        rec = {c: {v: {r: summarize([x[v][r] for x in views[c]]) for r in views[c][0][v]} for v in NORMALIZATIONS}
                for c in views}  # fmt: skip
         if "chat" in views:
             rec["chat_minus_plain"] = {
                 v: {r: summarize([c[v][r] - p[v][r] for c, p in zip(views["chat"], views["plain"])])
                     for r in views["plain"][0][v]}
-                for v in NORMALISATIONS
+                for v in NORMALIZATIONS
             }  # fmt: skip
         out[str(layer)] = rec
     return out
@@ -473,15 +473,15 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     for c in conds:
         for i, (p, r) in enumerate(zip(by_cond[c], prompts[c])):
             key = {"model": name, "condition": c, "length": p.cell["length"], "depth": p.cell["depth"]}
-            by_layer = {str(lyr): {"head": heads[lyr][i], **normalisations(shares[c][i, lyr, heads[lyr][i]])}
+            by_layer = {str(lyr): {"head": heads[lyr][i], **normalizations(shares[c][i, lyr, heads[lyr][i]])}
                         for lyr in range(n_layers)}  # fmt: skip
             rows.append(key | {"layer": layer, "head": heads[layer][i], "tokens": len(r),
                                "query_token": tok.decode(r.input_ids[-1:])}
                         | by_layer[str(layer)] | {"layers": by_layer})  # fmt: skip
-        per = [normalisations(shares[c][i, layer, h]) for i, h in enumerate(heads[layer])]
+        per = [normalizations(shares[c][i, layer, h]) for i, h in enumerate(heads[layer])]
         head = max(set(heads[layer]), key=heads[layer].count)  # the most frequent head, for labels
         allocation["conditions"][c] = (
-            {"head": head} | mean_normalisations(per) | {"ci": layers[str(layer)][c]}
+            {"head": head} | mean_normalizations(per) | {"ci": layers[str(layer)][c]}
         )
     if "chat" in conds:
         allocation["chat_minus_plain"] = layers[str(layer)]["chat_minus_plain"]
@@ -489,7 +489,7 @@ def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
     if "chat" in conds:
         u = PAPER.index("user")
         extra["user_change_layer_head"] = (
-            renormalise(shares["chat"])[..., u].mean(0) - renormalise(shares["plain"])[..., u].mean(0)
+            renormalize(shares["chat"])[..., u].mean(0) - renormalize(shares["plain"])[..., u].mean(0)
         ).tolist()
     return allocation, rows, extra
 
@@ -527,7 +527,7 @@ def _figures(allocation: dict, extra: dict, out: Path) -> None:
     conds = allocation["conditions"]
     head = next(iter(conds.values()))["head"]
     label = f"{name}\nlayer {layer}, head {head}, n={n}"
-    shares = {k: {c: conds[c][k] for c in conds} for k in NORMALISATIONS}
+    shares = {k: {c: conds[c][k] for c in conds} for k in NORMALIZATIONS}
     plotting.normalisation_panels(
         shares,
         out / "allocation.png",

@@ -324,7 +324,7 @@ def head_change(rows: Sequence[dict], names: Sequence[str]) -> tuple[dict, dict]
     return report, maps
 
 
-def summarise(rows: Sequence[dict], names: Sequence[str], cfg: StagesConfig) -> dict:
+def stage_summary(rows: Sequence[dict], names: Sequence[str], cfg: StagesConfig) -> dict:
     """Means with CIs, sensitivity regressions and head changes per checkpoint."""
     out: dict = {"checkpoints": list(names), "usage": {}, "sensitivity": {}}
     for name in names:
@@ -444,7 +444,7 @@ def run(cfg: StagesConfig) -> dict:
             timing[name] = round(time.time() - t0, 1)
             del model
         rows = list(w.rows)
-    summary = summarise(rows, names, cfg)
+    summary = stage_summary(rows, names, cfg)
     maps = summary.pop("_maps")
     summary |= {"config": to_dict(cfg), "n_items": len(items), "seconds": timing}
     write_json_atomic(out / "summary.json", summary)

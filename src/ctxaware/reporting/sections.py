@@ -188,7 +188,7 @@ def _paired(a: list[dict], b: list[dict]) -> tuple[tuple[float, float, float], l
 
 # --------------------------------------------------------------------------------------- attention
 
-NORMALISATIONS = {
+NORMALIZATIONS = {
     "raw": "raw mass per role",
     "paper": "paper (sink+user+assistant = 1)",
     "sink_excluded": "sink excluded (system+user+assistant = 1)",
@@ -217,10 +217,10 @@ def attention(d: Path, figs: Figs) -> Section:
             for c in ("plain", "chat"):
                 v = (conds.get(c) or {}).get(norm) or ((e.get(old) or {}).get(c) if old else None)
                 if isinstance(v, dict) and v:
-                    shares.setdefault(NORMALISATIONS[norm], {})[c] = v
+                    shares.setdefault(NORMALIZATIONS[norm], {})[c] = v
         heads = {c: (conds.get(c) or {}).get("head") for c in conds}
         n, layer = e.get("n_prompts", "?"), e.get("layer", "?")
-        missing = [v for v in NORMALISATIONS.values() if v not in shares]
+        missing = [v for v in NORMALIZATIONS.values() if v not in shares]
         if shares:
             png = plotting.normalisation_panels(
                 shares,
