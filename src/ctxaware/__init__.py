@@ -43,7 +43,7 @@ API = {
     "EvalConfig": ("ctxaware.evaluation.qa", "EvalConfig"),
     "evaluate_tasks": ("ctxaware.evaluation.qa", "evaluate_tasks"),
     "AttentionConfig": ("ctxaware.attention.allocation", "AttentionConfig"),
-    "analyse_attention": ("ctxaware.attention.allocation", "analyse"),
+    "analyze_attention": ("ctxaware.attention.allocation", "analyze"),
     "ScoreConfig": ("ctxaware.scoring.score", "ScoreConfig"),
     "run_score": ("ctxaware.scoring.score", "run"),
     "TrainConfig": ("ctxaware.training.sft", "TrainConfig"),

@@ -423,7 +423,7 @@ def layer_statistics(shares: dict, prompts: dict, heads: dict) -> dict:
     return out
 
 
-def analyse(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict, list[dict], dict]:
+def analyze(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict, list[dict], dict]:
     """One model: ``(allocation, rows, extra)``.
 
     ``allocation`` follows the ``allocation.json`` schema (docs/attention.md); ``rows`` hold one record
@@ -572,7 +572,7 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
 
     model, tok = cfg.load(spec)
     check_layer(cfg.layer, model_shape(model)[0])
-    allocation, rows, extra = analyse(model, tok, cfg, name or _model_dir_name(spec))
+    allocation, rows, extra = analyze(model, tok, cfg, name or _model_dir_name(spec))
     with ResultsWriter(
         where,
         {**to_dict(cfg), "model": spec},
