@@ -382,6 +382,7 @@ def test_indicator_on_unmarked_data_is_refused_with_the_count(tmp_path, tok):
         (["--learning-rate", "0"], "learning"),
         (["--loss-on", "prompt"], "loss"),
         (["--per-device-train-batch-size", "0"], "per_device_train_batch_size"),
+        (["--peft-adapter", "runs/some_adapter"], "merge the adapter first"),  # not silently ignored
     ],
 )
 def test_bad_training_options_are_one_line_errors(argv, message, capsys, monkeypatch):
@@ -428,7 +429,7 @@ def test_lora_adapter_records_a_resolvable_base(tmp_path, tok):
 
 
 def test_a_finished_run_stays_finished_when_options_are_added_later(tmp_path, tok):
-    """A run finished before an option existed (here: its records lack ``peft_adapter``) is still the same
+    """A run finished before an option existed (here: its records lack ``device_map``) is still the same
     finished run for a config where that option is unset: not trained again; set, it is not the same run."""
     cfg = _cfg(tmp_path, max_steps=1)
     first = train(cfg, tiny_llama(), tok)
@@ -436,11 +437,11 @@ def test_a_finished_run_stays_finished_when_options_are_added_later(tmp_path, to
     summary = json.loads((run / "train_summary.json").read_text())
     saved = json.loads((run / "train_config.json").read_text())
     for d in (saved, saved["_inputs"]):
-        d.pop("peft_adapter")
+        d.pop("device_map")
     summary["fingerprint"] = "from-an-older-ctxaware"
     (run / "train_config.json").write_text(json.dumps(saved))
     (run / "train_summary.json").write_text(json.dumps(summary))
     from ctxaware.training.sft import finished_run
 
     assert finished_run(cfg)["wall_seconds"] == first["wall_seconds"]
-    assert finished_run(dataclasses.replace(cfg, peft_adapter=str(tmp_path))) is None
+    assert finished_run(dataclasses.replace(cfg, device_map="auto")) is None

@@ -289,7 +289,6 @@ def template_file(root: Path, cfg: ExperimentConfig) -> str:
     else:
         return "model"
     if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
     return str(path)
 
@@ -347,25 +346,21 @@ def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dic
     these input contents (the content fingerprint `ResultsWriter` uses, recorded in ``where/stage.json``);
     computed when missing. A different configuration is refused in one line, as every command refuses to
     mix runs: change ``eval_limit`` and rerun, and the old numbers do not come back (issue 24 §2)."""
-    from ctxaware.core.results import config_changes, fingerprint
+    from ctxaware.core.results import config_changes, run_record
 
     done, record = where / filename, where / "stage.json"
-    inputs = fingerprint_inputs(stage_config)
-    if done.is_file():
-        if record.is_file():
-            old = json.loads(record.read_text())
-            changed = config_changes(old.get("config", {}), old.get("inputs"), stage_config)
-            if changed:
-                raise CtxawareError(
-                    f"{where} holds this stage's results for another configuration (differs in: "
-                    f"{', '.join(changed)}); use another output_dir, or delete {where} to recompute it"
-                )
-        else:  # a run from before stages recorded their configuration: record it now
-            write_json_atomic(
-                record, {"fingerprint": fingerprint(inputs), "config": stage_config, "inputs": inputs}
+    if done.is_file() and record.is_file():
+        old = json.loads(record.read_text())
+        changed = config_changes(old.get("config", {}), old.get("inputs"), stage_config)
+        if changed:
+            raise CtxawareError(
+                f"{where} holds this stage's results for another configuration (differs in: "
+                f"{', '.join(changed)}); use another output_dir, or delete {where} to recompute it"
             )
         return json.loads(done.read_text())
-    write_json_atomic(record, {"fingerprint": fingerprint(inputs), "config": stage_config, "inputs": inputs})
+    write_json_atomic(record, run_record(stage_config))  # a run from before stages recorded it: recorded now
+    if done.is_file():
+        return json.loads(done.read_text())
     out = compute()
     if not done.is_file():  # commands that write their own summary (attention, stages) have written it
         write_json_atomic(done, out)

@@ -8,7 +8,8 @@ CLI conventions: ``--max-new-tokens 50`` (dashes or underscores), lists as ``--l
 booleans as ``--chat`` / ``--no-chat``, ``none`` for an optional value. A field with
 ``metadata={"positional": True}`` is a positional argument (a list field takes one or more values).
 
-Validation happens in `parse_config`, before any command loads a model or reads data: numeric bounds
+Validation happens when a config is built (`Checked.__post_init__`: from the command line, from YAML, in
+Python or by ``dataclasses.replace``), before any command loads a model or reads data: numeric bounds
 (``metadata={"min": 1}``, ``{"gt": 0}``, ``{"max": 100}``; list items are checked one by one) and paths
 (``metadata={"path": "output_dir" | "output_file" | "input_file" | "input"}``). Fields without metadata
 get the rule their name implies (`NAME_RULES`; ``output`` is a file when its default has a suffix such
@@ -178,8 +179,8 @@ def data_dir_candidates() -> list[Path]:
 def default_data_dir() -> Path:
     """The shared data folder every command reads by default (`data_dir_candidates`: the first that exists,
     else the first looked at, which the missing-file error then names). ``--data-dir`` overrides it."""
-    found = [p for p in data_dir_candidates() if p.is_dir()]
-    return found[0] if found else data_dir_candidates()[0]
+    places = data_dir_candidates()
+    return next((p for p in places if p.is_dir()), places[0])
 
 
 def where_data_was_looked_for() -> str:
@@ -513,18 +514,12 @@ class ModelConfig(Checked):
         default=None, metadata={"help": "a PEFT (LoRA) adapter directory applied on top of --model"}
     )
 
-    def load(self, model: str | None = None):
-        """``(model, tokenizer)`` for ``model`` (default: this config's ``model``)."""
+    def load(self, model: str | None = None, **overrides: Any):
+        """``(model, tokenizer)`` for ``model`` (default: this config's ``model``) with this config's model
+        options; ``overrides`` replace some of them (training resolves the device and its QLoRA)."""
         from ctxaware.core.models import load_model
 
-        return load_model(
-            model or self.model,
-            revision=self.revision,
-            dtype=self.dtype,
-            device=self.device,
-            attn_implementation=self.attn_implementation,
-            trust_remote_code=self.trust_remote_code,
-            device_map=self.device_map,
-            quantization=self.quantization,
-            peft_adapter=self.peft_adapter,
-        )
+        options = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "model"
+        }
+        return load_model(model or self.model, **{**options, **overrides})

@@ -216,6 +216,13 @@ def config_changes(old_config: dict, old_inputs: dict | None, config: dict) -> l
     return sorted(changed)
 
 
+def run_record(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"fingerprint", "config", "inputs"}``: what a run records of its configuration so that a rerun is
+    compared by contents (`config_changes` against ``record["config"]`` and ``record["inputs"]``)."""
+    inputs = fingerprint_inputs(config)
+    return {"fingerprint": fingerprint(inputs), "config": config, "inputs": inputs}
+
+
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
     """Rows as JSONL, written to a temporary name and renamed when complete (readers never see half a file,
     and an earlier file survives a failure)."""
@@ -320,8 +327,8 @@ class ResultsWriter:
         self.path = self.dir / filename
         self.key_fields = tuple(key_fields)
         self.config = config
-        self.inputs = fingerprint_inputs(config)
-        self.fingerprint = fingerprint(self.inputs)
+        record = run_record(config)
+        self.inputs, self.fingerprint = record["inputs"], record["fingerprint"]
         self.dir.mkdir(parents=True, exist_ok=True)
         # One writer per results file: a second process on the same file would duplicate rows.
         self._lock = take_lock(self.dir / f".{filename}.lock", self.path)
@@ -332,8 +339,7 @@ class ResultsWriter:
         # compared (a resume under another version is allowed, and appends its own provenance)
         made = provenance(**(about or {}))
         made["started"] = made.pop("finished")  # written when the run (or its resume) starts
-        meta = {"kind": kind, "schema": SCHEMA, "fingerprint": self.fingerprint, "config": config,
-                "inputs": self.inputs, "provenance": made}  # fmt: skip
+        meta = {"kind": kind, "schema": SCHEMA, **record, "provenance": made}
         if meta_path.is_file():
             try:
                 old = json.loads(meta_path.read_text())
@@ -410,7 +416,7 @@ class ResultsWriter:
         if k in self._done:
             return
         row = json_safe(row)  # the row kept in memory is the row a resumed run reads back
-        self._f.write(dumps(row) + "\n")
+        self._f.write(json.dumps(row, allow_nan=False, default=str) + "\n")  # `dumps`, already made safe
         self._f.flush()
         os.fsync(self._f.fileno())
         self._done.add(k)

@@ -583,10 +583,10 @@ def dump_prompts(
     cfg: NeedleConfig, tok, model_name: str, path: str | Path, window: int | None = None, append: bool = False
 ) -> int:
     """``--dump-prompts``: one JSON line per test (prompt text, ids, context size, needle token index)."""
-    needle = load_needle(cfg)[0]
-    n = 0
     from tqdm.auto import tqdm
 
+    needle = load_needle(cfg)[0]
+    n = 0
     prompts = build_prompts(cfg, tok, model_name, window)
     with open(path, "a" if append else "w") as f:
         for p in tqdm(prompts, desc=f"dump-prompts {model_name}", unit="prompt", leave=False):

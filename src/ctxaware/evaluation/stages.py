@@ -429,7 +429,6 @@ def run(cfg: StagesConfig) -> dict:
             bar = tqdm(total=len(todo), desc=f"stages: {name}", unit="ex", disable=not cfg.progress)
             for a in range(0, len(todo), 4 * cfg.batch_size):
                 chunk = todo[a : a + 4 * cfg.batch_size]
-                bar.update(len(chunk))
                 for row in measure_checkpoint(model, tok, chunk, cfg):
                     w.write(
                         {
@@ -440,6 +439,7 @@ def run(cfg: StagesConfig) -> dict:
                             **chars[(row["task"], row["id"])],
                         }
                     )
+                bar.update(len(chunk))  # after the chunk's rows are written
             bar.close()
             timing[name] = round(time.time() - t0, 1)
             del model

@@ -329,20 +329,11 @@ def _check_method(cfg: TrainConfig, device: str) -> None:
 
 def load_for_training(cfg: TrainConfig):
     """``(model, tokenizer)`` for ``cfg.model``; 4-bit for QLoRA."""
-    from ctxaware.core.models import load_model, resolve_device
+    from ctxaware.core.models import resolve_device
 
     device = resolve_device(cfg.device)
     _check_method(cfg, device)
-    model, tok = load_model(
-        cfg.model,
-        revision=cfg.revision,
-        dtype=cfg.dtype,
-        device=device,
-        attn_implementation=cfg.attn_implementation,
-        quantization="4bit" if cfg.method == "qlora" else None,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    return model, tok
+    return cfg.load(device=device, quantization="4bit" if cfg.method == "qlora" else cfg.quantization)
 
 
 def peft_config_for(cfg: TrainConfig, indicator_id: int | None):
@@ -413,11 +404,11 @@ def finished_run(cfg: TrainConfig) -> dict | None:
     done, saved_path = out / "train_summary.json", out / "train_config.json"
     if not done.is_file():
         return None
-    summary = json.loads(done.read_text())
-    same = summary.get("fingerprint") == fingerprint(run_config(cfg))
+    summary, now = json.loads(done.read_text()), run_config(cfg)
+    same = summary.get("fingerprint") == fingerprint(now)
     if not same and saved_path.is_file():
         saved = json.loads(saved_path.read_text())
-        same = not config_changes(saved, saved.pop("_inputs", None), run_config(cfg))
+        same = not config_changes(saved, saved.pop("_inputs", None), now)
     if same:
         logger.warning("%s already holds this finished run; delete it to train again", cfg.output_dir)
         return summary
@@ -697,6 +688,11 @@ def check_training_options(cfg: TrainConfig) -> None:
         raise CtxawareError(f"warmup_ratio {cfg.warmup_ratio}: must be in [0, 1)")
     if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
         raise CtxawareError("num_train_epochs must be positive (or set max_steps > 0)")
+    if cfg.peft_adapter:  # training puts its own LoRA on the loaded model, not on top of another adapter
+        raise CtxawareError(
+            f"peft_adapter {cfg.peft_adapter}: training starts from a full model; merge the adapter first "
+            "(PeftModel.merge_and_unload) and give the merged directory as model"
+        )
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None, callbacks: Sequence = ()) -> dict:
