@@ -82,7 +82,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("train negative learning rate", _with_output("train", "--learning-rate", "-1e-4")),
     ("train batch size 0", _with_output("train", "--per-device-train-batch-size", "0")),
     ("train epochs 0", _with_output("train", "--num-train-epochs", "0")),
-    ("experiment negative learning rate", _with_output("experiment", "--learning-rate", "-1")),
+    ("experiment negative learning rate", _with_output("experiment", "--train.learning-rate", "-1")),
     ("select beta 1.5", _with_output("select", "--beta", "1.5")),
     ("nih batch-size not a number", _with_output("nih", "--batch-size", "x")),
     # inputs that are not UTF-8

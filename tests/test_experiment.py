@@ -69,14 +69,17 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok, shared_data):
     model_dir = tmp_path / "tiny"
     tiny_llama().save_pretrained(model_dir)
     smollm2_tok.save_pretrained(model_dir)
+    small = dict(max_length=64, per_device_train_batch_size=2, save_steps=1000)
     cfg = ExperimentConfig(  # seed_model: trained (the default): the vanilla SFT is the seed that scores
-        model=str(model_dir), device="cpu", dtype="float32",
-        data=str(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json"), max_conversations=6, max_length=64,
-        max_steps=2, per_device_train_batch_size=2, save_steps=1000, betas=[0.0], eval_tasks=["cf_world_facts"],
-        eval_limit=2, eval_max_new_tokens=2, output_dir=str(tmp_path / "exp"),
-        post_stages=["dpo", "grpo"], dpo_max_pairs=2, dpo_max_length=64, grpo_tasks=["cf_world_facts"], grpo_n=2,
-        grpo_max_steps=1, grpo_max_completion_length=2, nih_lengths=[120], nih_depths=[50.0],
-        attention_lengths=[120], attention_depths=[50.0], stages_n=2, stages_tasks=["cf_world_facts"],
+        model={"model": str(model_dir), "device": "cpu", "dtype": "float32"},
+        data=str(SHARED_DATA / "sft" / "sharegpt_dummy_conversation.json"), betas=[0.0],
+        train=dict(small, max_conversations=6, max_steps=2),
+        eval={"tasks": ["cf_world_facts"], "limit": 2, "max_new_tokens": 2}, output_dir=str(tmp_path / "exp"),
+        post_stages=["dpo", "grpo"], dpo=dict(small, data=str(SHARED_DATA / "sft" / "dpo_en_demo.json"), max_pairs=2),
+        grpo=dict(small, rl_tasks=["cf_world_facts"], rl_n=2, max_steps=1, max_completion_length=2, num_generations=2,
+                  max_length=512),
+        nih={"lengths": [120], "depths": [50.0]}, attention={"lengths": [120], "depths": [50.0]},
+        stages={"n": 2, "tasks": ["cf_world_facts"]},
     )  # fmt: skip
     table = run(cfg)
     root = tmp_path / "exp"
@@ -145,10 +148,11 @@ def test_tiny_end_to_end_and_cached_rerun(tmp_path, smollm2_tok, shared_data):
     # issue 24 §2: a cached stage is reused only for its own configuration; a changed option is refused in one
     # line before anything is recomputed or replaced (the old numbers never come back as the new ones)
     before = (root / "comparison.md").read_bytes()
-    for change, what in ((dict(eval_limit=3), "limit"), (dict(nih_depths=[25.0]), "runs"),
-                         (dict(attention_lengths=[160]), "lengths"), (dict(stages_n=3), "n")):  # fmt: skip
+    for section, change, what in (("eval", dict(limit=3), "limit"), ("nih", dict(depths=[25.0]), "runs"),
+                                  ("attention", dict(lengths=[160]), "lengths"), ("stages", dict(n=3), "n")):  # fmt: skip
+        changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **change)})
         with pytest.raises(CtxawareError, match=rf"differs in: .*{what}"):
-            run(dataclasses.replace(cfg, **change))
+            run(changed)
     assert (root / "comparison.md").read_bytes() == before
 
 
@@ -159,15 +163,92 @@ def test_seed_model_options():
     assert seed_spec(ExperimentConfig(seed_model="default")) == "default"
     with pytest.raises(CtxawareError, match="unknown option.*score_model"):  # the retired spelling: one line
         from_dict(ExperimentConfig, {"score_model": "gemma3-270m"})
-    assert ExperimentConfig().eval_max_new_tokens == 100  # paper App. A.3
 
 
 def test_experiment_rejects_bad_options_before_compute(tmp_path):
-    with pytest.raises(CtxawareError, match="eval.limit"):  # when the config is built (config.Checked)
-        run(ExperimentConfig(data="x.json", eval_limit=0, output_dir=str(tmp_path)))
+    with pytest.raises(
+        CtxawareError, match="limit 0 must be at least 1"
+    ):  # when the config is built (Checked)
+        ExperimentConfig(data="x.json", eval={"limit": 0}, output_dir=str(tmp_path))
     with pytest.raises(CtxawareError, match="learning.rate"):
-        run(ExperimentConfig(data="x.json", learning_rate=-1.0, output_dir=str(tmp_path)))
+        ExperimentConfig(data="x.json", train={"learning_rate": -1.0}, output_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_sections_are_the_commands_own_configs(tmp_path):
+    """Issue 24 section 1: each section is its command's config with that command's defaults (no copies to
+    drift: MT-Bench's answer length is eval's 512), model options given once reach every stage, the options
+    the experiment sets itself are refused, and a retired flat key names its new place in one line."""
+    from ctxaware.core.config import parse_sectioned
+    from ctxaware.evaluation.qa import EvalConfig
+    from ctxaware.experiment import RENAMED, model_options
+    from ctxaware.scoring.score import ScoreConfig
+
+    yaml_file = tmp_path / "e.yaml"
+    yaml_file.write_text("model: {model: gpt2, revision: abc, device: cpu}\neval: {limit: 7}\n"
+                         f"output_dir: {tmp_path / 'out'}\n")  # fmt: skip
+    cfg = parse_sectioned(ExperimentConfig, ["--config", str(yaml_file), "--eval.tasks", "squad,drop",
+                                             "--score.layer", "3"], "x", RENAMED)  # fmt: skip
+    assert isinstance(cfg.eval, EvalConfig) and isinstance(cfg.score, ScoreConfig)
+    assert (cfg.eval.limit, cfg.eval.tasks, cfg.score.layer) == (
+        7,
+        ["squad", "drop"],
+        3,
+    )  # YAML and CLI merged
+    assert cfg.eval.mt_bench_max_new_tokens == EvalConfig().mt_bench_max_new_tokens == 512
+    assert cfg.eval.max_new_tokens == EvalConfig().max_new_tokens == 100  # paper App. A.3, from eval itself
+    assert (cfg.train.model, cfg.train.revision, cfg.score.device) == ("gpt2", "abc", "cpu")
+    assert cfg.nih is None and cfg.stages is None  # absent sections: not run
+    assert model_options(cfg, "gpt2")["revision"] == "abc"  # the base keeps its revision (issue 24)
+    assert model_options(cfg, str(tmp_path / "ckpt"))["revision"] is None  # a trained checkpoint has none
+    for argv, message in (
+        (["--eval_limit", "3"], "option eval_limit is now eval.limit"),
+        (["--dpo_beta", "0.2"], "option dpo_beta is now dpo.beta"),
+        (["--learning_rate", "1e-4"], "is now train.learning_rate"),
+        (["--eval.output", "x"], "eval.output is set by the experiment"),
+        (["--nih.device", "cpu"], "model options are set once, under model: .model.device."),
+        (["--eval.limitt", "3"], "unknown option.*limitt in section eval"),
+    ):
+        with pytest.raises(CtxawareError, match=message):
+            parse_sectioned(ExperimentConfig, ["--output_dir", str(tmp_path / "o"), *argv], "x", RENAMED)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()  # nothing written
+
+
+def test_gemma_experiment_yaml_builds_the_published_configs():
+    """docs/experiment/gemma.yaml in sections gives the stage options the published run used (issue 24:
+    published numbers unchanged): values from the flat YAML of the run in docs/experiment.md."""
+    from ctxaware.core.config import parse_sectioned
+    from ctxaware.experiment import RENAMED
+
+    yaml_file = Path(__file__).resolve().parents[1] / "docs" / "experiment" / "gemma.yaml"
+    cfg = parse_sectioned(ExperimentConfig, ["--config", str(yaml_file)], "x", RENAMED)
+    assert (cfg.model.model, cfg.train.max_conversations, cfg.train.max_steps, cfg.betas) == (
+        "gemma3-270m",
+        160,
+        -1,
+        [0.39],
+    )
+    assert (cfg.dpo.learning_rate, cfg.dpo.max_pairs, cfg.dpo.max_length, cfg.dpo.beta) == (
+        5e-5,
+        48,
+        384,
+        0.1,
+    )
+    assert (cfg.dpo.per_device_train_batch_size, cfg.dpo.track_every, cfg.grpo.save_steps) == (8, 4, 4)
+    assert (cfg.grpo.rl_n, cfg.grpo.max_steps, cfg.grpo.num_generations, cfg.grpo.max_length) == (
+        32,
+        12,
+        2,
+        512,
+    )
+    assert (cfg.eval.limit, cfg.eval.seed, cfg.eval.batch_size, cfg.stages.n, cfg.stages.seed) == (
+        50,
+        42,
+        16,
+        30,
+        42,
+    )
+    assert (cfg.nih.lengths, cfg.attention.lengths) == ([250, 500, 1000], [500, 1000])
 
 
 def test_experiment_help_says_what_it_runs_and_how_long(capsys):

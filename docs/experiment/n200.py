@@ -14,9 +14,10 @@ Output: runs/experiment_gemma_n200_TASK/ (rows resume after a kill) and its n200
 import sys
 from pathlib import Path
 
-from ctxaware.core.config import parse_config
+from ctxaware.core.config import parse_sectioned
 from ctxaware.core.results import write_json_atomic
 from ctxaware.experiment import (
+    RENAMED,
     ExperimentConfig,
     paired,
     stage_data,
@@ -31,7 +32,7 @@ from ctxaware.experiment import (
 TASKS = sys.argv[1:] or ["cf_world_facts"]
 src = Path("runs/experiment_gemma")
 
-cfg = parse_config(ExperimentConfig, ["--config", "docs/experiment/gemma.yaml"], prog="n200")
+cfg = parse_sectioned(ExperimentConfig, ["--config", "docs/experiment/gemma.yaml"], "n200", RENAMED)
 cfg.data = stage_data(cfg, src)
 seed_model, _ = stage_seed(cfg, src)
 scores = stage_score(cfg, src, seed_model)
@@ -44,11 +45,11 @@ indicator = stage_train(cfg, src, f"ind_indicator_b{beta}", str(marked), True)["
 for task in TASKS:
     root = Path("runs/experiment_gemma_n200_" + task)
     root.mkdir(parents=True, exist_ok=True)
-    tcfg = parse_config(
+    tcfg = parse_sectioned(
         ExperimentConfig,
-        ["--config", "docs/experiment/gemma.yaml", "--eval_limit", "200", "--eval_tasks", task,
+        ["--config", "docs/experiment/gemma.yaml", "--eval.limit", "200", "--eval.tasks", task,
          "--mt_bench_limit", "0", "--output_dir", str(root)],
-        prog="n200",
+        "n200", RENAMED,
     )  # fmt: skip
     runs = {  # name: (model dir, indicator at inference, mode)
         "base/plain": ("gemma3-270m", False, "plain"),

@@ -19,14 +19,16 @@ finished and resumes training from its last checkpoint. Layout: ``data/``, ``sco
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import random
 import time
 from pathlib import Path
+from typing import Any
 
-from ctxaware.core.config import parse_config, to_dict
+from ctxaware.core.config import Checked, ModelConfig, parse_sectioned, to_dict
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import fingerprint_inputs, read_jsonl, write_json_atomic, write_text_atomic
 from ctxaware.data.conversations import load_conversations, write_conversations
@@ -34,33 +36,89 @@ from ctxaware.training.sft import ZEPHYR_TEMPLATE, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 POST_STAGES = ("dpo", "grpo")
+NIH_CONDITIONS = {"chat+prefix": ("chat", True), "plain+prefix": ("plain", True), "chat": ("chat", False),
+                  "plain": ("plain", False)}  # fmt: skip
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+# per section: the fields the experiment sets itself (the model options come from the model section)
+SET_BY_EXPERIMENT = {
+    "train": ("output_dir", "indicator", "stage", "data"),
+    "score": ("data", "output", "format", "split", "limit", "progress", "overwrite"),
+    "eval": ("modes", "indicator", "output", "overwrite", "dump_prompts"),
+    "nih": ("modes", "prefix", "indicator", "chat_template", "output", "overwrite", "dump_prompts"),
+    "attention": ("chat_template", "output", "overwrite", "dump_prompts"),
+    "stages": ("checkpoints", "mode", "output"),
+    "dpo": ("output_dir", "indicator", "stage", "chat_template"),
+    "grpo": ("output_dir", "indicator", "stage", "chat_template", "data"),
+}
+RENAMED = {  # the experiment's flat options before its config had sections (issue 24 section 1)
+    "score_layer": "score.layer", "score_max_tokens": "score.max_tokens", "dpo_data": "dpo.data",
+    "dpo_max_pairs": "dpo.max_pairs", "dpo_max_length": "dpo.max_length",
+    "dpo_learning_rate": "dpo.learning_rate", "dpo_beta": "dpo.beta", "grpo_tasks": "grpo.rl_tasks",
+    "grpo_n": "grpo.rl_n", "grpo_max_steps": "grpo.max_steps", "grpo_learning_rate": "grpo.learning_rate",
+    "grpo_num_generations": "grpo.num_generations", "grpo_max_completion_length": "grpo.max_completion_length",
+    "eval_tasks": "eval.tasks", "eval_limit": "eval.limit", "eval_max_new_tokens": "eval.max_new_tokens",
+    "eval_batch_size": "eval.batch_size", "nih_lengths": "nih.lengths", "nih_depths": "nih.depths",
+    "attention_lengths": "attention.lengths", "attention_depths": "attention.depths",
+    "mt_bench_max_new_tokens": "eval.mt_bench_max_new_tokens", "judge_local_model": "eval.judge_local_model",
+    "stages_n": "stages.n", "stages_tasks": "stages.tasks",
+    **{f: f"model.{f}" for f in MODEL_FIELDS},
+}  # fmt: skip
+RENAMED |= {f.name: f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f.name not in RENAMED}
+RENAMED["model"] = "model.model (or model: NAME)"
+
+
+def _section_types() -> dict[str, type]:
+    from ctxaware.attention.allocation import AttentionConfig
+    from ctxaware.evaluation.nih import NIHConfig
+    from ctxaware.evaluation.qa import EvalConfig
+    from ctxaware.evaluation.stages import StagesConfig
+    from ctxaware.scoring.score import ScoreConfig
+    from ctxaware.training.preference import DPOStageConfig
+    from ctxaware.training.rlvr import GRPOStageConfig
+
+    return {"model": ModelConfig, "train": TrainConfig, "score": ScoreConfig, "eval": EvalConfig,
+            "nih": NIHConfig, "attention": AttentionConfig, "stages": StagesConfig, "dpo": DPOStageConfig,
+            "grpo": GRPOStageConfig}  # fmt: skip
+
+
+OPTIONAL_SECTIONS = ("nih", "attention", "stages")  # absent: that measurement is not run
 
 
 @dataclasses.dataclass
-class ExperimentConfig(TrainConfig):
-    """Every `TrainConfig` option (applied to every SFT run; ``output_dir`` is the experiment's root) plus:
+class ExperimentConfig(Checked):
+    """The experiment's own options plus one section per command it runs, each that command's own config
+    (TRL's scripts compose ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig`` the same way):
+
+    ``model`` (`ModelConfig`: the base and how every stage loads a model), ``train`` (`TrainConfig`: every
+    SFT run), ``score`` (eq. 2), ``eval`` (QA, conflict, MT-Bench), ``nih``, ``attention`` and ``stages``
+    (each run only when its section is given), ``dpo`` and ``grpo`` (the ``post_stages``). A section holds
+    only the options that command takes, with that command's defaults; the experiment sets the rest
+    (`SET_BY_EXPERIMENT`: outputs under ``output_dir``, data, which model, the template) and derives each
+    stage's config from its section with ``dataclasses.replace``. In YAML a section is a nested mapping; on
+    the command line ``--SECTION.OPTION VALUE`` (``--eval.limit 200``).
 
     Parameters:
-        data_files: SFT sets combined into ``data/sft.json`` (cleaned, shuffled with ``seed``, first
-            ``max_conversations``); empty: ``data`` is used as it is.
-        seed_model: the model that scores the data (eq. 2): ``trained`` (default, the paper's choice: the
-            vanilla SFT of ``model`` on ``data`` with the training template, trained first as a stage) or a
-            model spec (e.g. ``default`` = SmolLM2-135M-Instruct) used as it is.
-        score_layer / score_max_tokens: scoring layer and truncation (default: `ctxaware.scoring.score`'s defaults).
+        data / data_files: the SFT data, or sets combined into ``data/sft.json`` (cleaned, shuffled with
+            ``train.seed``, first ``train.max_conversations``).
+        seed_model: the model that scores the data (eq. 2): ``trained`` (the paper's choice: the vanilla SFT
+            of the base on ``data``, trained first as a stage) or a model spec used as it is.
         betas: thresholds; one +indicator run per beta (the first is the headline, more give Table 9).
         table3_betas: thresholds whose selected ratio is reported (paper Table 3).
-        post_stages: ``dpo`` and/or ``grpo``, trained in that order from the vanilla SFT model (each from the
-            previous one); ``dpo_*`` / ``grpo_*`` set them.
+        post_stages: ``dpo`` and/or ``grpo``, trained in that order from the vanilla SFT model.
         eval_base: evaluate the base model too: without a template (the paper's base rows), and with the
-            training template as extra information (``eval_chat_template``).
-        eval_tasks: `ctxaware.data.tasks` names evaluated for every run; eval_limit examples each (seeded).
-        nih_lengths / nih_depths: the NIH grid (empty lengths: no NIH); nih_conditions: which of
-            ``chat+prefix``, ``plain+prefix``, ``chat``, ``plain``.
-        attention_lengths / attention_depths: NIH prompts of the attention analysis (empty: none).
-        mt_bench_limit: MT-Bench questions per run, judged by ``judge_local_model`` offline (0: none).
-        stages_n / stages_tasks: the stage analysis over base -> vanilla -> post stages (0: none).
+            training template as extra information.
+        nih_conditions: which of ``chat+prefix``, ``plain+prefix``, ``chat``, ``plain`` the ``nih`` section runs.
+        mt_bench_limit: MT-Bench questions per run, judged as the ``eval`` section says (0: none).
     """
 
+    output_dir: str = dataclasses.field(
+        default="runs/experiment", metadata={"help": "the experiment's directory", "path": "output_dir"}
+    )
+    data: str | None = dataclasses.field(
+        default=None, metadata={"help": "SFT data (file, directory or hub dataset)", "path": "input"}
+    )
     data_files: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "SFT sets to clean, combine and shuffle (empty: data)"}
     )
@@ -69,12 +127,6 @@ class ExperimentConfig(TrainConfig):
         metadata={
             "help": "seed model for eq. (2): trained (vanilla SFT of model on data, the paper's) or a spec"
         },
-    )
-    score_layer: int | None = dataclasses.field(
-        default=None, metadata={"help": "scoring layer (default: ctxaware score's)"}
-    )
-    score_max_tokens: int | None = dataclasses.field(
-        default=None, metadata={"help": "scoring truncation in tokens (default: ctxaware score's)"}
     )
     betas: list[float] = dataclasses.field(
         default_factory=lambda: [0.6], metadata={"help": "selection thresholds", "min": 0, "max": 1}
@@ -86,56 +138,96 @@ class ExperimentConfig(TrainConfig):
     post_stages: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "dpo and/or grpo after the vanilla SFT, in order"}
     )
-    dpo_data: str = dataclasses.field(
-        default="../shared/data/sft/dpo_en_demo.json", metadata={"help": "preference pairs for DPO"}
-    )
-    dpo_max_pairs: int | None = dataclasses.field(default=64, metadata={"help": "DPO pairs", "min": 1})
-    dpo_max_length: int = dataclasses.field(default=384, metadata={"help": "DPO max length", "min": 8})
-    dpo_learning_rate: float = dataclasses.field(default=5e-5, metadata={"help": "DPO lr (LoRA)", "gt": 0})
-    dpo_beta: float = dataclasses.field(default=0.1, metadata={"help": "DPO beta", "gt": 0})
-    grpo_tasks: list[str] = dataclasses.field(
-        default_factory=lambda: ["squad", "cf_world_facts"], metadata={"help": "GRPO reward tasks"}
-    )
-    grpo_n: int = dataclasses.field(default=32, metadata={"help": "GRPO prompts per task", "min": 1})
-    grpo_max_steps: int = dataclasses.field(default=20, metadata={"help": "GRPO steps", "min": 1})
-    grpo_learning_rate: float = dataclasses.field(default=2e-5, metadata={"help": "GRPO lr", "gt": 0})
-    grpo_num_generations: int = dataclasses.field(default=2, metadata={"help": "completions per prompt"})
-    grpo_max_completion_length: int = dataclasses.field(default=16, metadata={"help": "completion tokens"})
     eval_base: bool = dataclasses.field(default=True, metadata={"help": "evaluate the base model too"})
-    eval_tasks: list[str] = dataclasses.field(
-        default_factory=lambda: ["squad", "quac", "drop", "cf_world_facts", "nqswap"],
-        metadata={"help": "evaluation tasks (ctxaware.data.tasks names)"},
-    )
-    eval_limit: int | None = dataclasses.field(
-        default=100, metadata={"help": "examples per task (seeded sample)"}
-    )
-    eval_max_new_tokens: int = dataclasses.field(
-        default=100, metadata={"help": "new tokens per answer (paper App. A.3: 100)"}
-    )
-    eval_batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per generation batch"})
-    nih_lengths: list[int] = dataclasses.field(default_factory=list, metadata={"help": "NIH context lengths"})
-    nih_depths: list[float] = dataclasses.field(
-        default_factory=lambda: [0.0, 50.0, 100.0], metadata={"help": "NIH needle depths (%)"}
-    )
     nih_conditions: list[str] = dataclasses.field(
         default_factory=lambda: ["chat+prefix", "plain+prefix", "chat"],
         metadata={"help": "NIH conditions: chat, plain, chat+prefix, plain+prefix"},
     )
-    attention_lengths: list[int] = dataclasses.field(
-        default_factory=list, metadata={"help": "attention analysis lengths (empty: none)"}
+    mt_bench_limit: int = dataclasses.field(
+        default=0, metadata={"help": "MT-Bench questions (0: none)", "min": 0}
     )
-    attention_depths: list[float] = dataclasses.field(
-        default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0], metadata={"help": "attention depths (%)"}
+    model: ModelConfig | str | dict = dataclasses.field(
+        default_factory=ModelConfig,
+        metadata={"help": "the base model and how every stage loads models", "section": True},
     )
-    mt_bench_limit: int = dataclasses.field(default=0, metadata={"help": "MT-Bench questions (0: none)"})
-    mt_bench_max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "MT-Bench answer tokens"})
-    judge_local_model: str = dataclasses.field(default="default", metadata={"help": "offline judge model"})
-    stages_n: int = dataclasses.field(
-        default=0, metadata={"help": "stage analysis examples per task (0: none)"}
+    train: TrainConfig | dict = dataclasses.field(
+        default_factory=dict, metadata={"help": "ctxaware train", "section": True}
     )
-    stages_tasks: list[str] = dataclasses.field(
-        default_factory=lambda: ["squad", "cf_world_facts"], metadata={"help": "stage analysis tasks"}
+    score: Any = dataclasses.field(
+        default_factory=dict, metadata={"help": "ctxaware score (eq. 2)", "section": True}
     )
+    eval: Any = dataclasses.field(default_factory=dict, metadata={"help": "ctxaware eval", "section": True})
+    nih: Any = dataclasses.field(
+        default=None, metadata={"help": "ctxaware nih (absent: no NIH)", "section": True}
+    )
+    attention: Any = dataclasses.field(
+        default=None, metadata={"help": "ctxaware attention (absent: none)", "section": True}
+    )
+    stages: Any = dataclasses.field(
+        default=None, metadata={"help": "ctxaware stages (absent: no stage analysis)", "section": True}
+    )
+    dpo: Any = dataclasses.field(
+        default_factory=dict, metadata={"help": "the DPO stage (post_stages)", "section": True}
+    )
+    grpo: Any = dataclasses.field(
+        default_factory=dict, metadata={"help": "the GRPO stage (post_stages)", "section": True}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        types = _section_types()
+        if isinstance(self.model, str):
+            self.model = ModelConfig(model=self.model)
+        self.model = _section("model", types["model"], self.model, {})
+        fixed = {f: getattr(self.model, f) for f in MODEL_FIELDS}
+        for name in ("train", "score", "eval", "nih", "attention", "stages", "dpo", "grpo"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _section(name, types[name], value, {**fixed, **self._placeholders(name)}))
+        bad = [s for s in self.post_stages if s not in POST_STAGES] + [
+            c for c in self.nih_conditions if c not in NIH_CONDITIONS
+        ]
+        if bad:
+            raise CtxawareError(f"{bad[0]!r} is not a post stage ({', '.join(POST_STAGES)}) or NIH condition "
+                                f"({', '.join(NIH_CONDITIONS)})")  # fmt: skip
+
+    def _placeholders(self, name: str) -> dict:
+        """The experiment-set fields of a section, with the values its stages start from (so that a section
+        is validated where it will write, and never against a default path in the working directory)."""
+        root = Path(self.output_dir)
+        return {
+            "train": {"output_dir": str(root / "train"), "data": self.data},
+            "score": {"output": str(root / "scores.jsonl"), "progress": False},
+            "eval": {"output": str(root / "eval")},
+            "nih": {"output": str(root / "nih")},
+            "attention": {"output": str(root / "attention")},
+            "stages": {"output": str(root / "stages")},
+            "dpo": {"output_dir": str(root / "train" / "dpo"), "chat_template": "model"},
+            "grpo": {"output_dir": str(root / "train" / "grpo"), "chat_template": "model", "data": None},
+        }[name]
+
+
+def _section(name: str, cls: type, value: Any, fixed: dict) -> Any:
+    """One section as its command's config: a mapping (YAML, ``--SECTION.OPTION``) is checked for options
+    the experiment sets itself, then built with them (validated when built, `Checked`); a config object
+    made in Python gets them by ``dataclasses.replace``."""
+    from ctxaware.core.config import from_dict
+
+    if isinstance(value, cls):
+        return dataclasses.replace(value, **fixed)
+    if not isinstance(value, dict):
+        raise CtxawareError(f"{name}: expected a mapping of {cls.__name__} options, got {value!r}")
+    norm = {k.replace("-", "_"): v for k, v in value.items()}
+    for key in norm:
+        if name != "model" and key in MODEL_FIELDS:
+            raise CtxawareError(f"{name}.{key}: model options are set once, under model: (model.{key})")
+        if key in SET_BY_EXPERIMENT.get(name, ()):
+            raise CtxawareError(f"{name}.{key} is set by the experiment (outputs go under output_dir, "
+                                "data and models follow the stages); remove it")  # fmt: skip
+    try:
+        return from_dict(cls, {**norm, **fixed}, source=f"section {name}")
+    except CtxawareError as e:
+        raise CtxawareError(str(e) if str(e).startswith(("unknown", "section")) else f"{name}: {e}") from None
 
 
 class _Timer:
@@ -154,11 +246,6 @@ class _Timer:
         return out
 
 
-def _train_config(cfg: ExperimentConfig, cls: type = TrainConfig, **changes) -> TrainConfig:
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    return cls(**{**values, **changes})
-
-
 def seed_spec(cfg: ExperimentConfig) -> str:
     """The seed model's spec as configured: ``trained`` or a model spec."""
     return cfg.seed_model
@@ -166,14 +253,14 @@ def seed_spec(cfg: ExperimentConfig) -> str:
 
 def stage_data(cfg: ExperimentConfig, root: Path) -> str:
     """``data_files`` cleaned (`ctxaware.data.conversations`: refusals, empty and incomplete turns removed),
-    combined and shuffled with ``seed``, first ``max_conversations`` kept: ``data/sft.json``. Without
-    ``data_files`` this is ``data``."""
+    combined and shuffled with ``train.seed``, first ``train.max_conversations`` kept: ``data/sft.json``.
+    Without ``data_files`` this is ``data``."""
     if not cfg.data_files:
         return str(cfg.data)
     out = root / "data" / "sft.json"
     meta = out.with_suffix(".sources.json")
-    inputs = {"files": fingerprint_inputs({f: f for f in cfg.data_files}), "seed": cfg.seed,
-              "limit": cfg.max_conversations}  # fmt: skip
+    seed, limit = cfg.train.seed, cfg.train.max_conversations
+    inputs = {"files": fingerprint_inputs({f: f for f in cfg.data_files}), "seed": seed, "limit": limit}
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("inputs") == inputs:
         return str(out)
     tagged, counts = [], {}
@@ -182,8 +269,8 @@ def stage_data(cfg: ExperimentConfig, root: Path) -> str:
         counts[f] = len(part)
         stem = Path(f).name.split(".")[0]  # ids stay unique across files
         tagged += [(f, dataclasses.replace(c, id=f"{stem}:{c.id}")) for c in part]
-    random.Random(cfg.seed).shuffle(tagged)
-    tagged = tagged[: cfg.max_conversations] if cfg.max_conversations else tagged
+    random.Random(seed).shuffle(tagged)
+    tagged = tagged[:limit] if limit else tagged
     kept = {f: sum(src == f for src, _ in tagged) for f in cfg.data_files}
     write_conversations([c for _, c in tagged], out, "sharegpt")
     write_json_atomic(meta, {"inputs": inputs, "clean_per_file": counts, "n": len(tagged), "kept": kept})
@@ -202,9 +289,9 @@ def stage_seed(cfg: ExperimentConfig, root: Path) -> tuple[str, dict | None]:
 
 
 def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None) -> Path:
-    """Eq. (2) scores of every assistant turn with the seed model (resumable in `ctxaware.scoring.score`; skipped
-    when done under the same seed)."""
-    from ctxaware.scoring.score import ScoreConfig, run
+    """Eq. (2) scores of every assistant turn with the seed model (the ``score`` section; resumable in
+    `ctxaware.scoring.score`; skipped when done under the same seed)."""
+    from ctxaware.scoring.score import run
 
     seed_model = seed_model or seed_spec(cfg)
     out = root / "scores.jsonl"
@@ -215,10 +302,8 @@ def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None
 
             check_scored_data(out, str(cfg.data))  # data replaced at the same path: refused (docs/resume.md)
             return out
-    optional = {"layer": cfg.score_layer, "max_tokens": cfg.score_max_tokens}
-    run(ScoreConfig(data=str(cfg.data), model=seed_model, output=str(out), format=cfg.data_format,
-                    limit=cfg.max_conversations, progress=False, **model_options(cfg, seed_model),
-                    **{k: v for k, v in optional.items() if v is not None}))  # fmt: skip
+    run(dataclasses.replace(cfg.score, data=str(cfg.data), output=str(out), format=cfg.train.data_format,
+                            limit=cfg.train.max_conversations, **model_options(cfg, seed_model)))  # fmt: skip
     write_json_atomic(meta, {"seed_model": seed_model})
     return out
 
@@ -237,16 +322,15 @@ def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: flo
     """The [IND]-marked copy of the training data for ``beta`` (same conversations, same order)."""
     out = root / "data" / f"marked_b{beta}.json"
     meta = out.with_suffix(".selection.json")
-    inputs = {"data": cfg.data, "limit": cfg.max_conversations, "token": cfg.indicator_token, "beta": beta,
+    t = cfg.train
+    inputs = {"data": cfg.data, "limit": t.max_conversations, "token": t.indicator_token, "beta": beta,
               "contents": fingerprint_inputs({"data": str(cfg.data)})["data"]}  # fmt: skip
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("inputs") == inputs:
         return out  # cached: the same data, rows, token and threshold
     from ctxaware.scoring.selection import load_scores, select
 
-    convs, _ = load_conversations(
-        cfg.data, cfg.data_format, split=cfg.data_split, limit=cfg.max_conversations
-    )  # type: ignore[arg-type]
-    marked, counts = select(convs, load_scores(scores_path), beta, cfg.indicator_token)
+    convs, _ = load_conversations(cfg.data, t.data_format, split=t.data_split, limit=t.max_conversations)  # type: ignore[arg-type]
+    marked, counts = select(convs, load_scores(scores_path), beta, t.indicator_token)
     write_conversations(marked, out)
     ratio = counts["n_selected"] / max(1, counts["n_scored"])
     write_json_atomic(meta, {"beta": beta, **counts, "ratio": ratio, "inputs": inputs})
@@ -254,38 +338,31 @@ def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: flo
 
 
 def stage_train(cfg: ExperimentConfig, root: Path, name: str, data: str, indicator: bool) -> dict:
-    """Train one SFT run (skipped when its summary exists; resumed from its last checkpoint otherwise)."""
-    return train(_train_config(cfg, data=data, indicator=indicator, output_dir=str(root / "train" / name)))
+    """Train one SFT run (the ``train`` section; skipped when its summary exists; resumed from its last
+    checkpoint otherwise)."""
+    return train(
+        dataclasses.replace(cfg.train, data=data, indicator=indicator, output_dir=str(root / "train" / name))
+    )
 
 
 def stage_post(cfg: ExperimentConfig, root: Path, stage: str, start: str) -> dict:
-    """One post-SFT stage (``dpo`` or ``grpo``) from the model dir ``start``, LoRA merged on save."""
+    """One post-SFT stage (the ``dpo`` or ``grpo`` section) from the model dir ``start``, LoRA merged on
+    save."""
     from ctxaware.training.finetune import run_stage
-    from ctxaware.training.preference import DPOStageConfig
-    from ctxaware.training.rlvr import GRPOStageConfig
 
-    out = str(root / "train" / stage)
-    common = {"model": start, "output_dir": out, "stage": stage, "indicator": False, "chat_template": "model"}
-    if stage == "dpo":
-        scfg = _train_config(cfg, DPOStageConfig, **common, data=cfg.dpo_data, max_pairs=cfg.dpo_max_pairs,
-                             max_length=cfg.dpo_max_length, learning_rate=cfg.dpo_learning_rate,
-                             beta=cfg.dpo_beta, max_steps=-1)  # fmt: skip
-    else:
-        scfg = _train_config(cfg, GRPOStageConfig, **common, data=None, rl_tasks=cfg.grpo_tasks,
-                             rl_n=cfg.grpo_n, max_steps=cfg.grpo_max_steps, learning_rate=cfg.grpo_learning_rate,
-                             num_generations=cfg.grpo_num_generations, lr_scheduler_type="constant",
-                             warmup_ratio=0.0, max_completion_length=cfg.grpo_max_completion_length,
-                             max_length=512)  # fmt: skip
-    return run_stage(scfg)
+    section = cfg.dpo if stage == "dpo" else cfg.grpo
+    return run_stage(dataclasses.replace(section, output_dir=str(root / "train" / stage),
+                                         **model_options(cfg, start)))  # fmt: skip
 
 
 def template_file(root: Path, cfg: ExperimentConfig) -> str:
     """The training chat template as a file, so every checkpoint (the base too) is evaluated with it."""
     path = root / "template.jinja"
-    if cfg.chat_template in ("zephyr", None):
+    choice = cfg.train.chat_template
+    if choice in ("zephyr", None):
         text = ZEPHYR_TEMPLATE
-    elif cfg.chat_template.endswith((".jinja", ".j2")):
-        text = Path(cfg.chat_template).read_text()
+    elif choice.endswith((".jinja", ".j2")):
+        text = Path(choice).read_text()
     else:
         return "model"
     if not path.is_file() or path.read_text() != text:
@@ -294,46 +371,44 @@ def template_file(root: Path, cfg: ExperimentConfig) -> str:
 
 
 def model_options(cfg: ExperimentConfig, model_dir: str) -> dict:
-    """The experiment's model options for a stage that loads ``model_dir`` (issue 24 §1): every `ModelConfig`
-    field (device, dtype, attention kernel, device map, remote code), and the revision where the stage
-    loads the configured base itself (a trained checkpoint is a local directory: no revision)."""
-    from ctxaware.core.config import ModelConfig
-
-    opts = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "model"}
-    opts.update(quantization=None, peft_adapter=None)  # training's own QLoRA loading is not an eval option
-    if model_dir != cfg.model:
-        opts["revision"] = None
+    """The model section's options for a stage that loads ``model_dir``: every `ModelConfig` field, with
+    ``model`` = ``model_dir``; a trained checkpoint (anything but the configured base) is a local directory
+    of a merged model, so it takes no revision, adapter or quantised loading."""
+    opts = {f: getattr(cfg.model, f) for f in MODEL_FIELDS}
+    opts["model"] = model_dir
+    if model_dir != cfg.model.model:
+        opts.update(revision=None, peft_adapter=None, quantization=None)
     return opts
 
 
 def stage_evaluate(
     cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool, mode: str = "chat"
 ) -> dict:
-    """QA/conflict tasks and MT-Bench for one model in one ``mode``; rows resume in ``eval/{name}/`` (plain:
-    ``eval/{name}/plain/``); cached in ``results.json`` there. The base is evaluated as the paper's base rows
-    are, without a template (``mode="plain"``), and with the training template as extra information."""
-    from ctxaware.evaluation.qa import EvalConfig, evaluate_tasks
+    """QA/conflict tasks (the ``eval`` section) and MT-Bench for one model in one ``mode``; rows resume in
+    ``eval/{name}/`` (plain: ``eval/{name}/plain/``); cached in ``results.json`` there. The base is
+    evaluated as the paper's base rows are, without a template (``mode="plain"``), and with the training
+    template as extra information."""
+    from ctxaware.evaluation.qa import evaluate_tasks
 
     where = root / "eval" / name / ("plain" if mode == "plain" else "")
     template = template_file(root, cfg)
-    base = dict(model=model_dir, modes=[mode], indicator=indicator, seed=cfg.seed, data_dir=None,
-                batch_size=cfg.eval_batch_size, output=str(where), **model_options(cfg, model_dir))  # fmt: skip
-    ecfg = EvalConfig(**base, limit=cfg.eval_limit, max_new_tokens=cfg.eval_max_new_tokens)
+    ecfg = dataclasses.replace(cfg.eval, modes=[mode], indicator=indicator, output=str(where),
+                               **model_options(cfg, model_dir))  # fmt: skip
+    tasks = [t for t in ecfg.tasks if t != "mt_bench"]
     mt_bench = bool(cfg.mt_bench_limit and mode == "chat")
-    stage = {**to_dict(ecfg), "tasks": cfg.eval_tasks, "chat_template": template,
+    stage = {**to_dict(ecfg), "tasks": tasks, "chat_template": template,
              "mt_bench_limit": cfg.mt_bench_limit if mt_bench else 0,
-             "mt_bench_max_new_tokens": cfg.mt_bench_max_new_tokens if mt_bench else None,
-             "judge_local_model": cfg.judge_local_model if mt_bench else None}  # fmt: skip
+             "mt_bench_max_new_tokens": ecfg.mt_bench_max_new_tokens if mt_bench else None,
+             "judge_local_model": ecfg.judge_local_model if mt_bench else None}  # fmt: skip
 
     def compute() -> dict:
         from ctxaware.data.needle import apply_chat_template_choice
 
         model, tok = ecfg.load()  # every model option of the experiment (ModelConfig.load)
         apply_chat_template_choice(tok, template)  # as nih and attention do
-        results = evaluate_tasks(model, tok, cfg.eval_tasks, ecfg, model_name=name, output_dir=where)
-        if mt_bench:  # the offline judge (evaluate.make_judge: judge_local_model)
-            mcfg = EvalConfig(**base, limit=cfg.mt_bench_limit, mt_bench_max_new_tokens=cfg.mt_bench_max_new_tokens,
-                              judge="local", judge_local_model=cfg.judge_local_model)  # fmt: skip
+        results = evaluate_tasks(model, tok, tasks, ecfg, model_name=name, output_dir=where)
+        if mt_bench:  # judged as the eval section says (judge, judge_local_model)
+            mcfg = dataclasses.replace(ecfg, limit=cfg.mt_bench_limit, output=str(root / "eval" / name))
             results.update(evaluate_tasks(model, tok, ["mt_bench"], mcfg, model_name=name,
                                           output_dir=root / "eval" / name))  # fmt: skip
         return results
@@ -367,22 +442,18 @@ def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dic
     return out
 
 
-NIH_CONDITIONS = {"chat+prefix": ("chat", True), "plain+prefix": ("plain", True), "chat": ("chat", False),
-                  "plain": ("plain", False)}  # fmt: skip
-
-
 def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool) -> dict:
-    """NIH (authors' protocol) under ``nih_conditions``: ``{condition: summary}`` (rows resume)."""
+    """NIH (the ``nih`` section) under ``nih_conditions``: ``{condition: summary}`` (rows resume)."""
     from ctxaware.evaluation import nih
 
     configs = []
     for prefix in (True, False):
         modes = [m for c, (m, p) in NIH_CONDITIONS.items() if c in cfg.nih_conditions and p == prefix]
         if modes:
-            configs.append(nih.NIHConfig(model=model_dir, **model_options(cfg, model_dir),
-                                         lengths=cfg.nih_lengths, depths=cfg.nih_depths, modes=modes,
-                                         indicator=[indicator], prefix=[prefix], chat_template=template_file(root, cfg),
-                                         output=str(root / "nih" / name / ("prefix" if prefix else "no_prefix"))))  # fmt: skip
+            where = root / "nih" / name / ("prefix" if prefix else "no_prefix")
+            configs.append(dataclasses.replace(cfg.nih, modes=modes, indicator=[indicator], prefix=[prefix],
+                                               chat_template=template_file(root, cfg), output=str(where),
+                                               **model_options(cfg, model_dir)))  # fmt: skip
 
     def compute() -> dict:
         out: dict = {}
@@ -396,25 +467,27 @@ def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indi
 
 
 def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str) -> dict:
-    """Attention per role (three normalisations, Fig. 3-4) on NIH prompts; ``attention/{name}/``."""
+    """Attention per role (the ``attention`` section; three normalisations, Fig. 3-4) on NIH prompts;
+    ``attention/{name}/``."""
     from ctxaware.attention import allocation as attention
 
     where = root / "attention" / name
-    acfg = attention.AttentionConfig(model=model_dir, **model_options(cfg, model_dir),
-                                     lengths=cfg.attention_lengths, depths=cfg.attention_depths,
-                                     chat_template=template_file(root, cfg), output=str(where))  # fmt: skip
+    acfg = dataclasses.replace(cfg.attention, chat_template=template_file(root, cfg), output=str(where),
+                               **model_options(cfg, model_dir))  # fmt: skip
     return cached_stage(
         where, "allocation.json", to_dict(acfg), lambda: attention.run_one(acfg, model_dir, where)
     )
 
 
 def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> dict:
-    """The stage analysis (`ctxaware stages`) over base -> vanilla SFT -> DPO -> GRPO."""
-    from ctxaware.evaluation.stages import StagesConfig, run
+    """The stage analysis (the ``stages`` section, `ctxaware stages`) over base -> vanilla SFT -> DPO ->
+    GRPO."""
+    from ctxaware.evaluation.stages import run
 
-    scfg = StagesConfig(checkpoints=[f"{k}={v}" for k, v in chain.items()], tasks=cfg.stages_tasks,
-                        n=cfg.stages_n, mode="zephyr" if cfg.chat_template == "zephyr" else "auto",
-                        seed=cfg.seed, output=str(root / "stages"), **model_options(cfg, ""))  # fmt: skip
+    options = {k: v for k, v in model_options(cfg, "").items() if k != "model"}  # the chain names the models
+    scfg = dataclasses.replace(cfg.stages, checkpoints=[f"{k}={v}" for k, v in chain.items()],
+                               mode="zephyr" if cfg.train.chat_template == "zephyr" else "auto",
+                               output=str(root / "stages"), **options)  # fmt: skip
     return cached_stage(root / "stages", "summary.json", to_dict(scfg), lambda: run(scfg))
 
 
@@ -515,17 +588,12 @@ def run(cfg: ExperimentConfig) -> str:
         )
     if not cfg.betas:
         raise CtxawareError("betas is empty; give at least one threshold, e.g. betas: [0.6]")
-    bad = [s for s in cfg.post_stages if s not in POST_STAGES] + [
-        c for c in cfg.nih_conditions if c not in NIH_CONDITIONS
-    ]
-    if bad:
-        raise CtxawareError(f"{bad[0]!r} is not a post stage ({', '.join(POST_STAGES)}) or NIH condition "
-                            f"({', '.join(NIH_CONDITIONS)})")  # fmt: skip
     for f in cfg.data_files:
         if not Path(f).is_file():
             raise CtxawareError(f"data file {f} does not exist; fix data_files")
     root = Path(cfg.output_dir)
     timer = _Timer(root)
+    cfg = copy.copy(cfg)  # the caller's config stays as given; the combined data lives under output_dir
     cfg.data = timer("data", stage_data, cfg, root)
     seed_model, seed_summary = timer("train vanilla (seed)", stage_seed, cfg, root)
     scores = timer("score", stage_score, cfg, root, seed_model)
@@ -535,7 +603,7 @@ def run(cfg: ExperimentConfig) -> str:
         plan[f"+indicator b={beta}"] = (str(stage_select(cfg, root, scores, beta)), True)
     runs: dict[str, dict] = {}
     if cfg.eval_base:
-        runs["base"] = {"slug": "base", "model_dir": cfg.model, "indicator": False, "train": {}}
+        runs["base"] = {"slug": "base", "model_dir": cfg.model.model, "indicator": False, "train": {}}
     for name, (data, indicator) in plan.items():
         slug = name.replace("+", "ind_").replace(" b=", "_b").replace(" ", "_")
         summary = timer(f"train {slug}", stage_train, cfg, root, slug, data, indicator)
@@ -559,11 +627,11 @@ def run(cfg: ExperimentConfig) -> str:
             r["eval_chat_template"] = timer("eval base (chat)", stage_evaluate, cfg, root, slug, md, ind)
         else:
             r["eval"] = timer(f"eval {slug}", stage_evaluate, cfg, root, slug, md, ind)
-        if cfg.nih_lengths:
+        if cfg.nih is not None:
             r["nih"] = timer(f"nih {slug}", stage_nih, cfg, root, slug, md, ind)
-        if cfg.attention_lengths:
+        if cfg.attention is not None:
             r["attention"] = timer(f"attention {slug}", stage_attention, cfg, root, slug, md)
-    if cfg.stages_n:
+    if cfg.stages is not None:
         chain = {k: runs[k]["model_dir"] for k in ("base", "vanilla", *cfg.post_stages) if k in runs}
         extra["stages"] = timer("stages", stage_stages, cfg, root, chain)
     extra["timing"] = timer.times
@@ -575,9 +643,27 @@ HELP = (
     "score every turn with eq. (2), Table 3, mark [IND] turns, train the +indicator SFT (and DPO, GRPO), "
     "evaluate every checkpoint (QA, conflict, NIH, attention, MT-Bench) and compare them. Every stage is "
     "cached under output_dir: rerun the same command to resume. docs/experiment/gemma.yaml (Gemma-3-270M, "
-    "20-step LoRA runs, n=50 per task) took about 2 h 20 min on a 2-core CPU (docs/experiment.md). The "
-    "options below are the training options, applied to every SFT run, then the experiment's own."
+    "20-step LoRA runs, n=50 per task) took about 2 h 20 min on a 2-core CPU (docs/experiment.md)."
 )
+
+
+def print_help() -> int:
+    """The experiment's own options, then its sections: each is the named command's config, set in YAML as
+    a nested mapping or on the command line as --SECTION.OPTION."""
+    from ctxaware.core.config import build_parser
+
+    parser = build_parser(ExperimentConfig, "ctxaware experiment", HELP)
+    text = parser.format_help()
+    sections = {"model": "the options every command shares (ctxaware nih --help: --model ... --peft-adapter)",
+                **{n: f"ctxaware {c} --help" for n, c in (("train", "train"), ("score", "score"), ("eval", "eval"),
+                   ("nih", "nih"), ("attention", "attention"), ("stages", "stages"))},
+                "dpo": "ctxaware train --help, and recipes/dpo_cpu.yaml", "grpo": "ctxaware train --help, and recipes/grpo_cpu.yaml"}  # fmt: skip
+    lines = ["", "sections (YAML: SECTION: {OPTION: VALUE}; command line: --SECTION.OPTION VALUE; the options "
+             "the experiment sets itself are refused):"]  # fmt: skip
+    lines += [f"  {n:<10} {h}; set by the experiment: {', '.join(SET_BY_EXPERIMENT.get(n, ())) or '-'}"
+              for n, h in sections.items()]  # fmt: skip
+    print(text + "\n".join(lines))
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -586,10 +672,8 @@ def main(argv: list[str]) -> int:
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
     if any(a in ("-h", "--help") for a in argv):
-        from ctxaware.training.finetune import print_help
-
-        return print_help(ExperimentConfig, "ctxaware experiment", HELP)
-    cfg = parse_config(ExperimentConfig, argv, prog="ctxaware experiment")
+        return print_help()
+    cfg = parse_sectioned(ExperimentConfig, argv, "ctxaware experiment", RENAMED)
     from ctxaware.core.results import exclusive
 
     with exclusive(cfg.output_dir, ".experiment.lock"):  # one experiment per output directory

@@ -131,7 +131,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     )
     parser.add_argument("--config", help="YAML file with values for any of the options below", default=None)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.metadata.get("section"):  # sections: --SECTION.OPTION (`parse_sectioned`)
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
@@ -244,6 +244,52 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str = "ctxaw
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     values.update(cli)
     return from_dict(cls, values, source=config_path or "command line")  # validated when built (`Checked`)
+
+
+def parse_sectioned(cls: type[T], argv: list[str], prog: str, renamed: dict[str, str] | None = None) -> T:
+    """Parse a config whose fields include sections (other configs; `ctxaware.experiment`): ``--config``
+    YAML with nested mappings, then flags: ``--OPTION VALUE`` for the config's own options and
+    ``--SECTION.OPTION VALUE`` inside a section (``--eval.limit 200``; ``--flag`` alone is true,
+    ``--no-flag`` false). A retired flat key (``renamed``) is refused in one line that names its new key."""
+    values: dict[str, Any] = {}
+    cli: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise CtxawareError(f"unexpected argument {arg!r}; options are --OPTION VALUE; see {prog} --help")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            elif key.startswith("no-") or key.startswith("no_"):
+                key, value = key[3:], "false"
+            else:
+                value = "true"
+        i += 1
+        key = key.replace("-", "_")
+        if key == "config":
+            values = load_yaml(value)
+        else:
+            cli.append((key, _shared_paths(value)))
+    for key, value in cli:  # CLI over YAML, key by key (a section's other YAML keys stay)
+        section, dot, option = key.partition(".")
+        if not dot:
+            values[key] = value
+            continue
+        current = values.get(section)
+        if isinstance(current, str):  # a section given by its main value (model: NAME)
+            current = {section: current}
+        values[section] = {**(current or {}), option: value}
+    valid = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        norm = key.replace("-", "_")
+        if norm not in valid and norm in (renamed or {}):
+            new = renamed[norm]  # type: ignore[index]
+            section, _, option = new.partition(" ")[0].partition(".")
+            raise CtxawareError(f"option {key} is now {new}, one section per command: {section}: {{{option}: ...}} "
+                                f"in YAML, --{section}.{option} on the command line")  # fmt: skip
+    return from_dict(cls, values, source=prog)
 
 
 # ----------------------------------------------------------------------------- validation (before compute)
