@@ -410,3 +410,35 @@ def test_an_option_added_later_does_not_block_an_older_runs_resume(tmp_path):
         "peft_adapter"
     ]
     assert config_changes(old, fingerprint_inputs(old), {**old, "limit": 4}) == ["limit"]
+
+
+def test_rules_attach_to_fields_not_to_names(tmp_path):
+    """Issue 24 section 1: a field's checks come from its own metadata; a name implies nothing (before, any
+    field called ``batch_size`` got "at least 1" and any ``output`` a path rule, declared or not)."""
+    from ctxaware.core.config import Checked
+    from ctxaware.evaluation.qa import EvalConfig
+    from ctxaware.scoring.selection import SelectConfig
+    from ctxaware.training.sft import TrainConfig
+
+    @dataclasses.dataclass
+    class Plain(Checked):
+        batch_size: int = 0
+        output: str = str(tmp_path)  # a directory: a path rule from the name would call it a bad file
+
+    assert Plain().batch_size == 0
+
+    @dataclasses.dataclass
+    class Ruled(Checked):
+        batch_size: int = dataclasses.field(default=1, metadata={"min": 1})
+        ratio: float = dataclasses.field(default=0.5, metadata={"gt": 0, "lt": 1})
+
+    with pytest.raises(CtxawareError, match="--batch-size 0 must be at least 1"):
+        Ruled(batch_size=0)
+    with pytest.raises(CtxawareError, match="--ratio 1.0 must be below 1"):
+        Ruled(ratio=1.0)
+    for build, message in ((lambda: EvalConfig(batch_size=0), "--batch-size 0 must be at least 1"),
+                           (lambda: TrainConfig(warmup_ratio=1.0), "--warmup-ratio 1.0 must be below 1"),
+                           (lambda: TrainConfig(learning_rate=0.0), "--learning-rate 0.0 must be greater than 0"),
+                           (lambda: SelectConfig(scores="s.jsonl", data="d.json", beta=1.0), "--beta 1.0 must be below 1")):  # fmt: skip
+        with pytest.raises(CtxawareError, match=message):
+            build()

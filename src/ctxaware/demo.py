@@ -40,7 +40,9 @@ class DemoConfig(ModelConfig):
     """
 
     quick: bool = dataclasses.field(default=False, metadata={"help": "only rendering and one generation"})
-    output: str = dataclasses.field(default="runs/demo", metadata={"help": "directory for results and plots"})
+    output: str = dataclasses.field(
+        default="runs/demo", metadata={"path": "output_dir", "help": "directory for results and plots"}
+    )
 
 
 def _section(title: str) -> None:

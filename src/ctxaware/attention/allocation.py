@@ -332,10 +332,14 @@ class AttentionConfig(ModelConfig):
 
     lengths: list[int] = dataclasses.field(
         default_factory=lambda: [400, 578, 756, 933, 1111, 1289, 1467, 1644, 1822, 2000],
-        metadata={"help": "NIH context lengths (tokens; authors' protocol: a budget, 200 of it the buffer)"},
+        metadata={
+            "min": 1,
+            "help": "NIH context lengths (tokens; authors' protocol: a budget, 200 of it the buffer)",
+        },
     )
     depths: list[float] = dataclasses.field(
-        default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0], metadata={"help": "needle depths in %"}
+        default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0],
+        metadata={"min": 0, "max": 100, "help": "needle depths in %"},
     )
     prompts: Literal["analysis", "nih"] = dataclasses.field(
         default="analysis",
@@ -353,10 +357,12 @@ class AttentionConfig(ModelConfig):
         },
     )
     layer: int | None = dataclasses.field(
-        default=None, metadata={"help": "analysis layer; none: the middle layer"}
+        default=None, metadata={"min": 0, "help": "analysis layer; none: the middle layer"}
     )
-    output: str = dataclasses.field(default="runs/attention", metadata={"help": "output directory"})
-    batch_size: int = dataclasses.field(default=4, metadata={"help": "prompts per forward pass"})
+    output: str = dataclasses.field(
+        default="runs/attention", metadata={"path": "output_dir", "help": "output directory"}
+    )
+    batch_size: int = dataclasses.field(default=4, metadata={"min": 1, "help": "prompts per forward pass"})
     haystack: str = dataclasses.field(
         default="auto",
         metadata={
@@ -378,7 +384,10 @@ class AttentionConfig(ModelConfig):
     )
     chat_template: str = dataclasses.field(
         default="model",
-        metadata={"help": "model (the tokenizer's; none: plain only), gemma, or a .jinja file"},
+        metadata={
+            "path": "input_file",
+            "help": "model (the tokenizer's; none: plain only), gemma, or a .jinja file",
+        },
     )
 
 

@@ -141,16 +141,16 @@ class HeadsConfig(ModelConfig):
     """
 
     output: str = dataclasses.field(
-        default="runs/heads.json", metadata={"help": "where to write {layer: [heads]}"}
+        default="runs/heads.json", metadata={"path": "output_file", "help": "where to write {layer: [heads]}"}
     )
     overwrite: bool = overwrite_option()
-    k: int = dataclasses.field(default=1, metadata={"help": "heads per layer"})
+    k: int = dataclasses.field(default=1, metadata={"min": 1, "help": "heads per layer"})
     all_heads: bool = dataclasses.field(default=False, metadata={"help": "select every head of every layer"})
     lengths: list[int] = dataclasses.field(
-        default_factory=lambda: [1000], metadata={"help": "NIH context lengths"}
+        default_factory=lambda: [1000], metadata={"min": 1, "help": "NIH context lengths"}
     )
     depths: list[float] = dataclasses.field(
-        default_factory=lambda: [50.0], metadata={"help": "needle depths in %"}
+        default_factory=lambda: [50.0], metadata={"min": 0, "max": 100, "help": "needle depths in %"}
     )
     chat: bool = dataclasses.field(default=False, metadata={"help": "render prompts with the chat template"})
     include_sink: bool = dataclasses.field(

@@ -118,8 +118,7 @@ def steer(
     Raises `CtxawareError` on bad input, and at exit when a selected layer never ran its steered attention
     during a forward pass inside the block (a steering that silently did nothing).
     """
-    if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1 or math.isnan(alpha):
-        raise CtxawareError(f"alpha={alpha!r} must satisfy 0 < alpha <= 1 (eq. 1 down-weights non-user keys)")
+    check_alpha(alpha)
     sel = validate_heads(heads, model)
     if isinstance(emphasize, Rendered):
         emphasize = emphasize.mask("user")
@@ -143,13 +142,23 @@ def steer(
         raise CtxawareError("no forward pass ran inside steer(); nothing was steered")
 
 
+def check_alpha(alpha: float) -> None:
+    """Eq. (1)'s alpha: 0 < alpha <= 1 (the one check, for Python callers; configs carry it as a rule)."""
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not 0 < alpha <= 1
+        or math.isnan(alpha)
+    ):
+        raise CtxawareError(f"alpha={alpha!r} must satisfy 0 < alpha <= 1 (eq. 1 down-weights non-user keys)")
+
+
 def batch_context(
     model, heads: Heads | str, alpha: float, roles: Sequence[str] = ("user",)
 ) -> Callable[..., contextlib.AbstractContextManager]:
     """A ``batch_context`` for `ctxaware.rendering.generate.generate`: steers every batch toward its ``roles`` tokens."""
     sel = validate_heads(heads, model)
-    if not 0 < alpha <= 1:
-        raise CtxawareError(f"alpha={alpha!r} must satisfy 0 < alpha <= 1")
+    check_alpha(alpha)  # before any batch runs
 
     def ctx(batch) -> contextlib.AbstractContextManager:
         emph = emphasis_mask(batch.items, batch.input_ids.shape[1], roles)  # (B, T)

@@ -10,10 +10,9 @@ booleans as ``--chat`` / ``--no-chat``, ``none`` for an optional value. A field 
 
 Validation happens when a config is built (`Checked.__post_init__`: from the command line, from YAML, in
 Python or by ``dataclasses.replace``), before any command loads a model or reads data: numeric bounds
-(``metadata={"min": 1}``, ``{"gt": 0}``, ``{"max": 100}``; list items are checked one by one) and paths
-(``metadata={"path": "output_dir" | "output_file" | "input_file" | "input"}``). Fields without metadata
-get the rule their name implies (`NAME_RULES`; ``output`` is a file when its default has a suffix such
-as ``.jsonl``, else a directory), so every command's dataclass is checked without declaring anything.
+(``metadata={"min": 1}``, ``{"gt": 0}``, ``{"max": 100}``, ``{"lt": 1}``; list items are checked one by one) and paths
+(``metadata={"path": "output_dir" | "output_file" | "input_file" | "input"}``). Rules attach to fields
+explicitly, in their metadata; a field's name implies no rule.
 """
 
 from __future__ import annotations
@@ -294,32 +293,15 @@ def parse_sectioned(cls: type[T], argv: list[str], prog: str, renamed: dict[str,
 
 # ----------------------------------------------------------------------------- validation (before compute)
 
-_INT_MIN1 = (
-    "batch_size max_new_tokens mt_bench_max_new_tokens eval_max_new_tokens track_max_new_tokens "
-    "per_device_train_batch_size gradient_accumulation_steps max_tokens batch_tokens max_batch window chunk "
-    "save_steps logging_steps n_lengths n_depths k track_n lora_r lora_alpha limit max_conversations "
-    "eval_limit max_length lengths nih_lengths attention_lengths prefix_words save_total_limit"
-).split()
-NAME_RULES: dict[str, dict[str, Any]] = {
-    **{n: {"min": 1} for n in _INT_MIN1},
-    **{n: {"min": 0} for n in ("layer", "layers", "score_layer", "head", "judge_retries", "weight_decay")},
-    **{n: {"gt": 0} for n in ("learning_rate", "num_train_epochs", "merge_timeout")},
-    **{n: {"min": 0, "max": 100} for n in ("depths", "nih_depths", "attention_depths")},
-    **{n: {"min": 0, "max": 1} for n in ("warmup_ratio", "lora_dropout", "filter_parametric")},
-    "output_dir": {"path": "output_dir"},
-    **{n: {"path": "input_file"} for n in ("scores", "needle_file", "messages", "chat_template")},
-    **{n: {"path": "input"} for n in ("data", "steer", "track_data", "runs")},
-}
 _BINARY_SUFFIXES = (".gz", ".parquet", ".zip", ".arrow", ".gguf", ".safetensors", ".bz2", ".xz", ".zst")
 
 
+RULE_KEYS = ("min", "gt", "max", "lt", "path", "resumable")
+
+
 def rule(f: dataclasses.Field) -> dict[str, Any]:
-    """The checks of one config field: its own metadata over the rule its name implies."""
-    r = dict(NAME_RULES.get(f.name, {}))
-    if f.name == "output":
-        r["path"] = "output_file" if Path(str(f.default)).suffix else "output_dir"
-    r.update({k: v for k, v in f.metadata.items() if k in ("min", "gt", "max", "path", "resumable")})
-    return r
+    """The checks of one config field, from its own metadata only (a field's name implies nothing)."""
+    return {k: v for k, v in f.metadata.items() if k in RULE_KEYS}
 
 
 def overwrite_option() -> Any:
@@ -419,6 +401,8 @@ def _check_bounds(name: str, value: Any, r: dict[str, Any]) -> None:
         raise CtxawareError(f"{flag} {value} must be greater than {r['gt']}")
     if "max" in r and value > r["max"]:
         raise CtxawareError(f"{flag} {value} must be at most {r['max']}")
+    if "lt" in r and value >= r["lt"]:
+        raise CtxawareError(f"{flag} {value} must be below {r['lt']}")
 
 
 def _paths(value: Any) -> list[str]:

@@ -105,23 +105,35 @@ class NeedleConfig(Checked):
         default=None, metadata={"help": "answer opener; none: the needle's first prefix_words words"}
     )
     prefix_words: int | None = dataclasses.field(
-        default=None, metadata={"help": "needle words in the default prefix (none: authors 8, ctxaware 9)"}
+        default=None,
+        metadata={"min": 1, "help": "needle words in the default prefix (none: authors 8, ctxaware 9)"},
     )
     needle_file: str | None = dataclasses.field(
-        default=None, metadata={"help": "YAML/JSON with needle/question/keywords"}
+        default=None, metadata={"path": "input_file", "help": "YAML/JSON with needle/question/keywords"}
     )
     lengths: list[int] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "lengths in tokens (default: --n-lengths values from 200 to the window, App. A.2)"},
+        metadata={
+            "min": 1,
+            "help": "lengths in tokens (default: --n-lengths values from 200 to the window, App. A.2)",
+        },
     )
     depths: list[float] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "needle depths in percent (default: --n-depths values in 0..100)"},
+        metadata={
+            "min": 0,
+            "max": 100,
+            "help": "needle depths in percent (default: --n-depths values in 0..100)",
+        },
     )
-    n_lengths: int = dataclasses.field(default=20, metadata={"help": "lengths when --lengths is empty"})
-    n_depths: int = dataclasses.field(default=20, metadata={"help": "depths when --depths is empty"})
+    n_lengths: int = dataclasses.field(
+        default=20, metadata={"min": 1, "help": "lengths when --lengths is empty"}
+    )
+    n_depths: int = dataclasses.field(
+        default=20, metadata={"min": 1, "help": "depths when --depths is empty"}
+    )
     max_length: int | None = dataclasses.field(
-        default=None, metadata={"help": "largest length; none: model window"}
+        default=None, metadata={"min": 1, "help": "largest length; none: model window"}
     )
     template: str = dataclasses.field(
         default="1", metadata={"help": "prompt template 1-4 (paper Table 8) or all"}
@@ -141,7 +153,10 @@ class NeedleConfig(Checked):
     )
     chat_template: str = dataclasses.field(
         default="model",
-        metadata={"help": "model (the tokenizer's), gemma (Gemma's turn markers) or a .jinja"},
+        metadata={
+            "path": "input_file",
+            "help": "model (the tokenizer's), gemma (Gemma's turn markers) or a .jinja",
+        },
     )
     prefix_separator: str | None = dataclasses.field(
         default=None,

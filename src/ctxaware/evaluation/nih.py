@@ -58,17 +58,22 @@ class NIHConfig(ModelConfig, NeedleConfig):
 
     max_new_tokens: int = dataclasses.field(
         default=50,
-        metadata={"help": "greedy tokens per answer (paper App. A.3: up to 50, both protocols)"},
+        metadata={"min": 1, "help": "greedy tokens per answer (paper App. A.3: up to 50, both protocols)"},
     )
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per generation batch"})
+    batch_size: int = dataclasses.field(
+        default=8, metadata={"min": 1, "help": "prompts per generation batch"}
+    )
     prefix_cache: bool = dataclasses.field(
         default=True, metadata={"help": "reuse the KV cache of shared prefixes"}
     )
-    output: str = dataclasses.field(default="runs/nih", metadata={"help": "results directory"})
+    output: str = dataclasses.field(
+        default="runs/nih", metadata={"path": "output_dir", "help": "results directory"}
+    )
     steer: str | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "steer heads (paper eq. 1): a heads JSON {layer: [heads]} from `ctxaware heads`, or all"
+            "path": "input",
+            "help": "steer heads (paper eq. 1): a heads JSON {layer: [heads]} from `ctxaware heads`, or all",
         },
     )
     alpha: list[float] = dataclasses.field(

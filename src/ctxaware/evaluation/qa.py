@@ -97,11 +97,11 @@ class EvalConfig(ModelConfig):
         default=None, metadata={"help": "shared data dir (default ../shared/data)"}
     )
     limit: int | None = dataclasses.field(
-        default=None, metadata={"help": "examples per task (seeded sample)"}
+        default=None, metadata={"min": 1, "help": "examples per task (seeded sample)"}
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "sampling seed"})
     max_new_tokens: int = dataclasses.field(
-        default=100, metadata={"help": "new tokens for QA and conflict tasks (paper App. A.3: 100)"}
+        default=100, metadata={"min": 1, "help": "new tokens for QA and conflict tasks (paper App. A.3: 100)"}
     )
     drop_max_new_tokens: int | None = dataclasses.field(
         default=None,
@@ -118,9 +118,9 @@ class EvalConfig(ModelConfig):
         },
     )
     mt_bench_max_new_tokens: int = dataclasses.field(
-        default=512, metadata={"help": "new tokens per MT-Bench turn"}
+        default=512, metadata={"min": 1, "help": "new tokens per MT-Bench turn"}
     )
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "generation batch size"})
+    batch_size: int = dataclasses.field(default=8, metadata={"min": 1, "help": "generation batch size"})
     judge: str = dataclasses.field(default="local", metadata={"help": "MT-Bench judge: local or http"})
     judge_url: str | None = dataclasses.field(default=None, metadata={"help": "OpenAI-compatible base URL"})
     judge_model: str = dataclasses.field(
@@ -131,18 +131,20 @@ class EvalConfig(ModelConfig):
     )
     judge_local_model: str = dataclasses.field(default="default", metadata={"help": "local judge model spec"})
     judge_retries: int = dataclasses.field(
-        default=3, metadata={"help": "judge retries (exponential back-off)"}
+        default=3, metadata={"min": 0, "help": "judge retries (exponential back-off)"}
     )
     judge_timeout: float = dataclasses.field(
         default=60.0, metadata={"help": "seconds one judge request may take", "gt": 0}
     )
     steer: str | None = dataclasses.field(
-        default=None, metadata={"help": "heads JSON {layer: [heads]} to steer"}
+        default=None, metadata={"path": "input", "help": "heads JSON {layer: [heads]} to steer"}
     )
     alpha: float = dataclasses.field(
         default=0.01, metadata={"help": "steering scale for non-user tokens", "gt": 0, "max": 1}
     )
-    output: str = dataclasses.field(default="runs/eval", metadata={"help": "output directory"})
+    output: str = dataclasses.field(
+        default="runs/eval", metadata={"path": "output_dir", "help": "output directory"}
+    )
     overwrite: bool = overwrite_option()
     dump_prompts: str | None = dataclasses.field(
         default=None,

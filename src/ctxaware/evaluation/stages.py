@@ -94,8 +94,10 @@ class StagesConfig(ModelConfig):
         default="auto",
         metadata={"help": "auto (chat if the tokenizer has a template, else plain), chat, plain, zephyr"},
     )
-    max_new_tokens: int = dataclasses.field(default=32, metadata={"help": "tokens generated per answer"})
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "prompts per forward pass"})
+    max_new_tokens: int = dataclasses.field(
+        default=32, metadata={"min": 1, "help": "tokens generated per answer"}
+    )
+    batch_size: int = dataclasses.field(default=8, metadata={"min": 1, "help": "prompts per forward pass"})
     reference: str | None = dataclasses.field(
         default=None,
         metadata={"help": "reference LM for fluency and token length (default: the first checkpoint)"},
@@ -106,7 +108,9 @@ class StagesConfig(ModelConfig):
     )
     n_boot: int = dataclasses.field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
     seed: int = dataclasses.field(default=0, metadata={"help": "example sampling and bootstrap seed"})
-    output: str = dataclasses.field(default="runs/stages", metadata={"help": "output directory"})
+    output: str = dataclasses.field(
+        default="runs/stages", metadata={"path": "output_dir", "help": "output directory"}
+    )
     progress: bool = dataclasses.field(
         default=True, metadata={"help": "progress bars (examples per checkpoint)"}
     )

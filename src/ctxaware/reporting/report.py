@@ -62,8 +62,12 @@ class ReportConfig(Checked):
         title: the page title.
     """
 
-    runs: list[str] = dataclasses.field(metadata={"help": "result directories", "positional": True})
-    output: str = dataclasses.field(default="runs/report.html", metadata={"help": "HTML file to write"})
+    runs: list[str] = dataclasses.field(
+        metadata={"path": "input", "help": "result directories", "positional": True}
+    )
+    output: str = dataclasses.field(
+        default="runs/report.html", metadata={"path": "output_file", "help": "HTML file to write"}
+    )
     overwrite: bool = overwrite_option()
     title: str = dataclasses.field(default="ctxaware report", metadata={"help": "page title"})
 

@@ -38,16 +38,22 @@ class AnalyzeConfig(Checked):
         output: directory for ``layer_agreement.png``, ``instruction_lengths.png`` and ``analysis.json``.
     """
 
-    scores: str = field(metadata={"help": "scores JSONL from ctxaware score", "positional": True})
-    data: str | None = field(default=None, metadata={"help": "the scored dataset, for instruction lengths"})
+    scores: str = field(
+        metadata={"path": "input_file", "help": "scores JSONL from ctxaware score", "positional": True}
+    )
+    data: str | None = field(
+        default=None, metadata={"path": "input", "help": "the scored dataset, for instruction lengths"}
+    )
     model: str = field(default="default", metadata={"help": "tokenizer for instruction lengths"})
     top: float = field(default=0.1, metadata={"help": "top fraction of turns per layer (Fig. 5)"})
     beta: float = field(
         default=0.6, metadata={"help": "selection threshold for the length plots", "min": 0, "max": 1}
     )
     name: str = field(default="", metadata={"help": "dataset name for plot titles (default: file name)"})
-    output: str = field(default="runs/analysis", metadata={"help": "output directory"})
-    limit: int | None = field(default=None, metadata={"help": "rows read from data (as when scoring)"})
+    output: str = field(default="runs/analysis", metadata={"path": "output_dir", "help": "output directory"})
+    limit: int | None = field(
+        default=None, metadata={"min": 1, "help": "rows read from data (as when scoring)"}
+    )
 
 
 def top_set(keys: list[tuple], scores: list[float], top: float) -> set[tuple]:

@@ -324,7 +324,9 @@ class ScoreConfig(ModelConfig):
             windows of ``window`` rows and packed into batches of at most ``batch_tokens`` padded tokens.
     """
 
-    data: str = field(default="", metadata={"help": "dataset file or hub id", "positional": True})
+    data: str = field(
+        default="", metadata={"path": "input", "help": "dataset file or hub id", "positional": True}
+    )
     output: str = field(
         default="runs/scores.jsonl",
         metadata={
@@ -336,15 +338,25 @@ class ScoreConfig(ModelConfig):
     overwrite: bool = overwrite_option()
     layer: int | None = field(
         default=None,
-        metadata={"help": "scoring layer (default: round(15/22 * num_layers), the paper's 15 of 22)"},
+        metadata={
+            "min": 0,
+            "help": "scoring layer (default: round(15/22 * num_layers), the paper's 15 of 22)",
+        },
     )
-    layers: list[int] | None = field(default=None, metadata={"help": "extra layers scored in the same pass"})
+    layers: list[int] | None = field(
+        default=None, metadata={"min": 0, "help": "extra layers scored in the same pass"}
+    )
     head_reduce: str = field(default="max", metadata={"help": "reduce heads by max (eq. 2) or mean"})
-    head: int | None = field(default=None, metadata={"help": "use this one head instead of reducing heads"})
+    head: int | None = field(
+        default=None, metadata={"min": 0, "help": "use this one head instead of reducing heads"}
+    )
     heads: bool = field(default=False, metadata={"help": "write the per-head mean user mass of each turn"})
     max_tokens: int = field(
         default=PAPER_MAX_TOKENS,
-        metadata={"help": "truncate conversations to this many tokens (clamped to the model's window)"},
+        metadata={
+            "min": 1,
+            "help": "truncate conversations to this many tokens (clamped to the model's window)",
+        },
     )
     protocol: Literal["authors", "ctxaware"] = field(
         default="authors",
@@ -355,17 +367,21 @@ class ScoreConfig(ModelConfig):
     )
     format: str = field(default="auto", metadata={"help": "auto, sharegpt, messages or alpaca"})
     split: str = field(default="train", metadata={"help": "split, for hub datasets"})
-    limit: int | None = field(default=None, metadata={"help": "read at most this many input rows"})
-    batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per batch"})
-    max_batch: int = field(default=32, metadata={"help": "conversations per batch at most"})
-    window: int = field(default=256, metadata={"help": "conversations sorted by length together"})
-    chunk: int = field(default=256, metadata={"help": "query rows per softmax chunk (chunked method only)"})
+    limit: int | None = field(default=None, metadata={"min": 1, "help": "read at most this many input rows"})
+    batch_tokens: int = field(default=8192, metadata={"min": 1, "help": "padded tokens per batch"})
+    max_batch: int = field(default=32, metadata={"min": 1, "help": "conversations per batch at most"})
+    window: int = field(default=256, metadata={"min": 1, "help": "conversations sorted by length together"})
+    chunk: int = field(
+        default=256, metadata={"min": 1, "help": "query rows per softmax chunk (chunked method only)"}
+    )
     method: str = field(
         default="onehot",
         metadata={"help": "capture path: onehot (the model's kernel, V = user indicator) or chunked"},
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    merge_timeout: float = field(default=86400.0, metadata={"help": "seconds rank 0 waits for other ranks"})
+    merge_timeout: float = field(
+        default=86400.0, metadata={"gt": 0, "help": "seconds rank 0 waits for other ranks"}
+    )
 
 
 KEY = ("source_row", "conversation_id", "turn")

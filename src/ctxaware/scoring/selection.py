@@ -37,19 +37,21 @@ class SelectConfig(Checked):
         output: directory for ``data.json(l)`` (the input's format), ``hf/`` and ``selection.json``.
     """
 
-    scores: str = field(metadata={"help": "scores JSONL from ctxaware score", "positional": True})
-    data: str = field(metadata={"help": "the dataset that was scored", "positional": True})
-    beta: float = field(default=0.6, metadata={"help": "select turns with score > beta", "min": 0, "max": 1})
+    scores: str = field(
+        metadata={"path": "input_file", "help": "scores JSONL from ctxaware score", "positional": True}
+    )
+    data: str = field(metadata={"path": "input", "help": "the dataset that was scored", "positional": True})
+    beta: float = field(default=0.6, metadata={"help": "select turns with score > beta", "gt": 0, "lt": 1})
     indicator: str = field(
         default=DEFAULT_INDICATOR, metadata={"help": "token appended to selected instructions"}
     )
-    output: str = field(default="runs/selected", metadata={"help": "output directory"})
+    output: str = field(default="runs/selected", metadata={"path": "output_dir", "help": "output directory"})
     overwrite: bool = overwrite_option()
     format: str = field(
         default="auto", metadata={"help": "auto, sharegpt, messages or alpaca (as when scoring)"}
     )
     limit: int | None = field(
-        default=None, metadata={"help": "read at most this many rows (as when scoring)"}
+        default=None, metadata={"min": 1, "help": "read at most this many rows (as when scoring)"}
     )
     hf: bool = field(default=True, metadata={"help": "also save an HF dataset under OUTPUT/hf"})
 
@@ -178,8 +180,6 @@ def check_scored_data(scores: str | Path, data: str | Path) -> None:
 
 def run(cfg: SelectConfig) -> dict:
     """Select, write ``OUTPUT/data.json(l)``, ``OUTPUT/hf`` and ``OUTPUT/selection.json``; return the summary."""
-    if not 0 < cfg.beta < 1:
-        raise CtxawareError(f"--beta {cfg.beta} must lie in (0, 1)")
     out = Path(cfg.output)
     targets = [out / _out_name(cfg.data), out / "hf", out / "selection.json"]
     refuse_existing(targets, cfg.overwrite, "--output")
