@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from ctxaware.commands import eval as eval_command
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import run_id
 from ctxaware.evaluation import qa as ev
@@ -100,7 +101,7 @@ def test_mt_bench_failed_judgment_is_not_a_finished_row(tiny, shared_data, tmp_p
 
 def test_unknown_task_lists_available():
     with pytest.raises(CtxawareError, match="available tasks: .*nqswap"):
-        ev.main(["squadd"])
+        eval_command.main(["squadd"])
 
 
 def test_checkpoint_sweep_steering_and_summary(tiny, shared_data, tmp_path, monkeypatch):
@@ -120,7 +121,7 @@ def test_checkpoint_sweep_steering_and_summary(tiny, shared_data, tmp_path, monk
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"0": [1, 2]}))
     out = tmp_path / "out"
-    rc = ev.main(
+    rc = eval_command.main(
         [
             "cf_world_facts",
             "--model",
@@ -263,7 +264,7 @@ def test_eval_help_lists_tasks(capsys):
     from ctxaware.data.tasks import TASKS
 
     with pytest.raises(SystemExit):
-        ev.main(["--help"])
+        eval_command.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert all(t in out for t in TASKS) and "mt_bench" in out
 
@@ -308,7 +309,7 @@ def test_two_models_named_model_get_their_own_output_dirs(smollm2_tok, tmp_path)
     out = tmp_path / "out"
     argv = ["cf_world_facts", "--model", ",".join(specs), "--limit", "1", "--max-new-tokens", "1",
             "--modes", "chat", "--device", "cpu", "--output", str(out)]  # fmt: skip
-    assert ev.main(argv) == 0
+    assert eval_command.main(argv) == 0
     dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert dirs == sorted(run_id(s) for s in specs) and len(set(dirs)) == 2
     for d in dirs:

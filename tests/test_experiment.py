@@ -253,7 +253,7 @@ def test_gemma_experiment_yaml_builds_the_published_configs():
 
 def test_experiment_help_says_what_it_runs_and_how_long(capsys):
     """Issue 27 §3: ``experiment --help`` describes the run and its time, not a docstring fragment."""
-    from ctxaware.experiment import main
+    from ctxaware.commands.experiment import main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

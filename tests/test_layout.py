@@ -15,6 +15,7 @@ PKG = Path(ctxaware.__file__).parent
 # the steps, earliest first (docs/architecture.md)
 STEPS = ["core", "rendering", "data", "attention", "scoring", "training", "evaluation", "reporting"]
 ENTRY_POINTS = {"ctxaware.cli", "ctxaware.demo", "ctxaware.experiment"}
+COMMANDS = "ctxaware.commands"  # one thin module per CLI command, above everything; only cli imports them
 
 
 def _modules() -> dict[str, Path]:
@@ -47,8 +48,23 @@ def _step(module: str) -> int | None:
 
 
 def test_every_module_lives_in_a_step_or_is_an_entry_point():
-    top = {m for m in _modules() if m.count(".") == 1 and _step(m) is None}
+    top = {m for m in _modules() if m.count(".") == 1 and _step(m) is None} - {COMMANDS}
     assert top == ENTRY_POINTS, f"flat modules outside the steps: {sorted(top - ENTRY_POINTS)}"
+
+
+def test_one_thin_command_module_per_cli_command():
+    """Issue 24 section 4: every CLI command is its own module in ctxaware.commands, imported by cli alone;
+    the steps hold no command-line code (no ``main``)."""
+    from ctxaware.cli import COMMANDS as CLI
+
+    modules = _modules()
+    assert {mod for mod, _ in CLI.values()} == {m for m in modules if m.startswith(COMMANDS + ".")}
+    for m, f in modules.items():
+        tree = ast.parse(f.read_text())
+        has_main = any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+        assert has_main == (m.startswith(COMMANDS + ".") or m == "ctxaware.cli"), m
+        if m != "ctxaware.cli" and not m.startswith(COMMANDS):
+            assert not {d for d in _imports(f, modules) if d.startswith(COMMANDS)}, f"{m} imports a command"
 
 
 def test_imports_run_one_way_and_without_cycles():
@@ -59,7 +75,7 @@ def test_imports_run_one_way_and_without_cycles():
         for d in deps:
             if d == "ctxaware":  # the package itself: __version__
                 continue
-            if d in ENTRY_POINTS and m not in ENTRY_POINTS:
+            if d in ENTRY_POINTS and m not in ENTRY_POINTS and not m.startswith(COMMANDS):
                 up.append(f"{m} -> {d} (an entry point)")
             elif _step(m) is not None and _step(d) is not None and _step(d) > _step(m):
                 up.append(f"{m} ({STEPS[_step(m)]}) -> {d} ({STEPS[_step(d)]})")

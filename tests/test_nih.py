@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from ctxaware.commands import nih as nih_command
 from ctxaware.core import models
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import read_jsonl
@@ -420,7 +421,7 @@ def test_run_ids_are_safe_unique_and_readable(tmp_path):
 
 def test_alpha_without_steer_is_an_error(tmp_path):
     with pytest.raises(CtxawareError, match="--alpha needs --steer"):
-        nih.main(["--alpha", "0.5", "--output", str(tmp_path / "o")])
+        nih_command.main(["--alpha", "0.5", "--output", str(tmp_path / "o")])
 
 
 def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
@@ -435,7 +436,7 @@ def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
     monkeypatch.setattr(nih, "preflight", lambda cfg, name: None)  # no tokenizer for these made-up ids
     out = tmp_path / "o"
     for m in ("org/one", "org/two"):
-        assert nih.main(["--model", m, "--output", str(out)]) == 0
+        assert nih_command.main(["--model", m, "--output", str(out)]) == 0
     assert set(json.loads((out / "summary.json").read_text())) == {"org--one", "org--two"}
 
 

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
+from ctxaware.commands.train import main
 from ctxaware.core.config import parse_config
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import SkipCounter
 from ctxaware.rendering.chat import render
-from ctxaware.training.finetune import main, stage_config
+from ctxaware.training.finetune import stage_config
 from ctxaware.training.preference import (
     DPOStageConfig,
     load_preferences,

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctxaware.commands import score as score_command
 from ctxaware.data.conversations import load_conversations
 from ctxaware.rendering.chat import render, with_empty_system
 from ctxaware.scoring import score as S
@@ -370,7 +371,7 @@ def test_bad_options_fail_before_loading(bad, tmp_path):
     from ctxaware.core.errors import CtxawareError
 
     with pytest.raises(CtxawareError) as e:
-        S.main([str(SFT / "alpaca_en_demo.json"), "--model", str(tmp_path / "no-model"), *bad])
+        score_command.main([str(SFT / "alpaca_en_demo.json"), "--model", str(tmp_path / "no-model"), *bad])
     assert "\n" not in str(e.value) and "no-model" not in str(e.value)
 
 

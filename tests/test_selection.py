@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ctxaware.commands import analyze as analyze_command
+from ctxaware.commands import select as select_command
 from ctxaware.core.errors import CtxawareError
 from ctxaware.data.conversations import load_conversations
 from ctxaware.scoring import selection
@@ -44,7 +46,9 @@ def test_indicator_where_and_only_where_above_beta(tmp_path, name, n):
     truth = _scores(convs, tmp_path / "scores.jsonl")
     out = tmp_path / "out"
     assert (
-        selection.main([str(tmp_path / "scores.jsonl"), str(data), "--beta", "0.6", "--output", str(out)])
+        select_command.main(
+            [str(tmp_path / "scores.jsonl"), str(data), "--beta", "0.6", "--output", str(out)]
+        )
         == 0
     )
 
@@ -118,7 +122,7 @@ def test_layer_disagreement_and_analyze(tmp_path, capsys):
     assert mat.tolist() == [[0, 0.5, 1], [0.5, 0, 1], [1, 1, 0]]  # top sets {19,18}, {18,17}, {0,1}
     scores = tmp_path / "s.jsonl"
     scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert analyze.main([str(scores), "--output", str(tmp_path / "a")]) == 0
+    assert analyze_command.main([str(scores), "--output", str(tmp_path / "a")]) == 0
     # issue 27 §3: the printed "middle" names the layers it compares (here all three), with their mean: 5/6
     assert "all 3 scored layers 0.833, the middle 3 of them (layers 0, 1, 2) 0.833" in capsys.readouterr().out
     res = json.loads((tmp_path / "a" / "analysis.json").read_text())

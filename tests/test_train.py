@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
+from ctxaware.commands.train import main
 from ctxaware.core.config import parse_config
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import SkipCounter, read_jsonl
 from ctxaware.data.conversations import Conversation, load_conversations
 from ctxaware.rendering.chat import render
-from ctxaware.training.finetune import main
 from ctxaware.training.inversion import counterfactual_conversations, filter_parametric, no_context_nll
 from ctxaware.training.sft import (
     TrainConfig,

@@ -1,6 +1,6 @@
 """The ``ctxaware`` command: one subcommand per step of the method.
 
-Each subcommand lives in the module that implements it and exposes ``main(argv) -> int``; this file only
+Each subcommand is a thin module of `ctxaware.commands` exposing ``main(argv) -> int``; this file only
 dispatches (one hop) and turns a `CtxawareError` into one line on stderr with exit code 2. ``--debug``
 shows the traceback instead. A run that left units of work unfinished for an outside reason
 (`results.leave_for_next_run`, e.g. a failing MT-Bench judge) says so on stderr and exits 1; so does a run
@@ -26,33 +26,36 @@ DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk qu
 
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
-    "demo": ("ctxaware.demo", "run the paper's headline measurements on the default model in a few minutes"),
-    "render": ("ctxaware.rendering.chat", "show a conversation's tokens and the role of each token"),
-    "nih": ("ctxaware.evaluation.nih", "needle-in-a-haystack with and without the chat template"),
+    "demo": (
+        "ctxaware.commands.demo",
+        "run the paper's headline measurements on the default model in a few minutes",
+    ),
+    "render": ("ctxaware.commands.render", "show a conversation's tokens and the role of each token"),
+    "nih": ("ctxaware.commands.nih", "needle-in-a-haystack with and without the chat template"),
     "attention": (
-        "ctxaware.attention.allocation",
+        "ctxaware.commands.attention",
         "attention allocation per role, with vs. without the chat template",
     ),
     "heads": (
-        "ctxaware.attention.retrieval_heads",
+        "ctxaware.commands.heads",
         "find retrieval heads (paper eq. 3) and save them as JSON",
     ),
-    "eval": ("ctxaware.evaluation.qa", "context-dependent QA, knowledge conflict and MT-Bench evaluation"),
+    "eval": ("ctxaware.commands.eval", "context-dependent QA, knowledge conflict and MT-Bench evaluation"),
     "score": (
-        "ctxaware.scoring.score",
+        "ctxaware.commands.score",
         "context-dependency score of every assistant turn of a dataset (eq. 2)",
     ),
-    "select": ("ctxaware.scoring.selection", "threshold scores and write the [IND]-marked dataset"),
-    "analyze": ("ctxaware.scoring.analyze", "layer agreement and instruction-length analyses of scores"),
-    "recipes": ("ctxaware.training.recipes", "list the training recipes (ctxaware train NAME runs one)"),
-    "train": ("ctxaware.training.finetune", "instruction fine-tuning, vanilla or with the indicator"),
+    "select": ("ctxaware.commands.select", "threshold scores and write the [IND]-marked dataset"),
+    "analyze": ("ctxaware.commands.analyze", "layer agreement and instruction-length analyses of scores"),
+    "recipes": ("ctxaware.commands.recipes", "list the training recipes (ctxaware train NAME runs one)"),
+    "train": ("ctxaware.commands.train", "instruction fine-tuning, vanilla or with the indicator"),
     "stages": (
-        "ctxaware.evaluation.stages",
+        "ctxaware.commands.stages",
         "context use across training stages (SFT -> DPO -> RLVR) and what drives it",
     ),
-    "experiment": ("ctxaware.experiment", "score -> select -> train -> evaluate, end to end"),
+    "experiment": ("ctxaware.commands.experiment", "score -> select -> train -> evaluate, end to end"),
     "report": (
-        "ctxaware.reporting.report",
+        "ctxaware.commands.report",
         "one self-contained HTML page (and Markdown) from result directories",
     ),
 }

@@ -14,12 +14,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ctxaware.core.config import ModelConfig, parse_config, to_dict
-from ctxaware.core.provenance import provenance
+from ctxaware.core.config import ModelConfig, to_dict
 from ctxaware.core.results import ResultsWriter, write_json_atomic
 from ctxaware.rendering.chat import ROLES, render, user_prompt
 from ctxaware.rendering.generate import generate
-from ctxaware.reporting.report import write_report
 
 DEMO_CONTEXT = (
     "The Harbor Street bakery opens at 6 a.m. on weekdays and at 8 a.m. on weekends. Its owner, Mira Okafor, "
@@ -218,28 +216,3 @@ def show_attention(model, tok, prompts, cfg: DemoConfig) -> None:
     print(
         f"({time.time() - t0:.0f}s; the sink is position 0 in both modes, the paper's 'BOS'; see docs/attention.md)"
     )
-
-
-def main(argv: list[str]) -> int:
-    from ctxaware.core.models import model_shape
-
-    cfg = parse_config(DemoConfig, argv, prog="ctxaware demo")
-    t0 = time.time()
-    print(f"ctxaware demo: loading {cfg.model} ...")
-    model, tok = cfg.load()
-    print(
-        f"loaded {model.name_or_path} ({model_shape(model)[0]} layers, "
-        f"{model_shape(model)[1]} heads) on {model.device} in {time.time() - t0:.1f}s"
-    )
-    show_rendering(model, tok)
-    show_generation(model, tok)
-    if not cfg.quick:
-        prompts = show_nih(model, tok, cfg)
-        show_attention(model, tok, prompts, cfg)
-        out = Path(cfg.output)
-        write_json_atomic(out / "provenance.json", provenance(t0, model=cfg.model, revision=cfg.revision))
-        _section("5. the report of this run")
-        path = write_report([out], out / "report.html", title=f"ctxaware demo: {model.name_or_path}")
-        print(f"report: {path.resolve()}  (Markdown: {path.with_suffix('.md')})")
-    print(f"\ndone in {time.time() - t0:.0f}s")
-    return 0

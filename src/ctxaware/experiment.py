@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctxaware.core.config import Checked, ModelConfig, parse_sectioned, to_dict
+from ctxaware.core.config import Checked, ModelConfig, to_dict
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import fingerprint_inputs, read_jsonl, write_json_atomic, write_text_atomic
 from ctxaware.data.conversations import load_conversations, write_conversations
@@ -663,20 +663,4 @@ def print_help() -> int:
     lines += [f"  {n:<10} {h}; set by the experiment: {', '.join(SET_BY_EXPERIMENT.get(n, ())) or '-'}"
               for n, h in sections.items()]  # fmt: skip
     print(text + "\n".join(lines))
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware experiment CONFIG.yaml [--option value ...]``."""
-    argv = list(argv)
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", *argv]
-    if any(a in ("-h", "--help") for a in argv):
-        return print_help()
-    cfg = parse_sectioned(ExperimentConfig, argv, "ctxaware experiment", RENAMED)
-    from ctxaware.core.results import exclusive
-
-    with exclusive(cfg.output_dir, ".experiment.lock"):  # one experiment per output directory
-        print(run(cfg))
-    print(f"\nwritten: {Path(cfg.output_dir) / 'comparison.md'}")
     return 0

@@ -13,6 +13,9 @@ import json
 import numpy as np
 import pytest
 
+from ctxaware.commands import attention as attention_command
+from ctxaware.commands import eval as eval_command
+from ctxaware.commands import nih as nih_command
 from tests.conformance import authors
 from tests.conftest import SHARED_DATA, require_shared_data
 
@@ -41,13 +44,12 @@ def test_nih_prompts_equal_the_authors_tester(tok, essay_ids, tmp_path, monkeypa
     """`ctxaware nih --dump-prompts` (tokenizer only) on the paper's 20 x 20 grid (slow) and a 4 x 4 grid:
     text, ids, needle index and context size equal the authors' tester (hint = the needle's first 8 words)."""
     import ctxaware.core.models
-    from ctxaware.evaluation import nih
 
     monkeypatch.setattr(ctxaware.core.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     out = tmp_path / "p.jsonl"
     top = 2000 if n == 20 else 1000
     argv = ["--max-length", str(top), "--n-lengths", str(n), "--n-depths", str(n)]
-    assert nih.main([*argv, "--modes", "chat", "--prefix", "true", "--dump-prompts", str(out)]) == 0
+    assert nih_command.main([*argv, "--modes", "chat", "--prefix", "true", "--dump-prompts", str(out)]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     lengths = [int(x) for x in np.round(np.linspace(200, top, n))]
     depths = [int(x) for x in np.round(np.linspace(0, 100, n))]
@@ -99,12 +101,11 @@ def test_attention_prompts_and_query_equal_the_analysis_script(tok, essay_ids, t
     """`ctxaware attention --dump-prompts` (the default, ``--prompts analysis``): per cell and condition the
     ids up to the query equal the authors' analysis script's, and the query index is their "is". Before
     issue 22 the query was "Francisco" (8-word prefix) and the plain text had a blank line, not a space."""
-    from ctxaware.attention import allocation as attention
 
     out = tmp_path / "a.jsonl"
     lengths, depths = [400, 1000, 1600], [0, 50, 100]
     argv = ["--lengths", ",".join(map(str, lengths)), "--depths", ",".join(map(str, depths))]
-    assert attention.main([*argv, "--dump-prompts", str(out)]) == 0
+    assert attention_command.main([*argv, "--dump-prompts", str(out)]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 2 * len(lengths) * len(depths)
     for r in rows:
@@ -128,10 +129,9 @@ def test_qa_chat_prompts_equal_the_authors_lm_eval_wrapper(tok, tmp_path, task):
     empty system turn, so SmolLM2's default system prompt; a trailing newline; QuAC's space stripped)."""
     require_shared_data()
     from ctxaware.data.tasks import get_task, load_examples
-    from ctxaware.evaluation import qa as evaluate
 
     out = tmp_path / "e.jsonl"
-    assert evaluate.main([task, "--modes", "chat", "--limit", "20", "--dump-prompts", str(out)]) == 0
+    assert eval_command.main([task, "--modes", "chat", "--limit", "20", "--dump-prompts", str(out)]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     examples = {ex.id: ex for ex in load_examples(get_task(task), "local", SHARED_DATA)}
     assert len(rows) == 20
@@ -151,10 +151,9 @@ def test_qa_chat_prompts_equal_the_authors_lm_eval_wrapper(tok, tmp_path, task):
 def test_quac_keeps_the_space_before_the_instruction(tok, tmp_path):
     """The authors' ``removesuffix('CANNOTANSWER')`` leaves the passage's space before "\\nAnswer"."""
     require_shared_data()
-    from ctxaware.evaluation import qa as evaluate
 
     out = tmp_path / "q.jsonl"
-    assert evaluate.main(["quac", "--modes", "chat", "--limit", "5", "--dump-prompts", str(out)]) == 0
+    assert eval_command.main(["quac", "--modes", "chat", "--limit", "5", "--dump-prompts", str(out)]) == 0
     assert all(" \nAnswer the question" in json.loads(x)["prompt_text"] for x in out.read_text().splitlines())
 
 

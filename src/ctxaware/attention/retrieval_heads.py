@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from ctxaware.attention.allocation import eq3_user_share, role_allocation, sink_is_user  # noqa: F401
-from ctxaware.core.config import ModelConfig, overwrite_option, parse_config
+from ctxaware.core.config import ModelConfig, overwrite_option
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import model_shape
 from ctxaware.core.results import write_json_atomic
@@ -169,22 +169,3 @@ class HeadsConfig(ModelConfig):
         default="analysis",
         metadata={"help": "analysis (the authors' attention script: query 'is') or nih (the NIH tester's)"},
     )
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware heads``: eq. (3) on NIH prompts, written as PASTA-style JSON."""
-    cfg = parse_config(HeadsConfig, argv, prog="ctxaware heads")
-    from ctxaware.attention.allocation import nih_prompts
-
-    print(f"ctxaware heads: loading {cfg.model} ...", flush=True)
-    model, tok = cfg.load()
-    if cfg.all_heads:
-        heads = all_heads(model)
-    else:
-        prompts = nih_prompts(
-            tok, cfg.lengths, cfg.depths, chat=cfg.chat, haystack=cfg.haystack, prompts=cfg.prompts
-        )
-        heads = find_heads(model, prompts, k=cfg.k, include_sink=cfg.include_sink, desc="heads: prompts")
-    path = save_heads(heads, cfg.output)
-    print(f"wrote {sum(map(len, heads.values()))} heads on {len(heads)} layers to {path}")
-    return 0

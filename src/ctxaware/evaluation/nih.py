@@ -13,7 +13,6 @@ context.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -22,11 +21,11 @@ import numpy as np
 from ctxaware.attention import steering
 from ctxaware.attention.allocation import PrefillShares, mean_prefill_shares
 from ctxaware.core import plotting, stats
-from ctxaware.core.config import ModelConfig, overwrite_option, parse_config, to_dict
+from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import middle_layer, run_id
 from ctxaware.core.provenance import model_about
-from ctxaware.core.results import ResultsWriter, atomic_path, write_json_atomic, write_text_atomic
+from ctxaware.core.results import ResultsWriter, atomic_path, write_json_atomic
 from ctxaware.data.needle import (
     NeedleConfig,
     apply_chat_template_choice,
@@ -429,52 +428,4 @@ def _dump(cfg: NIHConfig, names: list[str]) -> int:
         for name, tok in toks:
             n = dump_prompts(cfg, tok, run_id(name), tmp, append=True)
             print(f"{run_id(name)}: {n} prompts written to {path}")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware nih``: run the grid for every ``--model``, then write summaries, heatmaps and a bar chart."""
-    cfg = parse_config(NIHConfig, argv, prog="ctxaware nih")
-    check(cfg)  # bad input fails before a model loads
-    names = list(dict.fromkeys(m.strip() for m in cfg.model.split(",") if m.strip()))
-    if len({run_id(n) for n in names}) < len(names):
-        raise CtxawareError(f"--model lists the same model twice: {cfg.model}")
-    if cfg.dump_prompts:
-        return _dump(cfg, names)
-    for name in names:
-        preflight(cfg, name)
-    out = Path(cfg.output)
-    summaries = {}
-    for name in names:
-        short, rows = run_model(cfg, name)
-        summaries[short] = report(out, short, rows)
-    try:  # keep the models of earlier invocations in the top-level summary
-        before = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        before = {}
-    summaries = {**(before if isinstance(before, dict) else {}), **summaries}
-    write_json_atomic(out / "summary.json", summaries)
-    md = table(summaries)
-    if cfg.steer is not None:
-        md += "\n\nAttention steering (paper Table 1; NIH recall):\n\n" + steering_table(summaries)
-    write_text_atomic(out / "summary.md", md + "\n")
-    bars = {
-        c: {
-            m: (s["recall_error"]["mean"], s["recall_error"]["ci_low"], s["recall_error"]["ci_high"])
-            for m, conds in summaries.items()
-            for cc, s in conds.items()
-            if cc == c
-        }
-        for c in dict.fromkeys(c for conds in summaries.values() for c in conds)
-    }
-    plotting.bar_chart(
-        bars,
-        out / "conditions.png",
-        "NIH recall error by condition (paper Fig. 2)",
-        "recall error (1 - recall)",
-    )
-    print(md)
-    print(
-        f"results in {out}/ (rows.jsonl, summary.json and heatmap.png per model and condition, conditions.png)"
-    )
     return 0

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxaware.attention.intercept import capture_attention
-from ctxaware.core.config import ModelConfig, parse_config, to_dict
+from ctxaware.core.config import ModelConfig, to_dict
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import ResultsWriter, write_json_atomic, write_text_atomic
 from ctxaware.core.stats import fmt, markdown_table, summarize, summarize_proportion
@@ -520,12 +520,3 @@ def summary_blocks(s: dict) -> list[tuple]:
 def summary_markdown(s: dict) -> str:
     """Markdown of a ``summary.json`` (the blocks of `summary_blocks`)."""
     return "\n\n".join(b[1] if b[0] == "p" else markdown_table(*b[1:]) for b in summary_blocks(s))
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware stages base=SPEC,sft=SPEC,... [--tasks ...] [--n N]``."""
-    cfg = parse_config(StagesConfig, argv, prog="ctxaware stages")
-    s = run(cfg)
-    print(summary_markdown(s))
-    print(f"wrote {Path(cfg.output) / 'summary.json'}, summary.md, rows.jsonl and plots")
-    return 0

@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from ctxaware.core.config import Checked, overwrite_option, parse_config, spare_inputs
+from ctxaware.core.config import Checked, overwrite_option
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.provenance import git_commit, utc
 from ctxaware.core.results import SCHEMA, write_text_atomic
@@ -424,17 +424,3 @@ def write_report(
     write_text_atomic(md, render_markdown(title, sections, unknown, header, figdir.name))
     header["seconds"] = f"{time.time() - t0:.1f}"
     return out
-
-
-def main(argv: list[str]) -> int:
-    cfg = parse_config(ReportConfig, argv, prog="ctxaware report")
-    out = Path(cfg.output)
-    twin = out.with_suffix(".md") if out.suffix == ".html" else out.parent / "report.md"
-    spare_inputs([("--output (its Markdown twin)", str(twin), "output_file"),
-                  ("--output (its figure folder)", str(out.parent / (out.stem + "_files")), "output_dir")],
-                 [("a run directory", r) for r in cfg.runs], cfg.overwrite, True)  # fmt: skip
-    path = write_report(cfg.runs, cfg.output, cfg.title)
-    print(
-        f"report: {path} (Markdown twin: {path.with_suffix('.md')}, figures in {path.parent / (path.stem + '_files')})"
-    )
-    return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ctxaware.core import plotting
-from ctxaware.core.config import Checked, parse_config
+from ctxaware.core.config import Checked
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import read_jsonl, write_json_atomic
 from ctxaware.data.conversations import load_conversations
@@ -159,22 +159,3 @@ def run(cfg: AnalyzeConfig) -> dict:
 def _off(m: np.ndarray) -> float:
     """Mean of the off-diagonal entries."""
     return float(m[~np.eye(len(m), dtype=bool)].mean())
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware analyze SCORES [--data DATA] --output DIR``."""
-    cfg = parse_config(AnalyzeConfig, argv, prog="ctxaware analyze")
-    res = run(cfg)
-    if "layer_agreement" in res:
-        la = res["layer_agreement"]
-        mat = np.asarray(la["disagreement"])
-        layers, c = la["layers"], len(la["layers"]) // 2
-        mid = list(range(max(0, c - 4), min(len(layers), c + 5)))  # up to 9 scored layers around the middle
-        sub = mat[np.ix_(mid, mid)]
-        print(f"layer disagreement (off-diagonal mean): all {len(layers)} scored layers {_off(mat):.3f}, the middle "
-              f"{len(mid)} of them (layers {', '.join(str(layers[i]) for i in mid)}) {_off(sub):.3f}")  # fmt: skip
-    if "instruction_lengths" in res:
-        il = res["instruction_lengths"]
-        print(f"instruction length: original {il['original']}, selected ({il['selection']}) {il['selected']}")
-    print(f"-> {cfg.output}")
-    return 0

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxaware.attention.intercept import capture_attention
-from ctxaware.core.config import ModelConfig, overwrite_option, parse_config, to_dict
+from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import model_shape
 from ctxaware.core.provenance import model_about
@@ -571,19 +571,3 @@ def run(cfg: ScoreConfig) -> dict | None:
                                        "throughput": throughput, "throughput_rank0": stats})  # fmt: skip
     write_json_atomic(out.with_suffix(".summary.json"), summary)
     return summary
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware score DATA --model M --layer L --output scores.jsonl``."""
-    cfg = parse_config(ScoreConfig, argv, prog="ctxaware score")
-    if not cfg.data:
-        raise CtxawareError("give a dataset: ctxaware score DATA --output scores.jsonl")
-    summary = run(cfg)
-    if summary is not None:
-        sk = summary["skipped_turns"]["total"] + summary["skipped_rows"]["total"]
-        tp = summary["throughput"]
-        print(f"scored {summary['n_scored']}/{summary['n_turns']} turns of {summary['n_conversations']} conversations "
-              f"({summary['n_truncated']} truncated, {sk} skipped) -> {cfg.output}")  # fmt: skip
-        print(f"throughput: {tp['tokens_per_s']:.1f} tokens/s ({tp['tokens']} tokens in {tp['seconds']:.2f} s of "
-              f"scoring, {tp['ranks']}; {tp['wall_seconds_with_load']:.2f} s with loading)")  # fmt: skip
-    return 0

@@ -11,12 +11,11 @@ from the scores file) are never selected; they are counted and left out of the r
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctxaware.core.config import Checked, overwrite_option, parse_config, refuse_existing
+from ctxaware.core.config import Checked, overwrite_option, refuse_existing
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import SkipCounter, file_digest, write_json_atomic
 from ctxaware.data.conversations import Conversation, load_conversations, to_hf_dataset, write_conversations
@@ -204,20 +203,3 @@ def run(cfg: SelectConfig) -> dict:
                "malformed_score_lines": malformed.as_dict()}  # fmt: skip
     write_json_atomic(out / "selection.json", summary)
     return summary
-
-
-def main(argv: list[str]) -> int:
-    """``ctxaware select SCORES DATA --beta 0.6 --output OUT``."""
-    cfg = parse_config(SelectConfig, argv, prog="ctxaware select")
-    s = run(cfg)
-    bad = s["malformed_score_lines"]
-    if bad["total"]:
-        why = ", ".join(f"{n} {r}" for r, n in bad["by_reason"].items())
-        print(f"ctxaware select: skipped {bad['total']} malformed score lines ({why}); see selection.json",
-              file=sys.stderr)  # fmt: skip
-    print(format_table({Path(cfg.data).name: s["table3"]}))
-    print(
-        f"selected {s['n_selected']}/{s['n_scored']} scored turns (beta={cfg.beta}, {s['n_unscored']} unscored) "
-        f"-> {cfg.output}"
-    )
-    return 0

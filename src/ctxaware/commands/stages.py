@@ -1,0 +1,17 @@
+"""``ctxaware stages``: the command line of `ctxaware.evaluation.stages` (parse, run, print)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctxaware.core.config import parse_config
+from ctxaware.evaluation.stages import StagesConfig, run, summary_markdown
+
+
+def main(argv: list[str]) -> int:
+    """``ctxaware stages base=SPEC,sft=SPEC,... [--tasks ...] [--n N]``."""
+    cfg = parse_config(StagesConfig, argv, prog="ctxaware stages")
+    s = run(cfg)
+    print(summary_markdown(s))
+    print(f"wrote {Path(cfg.output) / 'summary.json'}, summary.md, rows.jsonl and plots")
+    return 0
