@@ -17,12 +17,12 @@ from ctxaware.attention.allocation import (
 )
 from ctxaware.attention.retrieval_heads import (
     all_heads,
+    check_heads,
     eq3_user_share,
     find_heads,
     load_heads,
     save_heads,
     top_heads,
-    validate_heads,
 )
 from ctxaware.core.errors import CtxawareError
 from ctxaware.rendering.chat import ROLES, render
@@ -76,7 +76,7 @@ def test_retrieval_heads_eq3_and_json(smollm2, tmp_path):
     assert json.loads(p.read_text())["7"] == heads[7]
     assert load_heads(p, model) == heads
     assert top_heads(torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.1]])) == {0: [1], 1: [0]}
-    assert validate_heads("all", model) == all_heads(model) and len(all_heads(model)[0]) == 9
+    assert check_heads("all", model) == all_heads(model) and len(all_heads(model)[0]) == 9
 
 
 def test_heads_validation(smollm2, tmp_path):
@@ -89,7 +89,7 @@ def test_heads_validation(smollm2, tmp_path):
         ({}, "non-empty"),
     ]:
         with pytest.raises(CtxawareError, match=msg):
-            validate_heads(bad, model)
+            check_heads(bad, model)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(CtxawareError, match="not valid JSON"):
         load_heads(tmp_path / "bad.json")

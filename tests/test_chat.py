@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ctxaware.core.errors import CtxawareError
-from ctxaware.rendering.chat import render, user_prompt, validate_messages
+from ctxaware.rendering.chat import check_messages, render, user_prompt
 
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
@@ -150,7 +150,7 @@ def test_missing_template_in_chat_mode(tok):
 )
 def test_bad_conversations(messages, match):
     with pytest.raises(CtxawareError, match=match):
-        validate_messages(messages)
+        check_messages(messages)
 
 
 def test_truncation_clips_spans(tok):

@@ -14,7 +14,7 @@ from ctxaware.data.conversations import (
     to_hf_dataset,
     write_conversations,
 )
-from ctxaware.rendering.chat import validate_messages
+from ctxaware.rendering.chat import check_messages
 from tests.conftest import SHARED_DATA
 
 SFT = SHARED_DATA / "sft"
@@ -22,7 +22,7 @@ SFT = SHARED_DATA / "sft"
 
 def _assert_clean(convs):
     for c in convs:
-        validate_messages(c.messages)  # alternating, system first, strings: what chat.render accepts
+        check_messages(c.messages)  # alternating, system first, strings: what chat.render accepts
         assert c.messages[-1]["role"] == "assistant"
         assert all(m["content"].strip() for m in c.messages)
 

@@ -11,7 +11,7 @@ import pytest
 
 from ctxaware.core.config import from_dict, load_yaml
 from ctxaware.core.errors import CtxawareError
-from ctxaware.experiment import ExperimentConfig, run, stage_select
+from ctxaware.experiment import ExperimentConfig, run, step_select
 from ctxaware.training.sft import TrainConfig
 from tests.conftest import SHARED_DATA, tiny_llama
 
@@ -30,14 +30,14 @@ def test_select_stage_marks_selected_turns_and_caches(tmp_path):
     scores.write_text("".join(json.dumps({"source_row": 0, "conversation_id": "c", "turn": t, "score": s}) + "\n"
                               for t, s in [(0, 0.3), (1, 0.9)]))  # fmt: skip
     cfg = ExperimentConfig(data=str(data), output_dir=str(tmp_path / "exp"))
-    out = stage_select(cfg, tmp_path, scores, 0.6)
+    out = step_select(cfg, tmp_path, scores, 0.6)
     marked = json.loads(out.read_text())[0]["conversations"]
     assert [t["value"] for t in marked] == ["S", "q0", "a0", "q1 [IND]", "a1"]
     ratio = json.loads(out.with_suffix(".selection.json").read_text())
     assert (ratio["n_selected"], ratio["n_scored"], ratio["ratio"]) == (1, 2, 0.5)
     mtime = out.stat().st_mtime_ns
-    assert stage_select(cfg, tmp_path, scores, 0.6) == out and out.stat().st_mtime_ns == mtime  # cached
-    stage_select(cfg, tmp_path, scores, 0.2)
+    assert step_select(cfg, tmp_path, scores, 0.6) == out and out.stat().st_mtime_ns == mtime  # cached
+    step_select(cfg, tmp_path, scores, 0.2)
     assert json.loads((tmp_path / "data" / "marked_b0.2.selection.json").read_text())["n_selected"] == 2
 
 

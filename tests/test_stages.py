@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctxaware.commands.stages import main
 from ctxaware.core.errors import CtxawareError
 from ctxaware.evaluation.characteristics import Embedder, answer_position, lexical_overlap, log_perplexity
 from ctxaware.evaluation.regression import sensitivity, spearman, standardized_coefficients
@@ -22,7 +23,6 @@ from ctxaware.evaluation.stages import (
     StagesConfig,
     attention_shares,
     context_groups,
-    main,
     parse_checkpoints,
     prepare_tokenizer,
     run,

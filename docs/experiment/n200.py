@@ -20,27 +20,27 @@ from ctxaware.experiment import (
     RENAMED,
     ExperimentConfig,
     paired,
-    stage_data,
-    stage_evaluate,
-    stage_score,
-    stage_seed,
-    stage_select,
-    stage_table3,
-    stage_train,
+    step_data,
+    step_evaluate,
+    step_score,
+    step_seed,
+    step_select,
+    step_table3,
+    step_train,
 )
 
 TASKS = sys.argv[1:] or ["cf_world_facts"]
 src = Path("runs/experiment_gemma")
 
 cfg = parse_sectioned(ExperimentConfig, ["--config", "docs/experiment/gemma.yaml"], "n200", RENAMED)
-cfg.data = stage_data(cfg, src)
-seed_model, _ = stage_seed(cfg, src)
-scores = stage_score(cfg, src, seed_model)
-print("table 3:", stage_table3(cfg, src, scores))
+cfg.data = step_data(cfg, src)
+seed_model, _ = step_seed(cfg, src)
+scores = step_score(cfg, src, seed_model)
+print("table 3:", step_table3(cfg, src, scores))
 beta = cfg.betas[0]
-marked = stage_select(cfg, src, scores, beta)
+marked = step_select(cfg, src, scores, beta)
 vanilla = str(src / "train/vanilla/model")
-indicator = stage_train(cfg, src, f"ind_indicator_b{beta}", str(marked), True)["model_dir"]
+indicator = step_train(cfg, src, f"ind_indicator_b{beta}", str(marked), True)["model_dir"]
 
 for task in TASKS:
     root = Path("runs/experiment_gemma_n200_" + task)
@@ -59,7 +59,7 @@ for task in TASKS:
     }
     out = {}
     for name, (model_dir, ind, mode) in runs.items():
-        out[name] = stage_evaluate(tcfg, root, name.split("/")[0], model_dir, ind, mode)[task]
+        out[name] = step_evaluate(tcfg, root, name.split("/")[0], model_dir, ind, mode)[task]
     pairs = {}
     metrics = ("p_s", "p_o") if task.startswith("cf") else ("contains",)
     for a, b in (("base/plain", "vanilla"), ("base", "vanilla"), ("vanilla", f"ind_indicator_b{beta}")):

@@ -11,7 +11,7 @@ sets, NIH chat vs plain with and without the prefix, attention per role in three
 with an offline judge; the +indicator model with the indicator on every query) -> the stage analysis over
 base -> SFT -> DPO -> GRPO -> ``comparison.md``/``.json`` and plots.
 
-Every stage caches its output under ``output_dir``; a rerun (after a kill at any point) skips what is
+Every step caches its output under ``output_dir``; a rerun (after a kill at any point) skips what is
 finished and resumes training from its last checkpoint. Layout: ``data/``, ``scores.jsonl``,
 ``table3.json``, ``train/{run}/``, ``eval/{run}/``, ``nih/{run}/``, ``attention/{run}/``, ``stages/``,
 ``comparison.md``, ``context_reliance.png``, ``timing.json``. This module only wires the other modules.
@@ -91,19 +91,19 @@ class ExperimentConfig(Checked):
     """The experiment's own options plus one section per command it runs, each that command's own config
     (TRL's scripts compose ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig`` the same way):
 
-    ``model`` (`ModelConfig`: the base and how every stage loads a model), ``train`` (`TrainConfig`: every
+    ``model`` (`ModelConfig`: the base and how every step loads a model), ``train`` (`TrainConfig`: every
     SFT run), ``score`` (eq. 2), ``eval`` (QA, conflict, MT-Bench), ``nih``, ``attention`` and ``stages``
     (each run only when its section is given), ``dpo`` and ``grpo`` (the ``post_stages``). A section holds
     only the options that command takes, with that command's defaults; the experiment sets the rest
     (`SET_BY_EXPERIMENT`: outputs under ``output_dir``, data, which model, the template) and derives each
-    stage's config from its section with ``dataclasses.replace``. In YAML a section is a nested mapping; on
+    step's config from its section with ``dataclasses.replace``. In YAML a section is a nested mapping; on
     the command line ``--SECTION.OPTION VALUE`` (``--eval.limit 200``).
 
     Parameters:
         data / data_files: the SFT data, or sets combined into ``data/sft.json`` (cleaned, shuffled with
             ``train.seed``, first ``train.max_conversations``).
         seed_model: the model that scores the data (eq. 2): ``trained`` (the paper's choice: the vanilla SFT
-            of the base on ``data``, trained first as a stage) or a model spec used as it is.
+            of the base on ``data``, trained first as a step) or a model spec used as it is.
         betas: thresholds; one +indicator run per beta (the first is the headline, more give Table 9).
         table3_betas: thresholds whose selected ratio is reported (paper Table 3).
         post_stages: ``dpo`` and/or ``grpo``, trained in that order from the vanilla SFT model.
@@ -148,7 +148,7 @@ class ExperimentConfig(Checked):
     )
     model: ModelConfig | str | dict = dataclasses.field(
         default_factory=ModelConfig,
-        metadata={"help": "the base model and how every stage loads models", "section": True},
+        metadata={"help": "the base model and how every step loads models", "section": True},
     )
     train: TrainConfig | dict = dataclasses.field(
         default_factory=dict, metadata={"help": "ctxaware train", "section": True}
@@ -231,7 +231,7 @@ def _section(name: str, cls: type, value: Any, fixed: dict) -> Any:
 
 
 class _Timer:
-    """Wall seconds per stage in ``timing.json`` (a stage served from its cache records nothing new)."""
+    """Wall seconds per step in ``timing.json`` (a step served from its cache records nothing new)."""
 
     def __init__(self, root: Path) -> None:
         self.path = root / "timing.json"
@@ -251,7 +251,7 @@ def seed_spec(cfg: ExperimentConfig) -> str:
     return cfg.seed_model
 
 
-def stage_data(cfg: ExperimentConfig, root: Path) -> str:
+def step_data(cfg: ExperimentConfig, root: Path) -> str:
     """``data_files`` cleaned (`ctxaware.data.conversations`: refusals, empty and incomplete turns removed),
     combined and shuffled with ``train.seed``, first ``train.max_conversations`` kept: ``data/sft.json``.
     Without ``data_files`` this is ``data``."""
@@ -277,18 +277,18 @@ def stage_data(cfg: ExperimentConfig, root: Path) -> str:
     return str(out)
 
 
-def stage_seed(cfg: ExperimentConfig, root: Path) -> tuple[str, dict | None]:
+def step_seed(cfg: ExperimentConfig, root: Path) -> tuple[str, dict | None]:
     """The seed model for eq. (2): ``(model spec or dir, training summary or None)``. With ``seed_model:
     trained`` this trains (or resumes, or reuses) ``train/vanilla``: the paper's seed is a vanilla SFT of the
     base on the same data with the training template, which is exactly the vanilla run."""
     spec = seed_spec(cfg)
     if spec != "trained":
         return spec, None
-    summary = stage_train(cfg, root, "vanilla", str(cfg.data), False)
+    summary = step_train(cfg, root, "vanilla", str(cfg.data), False)
     return summary["model_dir"], summary
 
 
-def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None) -> Path:
+def step_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None) -> Path:
     """Eq. (2) scores of every assistant turn with the seed model (the ``score`` section; resumable in
     `ctxaware.scoring.score`; skipped when done under the same seed)."""
     from ctxaware.scoring.score import run
@@ -308,7 +308,7 @@ def stage_score(cfg: ExperimentConfig, root: Path, seed_model: str | None = None
     return out
 
 
-def stage_table3(cfg: ExperimentConfig, root: Path, scores_path: Path) -> dict[str, float]:
+def step_table3(cfg: ExperimentConfig, root: Path, scores_path: Path) -> dict[str, float]:
     """Paper Table 3: the fraction of scored turns selected at each of ``table3_betas``."""
     from ctxaware.scoring.selection import load_scores, ratio_table
 
@@ -318,7 +318,7 @@ def stage_table3(cfg: ExperimentConfig, root: Path, scores_path: Path) -> dict[s
     return table
 
 
-def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: float) -> Path:
+def step_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: float) -> Path:
     """The [IND]-marked copy of the training data for ``beta`` (same conversations, same order)."""
     out = root / "data" / f"marked_b{beta}.json"
     meta = out.with_suffix(".selection.json")
@@ -337,7 +337,7 @@ def stage_select(cfg: ExperimentConfig, root: Path, scores_path: Path, beta: flo
     return out
 
 
-def stage_train(cfg: ExperimentConfig, root: Path, name: str, data: str, indicator: bool) -> dict:
+def step_train(cfg: ExperimentConfig, root: Path, name: str, data: str, indicator: bool) -> dict:
     """Train one SFT run (the ``train`` section; skipped when its summary exists; resumed from its last
     checkpoint otherwise)."""
     return train(
@@ -345,7 +345,7 @@ def stage_train(cfg: ExperimentConfig, root: Path, name: str, data: str, indicat
     )
 
 
-def stage_post(cfg: ExperimentConfig, root: Path, stage: str, start: str) -> dict:
+def step_post_training(cfg: ExperimentConfig, root: Path, stage: str, start: str) -> dict:
     """One post-SFT stage (the ``dpo`` or ``grpo`` section) from the model dir ``start``, LoRA merged on
     save."""
     from ctxaware.training.finetune import run_stage
@@ -371,7 +371,7 @@ def template_file(root: Path, cfg: ExperimentConfig) -> str:
 
 
 def model_options(cfg: ExperimentConfig, model_dir: str) -> dict:
-    """The model section's options for a stage that loads ``model_dir``: every `ModelConfig` field, with
+    """The model section's options for a step that loads ``model_dir``: every `ModelConfig` field, with
     ``model`` = ``model_dir``; a trained checkpoint (anything but the configured base) is a local directory
     of a merged model, so it takes no revision, adapter or quantised loading."""
     opts = {f: getattr(cfg.model, f) for f in MODEL_FIELDS}
@@ -381,7 +381,7 @@ def model_options(cfg: ExperimentConfig, model_dir: str) -> dict:
     return opts
 
 
-def stage_evaluate(
+def step_evaluate(
     cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool, mode: str = "chat"
 ) -> dict:
     """QA/conflict tasks (the ``eval`` section) and MT-Bench for one model in one ``mode``; rows resume in
@@ -396,7 +396,7 @@ def stage_evaluate(
                                **model_options(cfg, model_dir))  # fmt: skip
     tasks = [t for t in ecfg.tasks if t != "mt_bench"]
     mt_bench = bool(cfg.mt_bench_limit and mode == "chat")
-    stage = {**to_dict(ecfg), "tasks": tasks, "chat_template": template,
+    step = {**to_dict(ecfg), "tasks": tasks, "chat_template": template,
              "mt_bench_limit": cfg.mt_bench_limit if mt_bench else 0,
              "mt_bench_max_new_tokens": ecfg.mt_bench_max_new_tokens if mt_bench else None,
              "judge_local_model": ecfg.judge_local_model if mt_bench else None}  # fmt: skip
@@ -413,12 +413,13 @@ def stage_evaluate(
                                           output_dir=root / "eval" / name))  # fmt: skip
         return results
 
-    return cached_stage(where, "results.json", stage, compute)
+    return cached_step(where, "results.json", step, compute)
 
 
-def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dict:
-    """A stage's JSON result ``where/filename``, reused only when the stage ran with this configuration and
-    these input contents (the content fingerprint `ResultsWriter` uses, recorded in ``where/stage.json``);
+def cached_step(where: Path, filename: str, step_config: dict, compute) -> dict:
+    """A step's JSON result ``where/filename``, reused only when the step ran with this configuration and
+    these input contents (the content fingerprint `ResultsWriter` uses, recorded in ``where/stage.json``, a name kept so that
+    earlier runs stay reusable);
     computed when missing. A different configuration is refused in one line, as every command refuses to
     mix runs: change ``eval_limit`` and rerun, and the old numbers do not come back (issue 24 §2)."""
     from ctxaware.core.results import config_changes, run_record
@@ -426,14 +427,14 @@ def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dic
     done, record = where / filename, where / "stage.json"
     if done.is_file() and record.is_file():
         old = json.loads(record.read_text())
-        changed = config_changes(old.get("config", {}), old.get("inputs"), stage_config)
+        changed = config_changes(old.get("config", {}), old.get("inputs"), step_config)
         if changed:
             raise CtxawareError(
-                f"{where} holds this stage's results for another configuration (differs in: "
+                f"{where} holds this step's results for another configuration (differs in: "
                 f"{', '.join(changed)}); use another output_dir, or delete {where} to recompute it"
             )
         return json.loads(done.read_text())
-    write_json_atomic(record, run_record(stage_config))  # a run from before stages recorded it: recorded now
+    write_json_atomic(record, run_record(step_config))  # a run from before stages recorded it: recorded now
     if done.is_file():
         return json.loads(done.read_text())
     out = compute()
@@ -442,7 +443,7 @@ def cached_stage(where: Path, filename: str, stage_config: dict, compute) -> dic
     return out
 
 
-def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool) -> dict:
+def step_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indicator: bool) -> dict:
     """NIH (the ``nih`` section) under ``nih_conditions``: ``{condition: summary}`` (rows resume)."""
     from ctxaware.evaluation import nih
 
@@ -462,11 +463,11 @@ def stage_nih(cfg: ExperimentConfig, root: Path, name: str, model_dir: str, indi
             out.update(nih.report(Path(ncfg.output), short, rows))
         return out
 
-    stage = {"model": model_dir, "runs": [to_dict(c) for c in configs]}
-    return cached_stage(root / "nih" / name, "results.json", stage, compute)
+    step = {"model": model_dir, "runs": [to_dict(c) for c in configs]}
+    return cached_step(root / "nih" / name, "results.json", step, compute)
 
 
-def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str) -> dict:
+def step_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str) -> dict:
     """Attention per role (the ``attention`` section; three normalisations, Fig. 3-4) on NIH prompts;
     ``attention/{name}/``."""
     from ctxaware.attention import allocation as attention
@@ -474,12 +475,12 @@ def stage_attention(cfg: ExperimentConfig, root: Path, name: str, model_dir: str
     where = root / "attention" / name
     acfg = dataclasses.replace(cfg.attention, chat_template=template_file(root, cfg), output=str(where),
                                **model_options(cfg, model_dir))  # fmt: skip
-    return cached_stage(
+    return cached_step(
         where, "allocation.json", to_dict(acfg), lambda: attention.run_one(acfg, model_dir, where)
     )
 
 
-def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> dict:
+def step_stage_analysis(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> dict:
     """The stage analysis (the ``stages`` section, `ctxaware stages`) over base -> vanilla SFT -> DPO ->
     GRPO."""
     from ctxaware.evaluation.stages import run
@@ -488,7 +489,7 @@ def stage_stages(cfg: ExperimentConfig, root: Path, chain: dict[str, str]) -> di
     scfg = dataclasses.replace(cfg.stages, checkpoints=[f"{k}={v}" for k, v in chain.items()],
                                mode="zephyr" if cfg.train.chat_template == "zephyr" else "auto",
                                output=str(root / "stages"), **options)  # fmt: skip
-    return cached_stage(root / "stages", "summary.json", to_dict(scfg), lambda: run(scfg))
+    return cached_step(root / "stages", "summary.json", to_dict(scfg), lambda: run(scfg))
 
 
 def paired(root: Path, a: str, b: str, task: str, metric: str) -> dict:
@@ -594,19 +595,19 @@ def run(cfg: ExperimentConfig) -> str:
     root = Path(cfg.output_dir)
     timer = _Timer(root)
     cfg = copy.copy(cfg)  # the caller's config stays as given; the combined data lives under output_dir
-    cfg.data = timer("data", stage_data, cfg, root)
-    seed_model, seed_summary = timer("train vanilla (seed)", stage_seed, cfg, root)
-    scores = timer("score", stage_score, cfg, root, seed_model)
-    extra: dict = {"table3": stage_table3(cfg, root, scores)}
+    cfg.data = timer("data", step_data, cfg, root)
+    seed_model, seed_summary = timer("train vanilla (seed)", step_seed, cfg, root)
+    scores = timer("score", step_score, cfg, root, seed_model)
+    extra: dict = {"table3": step_table3(cfg, root, scores)}
     plan = {"vanilla": (str(cfg.data), False)}
     for beta in cfg.betas:
-        plan[f"+indicator b={beta}"] = (str(stage_select(cfg, root, scores, beta)), True)
+        plan[f"+indicator b={beta}"] = (str(step_select(cfg, root, scores, beta)), True)
     runs: dict[str, dict] = {}
     if cfg.eval_base:
         runs["base"] = {"slug": "base", "model_dir": cfg.model.model, "indicator": False, "train": {}}
     for name, (data, indicator) in plan.items():
         slug = name.replace("+", "ind_").replace(" b=", "_b").replace(" ", "_")
-        summary = timer(f"train {slug}", stage_train, cfg, root, slug, data, indicator)
+        summary = timer(f"train {slug}", step_train, cfg, root, slug, data, indicator)
         runs[name] = {
             "slug": slug,
             "model_dir": summary["model_dir"],
@@ -617,23 +618,23 @@ def run(cfg: ExperimentConfig) -> str:
             runs[name]["selection"] = json.loads(Path(data).with_suffix(".selection.json").read_text())
     start = runs["vanilla"]["model_dir"]
     for stage in cfg.post_stages:
-        summary = timer(f"train {stage}", stage_post, cfg, root, stage, start)
+        summary = timer(f"train {stage}", step_post_training, cfg, root, stage, start)
         runs[stage] = {"slug": stage, "model_dir": summary["model_dir"], "indicator": False, "train": summary}
         start = summary["model_dir"]
     for r in runs.values():
         slug, md, ind = r["slug"], r["model_dir"], r["indicator"]
         if slug == "base":  # the paper's base rows: no template; the training template's view beside it
-            r["eval"] = timer("eval base (plain)", stage_evaluate, cfg, root, slug, md, ind, "plain")
-            r["eval_chat_template"] = timer("eval base (chat)", stage_evaluate, cfg, root, slug, md, ind)
+            r["eval"] = timer("eval base (plain)", step_evaluate, cfg, root, slug, md, ind, "plain")
+            r["eval_chat_template"] = timer("eval base (chat)", step_evaluate, cfg, root, slug, md, ind)
         else:
-            r["eval"] = timer(f"eval {slug}", stage_evaluate, cfg, root, slug, md, ind)
+            r["eval"] = timer(f"eval {slug}", step_evaluate, cfg, root, slug, md, ind)
         if cfg.nih is not None:
-            r["nih"] = timer(f"nih {slug}", stage_nih, cfg, root, slug, md, ind)
+            r["nih"] = timer(f"nih {slug}", step_nih, cfg, root, slug, md, ind)
         if cfg.attention is not None:
-            r["attention"] = timer(f"attention {slug}", stage_attention, cfg, root, slug, md)
+            r["attention"] = timer(f"attention {slug}", step_attention, cfg, root, slug, md)
     if cfg.stages is not None:
         chain = {k: runs[k]["model_dir"] for k in ("base", "vanilla", *cfg.post_stages) if k in runs}
-        extra["stages"] = timer("stages", stage_stages, cfg, root, chain)
+        extra["stages"] = timer("stages", step_stage_analysis, cfg, root, chain)
     extra["timing"] = timer.times
     return compare(root, runs, extra)
 
@@ -641,7 +642,7 @@ def run(cfg: ExperimentConfig) -> str:
 HELP = (
     "The paper's experiment from one YAML: clean and combine the SFT data, train the vanilla SFT (the seed), "
     "score every turn with eq. (2), Table 3, mark [IND] turns, train the +indicator SFT (and DPO, GRPO), "
-    "evaluate every checkpoint (QA, conflict, NIH, attention, MT-Bench) and compare them. Every stage is "
+    "evaluate every checkpoint (QA, conflict, NIH, attention, MT-Bench) and compare them. Every step is "
     "cached under output_dir: rerun the same command to resume. docs/experiment/gemma.yaml (Gemma-3-270M, "
     "20-step LoRA runs, n=50 per task) took about 2 h 20 min on a 2-core CPU (docs/experiment.md)."
 )

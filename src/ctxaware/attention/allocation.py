@@ -537,7 +537,7 @@ def _figures(allocation: dict, extra: dict, out: Path) -> None:
     head = next(iter(conds.values()))["head"]
     label = f"{name}\nlayer {layer}, head {head}, n={n}"
     shares = {k: {c: conds[c][k] for c in conds} for k in NORMALIZATIONS}
-    plotting.normalisation_panels(
+    plotting.normalization_panels(
         shares,
         out / "allocation.png",
         f"{name}: attention per role, layer {layer} head {head}, n={n} prompts each",

@@ -37,7 +37,7 @@ def all_heads(model) -> Heads:
     return {layer: list(range(n_heads)) for layer in range(n_layers)}
 
 
-def validate_heads(heads: HeadsSpec, model) -> Heads:
+def check_heads(heads: HeadsSpec, model) -> Heads:
     """``heads`` as ``{int layer: sorted unique heads}``; ``"all"`` expands. Bad layers/heads raise."""
     if isinstance(heads, str):
         if heads != "all":
@@ -114,9 +114,9 @@ def load_heads(path: str | Path, model=None) -> Heads:
             f"head config {p} is not valid JSON ({e.msg}); expected {{layer: [heads]}}"
         ) from None
     if raw == "all":
-        return validate_heads("all", model) if model is not None else raw
+        return check_heads("all", model) if model is not None else raw
     if model is not None:
-        return validate_heads(raw, model)
+        return check_heads(raw, model)
     if not isinstance(raw, dict):
         raise CtxawareError(f"head config {p} must hold a mapping {{layer: [heads]}}")
     try:

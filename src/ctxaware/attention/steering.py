@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ctxaware.attention.intercept import intercepted
-from ctxaware.attention.retrieval_heads import Heads, load_heads, validate_heads
+from ctxaware.attention.retrieval_heads import Heads, check_heads, load_heads
 from ctxaware.core.errors import CtxawareError
 from ctxaware.rendering.chat import Rendered
 
@@ -119,7 +119,7 @@ def steer(
     during a forward pass inside the block (a steering that silently did nothing).
     """
     check_alpha(alpha)
-    sel = validate_heads(heads, model)
+    sel = check_heads(heads, model)
     if isinstance(emphasize, Rendered):
         emphasize = emphasize.mask("user")
     if (
@@ -157,7 +157,7 @@ def batch_context(
     model, heads: Heads | str, alpha: float, roles: Sequence[str] = ("user",)
 ) -> Callable[..., contextlib.AbstractContextManager]:
     """A ``batch_context`` for `ctxaware.rendering.generate.generate`: steers every batch toward its ``roles`` tokens."""
-    sel = validate_heads(heads, model)
+    sel = check_heads(heads, model)
     check_alpha(alpha)  # before any batch runs
 
     def ctx(batch) -> contextlib.AbstractContextManager:

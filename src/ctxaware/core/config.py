@@ -458,7 +458,7 @@ def check_outputs_spare_inputs(config: Any) -> None:
     spare_inputs(outputs, inputs, bool(getattr(config, "overwrite", False)), hasattr(config, "overwrite"))
 
 
-def validate(config: Any) -> None:
+def check_fields(config: Any) -> None:
     """Check every field of a parsed config against `rule`: bounds, output paths, input files' encoding, and
     that no output is, holds or replaces an input (`check_outputs_spare_inputs`)."""
     check_outputs_spare_inputs(config)
@@ -501,11 +501,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 class Checked:
-    """Base of every command's config: it validates itself when built (`validate`), so a config made in
+    """Base of every command's config: it validates itself when built (`check_fields`), so a config made in
     Python (or by ``dataclasses.replace``) is checked exactly as one parsed from the command line."""
 
     def __post_init__(self) -> None:
-        validate(self)
+        check_fields(self)
 
 
 @dataclasses.dataclass

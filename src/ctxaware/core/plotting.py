@@ -349,7 +349,7 @@ def paired_bars(
 
 
 @_styled
-def normalisation_panels(
+def normalization_panels(
     shares: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str
 ) -> Path:
     """Attention per role in several normalisations side by side: ``shares[normalisation][condition][role]``;

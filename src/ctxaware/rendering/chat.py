@@ -100,7 +100,7 @@ class Rendered:
         return tokenizer.convert_ids_to_tokens(self.input_ids)
 
 
-def validate_messages(messages: Sequence[dict], require_alternation: bool = True) -> list[dict]:
+def check_messages(messages: Sequence[dict], require_alternation: bool = True) -> list[dict]:
     """Check roles and contents; return a clean copy. Optional system first, then user/assistant turns."""
     if not messages:
         raise CtxawareError("the conversation is empty; give at least one user message")
@@ -306,7 +306,7 @@ def render(
             authors' lm-eval chat wrapper, which renders an empty assistant turn and cuts its closing
             marker: a ChatML prompt then ends ``<|im_start|>assistant``).
     """
-    msgs = validate_messages(messages)
+    msgs = check_messages(messages)
     if not getattr(tokenizer, "is_fast", False):
         raise CtxawareError("ctxaware needs a fast tokenizer (offset mapping); load it with use_fast=True")
     if mode == "chat":

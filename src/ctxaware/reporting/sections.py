@@ -222,7 +222,7 @@ def attention(d: Path, figs: Figs) -> Section:
         n, layer = e.get("n_prompts", "?"), e.get("layer", "?")
         missing = [v for v in NORMALIZATIONS.values() if v not in shares]
         if shares:
-            png = plotting.normalisation_panels(
+            png = plotting.normalization_panels(
                 shares,
                 figs(f"attention_{model}"),
                 f"{model}: attention per role, layer {layer} (n={n} prompts)",
