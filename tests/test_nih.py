@@ -432,8 +432,8 @@ def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
                  "empty": 0.0, "protocol": "authors"} for d in (0.0, 100.0)]  # fmt: skip
         return models.run_id(name), rows
 
-    monkeypatch.setattr(nih, "run_model", fake_run)
-    monkeypatch.setattr(nih, "preflight", lambda cfg, name: None)  # no tokenizer for these made-up ids
+    monkeypatch.setattr(nih_command, "run_model", fake_run)
+    monkeypatch.setattr(nih_command, "preflight", lambda cfg, name: None)  # no tokenizer for these made-up ids
     out = tmp_path / "o"
     for m in ("org/one", "org/two"):
         assert nih_command.main(["--model", m, "--output", str(out)]) == 0

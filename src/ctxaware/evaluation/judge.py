@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ctxaware.core.config import default_data_dir
 from ctxaware.core.errors import CtxawareError
+from ctxaware.core.http import check_url, post_json
 from ctxaware.core.results import leave_for_next_run, read_jsonl
 from ctxaware.rendering.chat import render
 from ctxaware.rendering.generate import generate
@@ -85,24 +86,9 @@ class JudgeReplyError(Exception):
     """A reply that arrived but is not a judgment (content null or not text, not UTF-8, no rating)."""
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
-        return None  # urllib then raises HTTPError(code): the caller reports it and never follows
-
-
-_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
-
-
 def check_judge_url(url: str | None) -> str:
     """``--judge-url`` must be an http(s) URL with a host; checked before any answer is generated."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url or "")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CtxawareError(
-            f"--judge-url {url!r} is not an http(s) URL with a host; give e.g. https://api.openai.com/v1"
-        )
-    return url  # type: ignore[return-value]
+    return check_url(url, "--judge-url", "https://api.openai.com/v1")
 
 
 class HTTPJudge:
@@ -139,16 +125,10 @@ class HTTPJudge:
                   "and will likely refuse (HTTP 401)", file=sys.stderr)  # fmt: skip
 
     def _post(self, body: dict) -> dict:
-        """One POST to exactly ``self.url``. A redirect is never followed: the key goes only to the URL the
-        user gave (urllib would re-send it to the new address and turn the POST into a body-less GET)."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        with _NO_REDIRECTS.open(req, timeout=self.timeout) as resp:
-            raw = resp.read()
+        """One POST to exactly ``self.url`` (`ctxaware.core.http.post_json`: a redirect is never followed, so
+        the key goes only to the URL the user gave)."""
         try:
-            return json.loads(raw.decode("utf-8"))
+            return post_json(self.url, body, self.api_key, self.timeout)
         except UnicodeDecodeError:
             raise JudgeReplyError("the reply is not UTF-8") from None
 
