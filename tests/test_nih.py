@@ -433,7 +433,9 @@ def test_summary_keeps_models_of_earlier_invocations(tmp_path, monkeypatch):
         return models.run_id(name), rows
 
     monkeypatch.setattr(nih_command, "run_model", fake_run)
-    monkeypatch.setattr(nih_command, "preflight", lambda cfg, name: None)  # no tokenizer for these made-up ids
+    monkeypatch.setattr(
+        nih_command, "preflight", lambda cfg, name: None
+    )  # no tokenizer for these made-up ids
     out = tmp_path / "o"
     for m in ("org/one", "org/two"):
         assert nih_command.main(["--model", m, "--output", str(out)]) == 0

@@ -109,7 +109,6 @@ def test_text_prompts_tokenize_back_to_the_rendered_ids(smollm2_tok):
     """A server that takes text gets a text whose tokenisation (special tokens included, as a server
     tokenises) is exactly the rendered ids; Gemma's BOS is left to the tokenizer to add."""
     from ctxaware.core.models import load_tokenizer
-
     from ctxaware.training.sft import ZEPHYR_TEMPLATE
 
     gemma = load_tokenizer("gemma3-270m")
