@@ -156,3 +156,23 @@ def test_layer_counts_come_from_the_text_config():
     check_layers(model, [0, 33])
     with pytest.raises(CtxawareError, match="0..33"):
         check_layers(model, [34])
+
+
+def test_each_rank_of_a_launch_gets_its_own_gpu(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) ``auto`` and a bare ``cuda`` mean this rank's GPU, cuda:$LOCAL_RANK
+    (issue 25 section 2: nih, eval and score ranks never share one device); an explicit cuda:N is kept."""
+    import torch
+
+    from ctxaware.core.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert (resolve_device("auto"), resolve_device("cuda"), resolve_device("cuda:1")) == (
+        "cuda:3",
+        "cuda:3",
+        "cuda:1",
+    )
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device("auto") == "cuda"

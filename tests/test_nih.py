@@ -460,3 +460,34 @@ def test_a_missing_haystack_is_never_replaced_silently(tmp_path, monkeypatch, ca
     if PG_ESSAYS.is_dir():  # the variable is honoured
         monkeypatch.setenv("CTXAWARE_SHARED_DATA", str(PG_ESSAYS.parents[1]))
         assert len(haystack_files("auto")) == len(list(PG_ESSAYS.glob("*.txt")))
+
+
+def test_two_processes_give_the_one_process_rows_byte_for_byte(tmp_path, shared_data):
+    """Issue 25 section 2: ``torchrun --nproc_per_node 2 -m ctxaware.cli nih`` (gloo, CPU) shares the grid's
+    engine calls between the ranks, and rank 0's merged rows.jsonl equals a one-process run's, byte for byte,
+    on the real SmolLM2; a second launch finds everything done and changes nothing."""
+    import subprocess
+    import sys
+
+    grid = ["nih", "--model", "default", "--lengths", "200,300,400", "--depths", "0,50,100", "--modes", "chat,plain",
+            "--prefix", "true", "--max-new-tokens", "12", "--haystack", "synthetic", "--device", "cpu",
+            "--dtype", "float32"]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "ctxaware.cli", *grid, "--output", str(one)], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "ctxaware.cli", *grid, "--output", str(two)]  # fmt: skip
+    res = subprocess.run(launch, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (rows_one,) = one.glob("*/rows.jsonl")
+    rows_two = two / rows_one.parent.name / "rows.jsonl"
+    assert len(rows_one.read_text().splitlines()) == 18
+    assert rows_two.read_bytes() == rows_one.read_bytes()
+    for rank in (0, 1):  # both ranks computed a share of the grid (3 engine calls: 2 and 1)
+        assert f"(rank {rank} of 2: its share of the 3 engine calls)" in res.stdout
+    assert not (rows_two.parent / ".ranks").exists()  # merged: the ranks' own files are gone
+    assert (two / "summary.json").is_file()
+    res = subprocess.run(launch, env=env, capture_output=True, text=True)  # resume: nothing left to do
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert rows_two.read_bytes() == rows_one.read_bytes()

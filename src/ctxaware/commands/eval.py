@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ctxaware.core.config import default_data_dir, parse_config
+from ctxaware.core.distributed import dist_info
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import write_json_atomic, write_text_atomic
 from ctxaware.data.tasks import TASKS, get_task, load_examples
@@ -69,8 +70,14 @@ def main(argv: list[str]) -> int:
                 judge=judge,
             )
             results.setdefault(spec, {})[cond] = res
-            print(f"{spec} [{cond}]: " + ", ".join(f"{t}={_headline(r)}" for t, r in res.items()), flush=True)
+            if dist_info()[0] == 0:  # under a launcher rank 0 holds the merged rows
+                print(
+                    f"{spec} [{cond}]: " + ", ".join(f"{t}={_headline(r)}" for t, r in res.items()),
+                    flush=True,
+                )
         del model
+    if dist_info()[0] != 0:
+        return 0
     md = summary_markdown(results)
     write_text_atomic(out / "summary.md", md)
     write_json_atomic(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ctxaware.core import plotting
 from ctxaware.core.config import parse_config
+from ctxaware.core.distributed import dist_info
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import run_id
 from ctxaware.core.results import write_json_atomic, write_text_atomic
@@ -37,7 +38,10 @@ def main(argv: list[str]) -> int:
     summaries = {}
     for name in names:
         short, rows = run_model(cfg, name)
-        summaries[short] = report(out, short, rows)
+        if dist_info()[0] == 0:  # under a launcher, rank 0 holds the merged rows and writes the summaries
+            summaries[short] = report(out, short, rows)
+    if dist_info()[0] != 0:
+        return 0
     try:  # keep the models of earlier invocations in the top-level summary
         before = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):

@@ -186,10 +186,14 @@ def _convert_gguf(gguf: Path, trust_remote_code: bool) -> Path:
 
 
 def resolve_device(device: str) -> str:
+    """``auto``: CUDA when available, else CPU. Under a launcher (``WORLD_SIZE`` > 1) a bare ``cuda`` is this
+    rank's own GPU, ``cuda:$LOCAL_RANK``, so that ranks never share one device."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CtxawareError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0))}"
     return device
 
 

@@ -22,6 +22,7 @@ from ctxaware.attention import steering
 from ctxaware.attention.allocation import PrefillShares, mean_prefill_shares
 from ctxaware.core import plotting, stats
 from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
+from ctxaware.core.distributed import dist_info, finished_keys, run_units
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import middle_layer, run_id
 from ctxaware.core.provenance import model_about
@@ -207,21 +208,23 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     steered = steered_prompts(cfg, prompts)
     alpha_of = {id(p): a for a, p in steered}
     prompts = prompts + [p for _, p in steered]
-    writer = ResultsWriter(
-        Path(cfg.output) / short,
-        _fingerprinted(cfg, name),
-        ("condition", "template", "length", "depth"),
-        about=about,
-        kind="nih",
+    keys = ("condition", "template", "length", "depth")
+    rank, world = dist_info()  # under torchrun / accelerate launch: the groups are shared (core.distributed)
+    run_dir = Path(cfg.output) / short
+    writer = (
+        ResultsWriter(run_dir, _fingerprinted(cfg, name), keys, about=about, kind="nih")
+        if rank == 0
+        else None
     )
+    finished = writer.done if writer is not None else finished_keys(run_dir / "rows.jsonl", keys)
     # The unit of work is one engine call: every test of one length (and alpha). A group with any test
     # missing runs whole, so each test is computed beside the same companions (same padding, same prefix
     # cache) as in an uninterrupted run, and a resume is byte-identical at any kill point (issue 23 §5);
     # only the missing rows are written.
     group_of = {id(p): (p.cell["length"], alpha_of.get(id(p))) for p in prompts}
-    missing = {group_of[id(p)] for p in prompts if not writer.done(p.cell)}
+    missing = {group_of[id(p)] for p in prompts if not finished(p.cell)}
     todo = [p for p in prompts if group_of[id(p)] in missing]
-    n_missing = sum(not writer.done(p.cell) for p in todo)
+    n_missing = sum(not finished(p.cell) for p in todo)
     rendered = [p.render(tok) for p in todo]
     total = sum(len(r) for r in rendered)
     print(
@@ -232,7 +235,7 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     )
     progress = {"tests": 0, "tokens": 0, "t0": time.time(), "estimated": False}
 
-    def write(idx: list[int], gens, part: list[int]) -> None:
+    def write(writer: ResultsWriter, idx: list[int], gens, part: list[int]) -> None:
         for j, g in zip(idx, gens):
             i = part[j]
             if writer.done(todo[i].cell):  # computed again only as a companion of a missing test
@@ -268,35 +271,45 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     if cfg.attention and server is None:
         shares = PrefillShares(model, cfg.attention_layers or [middle_layer(model)])
     t0 = time.time()
-    with writer:  # one engine call per length and alpha: a killed run leaves conditions equally far along
-        for length in sorted({p.cell["length"] for p in todo}):
-            for alpha in dict.fromkeys(alpha_of.get(id(p)) for p in todo):
-                part = [
-                    i
-                    for i, p in enumerate(todo)
-                    if p.cell["length"] == length and alpha_of.get(id(p)) == alpha
-                ]
-                if not part:
-                    continue
-                if server is not None:
-                    server.generate(tok, [rendered[i] for i in part], max_new_tokens=new_tokens(cfg),
-                                    desc=f"nih {short} length {length} (server)",
-                                    callback=lambda idx, gens, part=part: write(idx, gens, part))  # fmt: skip
-                    continue
-                generate(
-                    model,
-                    tok,
-                    [rendered[i] for i in part],
-                    max_new_tokens=new_tokens(cfg),
-                    batch_size=cfg.batch_size,
-                    prefix_cache=cfg.prefix_cache,
-                    batch_context=None if alpha is None else steering.batch_context(model, heads, alpha),
-                    prefill_context=shares if alpha is None else None,
-                    desc=f"nih {short} length {length} [{progress['tests']}/{len(todo)} done]"
-                    + ("" if alpha is None else f" alpha={alpha:g}"),
-                    callback=lambda idx, gens, part=part: write(idx, gens, part),
-                )
-    print(f"{short}: {len(todo)} tests in {time.time() - t0:.0f}s")
+    # one unit of work per length and alpha: one engine call, computed whole (a killed run leaves conditions
+    # equally far along, and each test has the same batch companions on any number of ranks)
+    units = [(length, alpha, [i for i, p in enumerate(todo) if p.cell["length"] == length
+                              and alpha_of.get(id(p)) == alpha])
+             for length in sorted({p.cell["length"] for p in todo})
+             for alpha in dict.fromkeys(alpha_of.get(id(p)) for p in todo)]  # fmt: skip
+    units = [u for u in units if u[2]]
+
+    def compute(k: int, w: ResultsWriter) -> None:
+        length, alpha, part = units[k]
+        done = lambda idx, gens, part=part: write(w, idx, gens, part)  # noqa: E731
+        if server is not None:
+            server.generate(tok, [rendered[i] for i in part], max_new_tokens=new_tokens(cfg),
+                            desc=f"nih {short} length {length} (server)", callback=done)  # fmt: skip
+            return
+        generate(
+            model,
+            tok,
+            [rendered[i] for i in part],
+            max_new_tokens=new_tokens(cfg),
+            batch_size=cfg.batch_size,
+            prefix_cache=cfg.prefix_cache,
+            batch_context=None if alpha is None else steering.batch_context(model, heads, alpha),
+            prefill_context=shares if alpha is None else None,
+            desc=f"nih {short} length {length} [{progress['tests']}/{len(todo)} done]"
+            + ("" if alpha is None else f" alpha={alpha:g}"),
+            callback=done,
+        )
+
+    cells = [[todo[i].cell for i in part] for _, _, part in units]
+    try:
+        run_units(writer, run_dir, cells, compute, _fingerprinted(cfg, name), keys, about=about, kind="nih")
+    finally:
+        if writer is not None:
+            writer.close()
+    share = f" (rank {rank} of {world}: its share of the {len(units)} engine calls)" if world > 1 else ""
+    print(f"{short}: {len(todo)} tests in {time.time() - t0:.0f}s{share}")
+    if writer is None:  # another rank: rank 0 writes the merged rows and the summary
+        return short, []
     return short, writer.rows
 
 

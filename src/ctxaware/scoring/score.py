@@ -27,7 +27,6 @@ computed on any rank gives the same bits, a conversation batched with other neig
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ctxaware.attention.intercept import capture_attention
 from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
+from ctxaware.core.distributed import dist_info, process_group
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import model_shape
 from ctxaware.core.provenance import model_about
@@ -51,13 +51,7 @@ from ctxaware.core.results import (
 )
 from ctxaware.data.conversations import load_conversations
 from ctxaware.rendering.chat import clip_messages, end_of_turn, render, with_empty_system
-from ctxaware.scoring.sharding import (
-    all_ranks_throughput,
-    dist_info,
-    merge_parts,
-    plan_batches,
-    process_group,
-)
+from ctxaware.scoring.sharding import all_ranks_throughput, merge_parts, plan_batches
 
 HEAD_REDUCE = ("max", "mean")
 PAPER_LAYER, PAPER_LAYERS, PAPER_MAX_TOKENS = (
@@ -525,8 +519,6 @@ def run(cfg: ScoreConfig) -> dict | None:
     if out.is_file() and not (work / "meta.json").is_file() and not cfg.overwrite:  # not a run of ours
         raise CtxawareError(f"--output {out} already exists and no scoring run of it is in {work}; pass "
                             "--overwrite to replace it, or give a new file name")  # fmt: skip
-    if cfg.device == "auto" and world > 1 and torch.cuda.is_available():
-        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     convs, loader = load_conversations(cfg.data, cfg.format, split=cfg.split, limit=cfg.limit)  # type: ignore[arg-type]
     if not convs:
         raise CtxawareError(

@@ -9,7 +9,6 @@ GPU hosts) gives a barrier and adds up the throughput; without ``MASTER_ADDR`` (
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,11 +17,6 @@ import torch
 
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import ResultsWriter, read_jsonl
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` from torchrun / accelerate launch environment variables (``(0, 1)`` alone)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
@@ -55,21 +49,6 @@ def merge_parts(work: Path, writer: ResultsWriter, expected: list[tuple], timeou
             )
         time.sleep(wait)
         wait = min(30.0, wait * 1.5)  # back off: rereading the parts is O(rows)
-
-
-def process_group(world: int) -> bool:
-    """Join a gloo process group when a launcher (torchrun, accelerate launch) set ``MASTER_ADDR``.
-
-    gloo runs on CPU tensors on any host, so the same group serves CPU and GPU runs; it is used only for a
-    barrier before the merge and to add up throughput. Without it rank 0 still merges by waiting on files.
-    """
-    import torch.distributed as dist
-
-    if world < 2 or "MASTER_ADDR" not in os.environ or not dist.is_available():
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return True
 
 
 def all_ranks_throughput(stats: dict, grouped: bool) -> dict:

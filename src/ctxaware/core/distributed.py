@@ -1,0 +1,116 @@
+"""Many processes, one result: the ranks of a ``torchrun`` / ``accelerate launch`` run share a command's
+units of work and rank 0 writes the merged rows (issue 25 section 2).
+
+Every rank computes the same ordered list of units (an NIH engine call: one length and alpha; a QA chunk)
+from the same inputs and the same finished rows, takes the units with ``index % world == rank`` and writes
+their rows through its own `ResultsWriter` under ``OUTPUT/.ranks/rank-R/`` (resumable and fingerprinted
+like any run). Rank 0 waits until every rank's rows are there (a gloo barrier when a launcher set
+``MASTER_ADDR``, else by reading the files) and appends them to the run's own rows file unit by unit, in
+the order one process writes them, then removes the ranks' files. A unit is computed whole on one rank, beside the same companions as in
+one process (same batches, same prefix cache), so the merged file is byte-identical to a one-process run
+on the same input.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.results import ResultsWriter, read_jsonl
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun / accelerate launch environment variables (``(0, 1)`` alone)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def process_group(world: int) -> bool:
+    """Join a gloo process group when a launcher (torchrun, accelerate launch) set ``MASTER_ADDR``.
+
+    gloo runs on CPU tensors on any host, so the same group serves CPU and GPU runs; it is used only for a
+    barrier before the merge and to add up throughput. Without it rank 0 still merges by waiting on files.
+    """
+    import torch.distributed as dist
+
+    if world < 2 or "MASTER_ADDR" not in os.environ or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
+
+
+def finished_keys(path: Path, key_fields: Sequence[str]) -> Callable[[dict], bool]:
+    """``done(cell)`` over a run's rows file read as it is now (ranks other than 0 never open its writer)."""
+    import json
+
+    def key(row: dict) -> tuple:
+        return tuple(json.dumps(row[k], sort_keys=True) for k in key_fields)
+
+    keys = {key(r) for r in read_jsonl(path) if all(k in r for k in key_fields)} if path.is_file() else set()
+    return lambda cell: key(cell) in keys
+
+
+def rank_dir(output: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` writes its rows of a sharded run."""
+    return Path(output) / ".ranks" / f"rank-{rank}"
+
+
+def run_units(
+    writer: ResultsWriter | None,
+    output: str | Path,
+    units: Sequence[list[dict]],
+    compute: Callable[[int, ResultsWriter], None],
+    config: dict,
+    key_fields: Sequence[str],
+    about: dict | None = None,
+    kind: str = "rows",
+    timeout: float = 86400.0,
+) -> None:
+    """Run ``units`` (each the list of the cells it writes, in writing order) over the ranks of this launch.
+
+    One process (``WORLD_SIZE`` unset or 1): ``compute(i, writer)`` for every unit, into ``writer``. Several:
+    rank R computes its units into its own writer under `rank_dir`; rank 0 (``writer`` is its run writer,
+    ``None`` on the other ranks) then copies every unit's rows into ``writer`` in unit order. ``compute(i, w)``
+    writes unit ``i``'s rows to ``w`` in the order one process writes them."""
+    rank, world = dist_info()
+    if world < 2:
+        for i in range(len(units)):
+            compute(i, writer)  # type: ignore[arg-type]
+        return
+    grouped = process_group(world)
+    mine = ResultsWriter(rank_dir(output, rank), config, key_fields, about={**(about or {}), "rank": rank,
+                         "world_size": world}, kind=kind)  # fmt: skip
+    with mine:
+        for i in range(rank, len(units), world):
+            if not all(mine.done(c) for c in units[i]):  # a killed launch resumes its ranks' units
+                compute(i, mine)
+    if grouped:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's rows are written
+    if rank != 0:
+        return
+    assert writer is not None, "rank 0 writes the merged rows"
+    files = [rank_dir(output, r) / "rows.jsonl" for r in range(world)]
+    t0, wait = time.time(), 0.5
+    while True:  # until every unit's rows are in the file of the rank that computed it
+        ranks = [list(read_jsonl(f)) if f.is_file() else [] for f in files]
+        keys = [{writer.key(row) for row in rows} for rows in ranks]
+        missing = sum(writer.key(c) not in keys[i % world] for i, u in enumerate(units) for c in u)
+        if not missing:
+            break
+        if time.time() - t0 > timeout:
+            raise CtxawareError(f"{missing} result(s) of other ranks still missing after {timeout:.0f}s; "
+                                "rerun the same launch to resume")  # fmt: skip
+        time.sleep(wait)
+        wait = min(30.0, wait * 1.5)
+    for i, u in enumerate(units):  # unit by unit, each in its rank's writing order (one process's order)
+        wanted = {writer.key(c) for c in u}
+        for row in ranks[i % world]:
+            if writer.key(row) in wanted:
+                writer.write(row)  # a row the run already held is not written twice
+    shutil.rmtree(Path(output) / ".ranks", ignore_errors=True)  # merged: the run's own file holds every row
