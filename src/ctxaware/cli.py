@@ -36,6 +36,10 @@ COMMANDS = {
         "ctxaware.commands.attention",
         "attention allocation per role, with vs. without the chat template",
     ),
+    "ruler": (
+        "ctxaware.commands.ruler",
+        "RULER-class retrieval (and HELMET's JSON KV), chat vs plain, paired, with attention",
+    ),
     "heads": (
         "ctxaware.commands.heads",
         "find retrieval heads (paper eq. 3) and save them as JSON",

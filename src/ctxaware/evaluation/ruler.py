@@ -1,0 +1,299 @@
+"""RULER-class retrieval, chat vs plain, with attention in every row: ``ctxaware ruler`` (issue 28).
+
+For every task and length, ``n`` examples are generated (`ctxaware.data.ruler`), each rendered in the
+paired conditions ``chat+prefix``, ``plain+prefix``, ``chat`` and ``plain``: the same haystack and needles
+in a chat prompt and its plain twin (the haystack is sized so that the longest rendering plus the new
+tokens fits the length, RULER's meaning of length). RULER's answer prefix starts the answer: after the
+assistant header in chat, right after the question in plain (RULER's ``base`` template). Each row holds the
+output, the task's score (RULER's ``string_match_all``, HELMET's substring match for ``json_kv``) and the
+attention shares of the last prompt token per role at the analysis layer (raw, paper, sink-excluded), read
+on the generation's own prefill, as NIH rows do.
+
+The summary gives, per task and length, each condition's score with its interval and the paired
+differences ``chat+prefix - plain+prefix`` and ``chat - plain`` with a paired bootstrap CI over the same
+examples (the unit resampled is the example: one haystack and its needles; n counts distinct prompts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from ctxaware.attention.allocation import PrefillShares
+from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
+from ctxaware.core.distributed import dist_info, finished_keys, run_units
+from ctxaware.core.errors import CtxawareError
+from ctxaware.core.models import middle_layer, run_id
+from ctxaware.core.provenance import model_about
+from ctxaware.core.results import ResultsWriter, write_json_atomic, write_text_atomic
+from ctxaware.core.stats import fmt, summarize, summarize_proportion
+from ctxaware.data import ruler
+from ctxaware.data.needle import apply_chat_template_choice, haystack_files, load_haystack
+from ctxaware.rendering.chat import render, with_empty_system
+from ctxaware.rendering.generate import generate
+
+CONDITIONS = {"chat+prefix": ("chat", True), "plain+prefix": ("plain", True), "chat": ("chat", False),
+              "plain": ("plain", False)}  # fmt: skip
+PAIRS = (("chat+prefix", "plain+prefix"), ("chat", "plain"))
+
+
+@dataclasses.dataclass
+class RulerConfig(ModelConfig):
+    """RULER-class retrieval under the paired chat/plain conditions.
+
+    Parameters:
+        tasks: `ctxaware.data.ruler.TASKS` names (RULER's niah_* and vt, HELMET's json_kv).
+        lengths: prompt lengths in tokens (the whole prompt plus the new tokens, as RULER).
+        n: examples per task and length (each one haystack with its needles, in every condition).
+        conditions: which of chat+prefix, plain+prefix, chat, plain.
+        layer: the attention analysis layer (default: the middle layer).
+    """
+
+    tasks: list[str] = dataclasses.field(
+        default_factory=lambda: ["niah_single_2", "niah_multikey_2", "niah_multivalue", "vt", "json_kv"],
+        metadata={"help": "RULER / HELMET tasks (ctxaware.data.ruler.TASKS)"},
+    )
+    lengths: list[int] = dataclasses.field(
+        default_factory=lambda: [1024, 2048], metadata={"help": "prompt lengths in tokens", "min": 64}
+    )
+    n: int = dataclasses.field(default=20, metadata={"help": "examples per task and length", "min": 1})
+    conditions: list[str] = dataclasses.field(
+        default_factory=lambda: list(CONDITIONS), metadata={"help": "chat+prefix, plain+prefix, chat, plain"}
+    )
+    seed: int = dataclasses.field(default=42, metadata={"help": "examples are deterministic from the seed"})
+    haystack: str = dataclasses.field(
+        default="auto", metadata={"help": "essay haystack: auto (the Paul Graham essays) or a folder of .txt"}
+    )
+    system: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "chat system turn: auto (empty, as ctxaware nih under the authors' protocol), default "
+            "(the template's own, e.g. SmolLM2's 'You are a helpful AI assistant named SmolLM')"
+        },
+    )
+    chat_template: str = dataclasses.field(
+        default="model",
+        metadata={"help": "model (the tokenizer's), gemma, or a .jinja file", "path": "input_file"},
+    )
+    layer: int | None = dataclasses.field(
+        default=None, metadata={"help": "attention analysis layer (default: the middle layer)", "min": 0}
+    )
+    attention: bool = dataclasses.field(default=True, metadata={"help": "attention shares in every row"})
+    batch_size: int = dataclasses.field(
+        default=8, metadata={"help": "prompts per generation batch", "min": 1}
+    )
+    output: str = dataclasses.field(
+        default="runs/ruler", metadata={"help": "output directory", "path": "output_dir"}
+    )
+    overwrite: bool = overwrite_option()
+    dump_prompts: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "write every prompt to this JSONL and exit (tokenizer only)",
+            "path": "output_file",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for t in self.tasks:
+            if t not in ruler.TASKS:
+                raise CtxawareError(f"--tasks: {t!r} is not one of {', '.join(ruler.TASKS)}")
+        for c in self.conditions:
+            if c not in CONDITIONS:
+                raise CtxawareError(f"--conditions: {c!r} is not one of {', '.join(CONDITIONS)}")
+
+
+def render_condition(ex: ruler.RulerExample, tok, condition: str, system: str = "auto"):
+    """One example in one condition: RULER's answer prefix (with its leading space) after the assistant
+    header in chat, directly after the question in plain (RULER's base template). ``system``: ``auto`` puts
+    an empty system turn first where the template accepts one (so no default system prompt enters)."""
+    mode, prefix = CONDITIONS[condition]
+    msgs = [{"role": "user", "content": ex.user}]
+    if mode == "chat" and system == "auto":
+        msgs = with_empty_system(msgs, tok)
+    if not prefix:
+        return render(msgs, tok, mode)
+    if mode == "chat":
+        return render(msgs, tok, "chat", response_prefix=" " + ex.answer_prefix)
+    return render(msgs, tok, "plain", response_prefix=" " + ex.answer_prefix, prefix_separator="")
+
+
+def build_examples(cfg: RulerConfig, tok) -> list[tuple[ruler.RulerExample, int, dict]]:
+    """``(example, length, {condition: Rendered})`` for every task, length and index; the haystack size is
+    the largest whose longest rendering plus the new tokens fits the length."""
+    essay: list[str] = []
+    if any(ruler.TASKS[t].haystack == "essay" for t in cfg.tasks):
+        essay = ruler.essay_sentences(load_haystack(cfg.haystack)[0])
+    out = []
+    for name in cfg.tasks:
+        task = ruler.TASKS[name]
+        for length in cfg.lengths:
+            for i in range(cfg.n):
+
+                def count(size: int, i: int = i, task: ruler.RulerTask = task) -> int:
+                    ex = ruler.make_example(task, size, cfg.seed, i, essay)
+                    return max(len(render_condition(ex, tok, c, cfg.system)) for c in cfg.conditions)
+
+                limit = len(essay) if task.haystack == "essay" else 1 << 16
+                size = ruler.fit_size(count, length - task.new_tokens, limit=limit)
+                if size == 0:
+                    raise CtxawareError(f"{name} at length {length}: even the smallest prompt is longer than "
+                                        f"{length - task.new_tokens} tokens; give longer --lengths")  # fmt: skip
+                ex = ruler.make_example(task, size, cfg.seed, i, essay)
+                out.append(
+                    (ex, length, {c: render_condition(ex, tok, c, cfg.system) for c in cfg.conditions})
+                )
+    return out
+
+
+def _fingerprinted(cfg: RulerConfig, name: str) -> dict:
+    d = to_dict(cfg)
+    for k in ("model", "output", "batch_size", "overwrite", "dump_prompts"):
+        d.pop(k)
+    if cfg.haystack == "auto" or Path(cfg.haystack).is_dir():
+        d["haystack_files"] = [str(p) for p in haystack_files(cfg.haystack) or []]
+    return {**d, "model": run_id(name)}
+
+
+KEYS = ("task", "length", "index", "condition")
+
+
+def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
+    """Run (or resume) every task, length, example and condition for one model: ``output/<run id>/rows.jsonl``."""
+    model, tok = cfg.load(name)
+    apply_chat_template_choice(tok, cfg.chat_template)
+    short = run_id(name)
+    examples = build_examples(cfg, tok)
+    rank, world = dist_info()
+    run_dir = Path(cfg.output) / short
+    about = model_about(model, tok)
+    fp = _fingerprinted(cfg, name)
+    writer = ResultsWriter(run_dir, fp, KEYS, about=about, kind="ruler") if rank == 0 else None
+    finished = writer.done if writer is not None else finished_keys(run_dir / "rows.jsonl", KEYS)
+    layer = cfg.layer if cfg.layer is not None else middle_layer(model)
+    shares = PrefillShares(model, [layer]) if cfg.attention else None
+    units = []  # one engine call per task and length: every example in every condition
+    for name_ in cfg.tasks:
+        for length in cfg.lengths:
+            items = [
+                (ex, c, r)
+                for ex, n, rs in examples
+                if ex.task == name_ and n == length
+                for c, r in rs.items()
+            ]
+            cells = [
+                {"task": ex.task, "length": length, "index": ex.index, "condition": c} for ex, c, _ in items
+            ]
+            if not all(finished(c) for c in cells):
+                units.append((items, cells, ruler.TASKS[name_].new_tokens))
+    t0 = time.time()
+    print(f"{short}: {len(examples)} examples x {len(cfg.conditions)} conditions; {len(units)} task-length groups to run",
+          flush=True)  # fmt: skip
+
+    def compute(k: int, w: ResultsWriter) -> None:
+        items, cells, new_tokens = units[k]
+
+        def write(idx: list[int], gens) -> None:
+            for j, g in zip(idx, gens):
+                ex, c, r = items[j]
+                att = shares.shares.pop(j, None) if shares is not None else None
+                if w.done(cells[j]):
+                    continue
+                task = ruler.TASKS[ex.task]
+                row = {**cells[j], "n_prompt_tokens": len(r), "haystack_size": ex.size, "answers": ex.answers,
+                       "output": g.text, "stop_reason": g.stop_reason, "score": ruler.score(task, g.text, ex.answers)}  # fmt: skip
+                if att is not None:  # as NIH rows: {layer: {raw, paper, sink_excluded, heads}}
+                    row["attention"] = att
+                w.write(row)
+
+        generate(model, tok, [r for _, _, r in items], max_new_tokens=new_tokens, batch_size=cfg.batch_size,
+                 prefill_context=shares, desc=f"ruler {short} {items[0][0].task} {cells[0]['length']}",
+                 callback=write)  # fmt: skip
+
+    try:
+        run_units(writer, run_dir, [u[1] for u in units], compute, fp, KEYS, about=about, kind="ruler")
+    finally:
+        if writer is not None:
+            writer.close()
+    print(f"{short}: done in {time.time() - t0:.0f}s", flush=True)
+    return short, writer.rows if writer is not None else []
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per task and length: each condition's mean score with its interval and mean user share (sink
+    excluded), and the paired differences over the same examples."""
+    out: dict = {}
+    groups = sorted({(r["task"], r["length"]) for r in rows})
+    for task, length in groups:
+        by = {}
+        for r in rows:
+            if (r["task"], r["length"]) == (task, length):
+                by.setdefault(r["condition"], {})[r["index"]] = r
+        entry: dict = {"conditions": {}, "paired": {}}
+        for c, rs in by.items():
+            scores = [rs[i]["score"] for i in sorted(rs)]
+            att = [next(iter(rs[i]["attention"].values())) for i in sorted(rs) if rs[i].get("attention")]
+            user = [a["sink_excluded"]["user"] for a in att]
+            raw = [a["raw"]["user"] for a in att]
+            entry["conditions"][c] = {"score": summarize_proportion(scores),
+                                      "user_share": summarize(user) if user else None,
+                                      "raw_user_share": summarize(raw) if raw else None,
+                                      "mean_prompt_tokens": sum(rs[i]["n_prompt_tokens"] for i in rs) / len(rs)}  # fmt: skip
+        for a, b in PAIRS:
+            if a in by and b in by:
+                common = sorted(set(by[a]) & set(by[b]))
+                entry["paired"][f"{a} - {b}"] = summarize(
+                    [by[a][i]["score"] - by[b][i]["score"] for i in common]
+                )
+        out[f"{task}@{length}"] = entry
+    return out
+
+
+def summary_markdown(model: str, s: dict) -> str:
+    lines = [f"### {model}\n", "| task | length | condition | score % [95% CI] | raw user share | user share (sink excl.) | n |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, e in s.items():
+        task, length = key.split("@")
+        for c, v in e["conditions"].items():
+            share = f"{v['user_share']['mean']:.3f}" if v["user_share"] else "-"
+            raw = f"{v['raw_user_share']['mean']:.3f}" if v["raw_user_share"] else "-"
+            lines.append(
+                f"| {task} | {length} | {c} | {fmt(v['score'])} | {raw} | {share} | {v['score']['n']} |"
+            )
+    lines += [
+        "",
+        "| task | length | paired difference | points [95% paired bootstrap CI] | n |",
+        "|---|---|---|---|---|",
+    ]
+    for key, e in s.items():
+        task, length = key.split("@")
+        for pair, d in e["paired"].items():
+            lines.append(f"| {task} | {length} | {pair} | {fmt(d)} | {d['n']} |")
+    return "\n".join(lines)
+
+
+def dump_prompts(cfg: RulerConfig, names: list[str]) -> int:
+    """Every prompt (task, length, index, condition, text, ids, answers) as JSONL, from the tokenizer alone."""
+    from ctxaware.core.models import load_tokenizer
+    from ctxaware.core.results import write_jsonl_atomic
+
+    rows = []
+    for name in names:
+        tok = load_tokenizer(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        apply_chat_template_choice(tok, cfg.chat_template)
+        for ex, length, rs in build_examples(cfg, tok):
+            rows += [{"model": run_id(name), "task": ex.task, "length": length, "index": ex.index, "condition": c,
+                      "n_prompt_tokens": len(r), "haystack_size": ex.size, "answers": ex.answers, "text": r.text,
+                      "ids": list(r.input_ids)} for c, r in rs.items()]  # fmt: skip
+    write_jsonl_atomic(cfg.dump_prompts, rows)  # type: ignore[arg-type]
+    print(f"wrote {len(rows)} prompts to {cfg.dump_prompts}")
+    return 0
+
+
+def report(out: Path, short: str, rows: list[dict]) -> dict:
+    s = summary(rows)
+    write_json_atomic(out / short / "summary.json", s)
+    write_text_atomic(out / short / "summary.md", summary_markdown(short, s) + "\n")
+    return s
