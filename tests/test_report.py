@@ -329,3 +329,26 @@ def test_protocol_line_leaves_out_unset_options():
     )
     line = R._protocol(s)
     assert "layer=" not in line.replace("layers=", "") and "layers=[20]" in line and "max_tokens=2047" in line
+
+
+def test_no_figure_title_runs_past_the_image(tmp_path):
+    """Issue 27 section 3: a long panel title or suptitle is wrapped to its width, never cut at the edge."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ctxaware.core import plotting
+
+    long = "NIH recall by context length and needle depth for a model with a rather long name, chat+prefix"
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 2.6))
+    axes = fig.subplots(1, 3)
+    for ax in axes:
+        ax.plot([0, 1], [0, 1])
+        ax.set_title(long, fontsize=9)
+    fig.suptitle(long + " " + long, fontsize=10)
+    plotting._save(fig, tmp_path / "f.png")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    width = fig.bbox.width
+    for text in [ax.title for ax in axes] + [fig._suptitle]:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= -1 and box.x1 <= width + 1, text.get_text()[:40]

@@ -73,10 +73,28 @@ def color(name: str, i: int = 0) -> str:
     return PALETTE.get(key, CYCLE[i % len(CYCLE)])
 
 
+def _wrap_titles(fig) -> None:
+    """Wrap every axes title and the figure's suptitle to the width it has, so that no title runs past the
+    edge of the image (a long panel title was cut off, issue 27 section 3)."""
+    import textwrap
+
+    width_in = fig.get_figwidth()
+    texts = [(ax.title, ax.get_position().width * width_in) for ax in fig.axes]
+    if getattr(fig, "_suptitle", None) is not None:
+        texts.append((fig._suptitle, width_in))
+    for text, inches in texts:
+        label = text.get_text()
+        if not label:
+            continue
+        chars = max(12, int(inches * 72 / (0.6 * text.get_fontsize())))  # an average glyph: 0.6 em
+        text.set_text("\n".join(textwrap.fill(line, chars) for line in label.split("\n")))
+
+
 def _save(fig, path: str | Path) -> Path:
     from ctxaware.core.results import atomic_path
 
     path = Path(path)
+    _wrap_titles(fig)
     fig.tight_layout()
     with atomic_path(path) as tmp:  # an earlier figure survives a failed save
         fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png")

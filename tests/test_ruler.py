@@ -1,0 +1,128 @@
+"""RULER-class tasks (issue 28): generated examples against RULER's and HELMET's stated formats, the length
+rule, the paired conditions, the metrics by hand, and a short real run on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ctxaware.data import ruler
+from ctxaware.data.ruler import TASKS, make_example, string_match_all, substring_exact_match
+
+NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for (\S+) is: (\S+)\.")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+ESSAY = [f"Sentence number {i} of the essay." for i in range(400)]
+
+
+def _value_ok(kind: str, v: str) -> bool:
+    return bool(re.fullmatch(r"[1-9]\d{6}", v)) if kind == "numbers" else bool(UUID_RE.match(v))
+
+
+@pytest.mark.parametrize("name", [n for n, t in TASKS.items() if t.family == "niah"])
+def test_niah_examples_follow_rulers_format(name):
+    task = TASKS[name]
+    ex = make_example(task, 60, seed=7, index=3, essay=ESSAY)
+    needles = NEEDLE_RE.findall(ex.user)
+    num_k = max(task.num_k, task.num_q)
+    planted = [
+        n for n in needles if n[2] in {v for v in ex.answers} or f"{n[1]}" in ex.user.split("for ")[-1]
+    ]
+    assert len(ex.needles) == num_k * task.num_v  # RULER: num_needle_k keys x num_needle_v values
+    for needle in ex.needles:
+        assert ex.user.count(needle) == 1
+    assert len(ex.answers) == task.num_q * task.num_v and len(set(ex.answers)) == len(ex.answers)
+    assert all(_value_ok(task.type_v, a) for a in ex.answers)
+    assert all(any(a in n for n in ex.needles) for a in ex.answers)
+    if task.haystack == "needle":  # every haystack line is a distractor needle with its own key
+        assert len(needles) == 60 + len(ex.needles) and len(planted) >= len(ex.answers)
+    if task.haystack == "repeat":
+        assert ex.user.count("The grass is green.") == 60
+    if task.haystack == "essay":  # needles sit between the essay's sentences, which stay in order
+        kept = [int(x) for x in re.findall(r"Sentence number (\d+) ", ex.user)]
+        assert kept == list(range(60))
+    if task.type_k == "words":
+        key = ex.needles[0].split(" for ")[1].split(" is:")[0]
+        adj, noun = key.split("-")
+        assert adj in ruler.ADJECTIVES and noun in ruler.NOUNS
+    single = task.num_q * task.num_v == 1  # RULER's singular wording
+    assert ex.user.startswith("A special magic" if single else "Some special magic")
+    assert ("What is the special magic" if single else "What are all the special magic") in ex.user
+    assert ex.answer_prefix.endswith("mentioned in the provided text " + ("is" if single else "are"))
+    if task.num_q == 4:  # several keys asked at once: "k1, k2, k3, and k4"
+        assert ex.user.count(", and ") >= 1
+    assert ex.new_tokens == 128
+
+
+def test_vt_json_kv_and_determinism():
+    vt = make_example(TASKS["vt"], 12, seed=1, index=0)
+    chain = re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d{5})", vt.user)
+    assert len(chain) == 5 and chain[0][1].isdigit()  # 4 hops: the value, then 4 assignments
+    assert [c[0] for c in chain] == vt.answers  # every variable holding the value is an answer
+    assert all(chain[i + 1][1] == f"VAR {chain[i][0]}" for i in range(4))
+    assert f"assigned the value {chain[0][1]} in the text above" in vt.user and vt.new_tokens == 30
+    assert "5 variables are assgined the value" in vt.answer_prefix  # RULER's own spelling
+    kv = make_example(TASKS["json_kv"], 25, seed=1, index=0)
+    obj = json.loads(kv.user.split("JSON data:\n", 1)[1].split("\n\nExtract")[0])
+    key = json.loads(kv.user.rsplit("Key: ", 1)[1])
+    assert len(obj) == 25 and obj[key] == kv.answers[0] and UUID_RE.match(key)
+    assert kv.answer_prefix == "Corresponding value:" and kv.new_tokens == 100
+    for name, task in TASKS.items():
+        a, b = make_example(task, 30, 5, 2, ESSAY), make_example(task, 30, 5, 2, ESSAY)
+        assert (a.user, a.answers) == (b.user, b.answers), name
+        assert make_example(task, 30, 5, 3, ESSAY).user != a.user, name
+
+
+def test_metrics_by_hand():
+    assert string_match_all("The numbers are 123 and 456.", ["123", "456", "789", "000"]) == 0.5
+    assert ruler.string_match_part("abc 456", ["123", "456"]) == 1.0
+    # HELMET normalises both sides (lower case, no punctuation, no articles, one space)
+    assert substring_exact_match("Corresponding value: The ABC-def!", ["abc-def"]) == 1.0
+    assert substring_exact_match("value: abc def", ["abc-def"]) == 0.0  # "abcdef" is not in "value abc def"
+    assert substring_exact_match("value: ABCdef.", ["abcdef"]) == 1.0
+
+
+def test_length_rule_and_paired_twins(smollm2_tok):
+    from ctxaware.evaluation.ruler import RulerConfig, build_examples, render_condition
+
+    cfg = RulerConfig(tasks=["niah_multikey_2", "json_kv"], lengths=[400], n=2, haystack="synthetic",
+                      output="/tmp/unused-ruler")  # fmt: skip
+    built = build_examples(cfg, smollm2_tok)
+    assert len(built) == 4
+    for ex, length, rs in built:
+        task = TASKS[ex.task]
+        longest = max(len(r) for r in rs.values())
+        assert longest + task.new_tokens <= length  # RULER: the whole prompt plus the answer fits the length
+        bigger = make_example(task, ex.size + 1, cfg.seed, ex.index)  # and the haystack is as large as fits
+        assert max(len(render_condition(bigger, smollm2_tok, c)) for c in rs) + task.new_tokens > length
+        texts = {c: r.text for c, r in rs.items()}
+        for c in rs:  # the same haystack and needles in every condition
+            assert ex.user in texts[c] or all(n in texts[c] for n in ex.needles)
+        assert texts["chat+prefix"].endswith(" " + ex.answer_prefix) and texts["plain+prefix"].endswith(
+            " " + ex.answer_prefix
+        )
+        assert "<|im_start|>" in texts["chat"] and "<|im_start|>" not in texts["plain"]
+
+
+def test_a_short_real_run_is_paired(tmp_path):
+    from ctxaware.cli import main
+
+    out = tmp_path / "r"
+    assert main(["ruler", "--tasks", "niah_single_1", "--lengths", "320", "--n", "2", "--device", "cpu",
+                 "--dtype", "float32", "--output", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in (out / "smollm2-135m-instruct" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["condition"] for r in rows} == {
+        "chat+prefix",
+        "plain+prefix",
+        "chat",
+        "plain",
+    }
+    for r in rows:
+        assert r["score"] == string_match_all(r["output"], r["answers"]) and r["n_prompt_tokens"] + 128 <= 320
+        assert set(next(iter(r["attention"].values()))) >= {"raw", "paper", "sink_excluded"}
+    s = json.loads((out / "smollm2-135m-instruct" / "summary.json").read_text())["niah_single_1@320"]
+    by = {(r["condition"], r["index"]): r["score"] for r in rows}
+    want = sum(by[("chat+prefix", i)] - by[("plain+prefix", i)] for i in (0, 1)) / 2
+    assert s["paired"]["chat+prefix - plain+prefix"]["mean"] == pytest.approx(want)
+    assert s["paired"]["chat - plain"]["n"] == 2
