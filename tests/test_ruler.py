@@ -126,3 +126,10 @@ def test_a_short_real_run_is_paired(tmp_path):
     want = sum(by[("chat+prefix", i)] - by[("plain+prefix", i)] for i in (0, 1)) / 2
     assert s["paired"]["chat+prefix - plain+prefix"]["mean"] == pytest.approx(want)
     assert s["paired"]["chat - plain"]["n"] == 2
+    from ctxaware.reporting.report import write_report
+
+    md = write_report([out], tmp_path / "r.html").with_suffix(".md").read_text()
+    assert (
+        "## RULER-class retrieval, chat vs plain: smollm2-135m-instruct" in md
+        and "chat+prefix - plain+prefix" in md
+    )

@@ -3,6 +3,12 @@
 Standard library only. A request goes to exactly the URL the user gave: a redirect is never followed (the
 API key would go to the new address, and urllib turns a redirected POST into a body-less GET); it comes
 back as an `HTTPError` with its 3xx code for the caller to report.
+
+Why not the ``openai`` client (measured 2026-12-06, openai 3.63.0, against two stdlib servers on
+127.0.0.1): it follows a 307 to another address by default (httpx ``follow_redirects=True``) and re-sends
+the request body there; httpx drops the ``Authorization`` header on the cross-origin hop, but the prompt
+still goes to a URL the user did not give. ctxaware's rule is that nothing follows a redirect, so the
+standard library's opener with redirects refused stays (it also keeps the judge free of a dependency).
 """
 
 from __future__ import annotations

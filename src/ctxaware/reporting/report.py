@@ -34,6 +34,7 @@ from ctxaware.reporting import sections as rs
 SKIP_DIRS = {"model", "adapter", "hf", "__pycache__", "context_reliance"}  # outputs with nothing to show
 KIND_ORDER = (
     "nih",
+    "ruler",
     "attention",
     "heads",
     "scores",
@@ -123,6 +124,10 @@ def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
         out.append(_safe(d, rs.nih, d, figs))
         used |= {"rows.jsonl"}
         owns = True  # condition folders (summary.json + heatmap.png) are drawn again from the rows
+    if kind == "ruler":
+        out.append(_safe(d, rs.ruler, d, figs))
+        used |= names & {"rows.jsonl", "summary.json", "summary.md"}
+        owns = True
     if names & {"allocation.json", "attention.json"}:
         out.append(_safe(d, rs.attention, d, figs))
         used |= names & {"allocation.json", "attention.json", "fig3_change.png", "fig4_shares.png"}

@@ -321,6 +321,31 @@ def analysis(d: Path, figs: Figs) -> Section:
     return s
 
 
+def ruler(d: Path, figs: Figs) -> Section:
+    """`ctxaware ruler`: each task and length's score per condition and the paired chat - plain differences."""
+    from ctxaware.core.results import read_jsonl
+    from ctxaware.core.stats import fmt
+    from ctxaware.evaluation.ruler import summary
+
+    summ = summary(list(read_jsonl(d / "rows.jsonl")))
+    s = Section("ruler", f"RULER-class retrieval, chat vs plain: {d.name}", d)
+    s.p("Scores in percent: Clopper-Pearson (0/1 scores) or Wilson 95% intervals; paired differences with a paired "
+        "bootstrap over the same examples (one haystack and its needles each). Attention: the last prompt token's "
+        "share on user tokens at the analysis layer.")  # fmt: skip
+    rows = []
+    for key, e in summ.items():
+        task, length = key.split("@")
+        for c, v in e["conditions"].items():
+            raw = v["raw_user_share"]["mean"] if v["raw_user_share"] else None
+            rows.append(
+                [task, length, c, fmt(v["score"]), "-" if raw is None else f"{raw:.3f}", v["score"]["n"]]
+            )
+    s.table(["task", "length", "condition", "score % [95% CI]", "raw user share", "n"], rows)
+    s.table(["task", "length", "paired difference", "points [95% CI]", "n"],
+            [[*k.split("@"), pair, fmt(dd), dd["n"]] for k, e in summ.items() for pair, dd in e["paired"].items()])  # fmt: skip
+    return s
+
+
 # --------------------------------------------------------------------------- training and evaluation
 
 
