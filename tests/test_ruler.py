@@ -133,3 +133,23 @@ def test_a_short_real_run_is_paired(tmp_path):
         "## RULER-class retrieval, chat vs plain: smollm2-135m-instruct" in md
         and "chat+prefix - plain+prefix" in md
     )
+
+
+def test_steering_rows_and_alpha_one_is_the_unsteered_model(tmp_path):
+    """Issue 28 section 3: --steer adds eq. (1)-steered chat rows per alpha; alpha = 1 leaves the model
+    untouched (steering.steer skips the bias), so those rows equal the unsteered chat rows token for token."""
+    from ctxaware.cli import main
+
+    out = tmp_path / "s"
+    assert main(["ruler", "--tasks", "niah_single_1", "--lengths", "320", "--n", "2", "--conditions", "chat,plain",
+                 "--steer", "all", "--alpha", "1.0", "--device", "cpu", "--dtype", "float32", "--output", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in (out / "smollm2-135m-instruct" / "rows.jsonl").read_text().splitlines()]
+    by = {(r["condition"], r["index"]): r for r in rows}
+    assert {c for c, _ in by} == {"chat", "plain", "chat+steer1"}
+    for i in (0, 1):
+        assert by[("chat+steer1", i)]["output"] == by[("chat", i)]["output"]
+    s = json.loads((out / "smollm2-135m-instruct" / "summary.json").read_text())["niah_single_1@320"][
+        "paired"
+    ]
+    assert s["chat+steer1 - chat"]["mean"] == 0.0 and "plain - chat+steer1" in s
+    assert main(["ruler", "--alpha", "0.5", "--output", str(tmp_path / "x")]) == 2  # --alpha needs --steer

@@ -80,6 +80,20 @@ class RulerConfig(ModelConfig):
         default=None, metadata={"help": "attention analysis layer (default: the middle layer)", "min": 0}
     )
     attention: bool = dataclasses.field(default=True, metadata={"help": "attention shares in every row"})
+    steer: str | None = dataclasses.field(
+        default=None, metadata={"help": "eq. (1) steering: a heads JSON from ctxaware heads (eq. 3), or all"}
+    )
+    alpha: list[float] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "help": "steering alphas with --steer (empty: the paper's 0.01,0.1,0.3,0.5,0.7,0.9)",
+            "gt": 0,
+            "max": 1,
+        },
+    )
+    steer_conditions: list[str] = dataclasses.field(
+        default_factory=lambda: ["chat"], metadata={"help": "chat conditions steered with --steer"}
+    )
     batch_size: int = dataclasses.field(
         default=8, metadata={"help": "prompts per generation batch", "min": 1}
     )
@@ -103,6 +117,11 @@ class RulerConfig(ModelConfig):
         for c in self.conditions:
             if c not in CONDITIONS:
                 raise CtxawareError(f"--conditions: {c!r} is not one of {', '.join(CONDITIONS)}")
+        if self.alpha and self.steer is None:
+            raise CtxawareError("--alpha needs --steer (a heads JSON from `ctxaware heads`, or all)")
+        for c in self.steer_conditions if self.steer else []:
+            if c not in self.conditions or CONDITIONS[c][0] != "chat":
+                raise CtxawareError(f"--steer-conditions: {c!r} is not a chat condition of --conditions")
 
 
 def render_condition(ex: ruler.RulerExample, tok, condition: str, system: str = "auto"):
@@ -152,6 +171,8 @@ def _fingerprinted(cfg: RulerConfig, name: str) -> dict:
     d = to_dict(cfg)
     for k in ("model", "output", "batch_size", "overwrite", "dump_prompts"):
         d.pop(k)
+    if d["steer"] is None:  # unsteered runs are recorded as runs made before steering was an option
+        d.pop("steer"), d.pop("alpha"), d.pop("steer_conditions")
     if cfg.haystack == "auto" or Path(cfg.haystack).is_dir():
         d["haystack_files"] = [str(p) for p in haystack_files(cfg.haystack) or []]
     return {**d, "model": run_id(name)}
@@ -174,6 +195,14 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
     finished = writer.done if writer is not None else finished_keys(run_dir / "rows.jsonl", KEYS)
     layer = cfg.layer if cfg.layer is not None else middle_layer(model)
     shares = PrefillShares(model, [layer]) if cfg.attention else None
+    heads = None
+    alphas: list[float] = []
+    if cfg.steer is not None:
+        from ctxaware.attention import steering
+        from ctxaware.attention.retrieval_heads import load_heads
+
+        heads = "all" if cfg.steer == "all" else load_heads(cfg.steer, model)
+        alphas = list(cfg.alpha or steering.ALPHAS)
     units = []  # one engine call per task and length: every example in every condition
     for name_ in cfg.tasks:
         for length in cfg.lengths:
@@ -187,13 +216,21 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
                 {"task": ex.task, "length": length, "index": ex.index, "condition": c} for ex, c, _ in items
             ]
             if not all(finished(c) for c in cells):
-                units.append((items, cells, ruler.TASKS[name_].new_tokens))
+                units.append((items, cells, ruler.TASKS[name_].new_tokens, None))
+            for alpha in alphas:  # eq. (1) on the chat conditions, one engine call per alpha
+                steered = [(ex, f"{c}+steer{alpha:g}", r) for ex, c, r in items if c in cfg.steer_conditions]
+                cells = [
+                    {"task": ex.task, "length": length, "index": ex.index, "condition": c}
+                    for ex, c, _ in steered
+                ]
+                if steered and not all(finished(c) for c in cells):
+                    units.append((steered, cells, ruler.TASKS[name_].new_tokens, alpha))
     t0 = time.time()
     print(f"{short}: {len(examples)} examples x {len(cfg.conditions)} conditions; {len(units)} task-length groups to run",
           flush=True)  # fmt: skip
 
     def compute(k: int, w: ResultsWriter) -> None:
-        items, cells, new_tokens = units[k]
+        items, cells, new_tokens, alpha = units[k]
 
         def write(idx: list[int], gens) -> None:
             for j, g in zip(idx, gens):
@@ -208,8 +245,14 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
                     row["attention"] = att
                 w.write(row)
 
+        steer_ctx = None
+        if alpha is not None:
+            from ctxaware.attention import steering
+
+            steer_ctx = steering.batch_context(model, heads, alpha)
         generate(model, tok, [r for _, _, r in items], max_new_tokens=new_tokens, batch_size=cfg.batch_size,
-                 prefill_context=shares, desc=f"ruler {short} {items[0][0].task} {cells[0]['length']}",
+                 prefill_context=shares if alpha is None else None, batch_context=steer_ctx,
+                 desc=f"ruler {short} {items[0][0].task} {cells[0]['length']}" + ("" if alpha is None else f" alpha={alpha:g}"),
                  callback=write)  # fmt: skip
 
     try:
@@ -241,7 +284,9 @@ def summary(rows: list[dict]) -> dict:
                                       "user_share": summarize(user) if user else None,
                                       "raw_user_share": summarize(raw) if raw else None,
                                       "mean_prompt_tokens": sum(rs[i]["n_prompt_tokens"] for i in rs) / len(rs)}  # fmt: skip
-        for a, b in PAIRS:
+        pairs = list(PAIRS) + [(c, c.split("+steer")[0]) for c in by if "+steer" in c]
+        pairs += [(c.split("+steer")[0].replace("chat", "plain", 1), c) for c in by if "+steer" in c]
+        for a, b in pairs:
             if a in by and b in by:
                 common = sorted(set(by[a]) & set(by[b]))
                 entry["paired"][f"{a} - {b}"] = summarize(
