@@ -142,8 +142,13 @@ def cache_root() -> Path:
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
+    """The conversion's cache: keyed by the file and by the transformers version that converts it (another
+    version may convert the tokenizer differently: a cache made by one is never read by another)."""
+    import transformers
+
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    ident = f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}:transformers-{transformers.__version__}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 

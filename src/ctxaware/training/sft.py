@@ -443,6 +443,15 @@ def _check_same_config(cfg: TrainConfig, saved_path: Path, what: str) -> None:
         )
 
 
+def checkpointing_arg() -> str:
+    """TrainingArguments' name for gradient checkpointing: ``activation_checkpointing`` in recent transformers
+    (``gradient_checkpointing`` is deprecated there), ``gradient_checkpointing`` before (5.22 has only it)."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def common_args(cfg: TrainConfig, device: str) -> dict:
     """TrainingArguments shared by every stage (SFT here, DPO and GRPO in their modules)."""
     bf16 = (
@@ -462,7 +471,7 @@ def common_args(cfg: TrainConfig, device: str) -> dict:
         weight_decay=cfg.weight_decay,
         bf16=bool(bf16),
         fp16=False,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        **{checkpointing_arg(): cfg.gradient_checkpointing},
         seed=cfg.seed,
         data_seed=cfg.seed,
         save_strategy="steps",
