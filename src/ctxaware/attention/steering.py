@@ -27,8 +27,10 @@ Use with the generation engine::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -140,6 +142,35 @@ def steer(
         )
     if not state.fired:
         raise CtxawareError("no forward pass ran inside steer(); nothing was steered")
+
+
+def steer_option() -> Any:
+    """The ``steer`` field of a command that steers (nih, ruler): which heads eq. (1) steers."""
+    return dataclasses.field(
+        default=None,
+        metadata={
+            "path": "input",
+            "help": "steer heads (paper eq. 1): a heads JSON {layer: [heads]} from `ctxaware heads`, or all",
+        },
+    )
+
+
+def alphas_option() -> Any:
+    """The ``alpha`` field beside `steer_option`: the alphas swept (empty: the paper's Table 1 grid)."""
+    return dataclasses.field(
+        default_factory=list,
+        metadata={
+            "help": "steering alphas with --steer (empty: 0.01,0.1,0.3,0.5,0.7,0.9, paper Table 1)",
+            "gt": 0,
+            "max": 1,
+        },  # fmt: skip
+    )
+
+
+def check_steer_options(steer: str | None, alpha: Sequence[float]) -> None:
+    """``--alpha`` means nothing without ``--steer``: one line, before anything runs."""
+    if alpha and steer is None:
+        raise CtxawareError("--alpha needs --steer (a heads JSON from `ctxaware heads`, or all)")
 
 
 def check_alpha(alpha: float) -> None:

@@ -70,21 +70,8 @@ class NIHConfig(ModelConfig, NeedleConfig, BackendOptions):
     output: str = dataclasses.field(
         default="runs/nih", metadata={"path": "output_dir", "help": "results directory"}
     )
-    steer: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "path": "input",
-            "help": "steer heads (paper eq. 1): a heads JSON {layer: [heads]} from `ctxaware heads`, or all",
-        },
-    )
-    alpha: list[float] = dataclasses.field(
-        default_factory=list,
-        metadata={
-            "help": "steering alphas with --steer (empty: 0.01,0.1,0.3,0.5,0.7,0.9, paper Table 1)",
-            "gt": 0,
-            "max": 1,
-        },
-    )
+    steer: str | None = steering.steer_option()
+    alpha: list[float] = steering.alphas_option()
     overwrite: bool = overwrite_option()
     dump_prompts: str | None = dataclasses.field(
         default=None,
@@ -112,8 +99,7 @@ def check(cfg: NIHConfig) -> None:
     """Every option that can be checked before a model loads."""
     check_protocol(cfg)
     load_needle(cfg), templates(cfg), load_haystack(cfg.haystack, cfg.protocol), new_tokens(cfg)
-    if cfg.alpha and cfg.steer is None:
-        raise CtxawareError("--alpha needs --steer (a heads JSON from `ctxaware heads`, or all)")
+    steering.check_steer_options(cfg.steer, cfg.alpha)
     if cfg.backend == "server":
         cfg.server(cfg.model)  # the URL, before anything runs
         if cfg.steer is not None:

@@ -20,6 +20,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ctxaware.attention import steering
 from ctxaware.attention.allocation import PrefillShares
 from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
 from ctxaware.core.distributed import dist_info, finished_keys, run_units
@@ -80,17 +81,8 @@ class RulerConfig(ModelConfig):
         default=None, metadata={"help": "attention analysis layer (default: the middle layer)", "min": 0}
     )
     attention: bool = dataclasses.field(default=True, metadata={"help": "attention shares in every row"})
-    steer: str | None = dataclasses.field(
-        default=None, metadata={"help": "eq. (1) steering: a heads JSON from ctxaware heads (eq. 3), or all"}
-    )
-    alpha: list[float] = dataclasses.field(
-        default_factory=list,
-        metadata={
-            "help": "steering alphas with --steer (empty: the paper's 0.01,0.1,0.3,0.5,0.7,0.9)",
-            "gt": 0,
-            "max": 1,
-        },
-    )
+    steer: str | None = steering.steer_option()
+    alpha: list[float] = steering.alphas_option()
     steer_conditions: list[str] = dataclasses.field(
         default_factory=lambda: ["chat"], metadata={"help": "chat conditions steered with --steer"}
     )
@@ -117,8 +109,7 @@ class RulerConfig(ModelConfig):
         for c in self.conditions:
             if c not in CONDITIONS:
                 raise CtxawareError(f"--conditions: {c!r} is not one of {', '.join(CONDITIONS)}")
-        if self.alpha and self.steer is None:
-            raise CtxawareError("--alpha needs --steer (a heads JSON from `ctxaware heads`, or all)")
+        steering.check_steer_options(self.steer, self.alpha)
         for c in self.steer_conditions if self.steer else []:
             if c not in self.conditions or CONDITIONS[c][0] != "chat":
                 raise CtxawareError(f"--steer-conditions: {c!r} is not a chat condition of --conditions")
@@ -198,7 +189,6 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
     heads = None
     alphas: list[float] = []
     if cfg.steer is not None:
-        from ctxaware.attention import steering
         from ctxaware.attention.retrieval_heads import load_heads
 
         heads = "all" if cfg.steer == "all" else load_heads(cfg.steer, model)
@@ -247,8 +237,6 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
 
         steer_ctx = None
         if alpha is not None:
-            from ctxaware.attention import steering
-
             steer_ctx = steering.batch_context(model, heads, alpha)
         generate(model, tok, [r for _, _, r in items], max_new_tokens=new_tokens, batch_size=cfg.batch_size,
                  prefill_context=shares if alpha is None else None, batch_context=steer_ctx,
