@@ -167,6 +167,11 @@ def alphas_option() -> Any:
     )
 
 
+def steer_heads(steer: str, model) -> Heads | str:
+    """The heads ``--steer`` names: ``all``, or a heads JSON {layer: [heads]} checked against ``model``."""
+    return "all" if steer == "all" else load_heads(steer, model)
+
+
 def check_steer_options(steer: str | None, alpha: Sequence[float]) -> None:
     """``--alpha`` means nothing without ``--steer``: one line, before anything runs."""
     if alpha and steer is None:

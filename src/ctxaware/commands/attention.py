@@ -30,11 +30,10 @@ def main(argv: list[str]) -> int:
     if not specs:
         raise CtxawareError("--model is empty; give a model name")
     names = [_model_dir_name(s) for s in specs]
-    from ctxaware.core.models import load_tokenizer
 
     cells = []  # every model's prompts from its tokenizer: a bad template or layer fails before any load
     for spec, name in zip(specs, names):
-        tok = load_tokenizer(spec, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = cfg.load_tokenizer(spec)
         check_layer(cfg.layer, needle.model_config(tok).get("num_hidden_layers"))
         needle.apply_chat_template_choice(tok, cfg.chat_template)
         ncfg = needle_config(cfg.lengths, cfg.depths, conditions_of(tok, name), cfg.haystack, cfg.protocol,

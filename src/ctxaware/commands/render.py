@@ -31,8 +31,6 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(RenderConfig, argv, prog="ctxaware render")
     from pathlib import Path
 
-    from ctxaware.core.models import load_tokenizer
-
     raw = Path(cfg.messages).read_text() if Path(cfg.messages).is_file() else cfg.messages
     try:
         messages = json.loads(raw)
@@ -40,7 +38,7 @@ def main(argv: list[str]) -> int:
         raise CtxawareError(
             f"--messages is not valid JSON ({e.msg}); give a JSON list of {{role, content}}"
         ) from None
-    tok = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tok = cfg.load_tokenizer(cfg.model)
     r = render(messages, tok, cfg.mode, response_prefix=cfg.response_prefix)  # type: ignore[arg-type]
     print(describe(r, tok))
     return 0

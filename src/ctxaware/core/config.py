@@ -553,3 +553,12 @@ class ModelConfig(Checked):
             f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "model"
         }
         return load_model(model or self.model, **{**options, **overrides})
+
+    def load_tokenizer(self, model: str | None = None):
+        """The tokenizer alone of ``model`` (default: this config's), with this config's revision and remote-code
+        choice: for prompts built without a model (``--dump-prompts``, a server backend)."""
+        from ctxaware.core.models import load_tokenizer
+
+        return load_tokenizer(
+            model or self.model, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )

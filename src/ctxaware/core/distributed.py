@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ctxaware.core.errors import CtxawareError
-from ctxaware.core.results import ResultsWriter, read_jsonl
+from ctxaware.core.results import ResultsWriter, read_jsonl, row_key
 
 
 def dist_info() -> tuple[int, int]:
@@ -45,13 +45,27 @@ def process_group(world: int) -> bool:
 
 def finished_keys(path: Path, key_fields: Sequence[str]) -> Callable[[dict], bool]:
     """``done(cell)`` over a run's rows file read as it is now (ranks other than 0 never open its writer)."""
-    import json
+    rows = read_jsonl(path) if path.is_file() else []
+    keys = {row_key(r, key_fields) for r in rows if all(k in r for k in key_fields)}
+    return lambda cell: row_key(cell, key_fields) in keys
 
-    def key(row: dict) -> tuple:
-        return tuple(json.dumps(row[k], sort_keys=True) for k in key_fields)
 
-    keys = {key(r) for r in read_jsonl(path) if all(k in r for k in key_fields)} if path.is_file() else set()
-    return lambda cell: key(cell) in keys
+def wait_for_rows(
+    files: Callable[[], Sequence[Path]], missing: Callable[[list[list[dict]]], int], timeout: float, what: str
+) -> list[list[dict]]:
+    """The rows of ``files()`` (one list per file, in file order) once ``missing(rows)`` is 0: other ranks'
+    files are reread with a back-off (0.5 s up to 30 s: a reread is O(rows)); after ``timeout`` seconds a
+    one-line error says how many of ``what`` are still missing."""
+    t0, wait = time.time(), 0.5
+    while True:
+        rows = [list(read_jsonl(f)) if f.is_file() else [] for f in files()]
+        n = missing(rows)
+        if not n:
+            return rows
+        if time.time() - t0 > timeout:
+            raise CtxawareError(f"{n} {what} after {timeout:.0f}s; rerun the same command to resume")
+        time.sleep(wait)
+        wait = min(30.0, wait * 1.5)
 
 
 def rank_dir(output: str | Path, rank: int) -> Path:
@@ -96,18 +110,12 @@ def run_units(
         return
     assert writer is not None, "rank 0 writes the merged rows"
     files = [rank_dir(output, r) / "rows.jsonl" for r in range(world)]
-    t0, wait = time.time(), 0.5
-    while True:  # until every unit's rows are in the file of the rank that computed it
-        ranks = [list(read_jsonl(f)) if f.is_file() else [] for f in files]
+
+    def missing(ranks: list[list[dict]]) -> int:  # every unit's rows in the file of the rank that computed it
         keys = [{writer.key(row) for row in rows} for rows in ranks]
-        missing = sum(writer.key(c) not in keys[i % world] for i, u in enumerate(units) for c in u)
-        if not missing:
-            break
-        if time.time() - t0 > timeout:
-            raise CtxawareError(f"{missing} result(s) of other ranks still missing after {timeout:.0f}s; "
-                                "rerun the same launch to resume")  # fmt: skip
-        time.sleep(wait)
-        wait = min(30.0, wait * 1.5)
+        return sum(writer.key(c) not in keys[i % world] for i, u in enumerate(units) for c in u)
+
+    ranks = wait_for_rows(lambda: files, missing, timeout, "result(s) of other ranks still missing")
     for i, u in enumerate(units):  # unit by unit, each in its rank's writing order (one process's order)
         wanted = {writer.key(c) for c in u}
         for row in ranks[i % world]:

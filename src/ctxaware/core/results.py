@@ -299,6 +299,12 @@ def exclusive(directory: str | Path, name: str = ".ctxaware.lock"):
         f.close()
 
 
+def row_key(row: dict, key_fields: Iterable[str]) -> tuple:
+    """A result row's identity: its key fields as canonical JSON (what `ResultsWriter` and the ranks of a
+    launch compare)."""
+    return tuple(json.dumps(row[k], sort_keys=True) for k in key_fields)
+
+
 SCHEMA = 1  # the version of meta.json and of the rows' layout; readers (`ctxaware report`) check it
 
 
@@ -398,7 +404,7 @@ class ResultsWriter:
 
     def key(self, row: dict) -> tuple:
         try:
-            return tuple(json.dumps(row[k], sort_keys=True) for k in self.key_fields)
+            return row_key(row, self.key_fields)
         except KeyError as e:
             raise CtxawareError(
                 f"result row lacks key field {e}; rows need {', '.join(self.key_fields)}"

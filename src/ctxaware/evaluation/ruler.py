@@ -189,9 +189,7 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
     heads = None
     alphas: list[float] = []
     if cfg.steer is not None:
-        from ctxaware.attention.retrieval_heads import load_heads
-
-        heads = "all" if cfg.steer == "all" else load_heads(cfg.steer, model)
+        heads = steering.steer_heads(cfg.steer, model)
         alphas = list(cfg.alpha or steering.ALPHAS)
     units = []  # one engine call per task and length: every example in every condition
     for name_ in cfg.tasks:
@@ -309,12 +307,11 @@ def summary_markdown(model: str, s: dict) -> str:
 
 def dump_prompts(cfg: RulerConfig, names: list[str]) -> int:
     """Every prompt (task, length, index, condition, text, ids, answers) as JSONL, from the tokenizer alone."""
-    from ctxaware.core.models import load_tokenizer
     from ctxaware.core.results import write_jsonl_atomic
 
     rows = []
     for name in names:
-        tok = load_tokenizer(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = cfg.load_tokenizer(name)
         apply_chat_template_choice(tok, cfg.chat_template)
         for ex, length, rs in build_examples(cfg, tok):
             rows += [{"model": run_id(name), "task": ex.task, "length": length, "index": ex.index, "condition": c,

@@ -9,14 +9,13 @@ GPU hosts) gives a barrier and adds up the throughput; without ``MASTER_ADDR`` (
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ctxaware.core.errors import CtxawareError
-from ctxaware.core.results import ResultsWriter, read_jsonl
+from ctxaware.core.distributed import wait_for_rows
+from ctxaware.core.results import ResultsWriter
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
@@ -34,21 +33,21 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> l
 
 def merge_parts(work: Path, writer: ResultsWriter, expected: list[tuple], timeout: float) -> list[dict]:
     """Wait until the part files of all ranks hold a row for every ``expected`` key; return them in that order."""
-    t0, wait = time.perf_counter(), 0.5
-    while True:
+
+    def merged(parts: list[list[dict]]) -> dict[tuple, dict]:
         rows: dict[tuple, dict] = {}
-        for part in sorted(work.glob("part-*.jsonl")):
-            for r in read_jsonl(part):
+        for part in parts:
+            for r in part:
                 rows.setdefault(writer.key(r), r)
-        missing = sum(k not in rows for k in expected)
-        if not missing:
-            return [rows[k] for k in expected]
-        if time.perf_counter() - t0 > timeout:
-            raise CtxawareError(
-                f"{missing} turns still unscored after {timeout:.0f}s; rerun the command to resume"
-            )
-        time.sleep(wait)
-        wait = min(30.0, wait * 1.5)  # back off: rereading the parts is O(rows)
+        return rows
+
+    def missing(parts: list[list[dict]]) -> int:
+        rows = merged(parts)
+        return sum(k not in rows for k in expected)
+
+    parts = wait_for_rows(lambda: sorted(work.glob("part-*.jsonl")), missing, timeout, "turns still unscored")
+    rows = merged(parts)
+    return [rows[k] for k in expected]
 
 
 def all_ranks_throughput(stats: dict, grouped: bool) -> dict:
