@@ -51,6 +51,10 @@ COMMANDS = {
     ),
     "select": ("ctxaware.commands.select", "threshold scores and write the [IND]-marked dataset"),
     "analyze": ("ctxaware.commands.analyze", "layer agreement and instruction-length analyses of scores"),
+    "lm-eval-tasks": (
+        "ctxaware.commands.lm_eval_tasks",
+        "print the lm-evaluation-harness task pack's directory (lm_eval --include_path)",
+    ),
     "recipes": ("ctxaware.commands.recipes", "list the training recipes (ctxaware train NAME runs one)"),
     "train": ("ctxaware.commands.train", "instruction fine-tuning, vanilla or with the indicator"),
     "stages": (

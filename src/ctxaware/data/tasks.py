@@ -596,10 +596,15 @@ def _load(task: Task, source: str, data_dir, skips: SkipCounter) -> list[Example
     return out
 
 
+def shuffled(examples: list[Example], seed: int) -> list[Example]:
+    """Every example in the seeded order that `sample` draws from (its first ``limit`` are the sample)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order]
+
+
 def sample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
     """A deterministic sample: a seeded shuffle, then the first ``limit`` (so smaller limits are subsets)."""
     if limit is None or limit >= len(examples):
         return list(examples)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in order[:limit]]
+    return shuffled(examples, seed)[:limit]
