@@ -286,3 +286,33 @@ def test_identical_cells_count_once(tmp_path, smollm2_tok, capsys):
     assert main([*argv, "--depths", "0,50", "--haystack", str(HAYSTACK), "--output", str(out)]) == 0
     assert "repeat another cell's prompt" in capsys.readouterr().out
     assert json.loads((out / "allocation.json").read_text())["n_prompts"] == 1
+
+
+def test_two_processes_give_the_one_process_allocation_byte_for_byte(tmp_path, shared_data):
+    """Issue 25 section 2: ``torchrun --nproc_per_node 2 -m ctxaware.cli attention`` (gloo, CPU) shares the
+    forward passes (batches) between the ranks; rank 0's rows.jsonl, allocation.json and layers.json equal a
+    one-process run's byte for byte on the real SmolLM2, and the ranks' batch files are gone."""
+    import os
+    import subprocess
+    import sys
+
+    argv = ["attention", "--device", "cpu", "--dtype", "float32", "--lengths", "300,400,500", "--depths", "0,50,100",
+            "--batch-size", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "ctxaware.cli", *argv, "--output", str(one)], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "ctxaware.cli", *argv, "--output", str(two)]  # fmt: skip
+    res = subprocess.run(launch, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("chat: layer 15") == 1  # rank 0 reports, once
+    for rank in (0, 1):  # 9 distinct prompts per condition in batches of 2: 5 batches, 3 and 2 per rank
+        assert (
+            f"smollm2-135m-instruct-plain: rank {rank} of 2 computes {3 - rank} of the 5 items" in res.stdout
+        )
+    assert len((one / "rows.jsonl").read_text().splitlines()) == 18  # 9 cells x 2 conditions
+    for f in ("rows.jsonl", "allocation.json", "layers.json"):
+        assert (two / f).read_bytes() == (one / f).read_bytes(), f
+    assert not (two / ".ranks").exists()

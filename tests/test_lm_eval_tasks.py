@@ -38,10 +38,18 @@ def test_the_pack_names_its_directory_and_lm_eval_finds_every_task(capsys):
     _ctxaware("lm-eval-tasks")
     assert Path(capsys.readouterr().out.strip()) == TASK_DIR
     names = task_names()
-    assert {"ctxaware_squad", "ctxaware_drop_plain", "ctxaware_nqswap", "ctxaware_nih_chat", "ctxaware_qa"} <= set(names)
+    assert {
+        "ctxaware_squad",
+        "ctxaware_drop_plain",
+        "ctxaware_nqswap",
+        "ctxaware_nih_chat",
+        "ctxaware_qa",
+    } <= set(names)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
     assert set(names) <= set(tm.all_tasks)
-    out = subprocess.run([sys.executable, "-m", "ctxaware.evaluation.lm_eval_tasks"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ctxaware.evaluation.lm_eval_tasks"], capture_output=True, text=True
+    )
     assert Path(out.stdout.strip()) == TASK_DIR
 
 
@@ -51,7 +59,9 @@ def test_qa_prompts_equal_ctxaware_eval_dump(smollm2_tok, shared_data, tmp_path)
     model_dir = smollm2_tok.name_or_path
     for task, mode in (("squad", "chat"), ("squad", "plain"), ("nqswap", "chat")):
         dump = tmp_path / f"{task}_{mode}.jsonl"
-        _ctxaware("eval", task, "--model", "default", "--modes", mode, "--limit", "5", "--dump-prompts", str(dump))
+        _ctxaware(
+            "eval", task, "--model", "default", "--modes", mode, "--limit", "5", "--dump-prompts", str(dump)
+        )
         want = _rows(dump)
         docs = hooks.qa_dataset(ctxaware_task=task, mode=mode, pretrained=model_dir, dtype="float32")["test"]
         got = [docs[i] for i in range(5)]
@@ -77,7 +87,10 @@ def test_nih_prompts_equal_ctxaware_nih_dump(smollm2_tok, shared_data, tmp_path)
 
 
 def test_scores_are_ctxaware_scores_on_hand_computed_cases():
-    squad = {"task": "squad", "example": json.dumps({"id": "1", "question": "q", "answers": ["Dolores Park"]})}
+    squad = {
+        "task": "squad",
+        "example": json.dumps({"id": "1", "question": "q", "answers": ["Dolores Park"]}),
+    }
     # lm-eval cuts at ". "; contains: the normalised gold is in the answer; em/f1 are SQuAD's
     assert hooks.qa_process_results(squad, ["In Dolores Park"]) == {
         "contains": 1.0, "contains_strict": 1.0, "em": 0.0, "f1": 0.8, "empty": 0.0}  # fmt: skip
@@ -89,8 +102,14 @@ def test_scores_are_ctxaware_scores_on_hand_computed_cases():
     # memorisation ratio over three answers: mean p_o 2/3, mean p_s 1/3 -> (2/3) / (2/3 + 1/3)
     assert hooks.memorization_ratio([(1.0, 0.0), (1.0, 0.0), (0.0, 1.0)]) == pytest.approx(2 / 3)
     nih = {"keywords": json.dumps(["eat", "sandwich", "dolores", "park"])}
-    assert hooks.nih_process_results(nih, [" is to eat a sandwich."]) == {"recall": 0.5, "exact": 0.0, "empty": 0.0}
-    assert hooks.nih_process_results(nih, ["Eat a sandwich in Dolores-Park"])["exact"] == 1.0  # '-' is a space
+    assert hooks.nih_process_results(nih, [" is to eat a sandwich."]) == {
+        "recall": 0.5,
+        "exact": 0.0,
+        "empty": 0.0,
+    }
+    assert (
+        hooks.nih_process_results(nih, ["Eat a sandwich in Dolores-Park"])["exact"] == 1.0
+    )  # '-' is a space
 
 
 def test_bad_metadata_says_what_to_do():
@@ -114,7 +133,9 @@ def test_lm_eval_hf_backend_equals_ctxaware_eval_and_nih(smollm2_tok, shared_dat
            "--metadata", json.dumps(NIH_GRID)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    samples = {t: _rows(next(out.rglob(f"samples_{t}_*.jsonl"))) for t in ("ctxaware_squad", "ctxaware_nih_chat")}
+    samples = {
+        t: _rows(next(out.rglob(f"samples_{t}_*.jsonl"))) for t in ("ctxaware_squad", "ctxaware_nih_chat")
+    }
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
 
     _ctxaware("eval", "squad", "--model", "default", "--modes", "chat", "--limit", "10", "--device", "cpu",
@@ -125,7 +146,9 @@ def test_lm_eval_hf_backend_equals_ctxaware_eval_and_nih(smollm2_tok, shared_dat
     for i, s in lm.items():
         assert s["arguments"]["gen_args_0"]["arg_0"] == qa[i]["prompt"], i
         assert s["filtered_resps"][0] == qa[i]["prediction"], i
-        assert {k: s[k] for k in ("contains", "em", "f1")} == {k: qa[i]["scores"][k] for k in ("contains", "em", "f1")}
+        assert {k: s[k] for k in ("contains", "em", "f1")} == {
+            k: qa[i]["scores"][k] for k in ("contains", "em", "f1")
+        }
     contains = sum(r["scores"]["contains"] for r in qa.values()) / 10
     assert results["ctxaware_squad"]["contains,none"] == pytest.approx(contains)
     assert 0 < contains < 1 or any(r["prediction"] for r in qa.values())  # real answers, not 10 empty ones
@@ -139,5 +162,7 @@ def test_lm_eval_hf_backend_equals_ctxaware_eval_and_nih(smollm2_tok, shared_dat
     for k, s in lm.items():
         assert s["filtered_resps"][0] == nih[k]["output"], k
         assert (s["recall"], s["exact"]) == (nih[k]["recall"], nih[k]["exact"]), k
-    assert results["ctxaware_nih_chat"]["recall,none"] == pytest.approx(sum(r["recall"] for r in nih.values()) / 10)
+    assert results["ctxaware_nih_chat"]["recall,none"] == pytest.approx(
+        sum(r["recall"] for r in nih.values()) / 10
+    )
     assert any(r["recall"] > 0 for r in nih.values())

@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxaware {name}: {signame}; finished rows are kept, rerun the same command to resume",
               file=sys.stderr)  # fmt: skip
         return 143 if isinstance(e, Terminated) else 130
+    except BrokenPipeError:  # `ctxaware ... | head`: the reader left; say nothing more
+        sys.stderr.close()
+        return 0
     except OSError as e:
         if debug or e.errno not in DISK_FULL:
             raise

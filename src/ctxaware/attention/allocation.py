@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -76,9 +77,12 @@ def role_allocation(
     batch_size: int = 4,
     pad_id: int = 0,
     desc: str | None = None,
-) -> torch.Tensor:
+    shard: tuple[str | Path, str] | None = None,
+) -> torch.Tensor | None:
     """Attention mass per role: (N, L, H, 5) over `chat.ROLES`, averaged over each prompt's query ``positions``.
-    ``desc``: show a progress bar (prompts done) with this label.
+    ``desc``: show a progress bar (prompts done) with this label. ``shard = (output dir, name)``: under
+    torchrun / accelerate launch the batches are shared by the ranks (`core.distributed.shard_tensors`);
+    rank 0 returns the whole result, equal to one process's, and the other ranks ``None``.
 
     ``positions[i]`` are token indices of prompt i (default ``[len - 1]``: the token that generates the first
     answer token, as in the paper). ``layers`` default to all; the result's L follows ``layers``' order.
@@ -92,19 +96,32 @@ def role_allocation(
     layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[torch.Tensor | None] = [None] * len(prompts)
+    batches = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
-    for a in range(0, len(order), batch_size):
-        idx = order[a : a + batch_size]
+
+    def one(b: int) -> torch.Tensor:  # (B, L, H, 5): each prompt of batch b, averaged over its queries
+        idx = batches[b]
         ids, mask, rows, groups = pad_batch([prompts[i] for i in idx], [positions[i] for i in idx], pad_id)
         res = capture_attention(
             model, ids.to(device), mask.to(device), layers, rows, groups
         )  # {l: (B, H, R, 5)}
         stacked = torch.stack([res[layer].cpu() for layer in layers], dim=1)  # (B, L, H, R, 5)
-        for j, i in enumerate(idx):
-            out[i] = stacked[j, :, :, : len(positions[i])].mean(2)  # (L, H, 5)
         bar.update(len(idx))
+        return torch.stack([stacked[j, :, :, : len(positions[i])].mean(2) for j, i in enumerate(idx)])
+
+    if shard is None:
+        parts = [one(b) for b in range(len(batches))]
+    else:
+        from ctxaware.core.distributed import shard_tensors
+
+        parts = shard_tensors(shard[0], shard[1], len(batches), one)
     bar.close()
+    if parts is None:
+        return None
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for idx, part in zip(batches, parts):
+        for j, i in enumerate(idx):
+            out[i] = part[j]
     return torch.stack(out)  # type: ignore[arg-type]
 
 
@@ -432,13 +449,17 @@ def layer_statistics(shares: dict, prompts: dict, heads: dict) -> dict:
     return out
 
 
-def analyze(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict, list[dict], dict]:
+def analyze(
+    model, tok, cfg: AttentionConfig, name: str = "model", shard_dir: str | Path | None = None
+) -> tuple[dict, list[dict], dict] | None:
     """One model: ``(allocation, rows, extra)``.
 
     ``allocation`` follows the ``allocation.json`` schema (docs/attention.md); ``rows`` hold one record
     per prompt (all three normalisations at its head, at the analysis layer and at every layer);
     ``extra`` holds the per-layer statistics (``layers``: means and bootstrap CIs over prompts) and the
     layer x head map of the change of the paper-normalised user share (chat minus plain).
+    ``shard_dir``: under torchrun / accelerate launch the forward passes are shared by the ranks (their
+    batches saved there until rank 0 has them); rank 0 returns the result, the other ranks ``None``.
     """
     from ctxaware.core.models import middle_layer
 
@@ -462,10 +483,17 @@ def analyze(model, tok, cfg: AttentionConfig, name: str = "model") -> tuple[dict
         prompts = {c: [prompts[c][i] for i in keep] for c in conds}
     shares = {
         c: role_allocation(
-            model, prompts[c], batch_size=cfg.batch_size, pad_id=pad, desc=f"attention {name} {c}"
-        )
+            model,
+            prompts[c],
+            batch_size=cfg.batch_size,
+            pad_id=pad,
+            desc=f"attention {name} {c}",
+            shard=None if shard_dir is None else (shard_dir, f"{name}-{c}"),
+        )  # fmt: skip
         for c in conds
     }  # (N, L, H, 5)
+    if any(v is None for v in shares.values()):
+        return None  # a rank other than 0: its batches are saved for rank 0
     # eq. (3) on the prompts without the template (App. B.3): one head per prompt and layer ("we select the
     # retrieval head on layer 15 for each input prompt"), reused for its chat twin; --head-selection mean
     # picks one head for all prompts (argmax of the mean user share).
@@ -581,7 +609,10 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
 
     model, tok = cfg.load(spec)
     check_layer(cfg.layer, model_shape(model)[0])
-    allocation, rows, extra = analyze(model, tok, cfg, name or _model_dir_name(spec))
+    result = analyze(model, tok, cfg, name or _model_dir_name(spec), shard_dir=where)
+    if result is None:  # under a launcher, a rank other than 0: rank 0 writes the run
+        return {}
+    allocation, rows, extra = result
     with ResultsWriter(
         where,
         {**to_dict(cfg), "model": spec},
@@ -600,4 +631,5 @@ def run_one(cfg: AttentionConfig, spec: str, where: Path, name: str | None = Non
     )  # fmt: skip
     write_text_atomic(where / "layers.md", layers_markdown(extra["layers"]))
     _figures(allocation, extra, where)
+    shutil.rmtree(where / ".ranks", ignore_errors=True)  # a launch's batches: every one is in the result
     return allocation

@@ -50,6 +50,8 @@ def main(argv: list[str]) -> int:
         t0 = time.time()
         where = out if len(specs) == 1 else out / name
         allocation = run_one(cfg, spec, where, name)
+        if not allocation:  # under torchrun / accelerate launch, a rank other than 0: rank 0 reports
+            continue
         for c, v in allocation["conditions"].items():
             se, pa = v["sink_excluded"], v["paper"]
             print(

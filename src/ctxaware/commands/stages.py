@@ -12,6 +12,8 @@ def main(argv: list[str]) -> int:
     """``ctxaware stages base=SPEC,sft=SPEC,... [--tasks ...] [--n N]``."""
     cfg = parse_config(StagesConfig, argv, prog="ctxaware stages")
     s = run(cfg)
+    if "rank" in s:  # under torchrun / accelerate launch, a rank other than 0: rank 0 reports
+        return 0
     print(summary_markdown(s))
     print(f"wrote {Path(cfg.output) / 'summary.json'}, summary.md, rows.jsonl and plots")
     return 0

@@ -101,6 +101,11 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+# torchrun's own parser reads any flag that abbreviates one of its options (``--n``: ``--nnodes``) even after
+# the script's name, so an option named ``--n`` gets an alias (``"aliases"`` in its field's metadata)
+TORCHRUN_N = "; --n-examples under torchrun, whose parser takes --n for its own --nnodes"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -148,6 +153,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         names = [_flag(f.name)]
         if "-" in names[0][2:]:
             names.append("--" + f.name)
+        names += f.metadata.get("aliases", [])
         help_ = _with_default(help_, default)
         if tp is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)

@@ -18,9 +18,13 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import ResultsWriter, read_jsonl, row_key
+
+if TYPE_CHECKING:
+    import torch
 
 
 def dist_info() -> tuple[int, int]:
@@ -50,22 +54,30 @@ def finished_keys(path: Path, key_fields: Sequence[str]) -> Callable[[dict], boo
     return lambda cell: row_key(cell, key_fields) in keys
 
 
-def wait_for_rows(
-    files: Callable[[], Sequence[Path]], missing: Callable[[list[list[dict]]], int], timeout: float, what: str
-) -> list[list[dict]]:
-    """The rows of ``files()`` (one list per file, in file order) once ``missing(rows)`` is 0: other ranks'
-    files are reread with a back-off (0.5 s up to 30 s: a reread is O(rows)); after ``timeout`` seconds a
-    one-line error says how many of ``what`` are still missing."""
+def poll(missing: Callable[[], int], timeout: float, what: str) -> None:
+    """Return once ``missing()`` is 0, checking with a back-off (0.5 s up to 30 s); after ``timeout`` seconds
+    a one-line error says how many of ``what`` are still missing."""
     t0, wait = time.time(), 0.5
-    while True:
-        rows = [list(read_jsonl(f)) if f.is_file() else [] for f in files()]
-        n = missing(rows)
-        if not n:
-            return rows
+    while n := missing():
         if time.time() - t0 > timeout:
             raise CtxawareError(f"{n} {what} after {timeout:.0f}s; rerun the same command to resume")
         time.sleep(wait)
         wait = min(30.0, wait * 1.5)
+
+
+def wait_for_rows(
+    files: Callable[[], Sequence[Path]], missing: Callable[[list[list[dict]]], int], timeout: float, what: str
+) -> list[list[dict]]:
+    """The rows of ``files()`` (one list per file, in file order) once ``missing(rows)`` is 0: other ranks'
+    files are reread with `poll`'s back-off (a reread is O(rows))."""
+    rows: list[list[dict]] = []
+
+    def count() -> int:
+        rows[:] = [list(read_jsonl(f)) if f.is_file() else [] for f in files()]
+        return missing(rows)
+
+    poll(count, timeout, what)
+    return rows
 
 
 def rank_dir(output: str | Path, rank: int) -> Path:
@@ -122,3 +134,62 @@ def run_units(
             if writer.key(row) in wanted:
                 writer.write(row)  # a row the run already held is not written twice
     shutil.rmtree(Path(output) / ".ranks", ignore_errors=True)  # merged: the run's own file holds every row
+
+
+def shard_tensors(
+    output: str | Path, name: str, n: int, compute: Callable[[int], torch.Tensor], timeout: float = 86400.0
+) -> list[torch.Tensor] | None:
+    """``[compute(i) for i in range(n)]``, the ``n`` items shared by the ranks of this launch (a forward pass
+    per batch: `ctxaware.attention.allocation.role_allocation`).
+
+    One process: computed in order, returned. Several: rank R computes items ``i % world == R`` and saves each
+    as ``rank_dir(output, R)/{name}-{i}.safetensors`` (atomic; an item already saved is not recomputed, so a
+    killed launch resumes); rank 0 waits for every item, loads them in order, removes the files and returns
+    them; the other ranks return ``None``. Each item is computed whole on one rank, as in one process, so the
+    result is the one-process result."""
+    from safetensors.torch import load_file, save_file
+
+    rank, world = dist_info()
+    if world < 2:
+        return [compute(i) for i in range(n)]
+    process_group(world)
+    print(
+        f"{name}: rank {rank} of {world} computes {len(range(rank, n, world))} of the {n} items", flush=True
+    )
+    path = lambda i: rank_dir(output, i % world) / f"{name}-{i}.safetensors"  # noqa: E731
+    for i in range(rank, n, world):
+        if not path(i).is_file():
+            path(i).parent.mkdir(parents=True, exist_ok=True)
+            tmp = path(i).with_suffix(".tmp")
+            save_file({"t": compute(i).contiguous()}, str(tmp))
+            os.replace(tmp, path(i))
+    if rank != 0:
+        return None
+    poll(
+        lambda: sum(not path(i).is_file() for i in range(n)),
+        timeout,
+        f"{name} item(s) of other ranks missing",
+    )
+    out = [load_file(str(path(i)))["t"] for i in range(n)]
+    for i in range(n):
+        path(i).unlink()
+    return out
+
+
+def wait_for_merge(
+    output: str | Path, cells: Sequence[dict], key_fields: Sequence[str], timeout: float = 86400.0
+) -> None:
+    """On ranks other than 0, after `run_units`: wait until rank 0 has merged every cell's row into
+    ``output/rows.jsonl`` (the ranks read the merged rows next). Rank 0 and one process return at once."""
+    rank, world = dist_info()
+    if world < 2 or rank == 0:
+        return
+    wanted = {row_key(c, key_fields) for c in cells}
+    wait_for_rows(
+        lambda: [Path(output) / "rows.jsonl"],
+        lambda rows: len(
+            wanted - {row_key(r, key_fields) for r in rows[0] if all(k in r for k in key_fields)}
+        ),
+        timeout,
+        "row(s) not yet merged by rank 0",
+    )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ctxaware.attention import steering
 from ctxaware.attention.allocation import PrefillShares
-from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
+from ctxaware.core.config import TORCHRUN_N, ModelConfig, overwrite_option, to_dict
 from ctxaware.core.distributed import dist_info, finished_keys, run_units
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import middle_layer, run_id
@@ -58,7 +58,10 @@ class RulerConfig(ModelConfig):
     lengths: list[int] = dataclasses.field(
         default_factory=lambda: [1024, 2048], metadata={"help": "prompt lengths in tokens", "min": 64}
     )
-    n: int = dataclasses.field(default=20, metadata={"help": "examples per task and length", "min": 1})
+    n: int = dataclasses.field(
+        default=20,
+        metadata={"help": "examples per task and length" + TORCHRUN_N, "min": 1, "aliases": ["--n-examples"]},
+    )
     conditions: list[str] = dataclasses.field(
         default_factory=lambda: list(CONDITIONS), metadata={"help": "chat+prefix, plain+prefix, chat, plain"}
     )

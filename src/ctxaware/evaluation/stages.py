@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -42,9 +43,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxaware.attention.intercept import capture_attention
-from ctxaware.core.config import ModelConfig, to_dict
+from ctxaware.core.config import TORCHRUN_N, ModelConfig, to_dict
+from ctxaware.core.distributed import dist_info, finished_keys, run_units, wait_for_merge
 from ctxaware.core.errors import CtxawareError
-from ctxaware.core.results import ResultsWriter, write_json_atomic, write_text_atomic
+from ctxaware.core.results import ResultsWriter, read_jsonl, write_json_atomic, write_text_atomic
 from ctxaware.core.stats import fmt, markdown_table, summarize, summarize_proportion
 from ctxaware.data.metrics import conflict_scores, first_sentence, normalize_answer
 from ctxaware.evaluation.characteristics import CHARACTERISTICS, Embedder, context_characteristics
@@ -84,7 +86,10 @@ class StagesConfig(ModelConfig):
         default_factory=lambda: ["squad", "cf_world_facts", "nqswap"],
         metadata={"help": "QA and conflict tasks"},
     )
-    n: int | None = dataclasses.field(default=100, metadata={"help": "examples per task (seeded sample)"})
+    n: int | None = dataclasses.field(
+        default=100,
+        metadata={"help": "examples per task (seeded sample)" + TORCHRUN_N, "aliases": ["--n-examples"]},
+    )
     source: str = dataclasses.field(default="local", metadata={"help": "task data: local or hub"})
     data_dir: str | None = dataclasses.field(default=None, metadata={"help": "shared data folder"})
     prompt_style: Literal["paper", "simple"] = dataclasses.field(
@@ -363,7 +368,8 @@ def stage_summary(rows: Sequence[dict], names: Sequence[str], cfg: StagesConfig)
 
 
 def characteristics_for(items, cfg: StagesConfig, ref_spec: tuple[str, str | None], out: Path) -> dict:
-    """``{(task, id): characteristics}``, computed once with the reference LM (resumable)."""
+    """``{(task, id): characteristics}``, computed once with the reference LM (resumable; under torchrun /
+    accelerate launch the chunks of 8 are shared by the ranks and every rank reads rank 0's merged rows)."""
     from ctxaware.core.models import load_model
 
     conf = {
@@ -373,30 +379,33 @@ def characteristics_for(items, cfg: StagesConfig, ref_spec: tuple[str, str | Non
         "n": cfg.n,
         "seed": cfg.seed,
     }
-    with ResultsWriter(
-        out / "characteristics", conf, key_fields=("task", "id"), kind="stages.characteristics"
-    ) as w:
-        todo = [(t, ex) for t, ex in items if not w.done({"task": t, "id": ex.id})]
-        if todo:
-            model, tok = load_model(
-                ref_spec[0],
-                revision=ref_spec[1],
-                dtype=cfg.dtype,
-                device=cfg.device,
-                trust_remote_code=cfg.trust_remote_code,
-            )
-            emb = Embedder(cfg.embedder, device="cpu")
-            bar = tqdm(
-                total=len(todo), desc="stages: context characteristics", unit="ex", disable=not cfg.progress
-            )
-            for a in range(0, len(todo), 8):
-                chunk = todo[a : a + 8]
-                for (t, ex), c in zip(chunk, context_characteristics([e for _, e in chunk], model, tok, emb)):
-                    w.write({"task": t, "id": ex.id, **c})
-                bar.update(len(chunk))
-            bar.close()
-            del model
-        return {(r["task"], r["id"]): {c: r[c] for c in CHARACTERISTICS} for r in w.rows}
+    where, keys = out / "characteristics", ("task", "id")
+    rank, _ = dist_info()
+    loaded: list = []  # the reference model and embedder, loaded once per process when there is work
+
+    def compute(k: int, w: ResultsWriter) -> None:
+        if not loaded:
+            model, tok = load_model(ref_spec[0], revision=ref_spec[1], dtype=cfg.dtype, device=cfg.device,
+                                    trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+            loaded.extend([model, tok, Embedder(cfg.embedder, device="cpu")])
+        chunk = units[k]
+        for (t, ex), c in zip(chunk, context_characteristics([e for _, e in chunk], *loaded)):
+            w.write({"task": t, "id": ex.id, **c})
+        bar.update(len(chunk))
+
+    with ResultsWriter(where, conf, keys, kind="stages.characteristics") if rank == 0 else nullcontext() as w:
+        done = w.done if w is not None else finished_keys(where / "rows.jsonl", keys)
+        todo = [(t, ex) for t, ex in items if not done({"task": t, "id": ex.id})]
+        units = [todo[a : a + 8] for a in range(0, len(todo), 8)]
+        bar = tqdm(total=len(todo), desc="stages: context characteristics", unit="ex",
+                   disable=not cfg.progress or not todo)  # fmt: skip
+        cells = [[{"task": t, "id": ex.id} for t, ex in u] for u in units]
+        run_units(w, where, cells, compute, conf, keys, kind="stages.characteristics")
+        bar.close()
+        wait_for_merge(where, [c for u in cells for c in u], keys)
+        rows = w.rows if w is not None else read_jsonl(where / "rows.jsonl")
+        loaded.clear()
+        return {(r["task"], r["id"]): {c: r[c] for c in CHARACTERISTICS} for r in rows}
 
 
 def run(cfg: StagesConfig) -> dict:
@@ -415,38 +424,42 @@ def run(cfg: StagesConfig) -> dict:
         for k, v in to_dict(cfg).items()
         if k not in ("checkpoints", "output", "batch_size", "n_boot", "device", "progress")
     } | {"row_schema": ROW_SCHEMA}
-    timing = {}
-    with ResultsWriter(out, conf, key_fields=("checkpoint", "task", "id"), kind="stages") as w:
-        for name, spec, rev in ckpts:
-            todo = [(t, ex) for t, ex in items if not w.done({"checkpoint": name, "task": t, "id": ex.id})]
-            if not todo:
-                continue
-            t0 = time.time()
-            model, tok = load_model(
-                spec,
-                revision=rev,
-                dtype=cfg.dtype,
-                device=cfg.device,
-                attn_implementation=cfg.attn_implementation,
-                trust_remote_code=cfg.trust_remote_code,
+    timing: dict[str, float] = {}
+    keys = ("checkpoint", "task", "id")
+    rank, world = dist_info()
+    current: dict = {}  # the checkpoint loaded in this process: {"name", "model", "tok"}
+
+    def compute(k: int, w: ResultsWriter) -> None:
+        name, spec, rev, chunk = units[k]
+        t0 = time.time()
+        if current.get("name") != name:
+            current.clear()  # the previous checkpoint's weights go before the next one loads
+            model, tok = load_model(spec, revision=rev, dtype=cfg.dtype, device=cfg.device,
+                                    attn_implementation=cfg.attn_implementation,
+                                    trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+            current.update(name=name, model=model, tok=tok)
+        for row in measure_checkpoint(current["model"], current["tok"], chunk, cfg):
+            w.write(
+                {"checkpoint": name, "spec": spec, "revision": rev, **row, **chars[(row["task"], row["id"])]}
             )
-            bar = tqdm(total=len(todo), desc=f"stages: {name}", unit="ex", disable=not cfg.progress)
-            for a in range(0, len(todo), 4 * cfg.batch_size):
-                chunk = todo[a : a + 4 * cfg.batch_size]
-                for row in measure_checkpoint(model, tok, chunk, cfg):
-                    w.write(
-                        {
-                            "checkpoint": name,
-                            "spec": spec,
-                            "revision": rev,
-                            **row,
-                            **chars[(row["task"], row["id"])],
-                        }
-                    )
-                bar.update(len(chunk))  # after the chunk's rows are written
-            bar.close()
-            timing[name] = round(time.time() - t0, 1)
-            del model
+        timing[name] = round(timing.get(name, 0.0) + time.time() - t0, 1)
+        bar.update(len(chunk))  # after the chunk's rows are written
+
+    with ResultsWriter(out, conf, key_fields=keys, kind="stages") if rank == 0 else nullcontext() as w:
+        done = w.done if w is not None else finished_keys(out / "rows.jsonl", keys)
+        units = []  # (checkpoint, spec, revision, chunk of items): checkpoint by checkpoint, as one process
+        step = 4 * cfg.batch_size
+        for name, spec, rev in ckpts:
+            todo = [(t, ex) for t, ex in items if not done({"checkpoint": name, "task": t, "id": ex.id})]
+            units += [(name, spec, rev, todo[a : a + step]) for a in range(0, len(todo), step)]
+        bar = tqdm(total=sum(len(u[3]) for u in units), desc="stages: checkpoints", unit="ex",
+                   disable=not cfg.progress or not units)  # fmt: skip
+        cells = [[{"checkpoint": n, "task": t, "id": ex.id} for t, ex in u] for n, _, _, u in units]
+        run_units(w, out, cells, compute, conf, keys, kind="stages")
+        bar.close()
+        current.clear()
+        if w is None:  # another rank of a launch: its share is written; rank 0 merges and summarises
+            return {"rank": rank, "world_size": world}
         rows = list(w.rows)
     summary = stage_summary(rows, names, cfg)
     maps = summary.pop("_maps")

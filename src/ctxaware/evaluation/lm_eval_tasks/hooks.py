@@ -34,7 +34,7 @@ def _tokenizer(meta: dict):
     if spec is None:
         raise CtxawareError(
             "ctxaware's lm-eval tasks render their prompts with the model's tokenizer: pass it in --model_args "
-            "(pretrained=... or tokenizer=...) or as --metadata '{\"ctxaware_tokenizer\": \"...\"}'"
+            '(pretrained=... or tokenizer=...) or as --metadata \'{"ctxaware_tokenizer": "..."}\''
         )
     trust = meta.get("trust_remote_code", False)
     trust = trust if isinstance(trust, bool) else str(trust).lower() == "true"
@@ -72,7 +72,9 @@ def qa_dataset(**meta) -> dict:
     cfg = qa_config(meta)
     task = get_task(cfg.tasks[0])
     if task.kind not in ("qa", "conflict"):
-        raise CtxawareError(f"{task.name} is a {task.kind} task; the lm-eval pack has the QA and conflict tasks")
+        raise CtxawareError(
+            f"{task.name} is a {task.kind} task; the lm-eval pack has the QA and conflict tasks"
+        )
     _, tok = _tokenizer(meta)
     mode = cfg.modes[0]
     prefix = cfg.plain_prefix if mode == "plain" else None
@@ -92,7 +94,9 @@ def qa_process_results(doc: dict, results: list[str]) -> dict:
     from ctxaware.evaluation.qa import AUTHORS_STOPS, score_example
 
     task = get_task(doc["task"])
-    scores = score_example(task, Example(**json.loads(doc["example"])), truncate_at(results[0], AUTHORS_STOPS))
+    scores = score_example(
+        task, Example(**json.loads(doc["example"])), truncate_at(results[0], AUTHORS_STOPS)
+    )
     out = {k: scores[k] for k in METRICS_BY_KIND[task.kind] if k in scores}  # DROP alone has drop_em/_f1
     if task.kind == "conflict":
         out["memorization_ratio"] = (scores["p_o"], scores["p_s"])
