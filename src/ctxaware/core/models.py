@@ -339,8 +339,19 @@ def model_shape(model) -> tuple[int, int | None]:
 
 
 def middle_layer(model) -> int:
-    """The paper's default analysis layer: the middle of the decoder stack."""
-    return model_shape(model)[0] // 2
+    """The paper's default analysis layer: the middle of the decoder stack.
+
+    In a model that mixes sliding-window and full-attention layers (``config.layer_types``: Gemma-2/3,
+    Mistral-style local layers), the full-attention layer nearest the middle (the deeper one on a tie): a
+    sliding-window layer's last token sees only the last ``sliding_window`` tokens, not the context whose
+    attention the analysis measures (Gemma-3-270M: layer 9 sees 512 tokens, layer 11 all of them)."""
+    n = model_shape(model)[0]
+    mid = n // 2
+    types = getattr(getattr(model.config, "text_config", None) or model.config, "layer_types", None)
+    if not types or len(types) != n or all(t == "full_attention" for t in types):
+        return mid
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    return min(full, key=lambda i: (abs(i - mid), -i)) if full else mid
 
 
 def run_id(spec: str) -> str:
