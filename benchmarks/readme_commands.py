@@ -19,7 +19,6 @@ import json
 import os
 import re
 import resource
-import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +31,8 @@ NOT_HERE = {
     "torchrun": "a launcher with 8 processes (tests/test_*.py launch 2 on the CPU instead)",
     "accelerate launch": "a launcher with 8 processes / FSDP on GPUs",
     "ctxaware nih --backend server": "a serving engine (tests/test_server.py runs transformers serve instead)",
+    "lm_eval": "a model lm-eval loads from the hub (tests/test_lm_eval_tasks.py runs lm_eval on the built-in "
+    "SmolLM2's directory instead: 10 SQuAD + 10 NIH)",
 }
 
 
@@ -48,29 +49,37 @@ def not_here(cmd: str) -> str | None:
 
 
 def run_one(cmd: str, cwd: Path, limit: float) -> dict:
-    load = os.getloadavg()[0]
+    load, started = os.getloadavg()[0], time.time()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(shlex.split(cmd), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    stopped = False
+    # a shell that starts this script in the background (nohup ... &) ignores SIGINT in its children, and an
+    # ignored SIGINT is inherited: give the command the default back, so that Ctrl-C stops it
+    proc = subprocess.Popen(["bash", "-c", cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    stopped, stop_s = False, None
     try:
         out, _ = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        stopped = True
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: finished rows are kept
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        stopped, stop_s = True, time.perf_counter() - t0
+        out = ""
+        for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 60), (signal.SIGKILL, None)):  # Ctrl-C first
+            proc.send_signal(sig)
+            try:
+                out, _ = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    rows = sum(len(p.read_text().splitlines()) for p in (cwd / "runs").rglob("rows.jsonl")) if stopped else None
+    rows = None
+    if stopped:  # the rows this command wrote (files it touched), when it was stopped
+        files = [p for p in (cwd / "runs").rglob("rows.jsonl") if p.stat().st_mtime >= started]
+        rows = sum(len(p.read_text().splitlines()) for p in files)
     return {"command": cmd, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": round(load, 2),
-            "rc": proc.returncode, "stopped_at_limit": stopped, "rows_when_stopped": rows,
-            "tail": out[-600:]}  # fmt: skip
+            "rc": proc.returncode, "stopped_at_limit": stopped, "stopped_after_s": stop_s and round(stop_s, 1),
+            "rows_when_stopped": rows, "tail": out[-600:]}  # fmt: skip
 
 
 def table(results: list[dict]) -> str:
@@ -79,9 +88,11 @@ def table(results: list[dict]) -> str:
         if r.get("not_run"):
             lines.append(f"| `{r['command']}` | - | - | - | not run here: {r['not_run']} |")
             continue
-        what = (f"stopped at the {r['wall_s']:.0f} s limit ({r['rows_when_stopped']} rows written under runs/ by then)"
+        what = (f"stopped at the limit ({r['rows_when_stopped']} rows written by then)"
                 if r["stopped_at_limit"] else ("finished" if r["rc"] == 0 else f"exit {r['rc']}"))  # fmt: skip
-        lines.append(f"| `{r['command']}` | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s | {r['load_before']} | {what} |")
+        lines.append(
+            f"| `{r['command']}` | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s | {r['load_before']} | {what} |"
+        )
     return "\n".join(lines)
 
 
@@ -100,7 +111,11 @@ def main() -> int:
         if not (scratch / "shared").exists():
             (scratch / "shared").symlink_to(REPO.parent / "shared")
     out = Path(args.out)
-    done = {json.loads(x)["command"]: json.loads(x) for x in out.read_text().splitlines()} if out.is_file() else {}
+    done = (
+        {json.loads(x)["command"]: json.loads(x) for x in out.read_text().splitlines()}
+        if out.is_file()
+        else {}
+    )
     results = []
     for cmd in readme_commands():
         if args.only and args.only not in cmd:

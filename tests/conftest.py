@@ -121,3 +121,25 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama().save_pretrained(d)
     load_tokenizer("default").save_pretrained(d)
     return d
+
+
+def one_and_two_processes(argv: list[str], tmp_path: Path):
+    """Run ``ctxaware ARGV --output tmp/one`` in one process, then under ``torchrun --nproc_per_node 2``
+    (gloo, CPU) with ``--output tmp/two``; one thread each. Returns ``(one, two, launch)``, ``launch`` the
+    torchrun's CompletedProcess (its return code already checked), for the byte-for-byte comparisons of
+    issue 25 section 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "ctxaware.cli", *argv, "--output", str(one)], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "ctxaware.cli", *argv, "--output", str(two)]  # fmt: skip
+    res = subprocess.run(launch, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res.args_launch = launch  # the nih test relaunches the same command to check its resume
+    return one, two, res

@@ -26,7 +26,7 @@ from ctxaware.attention.retrieval_heads import (
 )
 from ctxaware.core.errors import CtxawareError
 from ctxaware.rendering.chat import ROLES, render
-from tests.conftest import SHARED_DATA, tiny_llama
+from tests.conftest import SHARED_DATA, one_and_two_processes, tiny_llama
 from tests.test_intercept import attn_impl, eager_role_oracle
 
 HAYSTACK = SHARED_DATA / "haystack" / "paul_graham_essays"
@@ -292,21 +292,9 @@ def test_two_processes_give_the_one_process_allocation_byte_for_byte(tmp_path, s
     """Issue 25 section 2: ``torchrun --nproc_per_node 2 -m ctxaware.cli attention`` (gloo, CPU) shares the
     forward passes (batches) between the ranks; rank 0's rows.jsonl, allocation.json and layers.json equal a
     one-process run's byte for byte on the real SmolLM2, and the ranks' batch files are gone."""
-    import os
-    import subprocess
-    import sys
-
     argv = ["attention", "--device", "cpu", "--dtype", "float32", "--lengths", "300,400,500", "--depths", "0,50,100",
             "--batch-size", "2"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    res = subprocess.run([sys.executable, "-m", "ctxaware.cli", *argv, "--output", str(one)], env=env,
-                         capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "ctxaware.cli", *argv, "--output", str(two)]  # fmt: skip
-    res = subprocess.run(launch, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    one, two, res = one_and_two_processes(argv, tmp_path)
     assert res.stdout.count("chat: layer 15") == 1  # rank 0 reports, once
     for rank in (0, 1):  # 9 distinct prompts per condition in batches of 2: 5 batches, 3 and 2 per rank
         assert (

@@ -14,7 +14,7 @@ from ctxaware.core.models import run_id
 from ctxaware.evaluation import qa as ev
 from ctxaware.evaluation.judge import HTTPJudge
 from ctxaware.evaluation.qa import EvalConfig, evaluate_tasks, expand_models, summary_markdown
-from tests.conftest import tiny_llama
+from tests.conftest import one_and_two_processes, tiny_llama
 from tests.test_judge import Stub
 
 
@@ -320,19 +320,9 @@ def test_two_processes_give_the_one_process_rows_byte_for_byte(tmp_path, shared_
     """Issue 25 section 2: ``torchrun --nproc_per_node 2 -m ctxaware.cli eval`` shares the QA chunks between
     the ranks; rank 0's merged rows equal a one-process run's byte for byte (real SmolLM2, 12 SQuAD
     questions in 3 chunks of 4), and its summary is the same."""
-    import os
-    import subprocess
-    import sys
-
     argv = ["eval", "squad", "--model", "default", "--modes", "chat", "--limit", "12", "--batch-size", "4",
             "--max-new-tokens", "16", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "ctxaware.cli", *argv, "--output", str(one)], check=True, env=env,
-                   capture_output=True)  # fmt: skip
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ctxaware.cli", *argv, "--output", str(two)], env=env, capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    one, two, _ = one_and_two_processes(argv, tmp_path)
     (rows_one,) = one.rglob("rows.jsonl")
     rows_two = two / rows_one.relative_to(one)
     assert len(rows_one.read_text().splitlines()) == 12

@@ -17,6 +17,7 @@ from ctxaware.core.results import read_jsonl
 from ctxaware.data import needle
 from ctxaware.evaluation import nih
 from ctxaware.rendering.generate import generate
+from tests.conftest import one_and_two_processes
 
 SMALL = ["--lengths", "200", "--depths", "0,50,100", "--modes", "chat,plain", "--prefix", "true"]
 
@@ -466,20 +467,11 @@ def test_two_processes_give_the_one_process_rows_byte_for_byte(tmp_path, shared_
     """Issue 25 section 2: ``torchrun --nproc_per_node 2 -m ctxaware.cli nih`` (gloo, CPU) shares the grid's
     engine calls between the ranks, and rank 0's merged rows.jsonl equals a one-process run's, byte for byte,
     on the real SmolLM2; a second launch finds everything done and changes nothing."""
-    import subprocess
-    import sys
-
     grid = ["nih", "--model", "default", "--lengths", "200,300,400", "--depths", "0,50,100", "--modes", "chat,plain",
             "--prefix", "true", "--max-new-tokens", "12", "--haystack", "synthetic", "--device", "cpu",
             "--dtype", "float32"]  # fmt: skip
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "ctxaware.cli", *grid, "--output", str(one)], check=True, env=env,
-                   capture_output=True)  # fmt: skip
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "ctxaware.cli", *grid, "--output", str(two)]  # fmt: skip
-    res = subprocess.run(launch, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    one, two, res = one_and_two_processes(grid, tmp_path)
+    env, launch = {**os.environ, "OMP_NUM_THREADS": "1"}, res.args_launch
     (rows_one,) = one.glob("*/rows.jsonl")
     rows_two = two / rows_one.parent.name / "rows.jsonl"
     assert len(rows_one.read_text().splitlines()) == 18

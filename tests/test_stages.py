@@ -29,7 +29,7 @@ from ctxaware.evaluation.stages import (
     summary_markdown,
 )
 from ctxaware.rendering.chat import render, user_prompt
-from tests.conftest import tiny_llama
+from tests.conftest import one_and_two_processes, tiny_llama
 
 # --- regression ------------------------------------------------------------------------------------------
 
@@ -287,24 +287,12 @@ def test_two_processes_give_the_one_process_rows_byte_for_byte(tmp_path, smollm2
     """Issue 25 section 2: ``torchrun --nproc_per_node 2 -m ctxaware.cli stages`` (gloo, CPU) shares the
     characteristics chunks and the checkpoints' chunks between the ranks; rank 0's rows.jsonl and
     characteristics/rows.jsonl equal a one-process run's byte for byte, and rank 0 alone reports."""
-    import os
-    import subprocess
-    import sys
-
     a = _save_tiny(tmp_path / "a", smollm2_tok)
     b = _save_tiny(tmp_path / "b", smollm2_tok, seed=1)
     # --n-examples: torchrun's parser would take --n for its own --nnodes
     argv = ["stages", f"base={a},sft={b}", "--tasks", "squad,cf_world_facts", "--n-examples", "4", "--max-new-tokens", "4",
             "--device", "cpu", "--n-boot", "20", "--batch-size", "1"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    res = subprocess.run([sys.executable, "-m", "ctxaware.cli", *argv, "--output", str(one)], env=env,
-                         capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "ctxaware.cli", *argv, "--output", str(two)]  # fmt: skip
-    res = subprocess.run(launch, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    one, two, res = one_and_two_processes(argv, tmp_path)
     assert len((one / "rows.jsonl").read_text().splitlines()) == 2 * 8  # 2 checkpoints x 8 items, 4 chunks
     for f in ("rows.jsonl", "characteristics/rows.jsonl"):
         assert (two / f).read_bytes() == (one / f).read_bytes(), f
