@@ -54,6 +54,18 @@ def finished_keys(path: Path, key_fields: Sequence[str]) -> Callable[[dict], boo
     return lambda cell: row_key(cell, key_fields) in keys
 
 
+def launch_writer(
+    directory: str | Path, config: dict, key_fields: Sequence[str], **kw
+) -> tuple[ResultsWriter | None, Callable[[dict], bool]]:
+    """A run's writer and its ``done(cell)``: rank 0 (or one process) opens the run's `ResultsWriter`
+    (``kw``: its ``about``, ``kind``); another rank of a launch gets ``None`` and ``done`` over the run's rows
+    file as it is now (only rank 0 writes it). The caller closes the writer."""
+    if dist_info()[0] != 0:
+        return None, finished_keys(Path(directory) / "rows.jsonl", key_fields)
+    writer = ResultsWriter(directory, config, key_fields, **kw)
+    return writer, writer.done
+
+
 def poll(missing: Callable[[], int], timeout: float, what: str) -> None:
     """Return once ``missing()`` is 0, checking with a back-off (0.5 s up to 30 s); after ``timeout`` seconds
     a one-line error says how many of ``what`` are still missing."""
@@ -184,12 +196,10 @@ def wait_for_merge(
     rank, world = dist_info()
     if world < 2 or rank == 0:
         return
-    wanted = {row_key(c, key_fields) for c in cells}
-    wait_for_rows(
-        lambda: [Path(output) / "rows.jsonl"],
-        lambda rows: len(
-            wanted - {row_key(r, key_fields) for r in rows[0] if all(k in r for k in key_fields)}
-        ),
-        timeout,
-        "row(s) not yet merged by rank 0",
-    )
+    rows = Path(output) / "rows.jsonl"
+
+    def missing() -> int:
+        done = finished_keys(rows, key_fields)
+        return sum(not done(c) for c in cells)
+
+    poll(missing, timeout, "row(s) not yet merged by rank 0")

@@ -22,7 +22,7 @@ from ctxaware.attention import steering
 from ctxaware.attention.allocation import PrefillShares, mean_prefill_shares
 from ctxaware.core import plotting, stats
 from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
-from ctxaware.core.distributed import dist_info, finished_keys, run_units
+from ctxaware.core.distributed import dist_info, launch_writer, run_units
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import middle_layer, run_id
 from ctxaware.core.provenance import model_about
@@ -194,12 +194,7 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
     keys = ("condition", "template", "length", "depth")
     rank, world = dist_info()  # under torchrun / accelerate launch: the groups are shared (core.distributed)
     run_dir = Path(cfg.output) / short
-    writer = (
-        ResultsWriter(run_dir, _fingerprinted(cfg, name), keys, about=about, kind="nih")
-        if rank == 0
-        else None
-    )
-    finished = writer.done if writer is not None else finished_keys(run_dir / "rows.jsonl", keys)
+    writer, finished = launch_writer(run_dir, _fingerprinted(cfg, name), keys, about=about, kind="nih")
     # The unit of work is one engine call: every test of one length (and alpha). A group with any test
     # missing runs whole, so each test is computed beside the same companions (same padding, same prefix
     # cache) as in an uninterrupted run, and a resume is byte-identical at any kill point (issue 23 §5);

@@ -23,7 +23,7 @@ from pathlib import Path
 from ctxaware.attention import steering
 from ctxaware.attention.allocation import PrefillShares
 from ctxaware.core.config import TORCHRUN_N, ModelConfig, overwrite_option, to_dict
-from ctxaware.core.distributed import dist_info, finished_keys, run_units
+from ctxaware.core.distributed import launch_writer, run_units
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import middle_layer, run_id
 from ctxaware.core.provenance import model_about
@@ -181,12 +181,10 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
     apply_chat_template_choice(tok, cfg.chat_template)
     short = run_id(name)
     examples = build_examples(cfg, tok)
-    rank, world = dist_info()
     run_dir = Path(cfg.output) / short
     about = model_about(model, tok)
     fp = _fingerprinted(cfg, name)
-    writer = ResultsWriter(run_dir, fp, KEYS, about=about, kind="ruler") if rank == 0 else None
-    finished = writer.done if writer is not None else finished_keys(run_dir / "rows.jsonl", KEYS)
+    writer, finished = launch_writer(run_dir, fp, KEYS, about=about, kind="ruler")
     layer = cfg.layer if cfg.layer is not None else middle_layer(model)
     shares = PrefillShares(model, [layer]) if cfg.attention else None
     heads = None

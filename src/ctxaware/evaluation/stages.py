@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ctxaware.attention.intercept import capture_attention
 from ctxaware.core.config import TORCHRUN_N, ModelConfig, to_dict
-from ctxaware.core.distributed import dist_info, finished_keys, run_units, wait_for_merge
+from ctxaware.core.distributed import dist_info, launch_writer, run_units, wait_for_merge
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.results import ResultsWriter, read_jsonl, write_json_atomic, write_text_atomic
 from ctxaware.core.stats import fmt, markdown_table, summarize, summarize_proportion
@@ -380,7 +380,6 @@ def characteristics_for(items, cfg: StagesConfig, ref_spec: tuple[str, str | Non
         "seed": cfg.seed,
     }
     where, keys = out / "characteristics", ("task", "id")
-    rank, _ = dist_info()
     loaded: list = []  # the reference model and embedder, loaded once per process when there is work
 
     def compute(k: int, w: ResultsWriter) -> None:
@@ -393,8 +392,8 @@ def characteristics_for(items, cfg: StagesConfig, ref_spec: tuple[str, str | Non
             w.write({"task": t, "id": ex.id, **c})
         bar.update(len(chunk))
 
-    with ResultsWriter(where, conf, keys, kind="stages.characteristics") if rank == 0 else nullcontext() as w:
-        done = w.done if w is not None else finished_keys(where / "rows.jsonl", keys)
+    w, done = launch_writer(where, conf, keys, kind="stages.characteristics")
+    with w or nullcontext():
         todo = [(t, ex) for t, ex in items if not done({"task": t, "id": ex.id})]
         units = [todo[a : a + 8] for a in range(0, len(todo), 8)]
         bar = tqdm(total=len(todo), desc="stages: context characteristics", unit="ex",
@@ -445,8 +444,8 @@ def run(cfg: StagesConfig) -> dict:
         timing[name] = round(timing.get(name, 0.0) + time.time() - t0, 1)
         bar.update(len(chunk))  # after the chunk's rows are written
 
-    with ResultsWriter(out, conf, key_fields=keys, kind="stages") if rank == 0 else nullcontext() as w:
-        done = w.done if w is not None else finished_keys(out / "rows.jsonl", keys)
+    w, done = launch_writer(out, conf, keys, kind="stages")
+    with w or nullcontext():
         units = []  # (checkpoint, spec, revision, chunk of items): checkpoint by checkpoint, as one process
         step = 4 * cfg.batch_size
         for name, spec, rev in ckpts:

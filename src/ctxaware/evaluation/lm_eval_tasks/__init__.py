@@ -2,7 +2,7 @@
 
 ``lm_eval --model hf --model_args pretrained=M --include_path $(ctxaware lm-eval-tasks) --tasks ctxaware_squad``
 runs ctxaware's SQuAD under the authors' protocol with any lm-eval backend; `TASK_DIR` is that path, and
-`TASKS` the task and group names it holds. The prompts and scores are ctxaware's (`hooks`).
+`task_names()` the tasks and groups it holds. The prompts and scores are ctxaware's (`hooks`).
 """
 
 from __future__ import annotations

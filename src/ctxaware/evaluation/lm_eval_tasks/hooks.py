@@ -6,7 +6,7 @@ for the tokenizer that lm-eval's ``--model_args`` name (``tokenizer=`` or ``pret
 in ``--metadata`` wins), and the scores are ctxaware's own (`ctxaware.evaluation.qa.score_example`,
 `ctxaware.data.needle.keyword_recall`), imported, not copied. A task's ``metadata`` (``ctxaware_task``,
 ``mode``, ``prefix``) says which evaluation it is; ``--metadata '{...}'`` may set the prompt options listed
-in ``QA_OPTIONS`` and ``NIH_OPTIONS``, with ctxaware's names and rules (docs/lm_eval.md).
+in ``QA_OPTIONS`` (QA, conflict) and any `NeedleConfig` field but ``NIH_SKIP`` (NIH), with ctxaware's names and rules (docs/lm_eval.md).
 """
 
 from __future__ import annotations
