@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from ctxaware.core.config import ModelConfig, default_data_dir, overwrite_option
-from ctxaware.core.distributed import dist_info, finished_keys, run_units
+from ctxaware.core.distributed import dist_info, launch_writer, run_units
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.provenance import model_about
 from ctxaware.core.results import ResultsWriter, SkipCounter, write_json_atomic
@@ -437,13 +437,12 @@ def _evaluate_task(model, tok, task, cfg, mode, model_name, out: Path, batch_con
     if world > 1 and task.kind in ("choice", "mtbench"):
         raise CtxawareError(f"task {task.name} runs in one process; launch QA and conflict tasks only")
     run = (directory, run_config, about, server)
-    if rank != 0:  # another rank of a launch: its share of the QA chunks; rank 0 merges and summarises
-        done = finished_keys(directory / "rows.jsonl", ("id",))
-        todo = [ex for ex in examples if not done({"id": ex.id})]
+    writer, done = launch_writer(directory, run_config, ("id",), about=about, kind="eval")
+    todo = [ex for ex in examples if not done({"id": ex.id})]
+    if writer is None:  # another rank of a launch: its share of the QA chunks; rank 0 merges and summarises
         run_generative(model, tok, task, todo, None, cfg, mode, batch_context, run)
         return {"kind": task.kind, "rank": rank}
-    with ResultsWriter(directory, run_config, ("id",), about=about, kind="eval") as w:
-        todo = [ex for ex in examples if not w.done({"id": ex.id})]
+    with writer as w:
         judge_failed = 0
         if task.kind == "choice":
             run_choice(model, tok, task, todo, w, cfg, mode)
