@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from ctxaware.core.errors import CtxawareError
 from ctxaware.data import ruler
 from ctxaware.data.ruler import TASKS, make_example, string_match_all, substring_exact_match
 
@@ -153,3 +154,71 @@ def test_steering_rows_and_alpha_one_is_the_unsteered_model(tmp_path):
     ]
     assert s["chat+steer1 - chat"]["mean"] == 0.0 and "plain - chat+steer1" in s
     assert main(["ruler", "--alpha", "0.5", "--output", str(tmp_path / "x")]) == 2  # --alpha needs --steer
+
+
+def _row(task: str, i: int, cond: str, score: float, raw: float, size: int = 10) -> dict:
+    return {"task": task, "length": 1024, "index": i, "condition": cond, "score": score, "haystack_size": size,
+            "answers": [str(i)], "n_prompt_tokens": 900, "attention": {"15": {"raw": {"user": raw}}}}  # fmt: skip
+
+
+def test_compare_is_the_difference_in_differences_by_hand():
+    """Two models on the same contexts: the change in the template's cost is (B_chat - B_plain) - (A_chat -
+    A_plain) per example, averaged; pooled over tasks; an example whose prompt differs is not paired."""
+    from ctxaware.evaluation.ruler import compare, compare_markdown
+
+    a, b = [], []
+    for i in range(10):  # task x: the base loses nothing to the template, the tuned model 3 of 10
+        a += [_row("x", i, "chat+prefix", 1, 0.5), _row("x", i, "plain+prefix", 1, 0.6)]
+        b += [_row("x", i, "chat+prefix", float(i >= 3), 0.3), _row("x", i, "plain+prefix", 1, 0.6)]
+    for i in range(10):  # task y: both 50 / 50, the tuned model's chat rows swapped
+        a += [_row("y", i, "chat+prefix", i % 2, 0.5), _row("y", i, "plain+prefix", i % 2, 0.5)]
+        b += [_row("y", i, "chat+prefix", 1 - i % 2, 0.5), _row("y", i, "plain+prefix", i % 2, 0.5)]
+    b += [_row("y", 10, "chat+prefix", 0, 0.5, size=11), _row("y", 10, "plain+prefix", 1, 0.5, size=11)]
+    a += [_row("y", 10, "chat+prefix", 1, 0.5), _row("y", 10, "plain+prefix", 1, 0.5)]
+    c = compare({"base": a, "sft": b})
+    g = c["models"]["sft"]["groups"]
+    assert c["models"]["sft"]["unpaired"] == 1 and list(g) == ["x@1024", "y@1024", "all"]
+    assert g["x@1024"]["cost_ref"]["mean"] == 0 and g["x@1024"]["cost"]["mean"] == pytest.approx(-0.3)
+    assert g["x@1024"]["change_in_cost"]["mean"] == pytest.approx(-0.3)
+    assert g["x@1024"]["change chat+prefix"]["mean"] == pytest.approx(-0.3)
+    assert g["x@1024"]["change plain+prefix"]["mean"] == 0
+    # the template's raw user-share shift: base 0.5 - 0.6 = -0.1, tuned 0.3 - 0.6 = -0.3: change -0.2
+    assert g["x@1024"]["change_in_user_share_shift"]["mean"] == pytest.approx(-0.2)
+    assert g["y@1024"]["change_in_cost"]["mean"] == 0 and g["y@1024"]["change chat+prefix"]["mean"] == 0
+    assert g["all"]["change_in_cost"]["n"] == 20 and g["all"]["change_in_cost"]["mean"] == pytest.approx(
+        -0.15
+    )
+    lo, hi = g["x@1024"]["change_in_cost"]["ci_low"], g["x@1024"]["change_in_cost"]["ci_high"]
+    assert -0.7 < lo < -0.3 < hi <= 0  # 3 of 10 examples lost: the bootstrap interval reaches 0 at most
+    md = compare_markdown(c)
+    assert "### sft vs base (1 examples with different prompts not paired)" in md
+    assert (
+        "| x | 1024 | 0.0 [0.0, 0.0] | -30.0 [" in md
+        and "| y | pooled |" not in md
+        and "| all | pooled |" in md
+    )
+    with pytest.raises(CtxawareError):
+        compare({"base": a})
+
+
+def test_two_models_in_one_ruler_command_write_their_comparison(tmp_path, smollm2_tok):
+    """`ctxaware ruler --model A,B` runs both on the same prompts and writes comparison.{md,json}; a model
+    against its own copy changes nothing (every difference exactly 0)."""
+    from ctxaware.cli import main
+    from tests.conftest import tiny_llama
+
+    dirs = []
+    for name in ("base", "copy"):
+        d = tmp_path / name
+        tiny_llama().save_pretrained(d)
+        smollm2_tok.save_pretrained(d)
+        dirs.append(str(d))
+    out = tmp_path / "r"
+    assert main(["ruler", "--model", ",".join(dirs), "--tasks", "niah_single_1", "--lengths", "256", "--n", "2",
+                 "--conditions", "chat+prefix,plain+prefix", "--device", "cpu", "--output", str(out)]) == 0  # fmt: skip
+    c = json.loads((out / "comparison.json").read_text())
+    (m,) = c["models"]
+    g = c["models"][m]["groups"]["all"]
+    assert c["models"][m]["unpaired"] == 0 and g["change_in_cost"]["n"] == 2
+    assert all(g[k]["mean"] == 0 for k in g)
+    assert "change in template cost" in (out / "comparison.md").read_text()

@@ -8,7 +8,16 @@ from ctxaware.core.config import parse_config
 from ctxaware.core.distributed import dist_info
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import run_id
-from ctxaware.evaluation.ruler import RulerConfig, dump_prompts, report, run_model, summary_markdown
+from ctxaware.core.results import write_json_atomic, write_text_atomic
+from ctxaware.evaluation.ruler import (
+    RulerConfig,
+    compare,
+    compare_markdown,
+    dump_prompts,
+    report,
+    run_model,
+    summary_markdown,
+)
 
 
 def main(argv: list[str]) -> int:
@@ -20,10 +29,18 @@ def main(argv: list[str]) -> int:
     if cfg.dump_prompts:
         return dump_prompts(cfg, names)
     out = Path(cfg.output)
+    runs = {}
     for name in names:
         short, rows = run_model(cfg, name)
         if dist_info()[0] == 0:  # under a launcher rank 0 holds the merged rows
             print(summary_markdown(short, report(out, short, rows)))
-    if dist_info()[0] == 0:
-        print(f"\nresults in {out}/<model>/ (rows.jsonl, summary.json, summary.md)")
+            runs[short] = rows
+    if dist_info()[0] != 0:
+        return 0
+    print(f"\nresults in {out}/<model>/ (rows.jsonl, summary.json, summary.md)")
+    if len(runs) > 1:  # every later model against the first on the same contexts
+        cmp = compare(runs)
+        write_json_atomic(out / "comparison.json", cmp)
+        write_text_atomic(out / "comparison.md", compare_markdown(cmp) + "\n")
+        print("\n" + compare_markdown(cmp) + f"\n\ncomparison in {out}/comparison.md (and .json)")
     return 0

@@ -28,7 +28,7 @@ from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import middle_layer, run_id
 from ctxaware.core.provenance import model_about
 from ctxaware.core.results import ResultsWriter, write_json_atomic, write_text_atomic
-from ctxaware.core.stats import fmt, summarize, summarize_proportion
+from ctxaware.core.stats import fmt, markdown_table, summarize, summarize_proportion
 from ctxaware.data import ruler
 from ctxaware.data.needle import apply_chat_template_choice, haystack_files, load_haystack
 from ctxaware.rendering.chat import render, with_empty_system
@@ -304,6 +304,86 @@ def summary_markdown(model: str, s: dict) -> str:
         for pair, d in e["paired"].items():
             lines.append(f"| {task} | {length} | {pair} | {fmt(d)} | {d['n']} |")
     return "\n".join(lines)
+
+
+def _same_context(a: dict, b: dict) -> bool:
+    """Two models' rows hold the same prompt: the same haystack size, needles and prompt length (the
+    examples are deterministic from the seed, so identical tokenizers and templates give identical ids)."""
+    return all(a[k] == b[k] for k in ("haystack_size", "answers", "n_prompt_tokens"))
+
+
+def compare(runs: dict[str, list[dict]], pair: tuple[str, str] = PAIRS[0]) -> dict:
+    """Each later model against the first on the same contexts: per task and length, and pooled over
+    them, ``template cost`` = score(pair[0]) - score(pair[1]) of each model and its change ``B - A`` (the
+    difference in differences: did the template cost more after tuning?), the change of each condition's
+    score, and the change of the template's shift of the raw user share; paired bootstrap over examples
+    (the unit is one example: one haystack and its needles, in both models). Examples whose prompts differ
+    between the models (another tokenizer or template) are not paired and are counted in ``unpaired``."""
+    names = list(runs)
+    if len(names) < 2:
+        raise CtxawareError("compare needs the rows of two or more models")
+    index = {
+        m: {(r["task"], r["length"], r["index"], r["condition"]): r for r in rs} for m, rs in runs.items()
+    }
+    c, p = pair
+
+    def raw(r: dict) -> float | None:
+        att = r.get("attention")
+        return next(iter(att.values()))["raw"]["user"] if att else None
+
+    out: dict = {"reference": names[0], "pair": f"{c} - {p}", "models": {}}
+    for m in names[1:]:
+        a, b = index[names[0]], index[m]
+        cells = sorted({k[:3] for k in a if (k[:3] + (c,)) in a and (k[:3] + (p,)) in a})
+        groups: dict[str, dict[str, list]] = {}
+        unpaired = 0
+        for key in cells:
+            kc, kp = key + (c,), key + (p,)
+            if kc not in b or kp not in b:
+                continue
+            if not (_same_context(a[kc], b[kc]) and _same_context(a[kp], b[kp])):
+                unpaired += 1
+                continue
+            ac, ap, bc, bp = a[kc], a[kp], b[kc], b[kp]
+            vals = {
+                "cost_ref": ac["score"] - ap["score"], "cost": bc["score"] - bp["score"],
+                "change_in_cost": (bc["score"] - bp["score"]) - (ac["score"] - ap["score"]),
+                f"change {c}": bc["score"] - ac["score"], f"change {p}": bp["score"] - ap["score"],
+            }  # fmt: skip
+            shares = [raw(x) for x in (ac, ap, bc, bp)]
+            if None not in shares:
+                vals["change_in_user_share_shift"] = (shares[2] - shares[3]) - (shares[0] - shares[1])
+            for g in (f"{key[0]}@{key[1]}", "all"):
+                for k, v in vals.items():
+                    groups.setdefault(g, {}).setdefault(k, []).append(v)
+        out["models"][m] = {
+            "unpaired": unpaired,
+            "groups": {g: {k: summarize(v) for k, v in d.items()} for g, d in sorted(groups.items(), key=lambda x: x[0] == "all")},
+        }  # fmt: skip
+    return out
+
+
+def compare_markdown(cmp: dict) -> str:
+    """The comparison as one Markdown table per later model (points; raw user share in share units)."""
+    parts = []
+    for m, e in cmp["models"].items():
+        if not e["groups"]:
+            parts.append(f"### {m} vs {cmp['reference']}\n\nno example is paired: {e['unpaired']} have different "
+                         "prompts (another tokenizer or chat template), the rest lack a condition")  # fmt: skip
+            continue
+        rows = []
+        for g, d in e["groups"].items():
+            task, _, length = g.partition("@")
+            shift = d.get("change_in_user_share_shift")
+            rows.append([task, length or "pooled", fmt(d["cost_ref"]), fmt(d["cost"]), fmt(d["change_in_cost"]),
+                         *(fmt(v) for k, v in d.items() if k.startswith("change ")),
+                         fmt(shift, pct=False, digits=3) if shift else "-", d["cost"]["n"]])  # fmt: skip
+        header = ["task", "length", f"{cmp['reference']}: {cmp['pair']}", f"{m}: {cmp['pair']}",
+                  "change in template cost", *(k for k in next(iter(e["groups"].values())) if k.startswith("change ")),
+                  "change in the template's raw user-share shift", "n"]  # fmt: skip
+        note = f" ({e['unpaired']} examples with different prompts not paired)" if e["unpaired"] else ""
+        parts.append(f"### {m} vs {cmp['reference']}{note}\n\n" + markdown_table(header, rows))
+    return "\n\n".join(parts)
 
 
 def dump_prompts(cfg: RulerConfig, names: list[str]) -> int:
