@@ -158,7 +158,7 @@ def test_steering_rows_and_alpha_one_is_the_unsteered_model(tmp_path):
 
 def _row(task: str, i: int, cond: str, score: float, raw: float, size: int = 10) -> dict:
     return {"task": task, "length": 1024, "index": i, "condition": cond, "score": score, "haystack_size": size,
-            "answers": [str(i)], "n_prompt_tokens": 900, "attention": {"15": {"raw": {"user": raw}}}}  # fmt: skip
+            "answers": [str(i)], "n_prompt_tokens": 900, "attention": {"15": {"raw": {"user": raw}, "sink_excluded": {"user": raw}}}}  # fmt: skip
 
 
 def test_compare_is_the_difference_in_differences_by_hand():
@@ -222,3 +222,22 @@ def test_two_models_in_one_ruler_command_write_their_comparison(tmp_path, smollm
     assert c["models"][m]["unpaired"] == 0 and g["change_in_cost"]["n"] == 2
     assert all(g[k]["mean"] == 0 for k in g)
     assert "change in template cost" in (out / "comparison.md").read_text()
+
+
+def test_summary_pools_the_tasks_of_each_length_by_hand():
+    """``all@length`` pools every task's examples at that length (each example one unit, keyed by task and
+    index, so index 0 of two tasks are two examples)."""
+    from ctxaware.evaluation.ruler import summary
+
+    rows = []
+    for i in range(10):
+        rows += [_row("x", i, "chat+prefix", float(i < 2), 0.5), _row("x", i, "plain+prefix", 1, 0.6)]
+        rows += [_row("y", i, "chat+prefix", 1, 0.5), _row("y", i, "plain+prefix", 1, 0.6)]
+    s = summary(rows)
+    assert list(s) == ["x@1024", "y@1024", "all@1024"]
+    assert s["x@1024"]["paired"]["chat+prefix - plain+prefix"]["mean"] == pytest.approx(-0.8)
+    pooled = s["all@1024"]
+    assert pooled["paired"]["chat+prefix - plain+prefix"]["n"] == 20
+    assert pooled["paired"]["chat+prefix - plain+prefix"]["mean"] == pytest.approx(-0.4)
+    assert pooled["conditions"]["chat+prefix"]["score"]["mean"] == pytest.approx(0.6)
+    assert "all@1024" not in summary([r for r in rows if r["task"] == "x"])

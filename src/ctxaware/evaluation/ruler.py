@@ -252,35 +252,40 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
 
 
 def summary(rows: list[dict]) -> dict:
-    """Per task and length: each condition's mean score with its interval and mean user share (sink
-    excluded), and the paired differences over the same examples."""
+    """Per task and length (``task@length``), and pooled over the tasks of each length (``all@length``, when
+    there are several): each condition's mean score with its interval and mean user shares, and the paired
+    differences over the same examples (the unit is one example: one haystack and its needles)."""
     out: dict = {}
-    groups = sorted({(r["task"], r["length"]) for r in rows})
-    for task, length in groups:
-        by = {}
-        for r in rows:
-            if (r["task"], r["length"]) == (task, length):
-                by.setdefault(r["condition"], {})[r["index"]] = r
-        entry: dict = {"conditions": {}, "paired": {}}
-        for c, rs in by.items():
-            scores = [rs[i]["score"] for i in sorted(rs)]
-            att = [next(iter(rs[i]["attention"].values())) for i in sorted(rs) if rs[i].get("attention")]
-            user = [a["sink_excluded"]["user"] for a in att]
-            raw = [a["raw"]["user"] for a in att]
-            entry["conditions"][c] = {"score": summarize_proportion(scores),
-                                      "user_share": summarize(user) if user else None,
-                                      "raw_user_share": summarize(raw) if raw else None,
-                                      "mean_prompt_tokens": sum(rs[i]["n_prompt_tokens"] for i in rs) / len(rs)}  # fmt: skip
-        pairs = list(PAIRS) + [(c, c.split("+steer")[0]) for c in by if "+steer" in c]
-        pairs += [(c.split("+steer")[0].replace("chat", "plain", 1), c) for c in by if "+steer" in c]
-        for a, b in pairs:
-            if a in by and b in by:
-                common = sorted(set(by[a]) & set(by[b]))
-                entry["paired"][f"{a} - {b}"] = summarize(
-                    [by[a][i]["score"] - by[b][i]["score"] for i in common]
-                )
-        out[f"{task}@{length}"] = entry
+    for task, length in sorted({(r["task"], r["length"]) for r in rows}):
+        out[f"{task}@{length}"] = _entry([r for r in rows if (r["task"], r["length"]) == (task, length)])
+    for length in sorted({r["length"] for r in rows}):
+        same = [r for r in rows if r["length"] == length]
+        if len({r["task"] for r in same}) > 1:
+            out[f"all@{length}"] = _entry(same)
     return out
+
+
+def _entry(rows: list[dict]) -> dict:
+    by: dict[str, dict] = {}
+    for r in rows:
+        by.setdefault(r["condition"], {})[(r["task"], r["index"])] = r
+    entry: dict = {"conditions": {}, "paired": {}}
+    for c, rs in by.items():
+        scores = [rs[i]["score"] for i in sorted(rs)]
+        att = [next(iter(rs[i]["attention"].values())) for i in sorted(rs) if rs[i].get("attention")]
+        user = [a["sink_excluded"]["user"] for a in att]
+        raw = [a["raw"]["user"] for a in att]
+        entry["conditions"][c] = {"score": summarize_proportion(scores),
+                                  "user_share": summarize(user) if user else None,
+                                  "raw_user_share": summarize(raw) if raw else None,
+                                  "mean_prompt_tokens": sum(rs[i]["n_prompt_tokens"] for i in rs) / len(rs)}  # fmt: skip
+    pairs = list(PAIRS) + [(c, c.split("+steer")[0]) for c in by if "+steer" in c]
+    pairs += [(c.split("+steer")[0].replace("chat", "plain", 1), c) for c in by if "+steer" in c]
+    for a, b in pairs:
+        if a in by and b in by:
+            common = sorted(set(by[a]) & set(by[b]))
+            entry["paired"][f"{a} - {b}"] = summarize([by[a][i]["score"] - by[b][i]["score"] for i in common])
+    return entry
 
 
 def summary_markdown(model: str, s: dict) -> str:
