@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -300,6 +301,8 @@ def test_two_processes_give_the_one_process_allocation_byte_for_byte(tmp_path, s
         assert (
             f"smollm2-135m-instruct-plain: rank {rank} of 2 computes {3 - rank} of the 5 items" in res.stdout
         )
+        n = 5 - rank  # prompts of this rank's batches (2+2+1 on rank 0, 2+2 on rank 1): its bar ends full
+        assert re.search(rf"\[rank {rank}/2\]: 100%[^\r\n]*\| {n}/{n} \[", res.stderr), res.stderr[-2000:]
     assert len((one / "rows.jsonl").read_text().splitlines()) == 18  # 9 cells x 2 conditions
     for f in ("rows.jsonl", "allocation.json", "layers.json"):
         assert (two / f).read_bytes() == (one / f).read_bytes(), f

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ctxaware.attention.intercept import capture_attention
 from ctxaware.core.config import ModelConfig, overwrite_option, to_dict
+from ctxaware.core.distributed import dist_info, shard_tensors
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import model_shape
 from ctxaware.data import needle  # NIH prompt construction (imports no attention module)
@@ -97,7 +98,11 @@ def role_allocation(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
+    rank, world = dist_info() if shard is not None else (0, 1)
+    mine = range(rank, len(batches), max(world, 1))  # under a launch this rank computes these batches
+    if desc is not None and world > 1:
+        desc = f"{desc} [rank {rank}/{world}]"
+    bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, unit="prompt", disable=desc is None)
 
     def one(b: int) -> torch.Tensor:  # (B, L, H, 5): each prompt of batch b, averaged over its queries
         idx = batches[b]
@@ -112,8 +117,6 @@ def role_allocation(
     if shard is None:
         parts = [one(b) for b in range(len(batches))]
     else:
-        from ctxaware.core.distributed import shard_tensors
-
         parts = shard_tensors(shard[0], shard[1], len(batches), one)
     bar.close()
     if parts is None:
