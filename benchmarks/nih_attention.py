@@ -37,6 +37,14 @@ def alternate(run, repeats: int) -> tuple[float, float]:
     return times[False] / (2 * repeats), times[True] / (2 * repeats)
 
 
+def verdict(off: float, on: float) -> str:
+    """The benchmark's closing words: both mean times, their ratio against the goal, and the CPU load."""
+    return (
+        f"without attention {off:.1f} s, with attention {on:.1f} s = {on / off:.3f}x (goal <= 1.1x); "
+        f"outputs identical; load average {os.getloadavg()[0]:.1f}"
+    )
+
+
 def engine_level(a, model, tok) -> None:
     """The same comparison one level down: `generate` on the rendered prompts, with and without
     ``prefill_context``; outputs compared token for token."""
@@ -98,8 +106,7 @@ def main() -> None:
         off, on = alternate(run, a.repeats)
     print(
         f"NIH {n_rows} tests ({a.lengths} tokens x depths {a.depths}, chat+plain, 50 new tokens), layers {a.layers}: "
-        f"without attention {off:.1f} s, with attention {on:.1f} s = {on / off:.3f}x (goal <= 1.1x); "
-        f"outputs identical; load average {os.getloadavg()[0]:.1f}"
+        + verdict(off, on)
     )
 
 

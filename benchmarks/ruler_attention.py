@@ -16,7 +16,7 @@ import os
 import tempfile
 
 import torch
-from nih_attention import alternate  # benchmarks/ is the script's directory, first on sys.path
+from nih_attention import alternate, verdict  # benchmarks/ is the script's directory, first on sys.path
 
 from ctxaware.core.models import load_model
 from ctxaware.evaluation import ruler
@@ -54,8 +54,7 @@ def main() -> None:
         off, on = alternate(run, a.repeats)
     print(
         f"ruler {a.task} at {a.length} tokens, {n_rows} rows ({a.n} examples x 4 conditions), attention layer "
-        f"{layer}: without attention {off:.1f} s, with attention {on:.1f} s = {on / off:.3f}x (goal <= 1.1x); "
-        f"outputs identical; load average {os.getloadavg()[0]:.1f}"
+        f"{layer}: " + verdict(off, on)
     )
 
 
