@@ -222,6 +222,11 @@ def test_two_models_in_one_ruler_command_write_their_comparison(tmp_path, smollm
     assert c["models"][m]["unpaired"] == 0 and g["change_in_cost"]["n"] == 2
     assert all(g[k]["mean"] == 0 for k in g)
     assert "change in template cost" in (out / "comparison.md").read_text()
+    from ctxaware.reporting.report import write_report
+
+    md = write_report([out], tmp_path / "r.html").with_suffix(".md").read_text()
+    assert "RULER-class retrieval, model against model: r" in md and "change in template cost" in md
+    assert "Table 4" not in md  # not taken for the experiment's comparison.json
 
 
 def test_summary_pools_the_tasks_of_each_length_by_hand():

@@ -368,27 +368,37 @@ def compare(runs: dict[str, list[dict]], pair: tuple[str, str] = PAIRS[0]) -> di
     return out
 
 
-def compare_markdown(cmp: dict) -> str:
-    """The comparison as one Markdown table per later model (points; raw user share in share units)."""
-    parts = []
+def compare_tables(cmp: dict) -> list[tuple[str, list[str], list[list]]]:
+    """``(title, header, rows)`` per later model (points; raw user share in share units); no rows when no
+    example is paired (the title says why)."""
+    out = []
     for m, e in cmp["models"].items():
+        title = f"{m} vs {cmp['reference']}"
         if not e["groups"]:
-            parts.append(f"### {m} vs {cmp['reference']}\n\nno example is paired: {e['unpaired']} have different "
-                         "prompts (another tokenizer or chat template), the rest lack a condition")  # fmt: skip
+            out.append((f"{title}: no example is paired ({e['unpaired']} have different prompts: another "
+                        "tokenizer or chat template; the rest lack a condition)", [], []))  # fmt: skip
             continue
+        changes = [k for k in next(iter(e["groups"].values())) if k.startswith("change ")]
         rows = []
         for g, d in e["groups"].items():
             task, _, length = g.partition("@")
             shift = d.get("change_in_user_share_shift")
             rows.append([task, length or "pooled", fmt(d["cost_ref"]), fmt(d["cost"]), fmt(d["change_in_cost"]),
-                         *(fmt(v) for k, v in d.items() if k.startswith("change ")),
-                         fmt(shift, pct=False, digits=3) if shift else "-", d["cost"]["n"]])  # fmt: skip
+                         *(fmt(d[k]) for k in changes), fmt(shift, pct=False, digits=3) if shift else "-",
+                         d["cost"]["n"]])  # fmt: skip
         header = ["task", "length", f"{cmp['reference']}: {cmp['pair']}", f"{m}: {cmp['pair']}",
-                  "change in template cost", *(k for k in next(iter(e["groups"].values())) if k.startswith("change ")),
-                  "change in the template's raw user-share shift", "n"]  # fmt: skip
+                  "change in template cost", *changes, "change in the template's raw user-share shift", "n"]  # fmt: skip
         note = f" ({e['unpaired']} examples with different prompts not paired)" if e["unpaired"] else ""
-        parts.append(f"### {m} vs {cmp['reference']}{note}\n\n" + markdown_table(header, rows))
-    return "\n\n".join(parts)
+        out.append((title + note, header, rows))
+    return out
+
+
+def compare_markdown(cmp: dict) -> str:
+    """`compare_tables` as Markdown, one section per later model."""
+    return "\n\n".join(
+        f"### {title}" + (f"\n\n{markdown_table(header, rows)}" if rows else "")
+        for title, header, rows in compare_tables(cmp)
+    )
 
 
 def dump_prompts(cfg: RulerConfig, names: list[str]) -> int:

@@ -162,7 +162,13 @@ def classify(d: Path, figs: rs.Figs) -> tuple[list[rs.Section], set[str], bool]:
         used |= names & {"train_summary.json", "train_config.json", "context_reliance.png"}
         owns = True
     if "comparison.json" in names:
-        out.append(_safe(d, rs.experiment, d, figs))
+        cmp = rs.load_json(d / "comparison.json")
+        if isinstance(cmp, dict) and {"reference", "pair", "models"} <= set(
+            cmp
+        ):  # ctxaware ruler --model A,B
+            out.append(_safe(d, rs.ruler_comparison, d, figs))
+        else:
+            out.append(_safe(d, rs.experiment, d, figs))
         used |= {"comparison.json", "context_reliance.png"}
     heads = [d / f for f in sorted(names - used) if f.endswith(".json") and _is_heads(d / f)]
     if heads:

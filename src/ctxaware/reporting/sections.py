@@ -346,6 +346,23 @@ def ruler(d: Path, figs: Figs) -> Section:
     return s
 
 
+def ruler_comparison(d: Path, figs: Figs) -> Section:
+    """`ctxaware ruler --model A,B`: each later model's template cost against the first's, same contexts."""
+    from ctxaware.evaluation.ruler import compare_tables
+
+    cmp = load_json(d / "comparison.json") or {}
+    s = Section("ruler", f"RULER-class retrieval, model against model: {d.name}", d)
+    s.p(f"Every later model against {cmp['reference']} on the same contexts: the template's cost "
+        f"({cmp['pair']}) of each, its change (the difference in differences) and each condition's change, in "
+        "points with a paired bootstrap over the examples; the change of the template's shift of the raw user "
+        "share, in share units.")  # fmt: skip
+    for title, header, rows in compare_tables(cmp):
+        s.p(title)
+        if rows:
+            s.table(header, rows)
+    return s
+
+
 # --------------------------------------------------------------------------- training and evaluation
 
 
