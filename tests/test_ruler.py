@@ -246,3 +246,24 @@ def test_summary_pools_the_tasks_of_each_length_by_hand():
     assert pooled["paired"]["chat+prefix - plain+prefix"]["mean"] == pytest.approx(-0.4)
     assert pooled["conditions"]["chat+prefix"]["score"]["mean"] == pytest.approx(0.6)
     assert "all@1024" not in summary([r for r in rows if r["task"] == "x"])
+
+
+def test_a_length_past_the_window_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """SmolLM2-135M's window is 8,192 tokens: --lengths 9000 exits 2 with one line, from the tokenizer's
+    config alone (no model load), and writes nothing; --dump-prompts refuses it too."""
+    from ctxaware.cli import main
+    from ctxaware.core import config
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(config.ModelConfig, "load", no_load)
+    out = tmp_path / "r"
+    for extra in ([], ["--dump-prompts", str(tmp_path / "p.jsonl")]):
+        assert main(["ruler", "--tasks", "vt", "--lengths", "1024,9000", "--output", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            err.count("\n") == 0
+            and "--lengths 9000: longer than smollm2-135m-instruct's window of 8192" in err
+        )
+    assert not out.exists() and not (tmp_path / "p.jsonl").exists()

@@ -30,7 +30,7 @@ from ctxaware.core.provenance import model_about
 from ctxaware.core.results import ResultsWriter, write_json_atomic, write_text_atomic
 from ctxaware.core.stats import fmt, markdown_table, summarize, summarize_proportion
 from ctxaware.data import ruler
-from ctxaware.data.needle import apply_chat_template_choice, haystack_files, load_haystack
+from ctxaware.data.needle import apply_chat_template_choice, default_window, haystack_files, load_haystack
 from ctxaware.rendering.chat import render, with_empty_system
 from ctxaware.rendering.generate import generate
 
@@ -133,6 +133,14 @@ def render_condition(ex: ruler.RulerExample, tok, condition: str, system: str = 
     return render(msgs, tok, "plain", response_prefix=" " + ex.answer_prefix, prefix_separator="")
 
 
+def check_window(cfg: RulerConfig, window: int, name: str) -> None:
+    """RULER's lengths run up to the model's window, not past it: a longer one is refused in one line."""
+    too_long = [n for n in cfg.lengths if n > window]
+    if too_long:
+        raise CtxawareError(f"--lengths {','.join(map(str, too_long))}: longer than {name}'s window of {window} "
+                            f"tokens (max_position_embeddings); give lengths up to {window}")  # fmt: skip
+
+
 def build_examples(cfg: RulerConfig, tok) -> list[tuple[ruler.RulerExample, int, dict]]:
     """``(example, length, {condition: Rendered})`` for every task, length and index; the haystack size is
     the largest whose longest rendering plus the new tokens fits the length."""
@@ -177,9 +185,12 @@ KEYS = ("task", "length", "index", "condition")
 
 def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
     """Run (or resume) every task, length, example and condition for one model: ``output/<run id>/rows.jsonl``."""
-    model, tok = cfg.load(name)
-    apply_chat_template_choice(tok, cfg.chat_template)
     short = run_id(name)
+    tok = cfg.load_tokenizer(name)
+    check_window(cfg, default_window(tok), short)  # before the model loads and before any file is written
+    model, tok = cfg.load(name)
+    check_window(cfg, getattr(model.config, "max_position_embeddings", 0) or 10**9, short)
+    apply_chat_template_choice(tok, cfg.chat_template)
     examples = build_examples(cfg, tok)
     run_dir = Path(cfg.output) / short
     about = model_about(model, tok)
@@ -408,6 +419,7 @@ def dump_prompts(cfg: RulerConfig, names: list[str]) -> int:
     rows = []
     for name in names:
         tok = cfg.load_tokenizer(name)
+        check_window(cfg, default_window(tok), run_id(name))
         apply_chat_template_choice(tok, cfg.chat_template)
         for ex, length, rs in build_examples(cfg, tok):
             rows += [{"model": run_id(name), "task": ex.task, "length": length, "index": ex.index, "condition": c,
