@@ -1,0 +1,62 @@
+"""The RULER length table of docs/ruler.md: per task, chat+prefix and plain+prefix scores and their paired
+difference at each length, and over all lengths, from the rows of one or more `ctxaware ruler` runs of one
+model.
+
+    python docs/ruler/lengths.py runs/ruler_smollm2 runs/ruler_smollm2_2k runs/ruler_smollm2_4k
+
+Each example (one haystack and its needles) is one unit of the paired bootstrap. Runs with another --seed
+add new examples; a (task, length, seed) already read from an earlier run is not read again (the same
+contexts). Rows whose condition is not in the pair are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ctxaware.core.results import read_jsonl
+from ctxaware.core.stats import fmt, markdown_table
+from ctxaware.evaluation.ruler import summary
+
+PAIR = ("chat+prefix", "plain+prefix")
+
+
+def load(dirs: list[str]) -> list[dict]:
+    rows, seen = [], set()
+    for k, d in enumerate(dirs):
+        for f in sorted(Path(d).glob("*/rows.jsonl")):
+            seed = json.loads((f.parent / "meta.json").read_text())["config"]["seed"]
+            got = [r for r in read_jsonl(f) if r["condition"] in PAIR]
+            new = [r for r in got if (r["task"], r["length"], seed) not in seen]
+            seen |= {(r["task"], r["length"], seed) for r in got}
+            rows += [{**r, "index": f"{k}:{r['index']}"} for r in new]  # examples of two runs stay two
+    return rows
+
+
+def cell(e: dict | None) -> str:
+    if e is None or set(PAIR) - set(e["conditions"]):
+        return "-"
+    c, p = (e["conditions"][x]["score"]["mean"] * 100 for x in PAIR)
+    d = e["paired"][f"{PAIR[0]} - {PAIR[1]}"]
+    return f"{c:.0f} / {p:.0f}: {fmt(d)} (n={d['n']})"
+
+
+def main(dirs: list[str]) -> None:
+    rows = load(dirs)
+    by_length = summary(rows)
+    over = summary([{**r, "length": "all"} for r in rows])  # every length pooled, per task and over tasks
+    lengths = sorted({r["length"] for r in rows})
+    table = [
+        [t, *(cell(by_length.get(f"{t}@{n}")) for n in lengths), cell(over.get(f"{t}@all"))]
+        for t in sorted({r["task"] for r in rows}) + ["all"]
+    ]
+    header = ["task", *(f"{n} tokens" for n in lengths), "all lengths"]
+    print(
+        "chat+prefix / plain+prefix %: chat+prefix - plain+prefix in points [95% paired bootstrap CI] (n)\n"
+    )
+    print(markdown_table(header, table))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
