@@ -245,6 +245,8 @@ def test_summary_pools_the_tasks_of_each_length_by_hand():
     assert pooled["paired"]["chat+prefix - plain+prefix"]["n"] == 20
     assert pooled["paired"]["chat+prefix - plain+prefix"]["mean"] == pytest.approx(-0.4)
     assert pooled["conditions"]["chat+prefix"]["score"]["mean"] == pytest.approx(0.6)
+    shift = pooled["paired_raw_user_share"]["chat+prefix - plain+prefix"]  # 0.5 - 0.6 on every example
+    assert shift["mean"] == pytest.approx(-0.1) and shift["n"] == 20
     assert "all@1024" not in summary([r for r in rows if r["task"] == "x"])
 
 

@@ -296,7 +296,17 @@ def _entry(rows: list[dict]) -> dict:
         if a in by and b in by:
             common = sorted(set(by[a]) & set(by[b]))
             entry["paired"][f"{a} - {b}"] = summarize([by[a][i]["score"] - by[b][i]["score"] for i in common])
+            shift = [_raw_user(by[a][i]) - _raw_user(by[b][i]) for i in common  # type: ignore[operator]
+                     if _raw_user(by[a][i]) is not None and _raw_user(by[b][i]) is not None]  # fmt: skip
+            if shift:  # the same pair's difference of the last token's raw user share (share units)
+                entry.setdefault("paired_raw_user_share", {})[f"{a} - {b}"] = summarize(shift)
     return entry
+
+
+def _raw_user(r: dict) -> float | None:
+    """A row's raw attention share on user tokens at its analysis layer (None without attention)."""
+    att = r.get("attention")
+    return next(iter(att.values()))["raw"]["user"] if att else None
 
 
 def summary_markdown(model: str, s: dict) -> str:
@@ -312,13 +322,16 @@ def summary_markdown(model: str, s: dict) -> str:
             )
     lines += [
         "",
-        "| task | length | paired difference | points [95% paired bootstrap CI] | n |",
-        "|---|---|---|---|---|",
+        "| task | length | paired difference | points [95% paired bootstrap CI] | raw user share difference [95% CI] | n |",
+        "|---|---|---|---|---|---|",
     ]
     for key, e in s.items():
         task, length = key.split("@")
         for pair, d in e["paired"].items():
-            lines.append(f"| {task} | {length} | {pair} | {fmt(d)} | {d['n']} |")
+            att = e.get("paired_raw_user_share", {}).get(pair)
+            lines.append(
+                f"| {task} | {length} | {pair} | {fmt(d)} | {fmt(att, pct=False, digits=3) if att else '-'} | {d['n']} |"
+            )
     return "\n".join(lines)
 
 
@@ -343,10 +356,6 @@ def compare(runs: dict[str, list[dict]], pair: tuple[str, str] = PAIRS[0]) -> di
     }
     c, p = pair
 
-    def raw(r: dict) -> float | None:
-        att = r.get("attention")
-        return next(iter(att.values()))["raw"]["user"] if att else None
-
     out: dict = {"reference": names[0], "pair": f"{c} - {p}", "models": {}}
     for m in names[1:]:
         a, b = index[names[0]], index[m]
@@ -366,7 +375,7 @@ def compare(runs: dict[str, list[dict]], pair: tuple[str, str] = PAIRS[0]) -> di
                 "change_in_cost": (bc["score"] - bp["score"]) - (ac["score"] - ap["score"]),
                 f"change {c}": bc["score"] - ac["score"], f"change {p}": bp["score"] - ap["score"],
             }  # fmt: skip
-            shares = [raw(x) for x in (ac, ap, bc, bp)]
+            shares = [_raw_user(x) for x in (ac, ap, bc, bp)]
             if None not in shares:
                 vals["change_in_user_share_shift"] = (shares[2] - shares[3]) - (shares[0] - shares[1])
             for g in (f"{key[0]}@{key[1]}", "all"):

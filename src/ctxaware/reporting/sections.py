@@ -341,8 +341,10 @@ def ruler(d: Path, figs: Figs) -> Section:
                 [task, length, c, fmt(v["score"]), "-" if raw is None else f"{raw:.3f}", v["score"]["n"]]
             )
     s.table(["task", "length", "condition", "score % [95% CI]", "raw user share", "n"], rows)
-    s.table(["task", "length", "paired difference", "points [95% CI]", "n"],
-            [[*k.split("@"), pair, fmt(dd), dd["n"]] for k, e in summ.items() for pair, dd in e["paired"].items()])  # fmt: skip
+    att = lambda e, pair: e.get("paired_raw_user_share", {}).get(pair)  # noqa: E731
+    s.table(["task", "length", "paired difference", "points [95% CI]", "raw user share difference [95% CI]", "n"],
+            [[*k.split("@"), pair, fmt(dd), fmt(att(e, pair), pct=False, digits=3) if att(e, pair) else "-", dd["n"]]
+             for k, e in summ.items() for pair, dd in e["paired"].items()])  # fmt: skip
     return s
 
 
