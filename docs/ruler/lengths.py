@@ -56,6 +56,12 @@ def main(dirs: list[str]) -> None:
         "chat+prefix / plain+prefix %: chat+prefix - plain+prefix in points [95% paired bootstrap CI] (n)\n"
     )
     print(markdown_table(header, table))
+    pair = f"{PAIR[0]} - {PAIR[1]}"
+    shift = lambda e: (e or {}).get("paired_raw_user_share", {}).get(pair) or {}  # noqa: E731
+    att = [[n, fmt(shift(by_length.get(f"all@{n}")), pct=False, digits=3)] for n in lengths]
+    att.append(["all lengths", fmt(shift(over.get("all@all")), pct=False, digits=3)])
+    print("\nThe template's shift of the last token's raw user share, all tasks (share units, paired CI)\n")
+    print(markdown_table(["length", pair], att))
 
 
 if __name__ == "__main__":
