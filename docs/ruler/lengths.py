@@ -4,9 +4,9 @@ model.
 
     python docs/ruler/lengths.py runs/ruler_smollm2 runs/ruler_smollm2_2k runs/ruler_smollm2_4k
 
-Each example (one haystack and its needles) is one unit of the paired bootstrap. Runs with another --seed
-add new examples; a (task, length, seed) already read from an earlier run is not read again (the same
-contexts). Rows whose condition is not in the pair are ignored.
+Each example (one haystack and its needles) is one unit of the paired bootstrap. An example is its task,
+length, --seed and index: runs with another seed or more examples add new ones, and one already read from
+an earlier run (the same context) is not read again. Rows whose condition is not in the pair are ignored.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ PAIR = ("chat+prefix", "plain+prefix")
 
 def load(dirs: list[str]) -> list[dict]:
     rows, seen = [], set()
-    for k, d in enumerate(dirs):
+    for d in dirs:
         for f in sorted(Path(d).glob("*/rows.jsonl")):
             seed = json.loads((f.parent / "meta.json").read_text())["config"]["seed"]
-            got = [r for r in read_jsonl(f) if r["condition"] in PAIR]
-            new = [r for r in got if (r["task"], r["length"], seed) not in seen]
-            seen |= {(r["task"], r["length"], seed) for r in got}
-            rows += [{**r, "index": f"{k}:{r['index']}"} for r in new]  # examples of two runs stay two
+            got = [{**r, "index": f"{r['length']}:{seed}:{r['index']}"} for r in read_jsonl(f) if r["condition"] in PAIR]
+            rows += [r for r in got if (r["task"], r["length"], r["index"]) not in seen]
+            seen |= {(r["task"], r["length"], r["index"]) for r in got}
     return rows
 
 
