@@ -27,7 +27,11 @@ def load(dirs: list[str]) -> list[dict]:
     for d in dirs:
         for f in sorted(Path(d).glob("*/rows.jsonl")):
             seed = json.loads((f.parent / "meta.json").read_text())["config"]["seed"]
-            got = [{**r, "index": f"{r['length']}:{seed}:{r['index']}"} for r in read_jsonl(f) if r["condition"] in PAIR]
+            got = [
+                {**r, "index": f"{r['length']}:{seed}:{r['index']}"}
+                for r in read_jsonl(f)
+                if r["condition"] in PAIR
+            ]
             rows += [r for r in got if (r["task"], r["length"], r["index"]) not in seen]
             seen |= {(r["task"], r["length"], r["index"]) for r in got}
     return rows
