@@ -99,7 +99,7 @@ def role_allocation(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
     rank, world = dist_info() if shard is not None else (0, 1)
-    mine = range(rank, len(batches), max(world, 1))  # under a launch this rank computes these batches
+    mine = range(rank, len(batches), world)  # under a launch this rank computes these batches
     if desc is not None and world > 1:
         desc = f"{desc} [rank {rank}/{world}]"
     bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, unit="prompt", disable=desc is None)

@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
     print(f"\nresults in {out}/<model>/ (rows.jsonl, summary.json, summary.md)")
     if len(runs) > 1:  # every later model against the first on the same contexts
         cmp = compare(runs)
+        md = compare_markdown(cmp)
         write_json_atomic(out / "comparison.json", cmp)
-        write_text_atomic(out / "comparison.md", compare_markdown(cmp) + "\n")
-        print("\n" + compare_markdown(cmp) + f"\n\ncomparison in {out}/comparison.md (and .json)")
+        write_text_atomic(out / "comparison.md", md + "\n")
+        print(f"\n{md}\n\ncomparison in {out}/comparison.md (and .json)")
     return 0

@@ -296,8 +296,8 @@ def _entry(rows: list[dict]) -> dict:
         if a in by and b in by:
             common = sorted(set(by[a]) & set(by[b]))
             entry["paired"][f"{a} - {b}"] = summarize([by[a][i]["score"] - by[b][i]["score"] for i in common])
-            shift = [_raw_user(by[a][i]) - _raw_user(by[b][i]) for i in common  # type: ignore[operator]
-                     if _raw_user(by[a][i]) is not None and _raw_user(by[b][i]) is not None]  # fmt: skip
+            shares = [(_raw_user(by[a][i]), _raw_user(by[b][i])) for i in common]
+            shift = [x - y for x, y in shares if x is not None and y is not None]
             if shift:  # the same pair's difference of the last token's raw user share (share units)
                 entry.setdefault("paired_raw_user_share", {})[f"{a} - {b}"] = summarize(shift)
     return entry
