@@ -269,3 +269,61 @@ def test_a_length_past_the_window_is_refused_before_the_model_loads(tmp_path, ca
             and "--lengths 9000: longer than smollm2-135m-instruct's window of 8192" in err
         )
     assert not out.exists() and not (tmp_path / "p.jsonl").exists()
+
+
+def _lengths_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "ruler" / "lengths.py"
+    spec = importlib.util.spec_from_file_location("ruler_lengths", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_dir(root, seed, rows):
+    d = root / "m"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"config": {"seed": seed}}))
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)
+
+
+def _row(task, length, index, condition, score, user, layer="11"):
+    att = {layer: {"raw": {"user": user}, "sink_excluded": {"user": user}}}
+    return {"task": task, "length": length, "index": index, "condition": condition, "score": score,
+            "n_prompt_tokens": 10, "attention": att}  # fmt: skip
+
+
+def test_length_table_pools_runs_by_hand(tmp_path, capsys):
+    """docs/ruler/lengths.py: an example is (task, length, seed, index), read once (the first run wins); the
+    pair's scores and difference per length, the task's own entry when one task ran at a length, and the raw
+    user-share shift at its layer, never pooled across layers."""
+    first = [_row("a", 1024, i, c, s, u) for i, (c, s, u) in enumerate([("chat+prefix", 1.0, 0.2)] * 2)]
+    first += [_row("a", 1024, i, "plain+prefix", 0.0, 0.3) for i in range(2)]
+    # the same contexts again with other scores (ignored: already read), and one new context (seed 7)
+    again = [_row("a", 1024, 0, "chat+prefix", 0.0, 0.9), _row("a", 1024, 0, "plain+prefix", 1.0, 0.1)]
+    other = [_row("a", 1024, 0, "chat+prefix", 0.0, 0.5), _row("a", 1024, 0, "plain+prefix", 0.0, 0.5)]
+    at4k = [
+        _row("b", 4096, 0, c, s, 0.4, layer="9") for c, s in (("chat+prefix", 1.0), ("plain+prefix", 1.0))
+    ]
+    dirs = [_run_dir(tmp_path / "r1", 42, first), _run_dir(tmp_path / "r2", 42, again),
+            _run_dir(tmp_path / "r3", 7, other), _run_dir(tmp_path / "r4", 42, at4k)]  # fmt: skip
+    mod = _lengths_script()
+    rows = mod.load(dirs)
+    assert len(rows) == 8  # 4 + 0 + 2 + 2
+    mod.main(dirs)
+    out = capsys.readouterr().out
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in out.splitlines() if ln.startswith("| ")}
+    # task a at 1K: chat 1, 1, 0 vs plain 0, 0, 0 over 3 examples -> 67 / 0, +66.7 points
+    assert lines["a"].split(" | ")[1].startswith("67 / 0: 66.7 [") and lines["a"].endswith("(n=3) |")
+    assert lines["b"].split(" | ")[1:3] == ["-", "100 / 100: 0.0 [n=1 too small for a CI] (n=1)"]
+    # the pooled row at 4K is b's own entry (one task there); over all lengths 4 examples: chat 3/4, plain 1/4
+    pooled = lines["all"].split(" | ")
+    assert pooled[2] == "100 / 100: 0.0 [n=1 too small for a CI] (n=1)"
+    assert pooled[3].startswith("75 / 25: 50.0 [") and pooled[3].endswith("(n=4) |")
+    # the shift: (0.2 - 0.3) twice and 0 once at layer 11 -> mean -0.067; 0 at layer 9; not pooled over both
+    assert lines["1024"].startswith("| 1024 | 11 | -0.067 [")
+    assert lines["4096"] == "| 4096 | 9 | 0.000 [n=1 too small for a CI] |"
+    assert "not pooled" in lines["all lengths"] and "9, 11" in lines["all lengths"]

@@ -7,6 +7,8 @@ model.
 Each example (one haystack and its needles) is one unit of the paired bootstrap. An example is its task,
 length, --seed and index: runs with another seed or more examples add new ones, and one already read from
 an earlier run (the same context) is not read again. Rows whose condition is not in the pair are ignored.
+The attention shift is read at each row's analysis layer, shown beside it; lengths whose rows were read at
+different layers (runs made with another --layer or default) are not pooled into one shift.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ def cell(e: dict | None) -> str:
     return f"{c:.0f} / {p:.0f}: {fmt(d)} (n={d['n']})"
 
 
+def layers(rows: list[dict]) -> str:
+    """The analysis layers the rows' attention was read at (``"11"``, ``"9, 11"``; ``"-"`` without any)."""
+    got = {k for r in rows for k in (r.get("attention") or {})}
+    return ", ".join(sorted(got, key=int)) or "-"
+
+
+def pooled(s: dict, length: object, rows: list[dict]) -> dict | None:
+    """The summary entry of every task at one length (the task's own entry when only one task ran there)."""
+    tasks = {r["task"] for r in rows if r["length"] == length}
+    return s.get(f"all@{length}") or (s.get(f"{tasks.pop()}@{length}") if len(tasks) == 1 else None)
+
+
 def main(dirs: list[str]) -> None:
     rows = load(dirs)
     by_length = summary(rows)
@@ -52,8 +66,12 @@ def main(dirs: list[str]) -> None:
     lengths = sorted({r["length"] for r in rows})
     table = [
         [t, *(cell(by_length.get(f"{t}@{n}")) for n in lengths), cell(over.get(f"{t}@all"))]
-        for t in sorted({r["task"] for r in rows}) + ["all"]
+        for t in sorted({r["task"] for r in rows})
     ]
+    every = [{**r, "length": "all"} for r in rows]
+    table.append(
+        ["all", *(cell(pooled(by_length, n, rows)) for n in lengths), cell(pooled(over, "all", every))]
+    )
     header = ["task", *(f"{n} tokens" for n in lengths), "all lengths"]
     print(
         "chat+prefix / plain+prefix %: chat+prefix - plain+prefix in points [95% paired bootstrap CI] (n)\n"
@@ -61,10 +79,17 @@ def main(dirs: list[str]) -> None:
     print(markdown_table(header, table))
     pair = f"{PAIR[0]} - {PAIR[1]}"
     shift = lambda e: (e or {}).get("paired_raw_user_share", {}).get(pair) or {}  # noqa: E731
-    att = [[n, fmt(shift(by_length.get(f"all@{n}")), pct=False, digits=3)] for n in lengths]
-    att.append(["all lengths", fmt(shift(over.get("all@all")), pct=False, digits=3)])
+
+    def shift_row(name: object, e: dict | None, at: list[dict]) -> list[object]:
+        layer = layers(at)
+        if "," in layer:
+            return [name, layer, "not pooled: the rows were read at different layers"]
+        return [name, layer, fmt(shift(e), pct=False, digits=3)]
+
+    att = [shift_row(n, pooled(by_length, n, rows), [r for r in rows if r["length"] == n]) for n in lengths]
+    att.append(shift_row("all lengths", pooled(over, "all", every), rows))
     print("\nThe template's shift of the last token's raw user share, all tasks (share units, paired CI)\n")
-    print(markdown_table(["length", pair], att))
+    print(markdown_table(["length", "layer", pair], att))
 
 
 if __name__ == "__main__":
