@@ -282,31 +282,31 @@ def _lengths_script():
     return mod
 
 
-def _run_dir(root, seed, rows):
-    d = root / "m"
+def _run_dir(root, seed, rows, model="m"):
+    d = root / model
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({"config": {"seed": seed}}))
+    (d / "meta.json").write_text(json.dumps({"config": {"seed": seed, "model": model}}))
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(root)
 
 
-def _row(task, length, index, condition, score, user, layer="11"):
+def _lrow(task, length, index, condition, score, user, layer="11", size=50):
     att = {layer: {"raw": {"user": user}, "sink_excluded": {"user": user}}}
     return {"task": task, "length": length, "index": index, "condition": condition, "score": score,
-            "n_prompt_tokens": 10, "attention": att}  # fmt: skip
+            "n_prompt_tokens": 10, "haystack_size": size, "answers": ["1234567"], "attention": att}  # fmt: skip
 
 
 def test_length_table_pools_runs_by_hand(tmp_path, capsys):
     """docs/ruler/lengths.py: an example is (task, length, seed, index), read once (the first run wins); the
     pair's scores and difference per length, the task's own entry when one task ran at a length, and the raw
     user-share shift at its layer, never pooled across layers."""
-    first = [_row("a", 1024, i, c, s, u) for i, (c, s, u) in enumerate([("chat+prefix", 1.0, 0.2)] * 2)]
-    first += [_row("a", 1024, i, "plain+prefix", 0.0, 0.3) for i in range(2)]
+    first = [_lrow("a", 1024, i, c, s, u) for i, (c, s, u) in enumerate([("chat+prefix", 1.0, 0.2)] * 2)]
+    first += [_lrow("a", 1024, i, "plain+prefix", 0.0, 0.3) for i in range(2)]
     # the same contexts again with other scores (ignored: already read), and one new context (seed 7)
-    again = [_row("a", 1024, 0, "chat+prefix", 0.0, 0.9), _row("a", 1024, 0, "plain+prefix", 1.0, 0.1)]
-    other = [_row("a", 1024, 0, "chat+prefix", 0.0, 0.5), _row("a", 1024, 0, "plain+prefix", 0.0, 0.5)]
+    again = [_lrow("a", 1024, 0, "chat+prefix", 0.0, 0.9), _lrow("a", 1024, 0, "plain+prefix", 1.0, 0.1)]
+    other = [_lrow("a", 1024, 0, "chat+prefix", 0.0, 0.5), _lrow("a", 1024, 0, "plain+prefix", 0.0, 0.5)]
     at4k = [
-        _row("b", 4096, 0, c, s, 0.4, layer="9") for c, s in (("chat+prefix", 1.0), ("plain+prefix", 1.0))
+        _lrow("b", 4096, 0, c, s, 0.4, layer="9") for c, s in (("chat+prefix", 1.0), ("plain+prefix", 1.0))
     ]
     dirs = [_run_dir(tmp_path / "r1", 42, first), _run_dir(tmp_path / "r2", 42, again),
             _run_dir(tmp_path / "r3", 7, other), _run_dir(tmp_path / "r4", 42, at4k)]  # fmt: skip
@@ -327,3 +327,29 @@ def test_length_table_pools_runs_by_hand(tmp_path, capsys):
     assert lines["1024"].startswith("| 1024 | 11 | -0.067 [")
     assert lines["4096"] == "| 4096 | 9 | 0.000 [n=1 too small for a CI] |"
     assert "not pooled" in lines["all lengths"] and "9, 11" in lines["all lengths"]
+
+
+def test_load_runs_pairs_only_the_same_context(tmp_path):
+    """`ruler.load_runs`: a later run adds the conditions an example lacks (the steering grid beside its
+    unsteered run) when its context is the example's first one; a row of another context (the haystack
+    sized for other conditions) is counted, never paired; runs of two models are refused."""
+    from ctxaware.evaluation.ruler import load_runs, summary
+
+    base = [
+        _lrow("a", 1024, i, c, s, 0.2) for i in range(3) for c, s in (("chat+prefix", 0), ("plain+prefix", 1))
+    ]
+    steered = [_lrow("a", 1024, i, "chat+prefix+steer0.3", 1.0, 0.2) for i in range(3)]
+    steered += [_lrow("a", 1024, 0, "chat+prefix", 1.0, 0.2)]  # repeated: the first run's reading stays
+    steered += [_lrow("a", 1024, 1, "chat+prefix+steer0.5", 1.0, 0.2, size=60)]  # another context
+    dirs = [_run_dir(tmp_path / "r1", 42, base), _run_dir(tmp_path / "r2", 42, steered) + "/m"]
+    rows, counts = load_runs(dirs)
+    assert counts == {"read": 9, "repeated": 1, "other_context": 1}
+    assert {r["index"] for r in rows} == {(1024, 42, 0), (1024, 42, 1), (1024, 42, 2)}
+    paired = summary(rows)["a@1024"]["paired"]
+    assert paired["chat+prefix+steer0.3 - chat+prefix"]["mean"] == 1.0  # 3 of 3 recovered
+    assert paired["plain+prefix - chat+prefix+steer0.3"]["mean"] == 0.0
+    _run_dir(tmp_path / "r3", 42, base, model="other")
+    with pytest.raises(CtxawareError, match="more than one model"):
+        load_runs([*dirs, str(tmp_path / "r3")])
+    with pytest.raises(CtxawareError, match="no rows.jsonl"):
+        load_runs([str(tmp_path)])

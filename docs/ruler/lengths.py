@@ -13,30 +13,19 @@ different layers (runs made with another --layer or default) are not pooled into
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from ctxaware.core.results import read_jsonl
 from ctxaware.core.stats import fmt, markdown_table
-from ctxaware.evaluation.ruler import summary
+from ctxaware.evaluation.ruler import load_runs, summary
 
 PAIR = ("chat+prefix", "plain+prefix")
 
 
 def load(dirs: list[str]) -> list[dict]:
-    rows, seen = [], set()
-    for d in dirs:
-        for f in sorted(Path(d).glob("*/rows.jsonl")):
-            seed = json.loads((f.parent / "meta.json").read_text())["config"]["seed"]
-            got = [
-                {**r, "index": f"{r['length']}:{seed}:{r['index']}"}
-                for r in read_jsonl(f)
-                if r["condition"] in PAIR
-            ]
-            rows += [r for r in got if (r["task"], r["length"], r["index"]) not in seen]
-            seen |= {(r["task"], r["length"], r["index"]) for r in got}
-    return rows
+    rows, counts = load_runs(dirs)
+    print(f"rows: {counts['read']} read, {counts['repeated']} repeated in a later run, "
+          f"{counts['other_context']} of another context (not paired)", file=sys.stderr)  # fmt: skip
+    return [r for r in rows if r["condition"] in PAIR]
 
 
 def cell(e: dict | None) -> str:

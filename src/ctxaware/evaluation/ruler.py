@@ -17,6 +17,7 @@ examples (the unit resampled is the example: one haystack and its needles; n cou
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ctxaware.core.distributed import launch_writer, run_units
 from ctxaware.core.errors import CtxawareError
 from ctxaware.core.models import middle_layer, run_id
 from ctxaware.core.provenance import model_about
-from ctxaware.core.results import ResultsWriter, write_json_atomic, write_text_atomic
+from ctxaware.core.results import ResultsWriter, read_jsonl, write_json_atomic, write_text_atomic
 from ctxaware.core.stats import fmt, markdown_table, summarize, summarize_proportion
 from ctxaware.data import ruler
 from ctxaware.data.needle import apply_chat_template_choice, default_window, haystack_files, load_haystack
@@ -260,6 +261,43 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
             writer.close()
     print(f"{short}: done in {time.time() - t0:.0f}s", flush=True)
     return short, writer.rows if writer is not None else []
+
+
+def load_runs(dirs: list[str | Path]) -> tuple[list[dict], dict[str, int]]:
+    """The rows of several ``ctxaware ruler`` runs of one model, pooled (each dir an ``--output`` folder or
+    its model folder). An example is its task, length, ``--seed`` and index (its ``index`` becomes
+    ``(length, seed, index)``, which sorts as one run's indices do, so one run's CIs are its summary's): runs with another seed add new examples; a condition of an example already
+    read is not read again (the first run wins), and a row whose context differs from the example's first
+    reading (another haystack size or needles: the run sized its contexts for other conditions) is not
+    paired with it. Returns the rows and the counts ``read``, ``repeated`` and ``other_context``."""
+    files = []
+    for d in map(Path, dirs):
+        found = [d / "rows.jsonl"] if (d / "rows.jsonl").is_file() else sorted(d.glob("*/rows.jsonl"))
+        if not found:
+            raise CtxawareError(f"{d}: no rows.jsonl in it or in a model folder under it; give `ctxaware ruler` output folders")  # fmt: skip
+        files += found
+    metas = {f: json.loads((f.parent / "meta.json").read_text())["config"] for f in files}
+    models = sorted({m["model"] for m in metas.values()})
+    if len(models) > 1:
+        raise CtxawareError(f"the runs hold more than one model ({', '.join(models)}); pool one model's runs (its model folders)")  # fmt: skip
+    rows: list[dict] = []
+    first: dict[tuple, tuple] = {}
+    seen: set[tuple] = set()
+    counts = {"read": 0, "repeated": 0, "other_context": 0}
+    for f in files:
+        for r in read_jsonl(f):
+            r = {**r, "index": (r["length"], metas[f]["seed"], r["index"])}
+            ex = (r["task"], r["length"], r["index"])
+            context = (r["haystack_size"], tuple(r["answers"]))
+            if (*ex, r["condition"]) in seen:
+                counts["repeated"] += 1
+            elif first.setdefault(ex, context) != context:
+                counts["other_context"] += 1
+            else:
+                seen.add((*ex, r["condition"]))
+                rows.append(r)
+                counts["read"] += 1
+    return rows, counts
 
 
 def summary(rows: list[dict]) -> dict:
