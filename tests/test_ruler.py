@@ -271,12 +271,12 @@ def test_a_length_past_the_window_is_refused_before_the_model_loads(tmp_path, ca
     assert not out.exists() and not (tmp_path / "p.jsonl").exists()
 
 
-def _lengths_script():
+def _lengths_script(name: str = "lengths"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "ruler" / "lengths.py"
-    spec = importlib.util.spec_from_file_location("ruler_lengths", path)
+    path = Path(__file__).resolve().parents[1] / "docs" / "ruler" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ruler_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -348,6 +348,26 @@ def test_load_runs_pairs_only_the_same_context(tmp_path):
     paired = summary(rows)["a@1024"]["paired"]
     assert paired["chat+prefix+steer0.3 - chat+prefix"]["mean"] == 1.0  # 3 of 3 recovered
     assert paired["plain+prefix - chat+prefix+steer0.3"]["mean"] == 0.0
+    # docs/ruler/steering.py: chat 0/3, plain 3/3, steered at 0.3 3/3 -> recovered 100, gap 100 then 0
+    [(title, table)] = _lengths_script("steering").tables(rows)
+    assert title == "a@1024 (chat+prefix, plain+prefix 100.0 %)"
+    assert table[0] == ["none", "0.0", "", "100.0 [n=3 too small for a CI]"]
+    assert table[1] == [
+        "0.3",
+        "100.0",
+        "100.0 [n=3 too small for a CI] (n=3)",
+        "0.0 [n=3 too small for a CI]",
+    ]
+    # the unsteered gap is the summary's chat - plain negated: the CI of plain - chat computed directly
+    from ctxaware.core.stats import fmt, summarize
+
+    plain = [float(i % 3 != 0) for i in range(12)]
+    more = [
+        _lrow("c", 2048, i, c, s, 0.2) for i in range(12) for c, s in (("chat", 0.0), ("plain", plain[i]))
+    ]
+    more += [_lrow("c", 2048, i, "chat+steer1", 0.0, 0.2) for i in range(12)]
+    [(_, table)] = _lengths_script("steering").tables(more)
+    assert table[0][3] == fmt(summarize(plain)) and "[" in table[0][3] and "too small" not in table[0][3]
     _run_dir(tmp_path / "r3", 42, base, model="other")
     with pytest.raises(CtxawareError, match="more than one model"):
         load_runs([*dirs, str(tmp_path / "r3")])
