@@ -373,3 +373,6 @@ def test_load_runs_pairs_only_the_same_context(tmp_path):
         load_runs([*dirs, str(tmp_path / "r3")])
     with pytest.raises(CtxawareError, match="no rows.jsonl"):
         load_runs([str(tmp_path)])
+    (tmp_path / "r3" / "other" / "meta.json").unlink()
+    with pytest.raises(CtxawareError, match="without the meta.json"):
+        load_runs([str(tmp_path / "r3")])

@@ -266,16 +266,20 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
 def load_runs(dirs: list[str | Path]) -> tuple[list[dict], dict[str, int]]:
     """The rows of several ``ctxaware ruler`` runs of one model, pooled (each dir an ``--output`` folder or
     its model folder). An example is its task, length, ``--seed`` and index (its ``index`` becomes
-    ``(length, seed, index)``, which sorts as one run's indices do, so one run's CIs are its summary's): runs with another seed add new examples; a condition of an example already
-    read is not read again (the first run wins), and a row whose context differs from the example's first
-    reading (another haystack size or needles: the run sized its contexts for other conditions) is not
-    paired with it. Returns the rows and the counts ``read``, ``repeated`` and ``other_context``."""
+    ``(length, seed, index)``, which sorts as one run's indices do, so one run's CIs are its summary's):
+    runs with another seed add new examples; a condition of an example already read is not read again (the
+    first run wins), and a row whose context differs from the example's first reading (another haystack
+    size or needles: the run sized its contexts for other conditions) is not paired with it. Returns the
+    rows and the counts ``read``, ``repeated`` and ``other_context``."""
     files = []
     for d in map(Path, dirs):
         found = [d / "rows.jsonl"] if (d / "rows.jsonl").is_file() else sorted(d.glob("*/rows.jsonl"))
         if not found:
             raise CtxawareError(f"{d}: no rows.jsonl in it or in a model folder under it; give `ctxaware ruler` output folders")  # fmt: skip
         files += found
+    missing = [str(f.parent) for f in files if not (f.parent / "meta.json").is_file()]
+    if missing:
+        raise CtxawareError(f"{missing[0]}: rows.jsonl without the meta.json of its run (its seed and model); give folders that `ctxaware ruler` wrote")  # fmt: skip
     metas = {f: json.loads((f.parent / "meta.json").read_text())["config"] for f in files}
     models = sorted({m["model"] for m in metas.values()})
     if len(models) > 1:
@@ -287,7 +291,7 @@ def load_runs(dirs: list[str | Path]) -> tuple[list[dict], dict[str, int]]:
     for f in files:
         for r in read_jsonl(f):
             r = {**r, "index": (r["length"], metas[f]["seed"], r["index"])}
-            ex = (r["task"], r["length"], r["index"])
+            ex = (r["task"], r["index"])
             context = (r["haystack_size"], tuple(r["answers"]))
             if (*ex, r["condition"]) in seen:
                 counts["repeated"] += 1
