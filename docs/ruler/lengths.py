@@ -36,10 +36,9 @@ def cell(e: dict | None) -> str:
     return f"{c:.0f} / {p:.0f}: {fmt(d)} (n={d['n']})"
 
 
-def layers(rows: list[dict]) -> str:
-    """The analysis layers the rows' attention was read at (``"11"``, ``"9, 11"``; ``"-"`` without any)."""
-    got = {k for r in rows for k in (r.get("attention") or {})}
-    return ", ".join(sorted(got, key=int)) or "-"
+def layers(rows: list[dict]) -> list[str]:
+    """The analysis layers the rows' attention was read at, in order (none without attention)."""
+    return sorted({k for r in rows for k in (r.get("attention") or {})}, key=int)
 
 
 def pooled(s: dict, length: object, rows: list[dict]) -> dict | None:
@@ -70,8 +69,9 @@ def main(dirs: list[str]) -> None:
     shift = lambda e: (e or {}).get("paired_raw_user_share", {}).get(pair) or {}  # noqa: E731
 
     def shift_row(name: object, e: dict | None, at: list[dict]) -> list[object]:
-        layer = layers(at)
-        if "," in layer:
+        at_layers = layers(at)
+        layer = ", ".join(at_layers) or "-"
+        if len(at_layers) > 1:
             return [name, layer, "not pooled: the rows were read at different layers"]
         return [name, layer, fmt(shift(e), pct=False, digits=3)]
 

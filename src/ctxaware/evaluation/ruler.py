@@ -263,6 +263,12 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
     return short, writer.rows if writer is not None else []
 
 
+def _context(r: dict) -> tuple:
+    """What makes a row's context: its haystack size and needles (an example's contexts are deterministic
+    from its task, seed and index given these; the conditions of one example share them)."""
+    return r["haystack_size"], tuple(r["answers"])
+
+
 def load_runs(dirs: list[str | Path]) -> tuple[list[dict], dict[str, int]]:
     """The rows of several ``ctxaware ruler`` runs of one model, pooled (each dir an ``--output`` folder or
     its model folder). An example is its task, length, ``--seed`` and index (its ``index`` becomes
@@ -292,7 +298,7 @@ def load_runs(dirs: list[str | Path]) -> tuple[list[dict], dict[str, int]]:
         for r in read_jsonl(f):
             r = {**r, "index": (r["length"], metas[f]["seed"], r["index"])}
             ex = (r["task"], r["index"])
-            context = (r["haystack_size"], tuple(r["answers"]))
+            context = _context(r)
             if (*ex, r["condition"]) in seen:
                 counts["repeated"] += 1
             elif first.setdefault(ex, context) != context:
@@ -378,9 +384,9 @@ def summary_markdown(model: str, s: dict) -> str:
 
 
 def _same_context(a: dict, b: dict) -> bool:
-    """Two models' rows hold the same prompt: the same haystack size, needles and prompt length (the
-    examples are deterministic from the seed, so identical tokenizers and templates give identical ids)."""
-    return all(a[k] == b[k] for k in ("haystack_size", "answers", "n_prompt_tokens"))
+    """Two models' rows hold the same prompt: the same context and prompt length (the examples are
+    deterministic from the seed, so identical tokenizers and templates give identical ids)."""
+    return _context(a) == _context(b) and a["n_prompt_tokens"] == b["n_prompt_tokens"]
 
 
 def compare(runs: dict[str, list[dict]], pair: tuple[str, str] = PAIRS[0]) -> dict:
