@@ -299,7 +299,7 @@ def _lrow(task, length, index, condition, score, user, layer="11", size=50):
 def test_length_table_pools_runs_by_hand(tmp_path, capsys):
     """docs/ruler/lengths.py: an example is (task, length, seed, index), read once (the first run wins); the
     pair's scores and difference per length, the task's own entry when one task ran at a length, and the raw
-    user-share shift at its layer, never pooled across layers."""
+    user-share shift at its layer: one row per layer, never pooled across layers."""
     first = [_lrow("a", 1024, i, c, s, u) for i, (c, s, u) in enumerate([("chat+prefix", 1.0, 0.2)] * 2)]
     first += [_lrow("a", 1024, i, "plain+prefix", 0.0, 0.3) for i in range(2)]
     # the same contexts again with other scores (ignored: already read), and one new context (seed 7)
@@ -323,10 +323,13 @@ def test_length_table_pools_runs_by_hand(tmp_path, capsys):
     pooled = lines["all"].split(" | ")
     assert pooled[2] == "100 / 100: 0.0 [n=1 too small for a CI] (n=1)"
     assert pooled[3].startswith("75 / 25: 50.0 [") and pooled[3].endswith("(n=4) |")
-    # the shift: (0.2 - 0.3) twice and 0 once at layer 11 -> mean -0.067; 0 at layer 9; not pooled over both
+    # the shift: (0.2 - 0.3) twice and 0 once at layer 11 -> mean -0.067; 0 at layer 9; over all lengths
+    # one row per layer, each the same rows as above
     assert lines["1024"].startswith("| 1024 | 11 | -0.067 [")
     assert lines["4096"] == "| 4096 | 9 | 0.000 [n=1 too small for a CI] |"
-    assert "not pooled" in lines["all lengths"] and "9, 11" in lines["all lengths"]
+    every = [ln for ln in out.splitlines() if ln.startswith("| all lengths |")]
+    assert every[0].startswith("| all lengths | 9 | 0.000 [n=1 too small") and len(every) == 2
+    assert every[1].startswith("| all lengths | 11 | -0.067 [")
 
 
 def test_load_runs_pairs_only_the_same_context(tmp_path):

@@ -7,8 +7,9 @@ model.
 Each example (one haystack and its needles) is one unit of the paired bootstrap. An example is its task,
 length, --seed and index: runs with another seed or more examples add new ones, and one already read from
 an earlier run (the same context) is not read again. Rows whose condition is not in the pair are ignored.
-The attention shift is read at each row's analysis layer, shown beside it; lengths whose rows were read at
-different layers (runs made with another --layer or default) are not pooled into one shift.
+The attention shift is read at each row's analysis layer, shown beside it; a length whose rows were read at
+different layers (runs made with another --layer or default) gets one shift per layer, never one pooled
+over layers.
 """
 
 from __future__ import annotations
@@ -68,15 +69,18 @@ def main(dirs: list[str]) -> None:
     pair = f"{PAIR[0]} - {PAIR[1]}"
     shift = lambda e: (e or {}).get("paired_raw_user_share", {}).get(pair) or {}  # noqa: E731
 
-    def shift_row(name: object, e: dict | None, at: list[dict]) -> list[object]:
-        at_layers = layers(at)
-        layer = ", ".join(at_layers) or "-"
-        if len(at_layers) > 1:
-            return [name, layer, "not pooled: the rows were read at different layers"]
-        return [name, layer, fmt(shift(e), pct=False, digits=3)]
+    def shift_rows(name: object, at: list[dict]) -> list[list[object]]:
+        """One row per analysis layer the rows were read at: their tasks pooled, never pooled across layers."""
+        if not layers(at):
+            return [[name, "-", "-"]]
+        out = []
+        for layer in layers(at):
+            g = [r for r in at if layer in (r.get("attention") or {})]
+            out.append([name, layer, fmt(shift(pooled(summary(g), g[0]["length"], g)), pct=False, digits=3)])
+        return out
 
-    att = [shift_row(n, pooled(by_length, n, rows), [r for r in rows if r["length"] == n]) for n in lengths]
-    att.append(shift_row("all lengths", pooled(over, "all", every), rows))
+    att = [row for n in lengths for row in shift_rows(n, [r for r in rows if r["length"] == n])]
+    att += shift_rows("all lengths", every)
     print("\nThe template's shift of the last token's raw user share, all tasks (share units, paired CI)\n")
     print(markdown_table(["length", "layer", pair], att))
 
