@@ -332,6 +332,21 @@ def test_length_table_pools_runs_by_hand(tmp_path, capsys):
     assert every[1].startswith("| all lengths | 11 | -0.067 [")
 
 
+def test_length_table_of_the_no_prefix_pair_by_hand(tmp_path, capsys):
+    """docs/ruler/lengths.py --no-prefix: the chat and plain rows, the prefix pair's rows ignored."""
+    rows = [_lrow("a", 1024, i, "chat", s, 0.2) for i, s in enumerate([1.0, 1.0, 0.0, 1.0])]
+    rows += [_lrow("a", 1024, i, "plain", s, 0.5) for i, s in enumerate([0.0, 1.0, 0.0, 0.0])]
+    rows += [_lrow("a", 1024, i, c, 1.0, 0.9) for i in range(4) for c in ("chat+prefix", "plain+prefix")]
+    mod = _lengths_script()
+    mod.main([_run_dir(tmp_path / "r", 42, rows)], mod.NO_PREFIX)
+    out = capsys.readouterr().out
+    assert out.startswith("chat / plain %: chat - plain in points")
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in out.splitlines() if ln.startswith("| ")}
+    # chat 3/4 vs plain 1/4 on the same four contexts: +50 points; the shift 0.2 - 0.5 on every one
+    assert lines["a"].split(" | ")[1].startswith("75 / 25: 50.0 [") and lines["a"].endswith("(n=4) |")
+    assert lines["1024"].startswith("| 1024 | 11 | -0.300 [")
+
+
 def test_load_runs_pairs_only_the_same_context(tmp_path):
     """`ruler.load_runs`: a later run adds the conditions an example lacks (the steering grid beside its
     unsteered run) when its context is the example's first one; a row of another context (the haystack

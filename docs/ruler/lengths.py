@@ -3,10 +3,11 @@ difference at each length, and over all lengths, from the rows of one or more `c
 model.
 
     python docs/ruler/lengths.py runs/ruler_smollm2 runs/ruler_smollm2_2k runs/ruler_smollm2_4k
+    python docs/ruler/lengths.py --no-prefix RUN_DIR ...    # the pair without the answer prefix: chat, plain
 
 Each example (one haystack and its needles) is one unit of the paired bootstrap. An example is its task,
 length, --seed and index: runs with another seed or more examples add new ones, and one already read from
-an earlier run (the same context) is not read again. Rows whose condition is not in the pair are ignored.
+an earlier run (the same context) is not read again. Rows whose condition is not in the pair (chat+prefix, plain+prefix; chat, plain with --no-prefix) are ignored.
 The attention shift is read at each row's analysis layer, shown beside it; a length whose rows were read at
 different layers (runs made with another --layer or default) gets one shift per layer, never one pooled
 over layers.
@@ -17,23 +18,23 @@ from __future__ import annotations
 import sys
 
 from ctxaware.core.stats import fmt, markdown_table
-from ctxaware.evaluation.ruler import load_runs, summary
+from ctxaware.evaluation.ruler import PAIRS, load_runs, summary
 
-PAIR = ("chat+prefix", "plain+prefix")
+PAIR, NO_PREFIX = PAIRS
 
 
-def load(dirs: list[str]) -> list[dict]:
+def load(dirs: list[str], pair: tuple[str, str] = PAIR) -> list[dict]:
     rows, counts = load_runs(dirs)
     print(f"rows: {counts['read']} read, {counts['repeated']} repeated in a later run, "
           f"{counts['other_context']} of another context (not paired)", file=sys.stderr)  # fmt: skip
-    return [r for r in rows if r["condition"] in PAIR]
+    return [r for r in rows if r["condition"] in pair]
 
 
-def cell(e: dict | None) -> str:
-    if e is None or set(PAIR) - set(e["conditions"]):
+def cell(e: dict | None, pair: tuple[str, str] = PAIR) -> str:
+    if e is None or set(pair) - set(e["conditions"]):
         return "-"
-    c, p = (e["conditions"][x]["score"]["mean"] * 100 for x in PAIR)
-    d = e["paired"][f"{PAIR[0]} - {PAIR[1]}"]
+    c, p = (e["conditions"][x]["score"]["mean"] * 100 for x in pair)
+    d = e["paired"][f"{pair[0]} - {pair[1]}"]
     return f"{c:.0f} / {p:.0f}: {fmt(d)} (n={d['n']})"
 
 
@@ -48,26 +49,28 @@ def pooled(s: dict, length: object, rows: list[dict]) -> dict | None:
     return s.get(f"all@{length}") or (s.get(f"{tasks.pop()}@{length}") if len(tasks) == 1 else None)
 
 
-def main(dirs: list[str]) -> None:
-    rows = load(dirs)
+def main(dirs: list[str], pair: tuple[str, str] = PAIR) -> None:
+    rows = load(dirs, pair)
     by_length = summary(rows)
     over = summary([{**r, "length": "all"} for r in rows])  # every length pooled, per task and over tasks
     lengths = sorted({r["length"] for r in rows})
     table = [
-        [t, *(cell(by_length.get(f"{t}@{n}")) for n in lengths), cell(over.get(f"{t}@all"))]
+        [t, *(cell(by_length.get(f"{t}@{n}"), pair) for n in lengths), cell(over.get(f"{t}@all"), pair)]
         for t in sorted({r["task"] for r in rows})
     ]
     every = [{**r, "length": "all"} for r in rows]
     table.append(
-        ["all", *(cell(pooled(by_length, n, rows)) for n in lengths), cell(pooled(over, "all", every))]
+        [
+            "all",
+            *(cell(pooled(by_length, n, rows), pair) for n in lengths),
+            cell(pooled(over, "all", every), pair),
+        ]
     )
     header = ["task", *(f"{n} tokens" for n in lengths), "all lengths"]
-    print(
-        "chat+prefix / plain+prefix %: chat+prefix - plain+prefix in points [95% paired bootstrap CI] (n)\n"
-    )
+    name = f"{pair[0]} - {pair[1]}"
+    print(f"{pair[0]} / {pair[1]} %: {name} in points [95% paired bootstrap CI] (n)\n")
     print(markdown_table(header, table))
-    pair = f"{PAIR[0]} - {PAIR[1]}"
-    shift = lambda e: (e or {}).get("paired_raw_user_share", {}).get(pair) or {}  # noqa: E731
+    shift = lambda e: (e or {}).get("paired_raw_user_share", {}).get(name) or {}  # noqa: E731
 
     def shift_rows(name: object, at: list[dict]) -> list[list[object]]:
         """One row per analysis layer the rows were read at: their tasks pooled, never pooled across layers."""
@@ -82,8 +85,9 @@ def main(dirs: list[str]) -> None:
     att = [row for n in lengths for row in shift_rows(n, [r for r in rows if r["length"] == n])]
     att += shift_rows("all lengths", every)
     print("\nThe template's shift of the last token's raw user share, all tasks (share units, paired CI)\n")
-    print(markdown_table(["length", "layer", pair], att))
+    print(markdown_table(["length", "layer", name], att))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    main([a for a in args if a != "--no-prefix"], NO_PREFIX if "--no-prefix" in args else PAIR)
