@@ -394,3 +394,11 @@ def test_load_runs_pairs_only_the_same_context(tmp_path):
     (tmp_path / "r3" / "other" / "meta.json").unlink()
     with pytest.raises(CtxawareError, match="without the meta.json"):
         load_runs([str(tmp_path / "r3")])
+    # a later run of the pair without the prefix, its contexts sized for it (size 70): another context for
+    # every example, unless only its conditions are read
+    noprefix = [_lrow("a", 1024, i, c, 1.0, 0.2, size=70) for i in range(3) for c in ("chat", "plain")]
+    dirs.append(_run_dir(tmp_path / "r4", 42, noprefix))
+    assert load_runs(dirs)[1]["other_context"] == 1 + 6
+    rows, counts = load_runs(dirs, conditions=("chat", "plain"))
+    assert counts == {"read": 6, "repeated": 0, "other_context": 0}
+    assert {r["haystack_size"] for r in rows} == {70}

@@ -24,10 +24,10 @@ PAIR, NO_PREFIX = PAIRS
 
 
 def load(dirs: list[str], pair: tuple[str, str] = PAIR) -> list[dict]:
-    rows, counts = load_runs(dirs)
+    rows, counts = load_runs(dirs, conditions=pair)
     print(f"rows: {counts['read']} read, {counts['repeated']} repeated in a later run, "
           f"{counts['other_context']} of another context (not paired)", file=sys.stderr)  # fmt: skip
-    return [r for r in rows if r["condition"] in pair]
+    return rows
 
 
 def cell(e: dict | None, pair: tuple[str, str] = PAIR) -> str:

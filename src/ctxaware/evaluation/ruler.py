@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from ctxaware.attention import steering
@@ -269,14 +270,18 @@ def _context(r: dict) -> tuple:
     return r["haystack_size"], tuple(r["answers"])
 
 
-def load_runs(dirs: list[str | Path]) -> tuple[list[dict], dict[str, int]]:
+def load_runs(
+    dirs: list[str | Path], conditions: Collection[str] | None = None
+) -> tuple[list[dict], dict[str, int]]:
     """The rows of several ``ctxaware ruler`` runs of one model, pooled (each dir an ``--output`` folder or
     its model folder). An example is its task, length, ``--seed`` and index (its ``index`` becomes
     ``(length, seed, index)``, which sorts as one run's indices do, so one run's CIs are its summary's):
     runs with another seed add new examples; a condition of an example already read is not read again (the
     first run wins), and a row whose context differs from the example's first reading (another haystack
-    size or needles: the run sized its contexts for other conditions) is not paired with it. Returns the
-    rows and the counts ``read``, ``repeated`` and ``other_context``."""
+    size or needles: the run sized its contexts for other conditions) is not paired with it. With
+    ``conditions`` only rows of those conditions are read, so a run of other conditions (the pair with the
+    prefix) does not claim an example's context first. Returns the rows and the counts ``read``,
+    ``repeated`` and ``other_context``."""
     files = []
     for d in map(Path, dirs):
         found = [d / "rows.jsonl"] if (d / "rows.jsonl").is_file() else sorted(d.glob("*/rows.jsonl"))
@@ -296,6 +301,8 @@ def load_runs(dirs: list[str | Path]) -> tuple[list[dict], dict[str, int]]:
     counts = {"read": 0, "repeated": 0, "other_context": 0}
     for f in files:
         for r in read_jsonl(f):
+            if conditions is not None and r["condition"] not in conditions:
+                continue
             r = {**r, "index": (r["length"], metas[f]["seed"], r["index"])}
             ex = (r["task"], r["index"])
             context = _context(r)
