@@ -7,7 +7,8 @@ model.
 
 Each example (one haystack and its needles) is one unit of the paired bootstrap. An example is its task,
 length, --seed and index: runs with another seed or more examples add new ones, and one already read from
-an earlier run (the same context) is not read again. Rows whose condition is not in the pair (chat+prefix, plain+prefix; chat, plain with --no-prefix) are ignored.
+an earlier run (the same context) is not read again. Only the pair's rows are read (chat+prefix and
+plain+prefix; chat and plain with --no-prefix).
 The attention shift is read at each row's analysis layer, shown beside it; a length whose rows were read at
 different layers (runs made with another --layer or default) gets one shift per layer, never one pooled
 over layers.
@@ -72,14 +73,14 @@ def main(dirs: list[str], pair: tuple[str, str] = PAIR) -> None:
     print(markdown_table(header, table))
     shift = lambda e: (e or {}).get("paired_raw_user_share", {}).get(name) or {}  # noqa: E731
 
-    def shift_rows(name: object, at: list[dict]) -> list[list[object]]:
+    def shift_rows(label: object, at: list[dict]) -> list[list[object]]:
         """One row per analysis layer the rows were read at: their tasks pooled, never pooled across layers."""
         if not layers(at):
-            return [[name, "-", "-"]]
+            return [[label, "-", "-"]]
         out = []
         for layer in layers(at):
             g = [r for r in at if layer in (r.get("attention") or {})]
-            out.append([name, layer, fmt(shift(pooled(summary(g), g[0]["length"], g)), pct=False, digits=3)])
+            out.append([label, layer, fmt(shift(pooled(summary(g), g[0]["length"], g)), pct=False, digits=3)])
         return out
 
     att = [row for n in lengths for row in shift_rows(n, [r for r in rows if r["length"] == n])]
