@@ -75,13 +75,12 @@ def main(dirs: list[str], pair: tuple[str, str] = PAIR) -> None:
 
     def shift_rows(label: object, at: list[dict]) -> list[list[object]]:
         """One row per analysis layer the rows were read at: their tasks pooled, never pooled across layers."""
-        if not layers(at):
-            return [[label, "-", "-"]]
-        out = []
-        for layer in layers(at):
-            g = [r for r in at if layer in (r.get("attention") or {})]
-            out.append([label, layer, fmt(shift(pooled(summary(g), g[0]["length"], g)), pct=False, digits=3)])
-        return out
+        at_layer = {layer: [r for r in at if layer in (r.get("attention") or {})] for layer in layers(at)}
+        out = [
+            [label, layer, fmt(shift(pooled(summary(g), g[0]["length"], g)), pct=False, digits=3)]
+            for layer, g in at_layer.items()
+        ]
+        return out or [[label, "-", "-"]]
 
     att = [row for n in lengths for row in shift_rows(n, [r for r in rows if r["length"] == n])]
     att += shift_rows("all lengths", every)
