@@ -154,6 +154,18 @@ def test_steering_rows_and_alpha_one_is_the_unsteered_model(tmp_path):
     ]
     assert s["chat+steer1 - chat"]["mean"] == 0.0 and "plain - chat+steer1" in s
     assert main(["ruler", "--alpha", "0.5", "--output", str(tmp_path / "x")]) == 2  # --alpha needs --steer
+    # PASTA's prompt-only steering is its own condition and its own run (the option is in the fingerprint)
+    meta = json.loads((out / "smollm2-135m-instruct" / "meta.json").read_text())
+    assert "steer_generated" not in json.dumps(meta)  # eq. (1) as stated: runs made before the option resume
+    args = ["ruler", "--tasks", "niah_single_1", "--lengths", "320", "--n", "2", "--conditions", "chat",
+            "--steer", "all", "--alpha", "0.5", "--no-steer-generated", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    assert main([*args, "--output", str(out)]) == 2  # another option, the same folder: refused
+    assert main([*args, "--output", str(tmp_path / "p")]) == 0
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "p" / "smollm2-135m-instruct" / "rows.jsonl").read_text().splitlines()
+    ]
+    assert {r["condition"] for r in rows} == {"chat", "chat+steer0.5+promptonly"}
 
 
 def _row(task: str, i: int, cond: str, score: float, raw: float, size: int = 10) -> dict:

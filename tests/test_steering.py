@@ -96,6 +96,34 @@ def test_prefill_and_decoding_match_reference(smollm2, impl):
     assert (plain - ref).abs().max() > 1e-2  # the steering really changes the logits
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_prompt_only_steering_leaves_generated_keys_unscaled(smollm2, impl):
+    """``steer_generated=False`` (the authors' PASTA code: its mask stops at the prompt) equals the eq. (1)
+    reference in which the decoded tokens are emphasised (bias 0), and differs from eq. (1) as stated."""
+    model, tok = smollm2
+    r = _prompts(tok)[0]
+    ids, emph, P = torch.tensor([r.input_ids]), r.mask("user"), len(r)
+    with attn_impl(model, impl):
+        gen, steps = _decode(model, ids, 4, lambda: steer(model, HEADS, emph, 0.01, steer_generated=False))
+        _, stated = _decode(model, ids, 4, lambda: steer(model, HEADS, emph, 0.01))
+    full = torch.cat([ids, gen[:, :-1]], 1)
+    emph_full = torch.cat([emph, torch.ones(full.shape[1] - P, dtype=torch.bool)])[None]
+    ref = reference_logits(model, full, HEADS, emph_full, 0.01)[:, P - 1 :]
+    assert (steps - ref).abs().max() < TOL
+    assert (steps[:, 0] - stated[:, 0]).abs().max() < TOL  # the first token sees only the prompt
+    assert (steps[:, 1:] - stated[:, 1:]).abs().max() > 1e-2  # later ones read the generated keys
+
+
+def test_steered_condition_names_round_trip():
+    from ctxaware.attention.steering import parse_steered, steered_condition
+
+    assert steered_condition("chat+prefix", 0.1) == "chat+prefix+steer0.1"
+    assert steered_condition("chat", 0.01, steer_generated=False) == "chat+steer0.01+promptonly"
+    assert parse_steered("chat+prefix+steer0.1") == ("chat+prefix", 0.1, True)
+    assert parse_steered("chat+steer0.01+promptonly") == ("chat", 0.01, False)
+    assert parse_steered("chat+prefix") is None
+
+
 def test_batched_left_padded_equals_unbatched_and_decodes(smollm2):
     model, tok = smollm2
     rs = _prompts(tok)

@@ -1,7 +1,8 @@
 """The steering tables of docs/ruler.md: for each alpha of eq. (1), the steered chat condition's score, the
 points steering recovered (steered - unsteered) and the gap left to the plain twin (plain - steered),
 paired over the same contexts, per task and length, from one or more `ctxaware ruler --steer` runs of one
-model (`ruler.load_runs`: a later run adds the alphas an earlier one lacks, on the same contexts).
+model (`ruler.load_runs`: a later run adds the alphas an earlier one lacks, on the same contexts; rows of a
+``--no-steer-generated`` run are labelled "prompt only").
 
     python docs/ruler/steering.py runs/ruler_smollm2_s3_steer runs/ruler_smollm2_s3_steer_grid
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from ctxaware.attention.steering import parse_steered
 from ctxaware.core.stats import fmt, markdown_table
 from ctxaware.evaluation.ruler import load_runs, summary
 
@@ -17,10 +19,11 @@ from ctxaware.evaluation.ruler import load_runs, summary
 def table(e: dict) -> tuple[str, list[list[str]]] | None:
     """One ``task@length`` entry of `ruler.summary`: a row for the unsteered chat condition, one per alpha."""
     conds = e["conditions"]
-    steered = sorted((c for c in conds if "+steer" in c), key=lambda c: float(c.split("+steer")[1]))
+    parsed = {c: parse_steered(c) for c in conds}
+    steered = sorted((c for c in conds if parsed[c]), key=lambda c: (not parsed[c][2], parsed[c][1]))
     if not steered:
         return None
-    base = steered[0].split("+steer")[0]
+    base = parsed[steered[0]][0]
     plain = base.replace("chat", "plain", 1)
 
     def pct(c: str) -> str:
@@ -38,7 +41,9 @@ def table(e: dict) -> tuple[str, list[list[str]]] | None:
     rows = [["none", pct(base), "", gap(base)]]
     for c in steered:
         d = e["paired"][f"{c} - {base}"]
-        rows.append([c.split("+steer")[1], pct(c), f"{fmt(d)} (n={d['n']})", gap(c)])
+        _, alpha, generated = parsed[c]
+        label = f"{alpha:g}" + ("" if generated else " (prompt only)")
+        rows.append([label, pct(c), f"{fmt(d)} (n={d['n']})", gap(c)])
     return f"{base}, {plain} {pct(plain)} %", rows
 
 

@@ -10,9 +10,11 @@ Differences from the released implementations, on purpose:
 * **Once per layer.** The paper's code (a PASTA pre-hook) adds ``log(alpha)`` in place to the 4-D mask that
   all layers share, so layer k receives the bias k+1 times (alpha=0.9 on 32 layers scales the last one by
   0.9^32). Here every selected layer gets it exactly once.
-* **Generated tokens are not emphasised.** Eq. (1) scales every non-user key, including the answer
-  tokens generated during decoding; PASTA's code leaves generated tokens unscaled (its mask only covers the
-  prompt). Here keys beyond the prompt always get ``log(alpha)``.
+* **Generated tokens are not emphasised** (by default). Eq. (1) scales every non-user key, including the
+  answer tokens generated during decoding; PASTA's code leaves generated tokens unscaled (its mask only
+  covers the prompt). Here keys beyond the prompt get ``log(alpha)``; ``steer_generated=False``
+  (``--no-steer-generated`` on the commands, conditions ``<base>+steer<alpha>+promptonly``) leaves them
+  unscaled, as PASTA does.
 * **Any attention kernel.** The bias goes through the attention function (sdpa/eager/flex), in prefill and
   in cached decoding, for left-padded batches; no ``output_attentions``, no eager-only hook. Because the
   bias is per key, the steered heads run on the kernel's fast causal path with a reweighted V
@@ -39,9 +41,33 @@ from ctxaware.attention.retrieval_heads import Heads, check_heads, load_heads
 from ctxaware.core.errors import CtxawareError
 from ctxaware.rendering.chat import Rendered
 
-__all__ = ["steer", "batch_context", "sweep_alpha", "emphasis_mask", "load_heads", "Heads"]
+__all__ = [
+    "steer",
+    "batch_context",
+    "sweep_alpha",
+    "emphasis_mask",
+    "load_heads",
+    "Heads",
+    "steered_condition",
+    "parse_steered",
+]
 
 ALPHAS = (0.01, 0.1, 0.3, 0.5, 0.7, 0.9)
+PROMPT_ONLY = "+promptonly"  # the condition suffix of steering that leaves generated tokens unscaled
+
+
+def steered_condition(base: str, alpha: float, steer_generated: bool = True) -> str:
+    """The condition name of ``base`` steered at ``alpha``: ``chat+steer0.1``, or ``chat+steer0.1+promptonly``
+    where only the prompt's keys are steered (``steer_generated=False``, PASTA's behaviour)."""
+    return f"{base}+steer{alpha:g}" + ("" if steer_generated else PROMPT_ONLY)
+
+
+def parse_steered(condition: str) -> tuple[str, float, bool] | None:
+    """``(base, alpha, steer_generated)`` of a `steered_condition` name; None for an unsteered condition."""
+    if "+steer" not in condition:
+        return None
+    base, rest = condition.split("+steer", 1)
+    return base, float(rest.removesuffix(PROMPT_ONLY)), not rest.endswith(PROMPT_ONLY)
 
 
 def emphasis_mask(
@@ -65,11 +91,15 @@ class _Bias:
 
     Keys are located by absolute position: a call whose query covers all keys is a fresh prefill
     (position 0..K-1); a shorter query continues the cache, so the keys are the last K of the ``seen``
-    positions (sliding-window caches keep only the last few).
+    positions (sliding-window caches keep only the last few). Keys past the prompt (generated tokens) get
+    ``log(alpha)`` too, as eq. (1) states it, unless ``steer_generated`` is False (PASTA's code).
     """
 
-    def __init__(self, heads: dict[int, list[int]], emphasize: torch.Tensor, alpha: float) -> None:
+    def __init__(
+        self, heads: dict[int, list[int]], emphasize: torch.Tensor, alpha: float, steer_generated: bool = True
+    ) -> None:
         self.heads, self.emph, self.log_alpha = heads, emphasize, math.log(alpha)  # emph: (B|1, P)
+        self.steer_generated = steer_generated
         self.seen: dict[int, int] = {}
         self._last: tuple[tuple, torch.Tensor] | None = None  # every layer of one forward sees the same keys
 
@@ -92,8 +122,9 @@ class _Bias:
         key_id = (total, K)
         if self._last is None or self._last[0] != key_id:  # once per forward pass, not once per layer
             emph = self.emph
-            if total > P:  # generated keys are never emphasised (eq. 1)
-                emph = torch.cat([emph, emph.new_zeros(emph.shape[0], total - P)], dim=1)
+            if total > P:  # generated keys: not emphasised (eq. 1) unless they are left unsteered (PASTA)
+                more = emph.new_full((emph.shape[0], total - P), not self.steer_generated)
+                emph = torch.cat([emph, more], dim=1)
             emph = emph[:, total - K : total]  # (B|1, K) the keys this call sees
             self._last = (key_id, torch.where(emph, 0.0, self.log_alpha).to(torch.float32))  # (B|1, K)
         bias = self._last[1]
@@ -106,6 +137,7 @@ def steer(
     heads: Heads | str,
     emphasize: torch.Tensor | Rendered,
     alpha: float,
+    steer_generated: bool = True,
 ) -> Iterator[None]:
     """Steer ``heads`` of ``model`` toward ``emphasize``d prompt tokens by eq. (1) inside the block.
 
@@ -116,6 +148,8 @@ def steer(
             prompt (its ``user`` tokens).
         alpha: 0 < alpha <= 1; attention to non-emphasised keys is multiplied by alpha, then renormalised.
             alpha=1 leaves the model untouched (the bias is skipped, logits are bit-identical).
+        steer_generated: whether keys past the prompt (tokens generated inside the block) are down-weighted
+            too, as eq. (1) states it (default); False leaves them unscaled, as the authors' PASTA code does.
 
     Raises `CtxawareError` on bad input, and at exit when a selected layer never ran its steered attention
     during a forward pass inside the block (a steering that silently did nothing).
@@ -131,7 +165,7 @@ def steer(
     ):
         raise CtxawareError("emphasize must be a boolean (P,) or (B, P) tensor over the prompt tokens")
     emph = emphasize[None] if emphasize.dim() == 1 else emphasize  # (B|1, P)
-    bias = _Bias(sel, emph, alpha) if alpha < 1 else None
+    bias = _Bias(sel, emph, alpha, steer_generated) if alpha < 1 else None
     with intercepted(model, bias=bias) as state:
         yield
     fired = state.biased if bias is not None else state.fired
@@ -172,6 +206,17 @@ def steer_heads(steer: str, model) -> Heads | str:
     return "all" if steer == "all" else load_heads(steer, model)
 
 
+def steer_generated_option() -> Any:
+    """The ``steer_generated`` field beside `steer_option`: eq. (1) as stated, or PASTA's prompt-only steering."""
+    return dataclasses.field(
+        default=True,
+        metadata={
+            "help": "steering also down-weights the tokens generated after the prompt, as eq. (1) states it; "
+            "--no-steer-generated leaves them unscaled, as the authors' PASTA code does (conditions +promptonly)"
+        },
+    )
+
+
 def check_steer_options(steer: str | None, alpha: Sequence[float]) -> None:
     """``--alpha`` means nothing without ``--steer``: one line, before anything runs."""
     if alpha and steer is None:
@@ -190,15 +235,20 @@ def check_alpha(alpha: float) -> None:
 
 
 def batch_context(
-    model, heads: Heads | str, alpha: float, roles: Sequence[str] = ("user",)
+    model,
+    heads: Heads | str,
+    alpha: float,
+    roles: Sequence[str] = ("user",),
+    steer_generated: bool = True,
 ) -> Callable[..., contextlib.AbstractContextManager]:
-    """A ``batch_context`` for `ctxaware.rendering.generate.generate`: steers every batch toward its ``roles`` tokens."""
+    """A ``batch_context`` for `ctxaware.rendering.generate.generate`: steers every batch toward its ``roles``
+    tokens (``steer_generated``: see `steer`)."""
     sel = check_heads(heads, model)
     check_alpha(alpha)  # before any batch runs
 
     def ctx(batch) -> contextlib.AbstractContextManager:
         emph = emphasis_mask(batch.items, batch.input_ids.shape[1], roles)  # (B, T)
-        return steer(model, sel, emph, alpha)
+        return steer(model, sel, emph, alpha, steer_generated)
 
     return ctx
 

@@ -72,6 +72,7 @@ class NIHConfig(ModelConfig, NeedleConfig, BackendOptions):
     )
     steer: str | None = steering.steer_option()
     alpha: list[float] = steering.alphas_option()
+    steer_generated: bool = steering.steer_generated_option()
     overwrite: bool = overwrite_option()
     dump_prompts: str | None = dataclasses.field(
         default=None,
@@ -151,11 +152,14 @@ def _fingerprinted(cfg: NIHConfig, model: str) -> dict:
     d["max_new_tokens"] = new_tokens(cfg)
     if d["steer"] is None:
         d.pop("steer"), d.pop("alpha")
+    if cfg.steer is None or cfg.steer_generated:  # eq. (1) as stated: as runs made before the option
+        d.pop("steer_generated")
     return {**d, "model": run_id(model)}
 
 
 def steered_prompts(cfg: NIHConfig, prompts: list) -> list[tuple[float, object]]:
-    """With ``--steer``: every chat-template test again once per alpha, as condition ``<name>+steer<alpha>``."""
+    """With ``--steer``: every chat-template test again once per alpha, as condition ``<name>+steer<alpha>``
+    (`steering.steered_condition`)."""
     if cfg.steer is None:
         return []
     alphas = cfg.alpha or list(steering.ALPHAS)  # 0 < alpha <= 1: the field's rule, checked when built
@@ -163,7 +167,10 @@ def steered_prompts(cfg: NIHConfig, prompts: list) -> list[tuple[float, object]]
     for a in alphas:
         for p in prompts:
             if p.cell["condition"].startswith("chat"):
-                cell = {**p.cell, "condition": f"{p.cell['condition']}+steer{a:g}"}
+                cell = {
+                    **p.cell,
+                    "condition": steering.steered_condition(p.cell["condition"], a, cfg.steer_generated),
+                }
                 out.append((a, p._replace(cell=cell)))
     return out
 
@@ -264,6 +271,9 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
             server.generate(tok, [rendered[i] for i in part], max_new_tokens=new_tokens(cfg),
                             desc=f"nih {short} length {length} (server)", callback=done)  # fmt: skip
             return
+        steer_ctx = None
+        if alpha is not None:
+            steer_ctx = steering.batch_context(model, heads, alpha, steer_generated=cfg.steer_generated)
         generate(
             model,
             tok,
@@ -271,7 +281,7 @@ def run_model(cfg: NIHConfig, name: str) -> tuple[str, list[dict]]:
             max_new_tokens=new_tokens(cfg),
             batch_size=cfg.batch_size,
             prefix_cache=cfg.prefix_cache,
-            batch_context=None if alpha is None else steering.batch_context(model, heads, alpha),
+            batch_context=steer_ctx,
             prefill_context=shares if alpha is None else None,
             desc=f"nih {short} length {length} [{progress['tests']}/{len(todo)} done]"
             + ("" if alpha is None else f" alpha={alpha:g}"),
@@ -308,7 +318,7 @@ def steering_table(summaries: dict) -> str:
             continue
         base_name = next(iter(steered)).split("+steer")[0]
         by_alpha = {
-            float(c.split("+steer")[1]): v for c, v in steered.items() if c.startswith(base_name + "+")
+            steering.parse_steered(c)[1]: v for c, v in steered.items() if c.startswith(base_name + "+")
         }
         best = steering.best_alpha(by_alpha)
         plain = (

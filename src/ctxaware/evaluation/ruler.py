@@ -88,6 +88,7 @@ class RulerConfig(ModelConfig):
     attention: bool = dataclasses.field(default=True, metadata={"help": "attention shares in every row"})
     steer: str | None = steering.steer_option()
     alpha: list[float] = steering.alphas_option()
+    steer_generated: bool = steering.steer_generated_option()
     steer_conditions: list[str] = dataclasses.field(
         default_factory=lambda: ["chat"], metadata={"help": "chat conditions steered with --steer"}
     )
@@ -177,6 +178,8 @@ def _fingerprinted(cfg: RulerConfig, name: str) -> dict:
         d.pop(k)
     if d["steer"] is None:  # unsteered runs are recorded as runs made before steering was an option
         d.pop("steer"), d.pop("alpha"), d.pop("steer_conditions")
+    if cfg.steer is None or cfg.steer_generated:  # eq. (1) as stated: as runs made before the option
+        d.pop("steer_generated")
     if cfg.haystack == "auto" or Path(cfg.haystack).is_dir():
         d["haystack_files"] = [str(p) for p in haystack_files(cfg.haystack) or []]
     return {**d, "model": run_id(name)}
@@ -220,7 +223,11 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
             if not all(finished(c) for c in cells):
                 units.append((items, cells, ruler.TASKS[name_].new_tokens, None))
             for alpha in alphas:  # eq. (1) on the chat conditions, one engine call per alpha
-                steered = [(ex, f"{c}+steer{alpha:g}", r) for ex, c, r in items if c in cfg.steer_conditions]
+                steered = [
+                    (ex, steering.steered_condition(c, alpha, cfg.steer_generated), r)
+                    for ex, c, r in items
+                    if c in cfg.steer_conditions
+                ]
                 cells = [
                     {"task": ex.task, "length": length, "index": ex.index, "condition": c}
                     for ex, c, _ in steered
@@ -249,7 +256,7 @@ def run_model(cfg: RulerConfig, name: str) -> tuple[str, list[dict]]:
 
         steer_ctx = None
         if alpha is not None:
-            steer_ctx = steering.batch_context(model, heads, alpha)
+            steer_ctx = steering.batch_context(model, heads, alpha, steer_generated=cfg.steer_generated)
         generate(model, tok, [r for _, _, r in items], max_new_tokens=new_tokens, batch_size=cfg.batch_size,
                  prefill_context=shares if alpha is None else None, batch_context=steer_ctx,
                  desc=f"ruler {short} {items[0][0].task} {cells[0]['length']}" + ("" if alpha is None else f" alpha={alpha:g}"),
