@@ -227,3 +227,66 @@ def handbook_sft_ids(tok, messages: list[dict]) -> list[int]:
         msgs.insert(0, {"role": "system", "content": ""})
     text = tok.apply_chat_template(msgs, tokenize=False)
     return tok(text)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------ steering
+# PASTA as the authors' NIH steering runs it: ``LLMTest_NeedleInAHaystack/PastaTester.py`` ->
+# ``UserSteeredWrapper.py`` -> ``PASTA/pastalib/pasta.py`` (``edit_multisection_attention``, exclude mode,
+# ``apply_steering``) and ``PASTA/pastalib/utils/tokenizer_utils.py`` (``find_token_range``).
+
+
+def pasta_token_range(string: str, substring: str, offsets) -> tuple[int, int]:
+    """``find_token_range``: the first token whose span holds the substring's first character, to the token
+    whose span holds the character *after* it, inclusive (so one token past the substring)."""
+    substring = substring.strip()
+    char_start = string.index(substring)
+    char_end = char_start + len(substring)
+    start = end = None
+    for i, (a, b) in enumerate(offsets):
+        if start is None and a <= char_start < b:
+            start = i
+        if end is None and a <= char_end < b:
+            end = i
+            break
+    assert start is not None and end is not None and start <= end
+    return start, end + 1
+
+
+class pasta_steering:
+    """``PASTA.apply_steering``: a forward pre-hook on each configured layer's attention module that edits
+    the ``attention_mask`` keyword. ``head_config[layer]`` None (a layer list, as ``PastaTester``'s configs)
+    edits the shared mask in place, every head; a list of heads expands and clones it first. Exclude mode:
+    ``log(alpha)`` on keys before ``ti`` and from ``tj`` up to ``input_len`` (the prompt's length)."""
+
+    def __init__(self, model, head_config: dict, ranges: list[tuple[int, int]], input_len: int, alpha: float):
+        self.model, self.head_config, self.ranges = model, head_config, ranges
+        self.input_len, self.alpha, self.hooks = input_len, alpha, []
+
+    def _edit(self, module, args, kwargs, head_idx):
+        mask = kwargs["attention_mask"]
+        bsz, n, q, k = mask.size()
+        scale = torch.tensor([self.alpha]).to(mask.dtype).log()
+        if head_idx is None:
+            for bi, (ti, tj) in enumerate(self.ranges):
+                mask[bi, :, :, :ti] += scale
+                mask[bi, :, :, tj : self.input_len] += scale
+        else:
+            heads = module.config.num_attention_heads
+            if n != heads:
+                mask = mask.expand(bsz, heads, q, k).clone()
+            for bi, (ti, tj) in enumerate(self.ranges):
+                mask[bi, head_idx, :, :ti] += scale
+                mask[bi, head_idx, :, tj : self.input_len] += scale
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    def __enter__(self):
+        for layer, head_idx in self.head_config.items():
+            module = self.model.model.layers[layer].self_attn
+            hook = lambda m, a, kw, h=head_idx: self._edit(m, a, kw, h)  # noqa: E731
+            self.hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return self.model
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()

@@ -231,3 +231,100 @@ def test_sft_formatting_equals_alignment_handbook(tok):
         want = authors.handbook_sft_ids(tok, c.messages)
         assert row["input_ids"] == want and row["labels"] == want
         assert "SmolLM" not in tok.decode(row["input_ids"])
+
+
+# ---------------------------------------------------------------------------------- steering (PASTA)
+
+
+def _pasta_case(tok):
+    """An NIH-style chat prompt as ``UserSteeredWrapper.generate`` builds it, with PASTA's token range."""
+    from ctxaware.rendering.chat import render
+
+    context = "Mia keeps her bike in the red shed. " + authors.NEEDLE + "The shed is behind the house."
+    conv = [{"role": "user", "content": authors.INITIAL.format(context=context, question=authors.QUESTION)}]
+    text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    enc = tok(text, return_offsets_mapping=True)
+    r = render(conv, tok, "chat")
+    assert r.input_ids == enc["input_ids"]
+    return r, authors.pasta_token_range(text, conv[0]["content"], enc["offset_mapping"])
+
+
+def _greedy(model, ids, steps: int, ctx):
+    """Cached greedy decoding with an explicit attention mask (so every step builds its 4-D mask)."""
+    import torch
+    from transformers import DynamicCache
+
+    from ctxaware.rendering.generate import cache_kwarg
+
+    cache, x, mask, out = DynamicCache(), ids, torch.ones_like(ids), []
+    with ctx, torch.no_grad():
+        for _ in range(steps):
+            o = model(input_ids=x, attention_mask=mask, use_cache=True, **cache_kwarg(model, cache))
+            out.append(o.logits[:, -1].float())
+            x = o.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(x)], 1)
+    return torch.stack(out, 1)  # (1, steps, V)
+
+
+def test_pasta_user_span_is_one_token_longer(tok):
+    """PASTA's ``find_token_range`` on the user's text ends one token past it (the token holding the
+    character after the text: SmolLM2's ``<|im_end|>``); ctxaware emphasises the user turn's tokens only,
+    the paper's "entire user input prompt" (docs/attention.md)."""
+    r, (ti, tj) = _pasta_case(tok)
+    user = [i for i, m in enumerate(r.mask("user")) if m]
+    assert (ti, tj) == (user[0], user[-1] + 2)
+    assert tok.convert_ids_to_tokens(r.input_ids[tj - 1]) == "<|im_end|>"
+
+
+def test_prompt_only_steering_equals_pasta_on_named_heads(smollm2):
+    """`steer(..., steer_generated=False)` (``--no-steer-generated``) on named heads equals PASTA's mask edit
+    on the same heads and span, prefill and cached decoding; the default (eq. 1 as the paper states it,
+    generated tokens down-weighted too) differs from it once a generated token is a key."""
+    import torch
+
+    from ctxaware.attention.steering import steer
+    from tests.test_intercept import attn_impl
+
+    model, tok = smollm2
+    r, (ti, tj) = _pasta_case(tok)
+    ids = torch.tensor([r.input_ids])
+    emph = torch.zeros(len(r), dtype=torch.bool)
+    emph[ti:tj] = True
+    heads = {2: [0, 4], 11: [3], 20: [1, 2, 8]}
+    with attn_impl(model, "eager"):
+        want = _greedy(model, ids, 4, authors.pasta_steering(model, heads, [(ti, tj)], len(r), 0.01))
+        got = _greedy(model, ids, 4, steer(model, heads, emph, 0.01, steer_generated=False))
+        stated = _greedy(model, ids, 4, steer(model, heads, emph, 0.01))
+    assert (got - want).abs().max() < 1e-4
+    assert (stated[:, 1:] - want[:, 1:]).abs().max() > 1e-2
+
+
+def test_pasta_layer_list_compounds_the_bias(smollm2):
+    """The released tester's head config (every head of every layer, ``{k: None}``) edits the mask all
+    layers share in place, so layer k is steered with alpha^(k+1): equal to ctxaware's bias scaled by
+    k + 1 per layer, and not to ``--steer all`` (alpha once per layer), which ctxaware does instead."""
+    import torch
+
+    from ctxaware.attention import intercept
+    from ctxaware.attention.steering import _Bias, steer
+    from tests.test_intercept import attn_impl
+
+    class Compounded(_Bias):
+        def __call__(self, layer, query, key):
+            heads, bias = super().__call__(layer, query, key)
+            return heads, bias * (layer + 1)
+
+    model, tok = smollm2
+    r, (ti, tj) = _pasta_case(tok)
+    ids = torch.tensor([r.input_ids])
+    emph = torch.zeros(len(r), dtype=torch.bool)
+    emph[ti:tj] = True
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    every = {k: list(range(n_heads)) for k in range(n_layers)}
+    with attn_impl(model, "eager"):
+        want = _greedy(model, ids, 2, authors.pasta_steering(model, {k: None for k in range(n_layers)}, [(ti, tj)], len(r), 0.9))  # fmt: skip
+        bias = Compounded(every, emph[None], 0.9, steer_generated=False)
+        got = _greedy(model, ids, 2, intercept.intercepted(model, bias=bias))
+        once = _greedy(model, ids, 2, steer(model, "all", emph, 0.9, steer_generated=False))
+    assert (got - want).abs().max() < 1e-3
+    assert (once - want).abs().max() > 1e-2

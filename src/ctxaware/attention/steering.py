@@ -7,9 +7,10 @@ renormalising is exactly adding ``log(alpha)`` to that key's logit before the so
 
 Differences from the released implementations, on purpose:
 
-* **Once per layer.** The paper's code (a PASTA pre-hook) adds ``log(alpha)`` in place to the 4-D mask that
+* **Once per layer.** The paper's code (a PASTA pre-hook) steers named heads on a cloned mask, once per
+  layer, as here; when it steers every head of a layer it adds ``log(alpha)`` in place to the 4-D mask that
   all layers share, so layer k receives the bias k+1 times (alpha=0.9 on 32 layers scales the last one by
-  0.9^32). Here every selected layer gets it exactly once.
+  0.9^32). ``heads="all"`` gives every selected layer the bias exactly once.
 * **Generated tokens are not emphasised** (by default). Eq. (1) scales every non-user key, including the
   answer tokens generated during decoding; PASTA's code leaves generated tokens unscaled (its mask only
   covers the prompt). Here keys beyond the prompt get ``log(alpha)``; ``steer_generated=False``
