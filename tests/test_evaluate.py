@@ -116,7 +116,9 @@ def test_checkpoint_sweep_steering_and_summary(tiny, shared_data, tmp_path, monk
     monkeypatch.setattr(
         ctxaware.attention.steering,
         "batch_context",
-        lambda m, heads, alpha: calls.append((heads, alpha)) or (lambda b: contextlib.nullcontext()),
+        lambda m, heads, alpha, steer_generated: (
+            calls.append((heads, alpha, steer_generated)) or (lambda b: contextlib.nullcontext())
+        ),
     )
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"0": [1, 2]}))
@@ -142,7 +144,7 @@ def test_checkpoint_sweep_steering_and_summary(tiny, shared_data, tmp_path, monk
             "0.5",
         ]
     )
-    assert rc == 0 and calls == [({0: [1, 2]}, 0.5)] * 3
+    assert rc == 0 and calls == [({0: [1, 2]}, 0.5, True)] * 3  # eq. (1) as stated by default
     assert (out / "context_reliance.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["results"]) == expand_models(str(tmp_path / "ckpts"))

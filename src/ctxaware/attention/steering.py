@@ -213,7 +213,7 @@ def steer_generated_option() -> Any:
         default=True,
         metadata={
             "help": "steering also down-weights the tokens generated after the prompt, as eq. (1) states it; "
-            "--no-steer-generated leaves them unscaled, as the authors' PASTA code does (conditions +promptonly)"
+            "--no-steer-generated leaves them unscaled, as the authors' PASTA code does (ruler and nih conditions +promptonly)"
         },
     )
 
