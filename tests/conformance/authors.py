@@ -13,7 +13,9 @@ Sources (facts read from their files; the code below is ours):
   " [IND]" suffix);
 - eq. (2): ``analyse_dataset/utils.py`` (``conv_to_text``, ``build_completion_mask``,
   ``get_batch_user_attention``) and ``analyse_dataset/process_dataset.py``;
-- SFT formatting: alignment-handbook's ``maybe_insert_system_message`` and ``apply_chat_template``.
+- SFT formatting: alignment-handbook's ``maybe_insert_system_message`` and ``apply_chat_template``;
+- attention steering: ``LLMTest_NeedleInAHaystack/PastaTester.py``, ``UserSteeredWrapper.py`` and
+  ``PASTA/pastalib/pasta.py`` with ``PASTA/pastalib/utils/tokenizer_utils.py``.
 """
 
 from __future__ import annotations
