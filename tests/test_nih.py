@@ -483,3 +483,17 @@ def test_two_processes_give_the_one_process_rows_byte_for_byte(tmp_path, shared_
     res = subprocess.run(launch, env=env, capture_output=True, text=True)  # resume: nothing left to do
     assert res.returncode == 0, res.stderr[-3000:]
     assert rows_two.read_bytes() == rows_one.read_bytes()
+
+
+def test_steering_table_reads_one_base_and_its_alphas():
+    """Table 1 from summaries: the best alpha of the first steered base only; a second steered base's
+    alphas (chat+prefix beside chat) and prompt-only names are parsed, not mixed in by prefix."""
+    from ctxaware.evaluation.nih import steering_table
+
+    r = lambda v: {"recall": {"mean": v}}  # noqa: E731
+    conds = {"chat": r(0.2), "plain": r(0.6), "chat+steer0.1": r(0.4), "chat+steer0.5": r(0.3),
+             "chat+prefix+steer0.1": r(0.1), "chat+prefix+steer0.3": r(0.9)}  # fmt: skip
+    md = steering_table({"m": conds})
+    assert "| m (chat) | 0.200 | 0.400 (alpha=0.1) | 0.600 |" in md
+    md = steering_table({"m": {"chat": r(0.2), "chat+steer0.01+promptonly": r(0.5)}})
+    assert "0.500 (alpha=0.01)" in md

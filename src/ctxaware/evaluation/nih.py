@@ -313,13 +313,11 @@ def steering_table(summaries: dict) -> str:
     """The paper's Table 1 from the summaries: baseline (template), best steered alpha, without template."""
     rows = {}
     for model, conds in summaries.items():
-        steered = {c: s["recall"]["mean"] for c, s in conds.items() if "+steer" in c}
-        if not steered:
+        parsed = {c: p for c in conds if (p := steering.parse_steered(c))}  # (base, alpha, steer_generated)
+        if not parsed:
             continue
-        base_name = next(iter(steered)).split("+steer")[0]
-        by_alpha = {
-            steering.parse_steered(c)[1]: v for c, v in steered.items() if c.startswith(base_name + "+")
-        }
+        base_name = next(iter(parsed.values()))[0]
+        by_alpha = {p[1]: conds[c]["recall"]["mean"] for c, p in parsed.items() if p[0] == base_name}
         best = steering.best_alpha(by_alpha)
         plain = (
             conds.get(base_name.replace("chat", "plain", 1), {}).get("recall", {}).get("mean", float("nan"))

@@ -352,8 +352,9 @@ def _entry(rows: list[dict]) -> dict:
                                   "user_share": summarize(user) if user else None,
                                   "raw_user_share": summarize(raw) if raw else None,
                                   "mean_prompt_tokens": sum(rs[i]["n_prompt_tokens"] for i in rs) / len(rs)}  # fmt: skip
-    pairs = list(PAIRS) + [(c, c.split("+steer")[0]) for c in by if "+steer" in c]
-    pairs += [(c.split("+steer")[0].replace("chat", "plain", 1), c) for c in by if "+steer" in c]
+    base_of = {c: p[0] for c in by if (p := steering.parse_steered(c))}  # steered condition -> its chat base
+    pairs = list(PAIRS) + list(base_of.items())
+    pairs += [(base.replace("chat", "plain", 1), c) for c, base in base_of.items()]
     for a, b in pairs:
         if a in by and b in by:
             common = sorted(set(by[a]) & set(by[b]))
