@@ -359,6 +359,25 @@ def test_length_table_of_the_no_prefix_pair_by_hand(tmp_path, capsys):
     assert lines["1024"].startswith("| 1024 | 11 | -0.300 [")
 
 
+def test_length_table_leaves_out_rows_without_their_twin(tmp_path, capsys):
+    """docs/ruler/lengths.py on a run stopped between a chat row and its plain twin: the lone chat rows are
+    left out, so the percent beside the difference is over the same examples (it pooled them before)."""
+    rows = [_lrow("a", 4096, i, "chat", s, 0.2) for i, s in enumerate([1.0, 0.0, 1.0, 1.0])]
+    rows += [_lrow("a", 4096, i, "plain", 0.0, 0.5) for i in range(2)]  # the twins of 2 and 3 never ran
+    mod = _lengths_script()
+    d = _run_dir(tmp_path / "r", 42, rows)
+    assert {r["index"][2] for r in mod.load([d], mod.NO_PREFIX)} == {0, 1}
+    assert "2 without their twin (left out)" in capsys.readouterr().err
+    mod.main([d], mod.NO_PREFIX)
+    lines = {
+        ln.split(" | ")[0].strip("| "): ln
+        for ln in capsys.readouterr().out.splitlines()
+        if ln.startswith("| ")
+    }
+    # chat 1, 0 vs plain 0, 0 on contexts 0 and 1: 50 / 0 and +50 points (all four chat rows would say 75)
+    assert lines["a"].split(" | ")[1].startswith("50 / 0: 50.0 [") and lines["a"].endswith("(n=2) |")
+
+
 def test_load_runs_pairs_only_the_same_context(tmp_path):
     """`ruler.load_runs`: a later run adds the conditions an example lacks (the steering grid beside its
     unsteered run) when its context is the example's first one; a row of another context (the haystack

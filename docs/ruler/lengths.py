@@ -8,7 +8,9 @@ model.
 Each example (one haystack and its needles) is one unit of the paired bootstrap. An example is its task,
 length, --seed and index: runs with another seed or more examples add new ones, and one already read from
 an earlier run (the same context) is not read again. Only the pair's rows are read (chat+prefix and
-plain+prefix; chat and plain with --no-prefix).
+plain+prefix; chat and plain with --no-prefix), and only examples with both: a run stopped between a
+chat row and its plain twin leaves the chat row out of the table (counted as unpaired), so each percent is
+over the same examples as the difference beside it.
 The attention shift is read at each row's analysis layer, shown beside it; a length whose rows were read at
 different layers (runs made with another --layer or default) gets one shift per layer, never one pooled
 over layers.
@@ -26,9 +28,14 @@ PAIR, NO_PREFIX = PAIRS
 
 def load(dirs: list[str], pair: tuple[str, str] = PAIR) -> list[dict]:
     rows, counts = load_runs(dirs, conditions=pair)
+    held: dict[tuple, set[str]] = {}
+    for r in rows:
+        held.setdefault((r["task"], r["index"]), set()).add(r["condition"])
+    paired = [r for r in rows if held[(r["task"], r["index"])] >= set(pair)]
     print(f"rows: {counts['read']} read, {counts['repeated']} repeated in a later run, "
-          f"{counts['other_context']} of another context (not paired)", file=sys.stderr)  # fmt: skip
-    return rows
+          f"{counts['other_context']} of another context (not paired), "
+          f"{len(rows) - len(paired)} without their twin (left out)", file=sys.stderr)  # fmt: skip
+    return paired
 
 
 def cell(e: dict | None, pair: tuple[str, str] = PAIR) -> str:
