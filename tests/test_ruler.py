@@ -378,6 +378,28 @@ def test_length_table_leaves_out_rows_without_their_twin(tmp_path, capsys):
     assert lines["a"].split(" | ")[1].startswith("50 / 0: 50.0 [") and lines["a"].endswith("(n=2) |")
 
 
+def test_published_ruler_tables_regenerate(monkeypatch, capsys):
+    """Every `python docs/ruler/lengths.py ... docs/ruler/runs/...` command that docs/ruler.md shows, run on the
+    rows kept in git (docs/ruler/runs), prints tables whose every line docs/ruler.md holds: the published
+    numbers are the committed rows' numbers."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "ruler.md").read_text()
+    commands = re.findall(r"^python docs/ruler/lengths\.py (.*docs/ruler/runs/.*)$", doc, flags=re.M)
+    assert commands, "docs/ruler.md shows no table made from docs/ruler/runs"
+    mod = _lengths_script()
+    monkeypatch.chdir(root)
+    for command in commands:
+        args = command.split()
+        mod.main(
+            [a for a in args if a != "--no-prefix"], mod.NO_PREFIX if "--no-prefix" in args else mod.PAIR
+        )
+        printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+        missing = [ln for ln in printed if ln not in doc.splitlines()]
+        assert printed and not missing, f"{command}: docs/ruler.md lacks {missing[:2]}"
+
+
 def test_load_runs_pairs_only_the_same_context(tmp_path):
     """`ruler.load_runs`: a later run adds the conditions an example lacks (the steering grid beside its
     unsteered run) when its context is the example's first one; a row of another context (the haystack
