@@ -9,7 +9,7 @@ Each example (one haystack and its needles) is one unit of the paired bootstrap.
 length, --seed and index: runs with another seed or more examples add new ones, and one already read from
 an earlier run (the same context) is not read again. Only the pair's rows are read (chat+prefix and
 plain+prefix; chat and plain with --no-prefix), and only examples with both: a run stopped between a
-chat row and its plain twin leaves the chat row out of the table (counted as unpaired), so each percent is
+chat row and its plain twin leaves the chat row out of the table (counted on stderr), so each percent is
 over the same examples as the difference beside it.
 The attention shift is read at each row's analysis layer, shown beside it; a length whose rows were read at
 different layers (runs made with another --layer or default) gets one shift per layer, never one pooled
