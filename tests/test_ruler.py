@@ -391,10 +391,7 @@ def test_published_ruler_tables_regenerate(monkeypatch, capsys):
     mod = _lengths_script()
     monkeypatch.chdir(root)
     for command in commands:
-        args = command.split()
-        mod.main(
-            [a for a in args if a != "--no-prefix"], mod.NO_PREFIX if "--no-prefix" in args else mod.PAIR
-        )
+        mod.cli(command.split())
         printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
         missing = [ln for ln in printed if ln not in doc.splitlines()]
         assert printed and not missing, f"{command}: docs/ruler.md lacks {missing[:2]}"

@@ -95,6 +95,10 @@ def main(dirs: list[str], pair: tuple[str, str] = PAIR) -> None:
     print(markdown_table(["length", "layer", name], att))
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
+def cli(args: list[str]) -> None:
+    """The command line: run folders, and ``--no-prefix`` for the pair without the answer prefix."""
     main([a for a in args if a != "--no-prefix"], NO_PREFIX if "--no-prefix" in args else PAIR)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
